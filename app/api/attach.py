@@ -1,0 +1,69 @@
+"""GET /threads/{id}/attach: the SSE stream of the thread's latest run."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import HubDep, RuntimeDep, ThreadId
+from app.api.schemas import error_responses
+from app.errors import InvalidRequest
+from app.store.runs import Run
+from app.streams.relay import relay
+
+router = APIRouter(tags=["attach"])
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
+    "Connection": "keep-alive",
+}
+
+
+def _event_id(header: str | None, query: str | None) -> int | None:
+    raw = header if header is not None else query
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 19:
+        raise InvalidRequest("Last-Event-ID must be a stream sequence (a non-negative integer)")
+    return int(raw)
+
+
+@router.get(
+    "/threads/{thread_id}/attach",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "run_started, reset, chunk, done"},
+        204: {"description": "The thread has no run"},
+    }
+    | error_responses(400, 503),
+)
+async def attach(
+    thread_id: ThreadId,
+    rt: RuntimeDep,
+    hub: HubDep,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[str | None, Query(description="Same as the Last-Event-ID header")] = None,
+) -> Response:
+    """Replay the thread's latest run from its first event, follow it live, end after `done`."""
+    after = _event_id(last_event_id_header, last_event_id)
+    run = await rt.store.latest_run(thread_id)
+    if run is None:
+        return Response(status_code=204)
+    return StreamingResponse(
+        _stream(rt, hub, run, after), media_type="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+async def _stream(rt: RuntimeDep, hub: HubDep, run: Run, after: int | None) -> AsyncIterator[bytes]:
+    async def lookup() -> Run | None:
+        return await rt.store.get_run(run.thread_id, run.run_id)
+
+    async with hub.attach(run.thread_id) as tail:
+        async for frame in relay(
+            tail, run.run_id, lookup, last_event_id=after, keepalive_s=rt.settings.keepalive_s
+        ):
+            yield frame

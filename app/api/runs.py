@@ -1,0 +1,118 @@
+"""Routes of runs and messages: POST a run, read its status, list, cancel, the conversation."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from app.api.deps import RunnerDep, RuntimeDep, ThreadId
+from app.api.schemas import (
+    MessageList,
+    MessageOut,
+    RunAccepted,
+    RunCreate,
+    RunList,
+    RunOut,
+    error_responses,
+)
+from app.errors import InvalidRequest, RunNotFound
+from app.ids import check_run_id
+from app.models.mock import check_mock_options
+from app.workflows.runner import RunRequest, wait_until_stopped
+
+router = APIRouter(tags=["runs"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", description="Retry-safe key, scoped to the thread"),
+]
+
+
+@router.post(
+    "/threads/{thread_id}/runs",
+    status_code=202,
+    response_model=RunAccepted,
+    responses={200: {"model": RunAccepted, "description": "An idempotent repeat"}}
+    | error_responses(400, 409, 413, 503),
+)
+async def create_run(
+    thread_id: ThreadId,
+    body: RunCreate,
+    runner: RunnerDep,
+    rt: RuntimeDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> RunAccepted:
+    """Accept a message and reply to it as a durable run; attach to watch the reply stream."""
+    if len(body.input) > rt.settings.max_input_chars:
+        raise InvalidRequest(f"input is longer than {rt.settings.max_input_chars} characters")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters")
+    if rt.settings.model == "mock":
+        check_mock_options(body.model_options)
+    run, created = await runner.submit(
+        thread_id,
+        RunRequest(body.input, body.multitask_strategy, body.model_options),
+        idempotency_key=idempotency_key,
+    )
+    if created:
+        rt.metrics.runs_accepted.inc()
+    else:
+        response.status_code = 200
+    return RunAccepted(run_id=run.run_id, thread_id=run.thread_id, status=run.status)
+
+
+@router.get(
+    "/threads/{thread_id}/runs/{run_id}",
+    response_model=RunOut,
+    responses=error_responses(400, 404),
+)
+async def get_run(thread_id: ThreadId, run_id: str, rt: RuntimeDep) -> RunOut:
+    """A run's status, attempt, executor and (when finished) its output or error."""
+    run = await rt.store.get_run(thread_id, check_run_id(run_id))
+    if run is None:
+        raise RunNotFound()
+    return RunOut.of(run)
+
+
+@router.get("/threads/{thread_id}/runs", response_model=RunList, responses=error_responses(400))
+async def list_runs(
+    thread_id: ThreadId,
+    rt: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[int | None, Query(ge=1, description="Page cursor from next_before")] = None,
+) -> RunList:
+    """The thread's runs, newest first."""
+    runs = await rt.store.list_runs(thread_id, limit=limit, before_seq=before)
+    next_before = runs[-1].seq if len(runs) == limit else None
+    return RunList(runs=[RunOut.of(r) for r in runs], next_before=next_before)
+
+
+@router.post(
+    "/threads/{thread_id}/runs/{run_id}/cancel",
+    response_model=RunOut,
+    responses=error_responses(400, 404, 409, 503),
+)
+async def cancel_run(
+    thread_id: ThreadId,
+    run_id: str,
+    runner: RunnerDep,
+    rt: RuntimeDep,
+    wait: Annotated[bool, Query(description="Answer once the run has stopped")] = False,
+    timeout: Annotated[float, Query(gt=0, le=300)] = 30.0,
+) -> RunOut:
+    """Cancel a queued or running run, from any pod: it stops within one chunk."""
+    run = await runner.cancel(thread_id, check_run_id(run_id))
+    if wait:
+        run = await wait_until_stopped(rt.store, thread_id, run_id, timeout)
+    return RunOut.of(run)
+
+
+@router.get(
+    "/threads/{thread_id}/messages", response_model=MessageList, responses=error_responses(400)
+)
+async def list_messages(thread_id: ThreadId, rt: RuntimeDep) -> MessageList:
+    """The conversation: each run's user message and (once stored) its assistant reply."""
+    messages = await rt.store.messages(thread_id)
+    return MessageList(thread_id=thread_id, messages=[MessageOut.of(m) for m in messages])

@@ -1,0 +1,103 @@
+"""Request and response bodies of the HTTP API (what /docs shows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.store.runs import Message, Run
+
+Strategy = Literal["enqueue", "reject", "interrupt"]
+
+
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="The user's message", min_length=1)
+    multitask_strategy: Strategy = Field(
+        default="enqueue",
+        description="When the thread already has a run: wait for it (enqueue), refuse with 409"
+        " (reject), or stop it and run this one next (interrupt)",
+    )
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Provider options; the mock takes "chunks", "delay_ms", "fail"',
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("input must not be blank")
+        if "\x00" in value:
+            raise ValueError("input must not contain NUL")
+        return value
+
+
+class RunAccepted(BaseModel):
+    run_id: str
+    thread_id: str
+    status: str
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class RunOut(BaseModel):
+    run_id: str
+    thread_id: str
+    status: str
+    attempt: int
+    executor: str | None = Field(description="POD_NAME running or last running the run")
+    accepted_by: str
+    multitask_strategy: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    output: str | None = None
+    error: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, run: Run) -> RunOut:
+        return cls(
+            run_id=run.run_id, thread_id=run.thread_id, status=run.status, attempt=run.attempt,
+            executor=run.executor, accepted_by=run.accepted_by,
+            multitask_strategy=run.multitask_strategy, created_at=run.created_at,
+            started_at=run.started_at, finished_at=run.finished_at, output=run.output,
+            error=run.error,
+        )
+
+
+class RunList(BaseModel):
+    runs: list[RunOut]
+    next_before: int | None = Field(description="Pass as ?before= for the next (older) page")
+
+
+class MessageOut(BaseModel):
+    run_id: str
+    role: Literal["user", "assistant"]
+    content: str
+    status: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: Message) -> MessageOut:
+        return cls(run_id=m.run_id, role=m.role, content=m.content, status=m.status,  # type: ignore[arg-type]
+                   created_at=m.created_at)
+
+
+class MessageList(BaseModel):
+    thread_id: str
+    messages: list[MessageOut]
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}

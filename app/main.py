@@ -1,0 +1,190 @@
+"""create_app(): the FastAPI app of one pod and its lifespan (claim, DBOS launch, NATS, drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbos import DBOS, DBOSConfig
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+
+from app import __version__
+from app.identity import ExecutorClaim
+from app.logs import adopt_dbos_logger
+from app.metrics import Metrics
+from app.models import chunk_source
+from app.settings import Settings
+from app.store.db import Database
+from app.store.runs import PgRunStore
+from app.streams.buffer import JetStreamBuffer, connect_nats
+from app.streams.tail import TailHub
+from app.workflows import thread_run as wf
+from app.workflows.runner import Runner, register_queue
+from app.workflows.stops import StopSignals
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything a pod holds while it runs; the API reaches it through `app.state.runtime`."""
+
+    settings: Settings
+    db: Database
+    store: PgRunStore
+    claim: ExecutorClaim
+    metrics: Metrics
+    stops: StopSignals
+    nc: NATS | None = None
+    buffer: JetStreamBuffer | None = None
+    hub: TailHub | None = None
+    runner: Runner | None = None
+    launched: bool = False
+    draining: bool = False
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def queue_worker_alive(self) -> bool:
+        name = f"queue-worker-{wf.QUEUE_NAME}"
+        return any(t.name == name and t.is_alive() for t in threading.enumerate())
+
+
+def dbos_config(settings: Settings) -> DBOSConfig:
+    return DBOSConfig(
+        name=settings.app_name,
+        system_database_url=settings.database_url.get_secret_value(),
+        application_version=settings.app_version,
+        executor_id=settings.pod_name,
+        log_level=settings.log_level.upper(),
+        sys_db_pool_size=10,
+    )
+
+
+async def start(rt: Runtime) -> None:
+    s = rt.settings
+    await rt.db.open()
+    await rt.db.migrate()
+    # Fence before DBOS launches: launch recovers this executor's PENDING workflows.
+    await rt.claim.acquire(s.claim_timeout_s)
+    rt.nc = await connect_nats(s, "pod")
+    rt.buffer = JetStreamBuffer(s, rt.nc)
+    await rt.buffer.ensure_stream()
+    rt.hub = TailHub(rt.buffer, linger_s=s.tail_linger_s)
+    rt.runner = Runner(s, rt.store, rt.stops, rt.nc)
+    await rt.runner.listen()
+    wf.bind(
+        wf.RunDeps(
+            settings=s, store=rt.store, buffer=rt.buffer, model=chunk_source(s),
+            stops=rt.stops, metrics=rt.metrics,
+        )
+    )
+    DBOS(config=dbos_config(s))
+    adopt_dbos_logger()
+    DBOS.launch()
+    adopt_dbos_logger()
+    rt.launched = True
+    await register_queue(s)
+    rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
+    rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
+    logger.info(
+        "pod started",
+        extra={"executor": s.pod_name, "version": s.app_version, "build": __version__},
+    )
+
+
+async def stop(rt: Runtime) -> None:
+    rt.draining = True
+    for task in rt.background:
+        task.cancel()
+    if rt.launched:
+        await drain(rt)
+        DBOS.destroy(destroy_registry=False)
+        rt.launched = False
+    wf.bind(None)
+    if rt.runner is not None:
+        await rt.runner.close()
+    if rt.hub is not None:
+        await rt.hub.close()
+    if rt.nc is not None:
+        with contextlib.suppress(Exception):
+            await rt.nc.drain()
+    await rt.claim.release()
+    await rt.db.close()
+    logger.info("pod stopped")
+
+
+async def begin_drain(rt: Runtime) -> None:
+    """SIGTERM: /readyz turns 503 and POST answers 503 at once, then in-flight runs finish."""
+    logger.info("draining: no new runs; waiting up to %.0fs for in-flight runs",
+                rt.settings.drain_timeout_s)
+    rt.draining = True
+    await drain(rt)
+
+
+async def drain(rt: Runtime) -> None:
+    """Stop dequeuing, then give this pod's runs up to `drain_timeout_s` to finish.
+
+    What is still running after that stays PENDING and is recovered when the name returns.
+    DBOS.destroy(workflow_completion_timeout_sec=...) would block the event loop the runs
+    need, so we stop DBOS's background threads (queue workers included) and wait here.
+    """
+    dbos = _dbos_instance()
+    for event in dbos.background_thread_stop_events:
+        event.set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + rt.settings.drain_timeout_s
+    while (active := dbos._active_workflows_set.activeList()) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if active:
+        logger.warning(
+            "drain timeout: %d runs left to recovery when %s returns", len(active),
+            rt.settings.pod_name,
+        )
+
+
+def _dbos_instance() -> Any:
+    # dbos 3.4.0 keeps its background threads' stop events and active workflows here.
+    from dbos._dbos import _get_dbos_instance
+
+    return _get_dbos_instance()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from app.api import install
+
+    db = Database(settings.database_url.get_secret_value(), max_size=settings.db_pool_size)
+    rt = Runtime(
+        settings=settings,
+        db=db,
+        store=PgRunStore(db),
+        claim=ExecutorClaim(settings.database_url.get_secret_value(), settings.pod_name),
+        metrics=Metrics(),
+        stops=StopSignals(),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await start(rt)
+        except BaseException:
+            await stop(rt)
+            raise
+        try:
+            yield
+        finally:
+            await stop(rt)
+
+    app = FastAPI(
+        title="threadgate",
+        version=__version__,
+        description="Durable chat runs: POST a message, attach to its reply over SSE.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = rt
+    install(app)
+    return app

@@ -1,0 +1,74 @@
+"""Prometheus metrics of a pod: runs, attempts, recoveries, attachers, chunks, latency."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """One registry per app, so several apps in one test process do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.runs_accepted = Counter(
+            "threadgate_runs_accepted_total", "Runs accepted by POST on this pod", registry=r
+        )
+        self.runs_finished = Counter(
+            "threadgate_runs_finished_total", "Runs finished on this pod", ["status"], registry=r
+        )
+        self.attempts = Counter(
+            "threadgate_run_attempts_total",
+            "Executions of the reply step; kind=first|replay",
+            ["kind"], registry=r,
+        )
+        self.chunks = Counter(
+            "threadgate_chunks_published_total", "Chunks published to JetStream", registry=r
+        )
+        self.publish_retries = Counter(
+            "threadgate_publish_retries_total", "JetStream publishes sent again", registry=r
+        )
+        self.recovered = Counter(
+            "threadgate_runs_recovered_total",
+            "Runs resumed after a crash (replays begun on this pod)", registry=r,
+        )
+        self.adopted = Counter(
+            "threadgate_runs_adopted_total", "Runs adopted from departed executors", registry=r
+        )
+        self.first_chunk = Histogram(
+            "threadgate_time_to_first_chunk_seconds",
+            "Run accepted → first chunk published",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.attachers = Gauge(
+            "threadgate_active_attachers", "SSE clients attached to this pod", registry=r
+        )
+        self.tails = Gauge("threadgate_thread_tails", "JetStream tails open on this pod", registry=r)
+        self.inflight = Gauge(
+            "threadgate_runs_in_flight", "Runs executing on this pod now", registry=r
+        )
+        self.stranded = Gauge(
+            "threadgate_stranded_runs",
+            "PENDING runs under this pod's name with another application version",
+            registry=r,
+        )
+
+    def attempt(self, n: int) -> None:
+        self.attempts.labels(kind="first" if n == 1 else "replay").inc()
+        if n > 1:
+            self.recovered.inc()
+
+    def chunk(self) -> None:
+        self.chunks.inc()
+
+    def finished(self, status: str) -> None:
+        self.runs_finished.labels(status=status).inc()
+
+    def bind_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
+        gauge.set_function(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

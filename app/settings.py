@@ -1,0 +1,143 @@
+"""The one place that reads the environment: every knob of a threadgate pod."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from functools import cached_property
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app import __version__
+from app.errors import ConfigError
+
+POD_NAME_HELP = (
+    "POD_NAME is required when THREADGATE_ENV=production: it is the pod's stable "
+    "StatefulSet name and the DBOS executor id. Set it from the Kubernetes downward API "
+    "(env: - name: POD_NAME, valueFrom: fieldRef: fieldPath: metadata.name)."
+)
+
+
+def default_dev_pod_name() -> str:
+    """A stable dev name: the same machine always gets the same executor id."""
+    return f"dev-{socket.gethostname()}"
+
+
+class Settings(BaseSettings):
+    """Settings of one pod. Environment variables are `THREADGATE_<FIELD>` unless noted."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="THREADGATE_", extra="ignore", populate_by_name=True
+    )
+
+    env: Literal["dev", "production"] = "dev"
+    pod_name: str = Field(default="", validation_alias=AliasChoices("POD_NAME", "pod_name"))
+    app_version: str = __version__
+    app_name: str = "threadgate"
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = 1
+
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/threadgate")
+    db_pool_size: int = Field(default=8, ge=1)
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
+    nats_token: SecretStr = SecretStr("")
+    nats_tls_ca: str = ""
+
+    stream_name: str = "THREADGATE"
+    subject_prefix: str = "threadgate"
+    stream_max_age_s: float = Field(default=24 * 3600, gt=0)
+    duplicate_window_s: float = Field(default=600, gt=0)
+    publish_window: int = Field(default=64, ge=1)
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    nats_outage_limit_s: float = Field(default=30.0, gt=0)
+
+    max_retries: int = Field(default=5, ge=0)
+    retry_base_s: float = Field(default=1.0, ge=0)
+    retry_cap_s: float = Field(default=30.0, ge=0)
+    run_timeout_s: float = Field(default=600.0, gt=0)
+
+    queue_polling_s: float = Field(default=0.05, gt=0)
+    claim_timeout_s: float = Field(default=30.0, ge=0)
+    drain_timeout_s: float = Field(default=25.0, ge=0)
+    keepalive_s: float = Field(default=15.0, gt=0)
+    tail_linger_s: float = Field(default=30.0, ge=0)
+
+    model: Literal["mock", "openai"] = "mock"
+    mock_chunks: int = Field(default=20, ge=0)
+    mock_delay_ms: float = Field(default=50, ge=0)
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr = SecretStr("")
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout_s: float = Field(default=60.0, gt=0)
+
+    max_input_chars: int = Field(default=32_000, ge=1)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    api_keys: SecretStr = SecretStr("")
+
+    log_format: Literal["json", "text", "auto"] = "auto"
+    log_level: str = "INFO"
+
+    @field_validator("pod_name")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _identity(self) -> Settings:
+        if not self.pod_name:
+            if self.env == "production":
+                raise ConfigError(POD_NAME_HELP)
+            self.pod_name = default_dev_pod_name()
+        if self.workers != 1:
+            raise ConfigError(
+                f"THREADGATE_WORKERS={self.workers}: a pod runs exactly one worker process. "
+                "Two processes under one executor id double-execute runs; scale with more pods."
+            )
+        return self
+
+    @property
+    def stream_subjects(self) -> str:
+        return f"{self.subject_prefix}.thread.*"
+
+    def thread_subject(self, thread_id: str) -> str:
+        return f"{self.subject_prefix}.thread.{thread_id}"
+
+    @property
+    def control_subject(self) -> str:
+        return f"{self.subject_prefix}.control"
+
+    @property
+    def json_logs(self) -> bool:
+        return self.log_format == "json" or (
+            self.log_format == "auto" and self.env == "production"
+        )
+
+    @cached_property
+    def api_key_digests(self) -> dict[str, str]:
+        """sha256 hex digest of each key → principal. Keys may be given as `sha256:<hex>`."""
+        digests: dict[str, str] = {}
+        for pair in self.api_keys.get_secret_value().split(","):
+            pair = pair.strip()
+            if not pair:
+                continue
+            principal, sep, key = pair.partition(":")
+            if not sep or not principal or not key:
+                raise ConfigError("THREADGATE_API_KEYS entries must be principal:key")
+            if key.startswith("sha256:"):
+                digest = key.removeprefix("sha256:").lower()
+            else:
+                digest = hashlib.sha256(key.encode()).hexdigest()
+            digests[digest] = principal
+        return digests
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; `overrides` win (used by tests and the CLI)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

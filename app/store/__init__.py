@@ -1,0 +1,1 @@
+"""PostgreSQL tables threadgate owns: threads, runs and messages."""

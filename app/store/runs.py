@@ -1,0 +1,303 @@
+"""Runs and messages of threads: the rows behind every status, listing and conversation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+
+from app.store.db import Database
+
+RunStatus = Literal["pending", "running", "success", "error", "cancelled", "interrupted"]
+ACTIVE: tuple[str, ...] = ("pending", "running")
+TERMINAL: tuple[str, ...] = ("success", "error", "cancelled", "interrupted")
+
+
+@dataclass(slots=True)
+class Run:
+    run_id: str
+    thread_id: str
+    seq: int
+    status: RunStatus
+    attempt: int
+    executor: str | None
+    accepted_by: str
+    input: str
+    model_options: dict[str, Any]
+    multitask_strategy: str
+    idempotency_key: str | None
+    request_hash: str | None
+    stop_requested: str | None
+    error: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    output: str | None = None
+    output_status: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+@dataclass(slots=True)
+class Message:
+    run_id: str
+    role: str
+    content: str
+    status: str
+    created_at: datetime
+
+
+@dataclass(slots=True)
+class NewRun:
+    run_id: str
+    thread_id: str
+    input: str
+    model_options: dict[str, Any] = field(default_factory=dict)
+    multitask_strategy: str = "enqueue"
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    accepted_by: str = ""
+    owner: str = ""
+
+
+class RunStore(Protocol):
+    """What the API and the workflow need from the store."""
+
+    async def get_run(self, thread_id: str, run_id: str) -> Run | None: ...
+    async def latest_run(self, thread_id: str) -> Run | None: ...
+    async def begin_attempt(self, run_id: str, executor: str) -> Run | None: ...
+
+
+_RUN_COLUMNS = """
+    r.run_id, r.thread_id, r.seq, r.status, r.attempt, r.executor, r.accepted_by, r.input,
+    r.model_options, r.multitask_strategy, r.idempotency_key, r.request_hash, r.stop_requested,
+    r.error, r.created_at, r.started_at, r.finished_at,
+    m.content AS output, m.status AS output_status
+"""
+_RUN_FROM = """
+    FROM threadgate.runs r
+    LEFT JOIN threadgate.messages m ON m.run_id = r.run_id AND m.role = 'assistant'
+"""
+
+
+def _run(row: dict[str, Any]) -> Run:
+    return Run(**row)
+
+
+def _thread_lock_key(thread_id: str) -> str:
+    return f"threadgate.thread:{thread_id}"
+
+
+class PgRunStore:
+    """The PostgreSQL implementation of the run store."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @contextlib.asynccontextmanager
+    async def thread_lock(self, thread_id: str) -> AsyncIterator[AsyncConnection[Any]]:
+        """Serialize accepting runs on one thread across pods (session advisory lock).
+
+        Held across insert and enqueue, so the order of rows and the order of the queue agree.
+        The server releases it if the process dies.
+        """
+        async with self.db.pool.connection() as conn:
+            await conn.execute(
+                "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (_thread_lock_key(thread_id),)
+            )
+            try:
+                yield conn
+            finally:
+                await conn.execute(
+                    "SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
+                    (_thread_lock_key(thread_id),),
+                )
+
+    async def insert_run(self, conn: AsyncConnection[Any], new: NewRun) -> Run:
+        """Record an accepted run and its user message in one transaction."""
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO threadgate.threads (thread_id, owner) VALUES (%s, %s)"
+                " ON CONFLICT (thread_id) DO NOTHING",
+                (new.thread_id, new.owner),
+            )
+            await conn.execute(
+                """INSERT INTO threadgate.runs (run_id, thread_id, accepted_by, input,
+                       model_options, multitask_strategy, idempotency_key, request_hash)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
+                (
+                    new.run_id, new.thread_id, new.accepted_by, new.input,
+                    Jsonb(new.model_options), new.multitask_strategy, new.idempotency_key,
+                    new.request_hash,
+                ),
+            )
+            await conn.execute(
+                "INSERT INTO threadgate.messages (run_id, role, thread_id, content)"
+                " VALUES (%s, 'user', %s, %s)",
+                (new.run_id, new.thread_id, new.input),
+            )
+        run = await self.get_run(new.thread_id, new.run_id, conn=conn)
+        assert run is not None
+        return run
+
+    async def get_run(
+        self, thread_id: str, run_id: str, *, conn: AsyncConnection[Any] | None = None
+    ) -> Run | None:
+        query = f"SELECT {_RUN_COLUMNS} {_RUN_FROM} WHERE r.run_id = %s AND r.thread_id = %s"
+        if conn is not None:
+            cur = await conn.execute(query, (run_id, thread_id))
+            row = await cur.fetchone()
+        else:
+            async with self.db.pool.connection() as c:
+                cur = await c.execute(query, (run_id, thread_id))
+                row = await cur.fetchone()
+        return _run(row) if row else None
+
+    async def find_by_key(
+        self, conn: AsyncConnection[Any], thread_id: str, key: str
+    ) -> Run | None:
+        cur = await conn.execute(
+            f"SELECT {_RUN_COLUMNS} {_RUN_FROM} WHERE r.thread_id = %s AND r.idempotency_key = %s",
+            (thread_id, key),
+        )
+        row = await cur.fetchone()
+        return _run(row) if row else None
+
+    async def active_runs(self, conn: AsyncConnection[Any], thread_id: str) -> list[Run]:
+        cur = await conn.execute(
+            f"SELECT {_RUN_COLUMNS} {_RUN_FROM}"
+            " WHERE r.thread_id = %s AND r.status IN ('pending', 'running') ORDER BY r.seq",
+            (thread_id,),
+        )
+        return [_run(row) for row in await cur.fetchall()]
+
+    async def latest_run(self, thread_id: str) -> Run | None:
+        runs = await self.list_runs(thread_id, limit=1)
+        return runs[0] if runs else None
+
+    async def list_runs(
+        self, thread_id: str, *, limit: int = 50, before_seq: int | None = None
+    ) -> list[Run]:
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_RUN_COLUMNS} {_RUN_FROM}"
+                " WHERE r.thread_id = %s AND (%s::bigint IS NULL OR r.seq < %s)"
+                " ORDER BY r.seq DESC LIMIT %s",
+                (thread_id, before_seq, before_seq, limit),
+            )
+            return [_run(row) for row in await cur.fetchall()]
+
+    async def thread_exists(self, thread_id: str) -> bool:
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT 1 FROM threadgate.threads WHERE thread_id = %s", (thread_id,)
+            )
+            return await cur.fetchone() is not None
+
+    async def messages(self, thread_id: str) -> list[Message]:
+        """The conversation in run order: each run's user message, then its reply."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT m.run_id, m.role, m.content, m.status, m.created_at
+                   FROM threadgate.messages m JOIN threadgate.runs r ON r.run_id = m.run_id
+                   WHERE m.thread_id = %s
+                   ORDER BY r.seq, CASE m.role WHEN 'user' THEN 0 ELSE 1 END""",
+                (thread_id,),
+            )
+            return [Message(**row) for row in await cur.fetchall()]
+
+    async def history(self, thread_id: str, before_seq: int) -> list[Message]:
+        """Messages of the runs accepted before `before_seq` that got a reply: a model prompt."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT m.run_id, m.role, m.content, m.status, m.created_at
+                   FROM threadgate.messages m JOIN threadgate.runs r ON r.run_id = m.run_id
+                   WHERE m.thread_id = %s AND r.seq < %s AND r.status = 'success'
+                   ORDER BY r.seq, CASE m.role WHEN 'user' THEN 0 ELSE 1 END""",
+                (thread_id, before_seq),
+            )
+            return [Message(**row) for row in await cur.fetchall()]
+
+    async def begin_attempt(self, run_id: str, executor: str) -> Run | None:
+        """Count an execution of the reply step. Survives crashes: never repeats a number."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """UPDATE threadgate.runs
+                   SET attempt = attempt + 1, executor = %s,
+                       status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+                       started_at = coalesce(started_at, now())
+                   WHERE run_id = %s RETURNING thread_id""",
+                (executor, run_id),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            return await self.get_run(row["thread_id"], run_id, conn=conn)
+
+    async def finish(
+        self,
+        run_id: str,
+        thread_id: str,
+        status: RunStatus,
+        *,
+        reply: str | None,
+        reply_status: str = "complete",
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Store the reply (once: a re-run keeps the first) and the final status, atomically."""
+        async with self.db.pool.connection() as conn, conn.transaction():
+            if reply is not None:
+                await conn.execute(
+                    """INSERT INTO threadgate.messages (run_id, role, thread_id, content, status)
+                       VALUES (%s, 'assistant', %s, %s, %s)
+                       ON CONFLICT (run_id, role) DO NOTHING""",
+                    (run_id, thread_id, reply, reply_status),
+                )
+            await conn.execute(
+                """UPDATE threadgate.runs SET status = %s, error = %s,
+                       finished_at = coalesce(finished_at, now())
+                   WHERE run_id = %s""",
+                (status, Jsonb(error) if error is not None else None, run_id),
+            )
+
+    async def request_stop(self, run_id: str, reason: str) -> Run | None:
+        """Mark a run to stop (cancelled or interrupted); the workflow honours it."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """UPDATE threadgate.runs SET stop_requested = coalesce(stop_requested, %s)
+                   WHERE run_id = %s AND status IN ('pending', 'running')
+                   RETURNING thread_id""",
+                (reason, run_id),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            return await self.get_run(row["thread_id"], run_id, conn=conn)
+
+    async def stop_requested(self, run_id: str) -> str | None:
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT stop_requested FROM threadgate.runs WHERE run_id = %s", (run_id,)
+            )
+            row = await cur.fetchone()
+            return row["stop_requested"] if row else None
+
+    async def pending_without_workflow(self, older_than_s: float) -> list[Run]:
+        """Accepted runs whose enqueue never happened (the accepting pod died in between)."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                f"""SELECT {_RUN_COLUMNS} {_RUN_FROM}
+                    WHERE r.status = 'pending'
+                      AND r.created_at < now() - make_interval(secs => %s)
+                      AND NOT EXISTS (SELECT 1 FROM dbos.workflow_status w
+                                      WHERE w.workflow_uuid = r.run_id)""",
+                (older_than_s,),
+            )
+            return [_run(row) for row in await cur.fetchall()]

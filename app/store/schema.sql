@@ -1,0 +1,46 @@
+-- Tables threadgate owns, beside DBOS's own schema. Applied at start-up under an advisory lock.
+CREATE SCHEMA IF NOT EXISTS threadgate;
+
+CREATE TABLE IF NOT EXISTS threadgate.threads (
+    thread_id   text PRIMARY KEY,
+    owner       text NOT NULL DEFAULT '',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per accepted run. `seq` is the order runs were accepted on their thread.
+CREATE TABLE IF NOT EXISTS threadgate.runs (
+    run_id             text PRIMARY KEY,
+    thread_id          text NOT NULL REFERENCES threadgate.threads (thread_id),
+    seq                bigserial NOT NULL,
+    status             text NOT NULL DEFAULT 'pending',
+    attempt            integer NOT NULL DEFAULT 0,
+    executor           text,
+    accepted_by        text NOT NULL,
+    input              text NOT NULL,
+    model_options      jsonb NOT NULL DEFAULT '{}'::jsonb,
+    multitask_strategy text NOT NULL DEFAULT 'enqueue',
+    idempotency_key    text,
+    request_hash       text,
+    stop_requested     text,
+    error              jsonb,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    started_at         timestamptz,
+    finished_at        timestamptz
+);
+CREATE INDEX IF NOT EXISTS runs_thread_seq ON threadgate.runs (thread_id, seq DESC);
+CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency
+    ON threadgate.runs (thread_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_active
+    ON threadgate.runs (thread_id) WHERE status IN ('pending', 'running');
+
+-- The conversation: at most one user and one assistant message per run.
+CREATE TABLE IF NOT EXISTS threadgate.messages (
+    run_id      text NOT NULL REFERENCES threadgate.runs (run_id),
+    role        text NOT NULL CHECK (role IN ('user', 'assistant')),
+    thread_id   text NOT NULL,
+    content     text NOT NULL,
+    status      text NOT NULL DEFAULT 'complete',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, role)
+);
+CREATE INDEX IF NOT EXISTS messages_thread ON threadgate.messages (thread_id);

@@ -1,0 +1,1 @@
+"""The JetStream buffer of thread replies: events, publishing, and per-thread tails."""

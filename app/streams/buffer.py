@@ -1,0 +1,250 @@
+"""The JetStream buffer: one stream, one subject per thread, purge and pipelined publish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from app.errors import StreamUnavailable
+from app.ids import message_id
+from app.settings import Settings
+from app.streams.events import Event
+
+logger = logging.getLogger(__name__)
+
+
+class RunPublisher(Protocol):
+    async def publish(self, event: Event, part: str | int) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class StreamBuffer(Protocol):
+    """What a run needs from the stream: purge its thread's subject and publish events."""
+
+    async def purge(self, thread_id: str) -> None: ...
+    def publisher(self, thread_id: str, run_id: str, attempt: int) -> RunPublisher: ...
+
+
+async def connect_nats(settings: Settings, name: str) -> NATS:
+    """A connection that reconnects forever; callers bound their own waits."""
+    options: dict[str, Any] = {
+        "servers": [settings.nats_url],
+        "name": f"{settings.pod_name}/{name}",
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 2,
+        "allow_reconnect": True,
+        "pending_size": 64 * 1024 * 1024,
+    }
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_token.get_secret_value():
+        options["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_tls_ca:
+        import ssl
+
+        options["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca)
+
+    async def error_cb(exc: Exception) -> None:
+        logger.warning("nats %s: %s", name, exc)
+
+    async def disconnected_cb() -> None:
+        logger.warning("nats %s disconnected", name)
+
+    async def reconnected_cb() -> None:
+        logger.info("nats %s reconnected", name)
+
+    return await nats.connect(
+        **options,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+    )
+
+
+class JetStreamBuffer:
+    """The real buffer over one NATS connection."""
+
+    def __init__(self, settings: Settings, nc: NATS) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=settings.publish_timeout_s)
+
+    @property
+    def stream(self) -> str:
+        return self.settings.stream_name
+
+    def subject(self, thread_id: str) -> str:
+        return self.settings.thread_subject(thread_id)
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or bring its settings up to date."""
+        config = StreamConfig(
+            name=self.stream,
+            subjects=[self.settings.stream_subjects],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_age=self.settings.stream_max_age_s,
+            duplicate_window=self.settings.duplicate_window_s,
+        )
+        try:
+            await self.js.stream_info(self.stream)
+        except NotFoundError:
+            await self.js.add_stream(config)
+            logger.info("stream %s created", self.stream)
+        else:
+            await self.js.update_stream(config)
+
+    async def ping(self) -> bool:
+        if not self.nc.is_connected:
+            return False
+        try:
+            await self.js.account_info()
+            return True
+        except Exception:
+            return False
+
+    async def purge(self, thread_id: str) -> None:
+        await _with_retry(
+            lambda: self.js.purge_stream(self.stream, subject=self.subject(thread_id)),
+            self.settings.nats_outage_limit_s,
+            "purge",
+        )
+
+    def publisher(self, thread_id: str, run_id: str, attempt: int) -> JetStreamPublisher:
+        return JetStreamPublisher(self, self.subject(thread_id), run_id, attempt)
+
+    async def last_sequence(self, thread_id: str) -> int:
+        """The sequence of the newest message on a thread's subject, 0 when it has none."""
+        try:
+            msg = await self.js.get_last_msg(self.stream, self.subject(thread_id))
+        except NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def ordered_subscribe(
+        self, thread_id: str, start_seq: int, cb: Callable[[Any], Awaitable[None]]
+    ) -> Any:
+        """An ordered consumer of a thread's subject: from `start_seq`, or all when 0."""
+        if start_seq > 0:
+            return await self.js.subscribe(
+                self.subject(thread_id),
+                cb=cb,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=_start_at(start_seq),
+                pending_msgs_limit=1_000_000,
+                pending_bytes_limit=512 * 1024 * 1024,
+            )
+        return await self.js.subscribe(
+            self.subject(thread_id),
+            cb=cb,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+
+
+def _start_at(seq: int) -> Any:
+    from nats.js.api import ConsumerConfig
+
+    return ConsumerConfig(opt_start_seq=seq, deliver_policy=DeliverPolicy.BY_START_SEQUENCE)
+
+
+class JetStreamPublisher:
+    """Publishes one attempt's events in order with up to `publish_window` acks in flight.
+
+    The connection keeps our order; acks are settled in order. A message whose ack does not
+    come is published again with the same id, so JetStream drops it if it was stored. Every
+    ack's stream sequence must exceed the previous one: if a retry stored a message after a
+    later one, the attempt's order is broken and `AttemptBroken` tells the caller to start a
+    new attempt (which purges and begins again).
+    """
+
+    def __init__(self, buffer: JetStreamBuffer, subject: str, run_id: str, attempt: int) -> None:
+        self.buffer = buffer
+        self.subject = subject
+        self.run_id = run_id
+        self.attempt = attempt
+        self.last_seq = 0
+        self.inflight: deque[tuple[asyncio.Future[Any], bytes, dict[str, str]]] = deque()
+
+    async def publish(self, event: Event, part: str | int) -> None:
+        data = event.to_bytes()
+        headers = {"Nats-Msg-Id": message_id(self.run_id, self.attempt, part)}
+        while len(self.inflight) >= self.buffer.settings.publish_window:
+            await self._settle_oldest()
+        if not self.buffer.nc.is_connected:
+            # During an outage queue nothing more in the client: settle and go one by one.
+            await self.flush()
+            self._accept(await self._publish_sync(data, headers))
+            return
+        fut = await self.buffer.js.publish_async(self.subject, data, headers=headers)
+        self.inflight.append((fut, data, headers))
+
+    async def flush(self) -> None:
+        while self.inflight:
+            await self._settle_oldest()
+
+    def _accept(self, ack: Any) -> None:
+        if ack.seq <= self.last_seq:
+            raise AttemptBroken(f"stream order broken at seq {ack.seq} after {self.last_seq}")
+        self.last_seq = ack.seq
+
+    async def _settle_oldest(self) -> None:
+        fut, data, headers = self.inflight.popleft()
+        try:
+            self._accept(await asyncio.wait_for(fut, self.buffer.settings.publish_timeout_s))
+            return
+        except AttemptBroken:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "publish ack missing, republishing",
+                extra={"run_id": self.run_id, "attempt": self.attempt, "error": repr(exc)},
+            )
+        pending = [(data, headers)] + [(d, h) for _, d, h in self.inflight]
+        for f, _, _ in self.inflight:
+            f.cancel()
+        self.inflight.clear()
+        for d, h in pending:
+            self._accept(await self._publish_sync(d, h))
+
+    async def _publish_sync(self, data: bytes, headers: dict[str, str]) -> Any:
+        js = self.buffer.js
+        return await _with_retry(
+            lambda: js.publish(self.subject, data, headers=dict(headers)),
+            self.buffer.settings.nats_outage_limit_s,
+            "publish",
+        )
+
+
+class AttemptBroken(Exception):
+    """The attempt's events can no longer be published in order; start a new attempt."""
+
+
+async def _with_retry(op: Callable[[], Awaitable[Any]], limit_s: float, what: str) -> Any:
+    """Retry with exponential backoff (0.1 s → 2 s) until `limit_s` has passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    delay = 0.1
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if loop.time() + delay > deadline:
+                raise StreamUnavailable(f"JetStream {what} failed for {limit_s:.0f}s: {exc!r}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -1,0 +1,101 @@
+"""What one attached client receives: its run's events from the shared tail, with resets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from app.store.runs import TERMINAL, Run
+from app.streams.events import KEEPALIVE, Event, chunk, done, reset, run_started, sse_frame
+from app.streams.tail import ThreadTail
+
+RunLookup = Callable[[], Awaitable[Run | None]]
+
+
+@dataclass(slots=True)
+class Cursor:
+    """A client's position: the last sequence processed, and what it has shown of the run."""
+
+    seq: int = 0
+    attempt: int = 0  # attempt whose events the client holds
+    shown: bool = False  # the client has events of `attempt` (a new attempt needs a reset)
+    resumed: bool = False  # the client came with a Last-Event-ID
+
+
+def step(cursor: Cursor, run_id: str, ev: Event) -> tuple[list[Event], bool]:
+    """Events to send for one log event, and whether the run is over for this client."""
+    cursor.seq = max(cursor.seq, ev.seq)
+    if ev.run_id != run_id or ev.attempt < cursor.attempt:
+        return [], False  # another run's event, or a superseded attempt's straggler
+    out: list[Event] = []
+    if ev.attempt > cursor.attempt:
+        if cursor.shown or cursor.resumed:
+            out.append(reset(run_id, ev.attempt))
+        cursor.attempt, cursor.shown, cursor.resumed = ev.attempt, False, False
+    out.append(ev)
+    cursor.shown = True
+    return out, ev.type == "done"
+
+
+def replay_from_store(run: Run) -> list[Event]:
+    """A finished run whose events left the stream (expired or purged): rebuild from the rows."""
+    attempt = max(run.attempt, 1)
+    events = [run_started(run.run_id, attempt)]
+    if run.output is not None:
+        events.append(chunk(run.run_id, attempt, 0, run.output))
+    status = run.status if run.status in TERMINAL else "error"
+    events.append(done(run.run_id, attempt, status, run.error))  # type: ignore[arg-type]
+    return events
+
+
+async def relay(
+    tail: ThreadTail,
+    run_id: str,
+    lookup: RunLookup,
+    *,
+    last_event_id: int | None,
+    keepalive_s: float,
+    recheck_s: float = 0.5,
+) -> AsyncIterator[bytes]:
+    """Replay the run from the tail's log, follow it live, end after its `done`."""
+    loop = asyncio.get_running_loop()
+    cursor = Cursor(seq=last_event_id or 0, resumed=bool(last_event_id))
+    last_write = loop.time()
+    next_check, check_every = loop.time() + recheck_s, recheck_s
+    while True:
+        frames: list[bytes] = []
+        finished = False
+        for ev in tail.after(cursor.seq):
+            out, finished = step(cursor, run_id, ev)
+            frames.extend(sse_frame(e) for e in out)
+            if finished:
+                break
+        if frames:
+            yield b"".join(frames)
+            last_write = loop.time()
+        if finished:
+            return
+        now = loop.time()
+        if not cursor.shown and tail.caught_up.is_set() and now >= next_check:
+            # Nothing of the run is in the stream: if it has ended, its events are gone.
+            run = await lookup()
+            if run is not None and run.status in TERMINAL:
+                if not _run_in_log(tail, run_id):
+                    yield b"".join(sse_frame(e) for e in replay_from_store(run))
+                    return
+                if cursor.resumed and tail.last_seq <= cursor.seq:
+                    return  # a resume after the last event: the client has it all
+            check_every = min(check_every * 2, keepalive_s)
+            next_check = loop.time() + check_every
+        if now >= last_write + keepalive_s:
+            yield KEEPALIVE
+            last_write = now
+        deadline = last_write + keepalive_s
+        if not cursor.shown:
+            deadline = min(deadline, next_check)
+        await tail.wait(max(deadline - loop.time(), 0.001))
+
+
+def _run_in_log(tail: ThreadTail, run_id: str) -> bool:
+    return any(ev.run_id == run_id for ev in tail.log)

@@ -1,0 +1,153 @@
+"""One JetStream tail per thread per pod, fanned out in-process to that thread's SSE clients.
+
+A tail holds the events of the newest attempt it has seen (from that attempt's `run_started`);
+clients read the shared log by stream sequence, so a client that stops reading costs nothing
+but its place in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from app.streams.events import Event
+
+logger = logging.getLogger(__name__)
+
+
+class TailSource(Protocol):
+    async def last_sequence(self, thread_id: str) -> int: ...
+    async def ordered_subscribe(self, thread_id: str, start_seq: int, cb: Any) -> Any: ...
+
+
+class ThreadTail:
+    """The shared log of one thread's subject on this pod."""
+
+    def __init__(self, thread_id: str) -> None:
+        self.thread_id = thread_id
+        self.log: list[Event] = []
+        self.seqs: list[int] = []
+        self.last_seq = 0
+        self.caught_up = asyncio.Event()
+        self._target_seq = 0
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.clients = 0
+        self.sub: Any = None
+        self.close_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def head(self) -> Event | None:
+        return self.log[0] if self.log else None
+
+    def add(self, ev: Event) -> None:
+        """Take one event from the consumer, in stream order."""
+        if ev.seq <= self.last_seq:
+            return  # redelivered after a consumer reset
+        self.last_seq = ev.seq
+        head = self.head
+        if ev.type == "run_started":
+            # A new attempt or run: what came before is dead or finished. Trim.
+            self.log, self.seqs = [ev], [ev.seq]
+        elif head is None or (head.run_id, head.attempt) == (ev.run_id, ev.attempt):
+            self.log.append(ev)
+            self.seqs.append(ev.seq)
+        elif head.run_id != ev.run_id or ev.attempt > head.attempt:
+            # A later run or attempt whose start we did not see (a done without chunks).
+            self.log, self.seqs = [ev], [ev.seq]
+        # else: a straggler of an attempt already superseded; drop it.
+        if self.last_seq >= self._target_seq:
+            self.caught_up.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = asyncio.get_running_loop().create_future()
+
+    def after(self, seq: int) -> list[Event]:
+        """Events of the log with a sequence above `seq` (the whole log if `seq` is older)."""
+        return self.log[bisect.bisect_right(self.seqs, seq) :]
+
+    async def wait(self, timeout: float) -> None:
+        """Return when the log changes, or after `timeout`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._changed), timeout)
+
+
+class TailHub:
+    """The pod's tails, by thread: created on the first attach, closed after the last leaves."""
+
+    def __init__(self, source: TailSource, *, linger_s: float) -> None:
+        self.source = source
+        self.linger_s = linger_s
+        self.tails: dict[str, ThreadTail] = {}
+        self._starting: dict[str, asyncio.Task[ThreadTail]] = {}
+
+    @property
+    def attached(self) -> int:
+        return sum(t.clients for t in self.tails.values())
+
+    @contextlib.asynccontextmanager
+    async def attach(self, thread_id: str) -> AsyncIterator[ThreadTail]:
+        tail = await self._get(thread_id)
+        tail.clients += 1
+        if tail.close_handle is not None:
+            tail.close_handle.cancel()
+            tail.close_handle = None
+        try:
+            yield tail
+        finally:
+            tail.clients -= 1
+            if tail.clients == 0:
+                loop = asyncio.get_running_loop()
+                tail.close_handle = loop.call_later(
+                    self.linger_s, lambda: asyncio.ensure_future(self._close_idle(tail))
+                )
+
+    async def _get(self, thread_id: str) -> ThreadTail:
+        tail = self.tails.get(thread_id)
+        if tail is not None:
+            return tail
+        task = self._starting.get(thread_id)
+        if task is None:
+            task = asyncio.ensure_future(self._start(thread_id))
+            self._starting[thread_id] = task
+            task.add_done_callback(lambda _: self._starting.pop(thread_id, None))
+        return await asyncio.shield(task)
+
+    async def _start(self, thread_id: str) -> ThreadTail:
+        tail = ThreadTail(thread_id)
+        tail._target_seq = await self.source.last_sequence(thread_id)
+        if tail._target_seq == 0:
+            tail.caught_up.set()
+
+        async def on_msg(msg: Any) -> None:
+            try:
+                ev = Event.from_bytes(msg.data, seq=msg.metadata.sequence.stream)
+            except Exception:
+                logger.exception("undecodable event on thread %s", thread_id)
+                return
+            tail.add(ev)
+
+        tail.sub = await self.source.ordered_subscribe(thread_id, 0, on_msg)
+        self.tails[thread_id] = tail
+        return tail
+
+    async def _close_idle(self, tail: ThreadTail) -> None:
+        if tail.clients > 0 or self.tails.get(tail.thread_id) is not tail:
+            return
+        del self.tails[tail.thread_id]
+        with contextlib.suppress(Exception):
+            await tail.sub.unsubscribe()
+
+    async def close(self) -> None:
+        for tail in list(self.tails.values()):
+            if tail.close_handle is not None:
+                tail.close_handle.cancel()
+            with contextlib.suppress(Exception):
+                await tail.sub.unsubscribe()
+        self.tails.clear()

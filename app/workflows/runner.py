@@ -1,0 +1,168 @@
+"""Submitting runs to the thread queue and stopping them, from any pod."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
+from nats.aio.client import Client as NATS
+
+from app.errors import IdempotencyMismatch, RunFinished, RunNotFound, ThreadBusy
+from app.ids import new_run_id
+from app.settings import Settings
+from app.store.runs import TERMINAL, NewRun, PgRunStore, Run
+from app.workflows.stops import StopSignals
+from app.workflows.thread_run import QUEUE_NAME, thread_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    input: str
+    multitask_strategy: str = "enqueue"
+    model_options: dict[str, Any] | None = None
+
+    def digest(self) -> str:
+        canonical = json.dumps(
+            {"input": self.input, "multitask_strategy": self.multitask_strategy,
+             "model_options": self.model_options or {}},
+            sort_keys=True, separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def register_queue(settings: Settings) -> None:
+    await DBOS.register_queue_async(
+        QUEUE_NAME,
+        partition_concurrency=1,
+        polling_interval_sec=settings.queue_polling_s,
+        on_conflict="always_update",
+    )
+
+
+async def enqueue(run: Run) -> None:
+    """Idempotent: enqueuing an existing workflow id returns the existing workflow."""
+    with SetWorkflowID(run.run_id), SetEnqueueOptions(queue_partition_key=run.thread_id):
+        await DBOS.enqueue_workflow_async(QUEUE_NAME, thread_run, run.thread_id, run.run_id)
+
+
+class Runner:
+    """Accepts runs (with multitask strategies and idempotency) and delivers stop requests."""
+
+    def __init__(
+        self, settings: Settings, store: PgRunStore, stops: StopSignals, nc: NATS | None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.stops = stops
+        self.nc = nc
+        self._sub: Any = None
+
+    async def submit(
+        self, thread_id: str, request: RunRequest, *, idempotency_key: str | None,
+        owner: str = "",
+    ) -> tuple[Run, bool]:
+        """Accept a run. Returns the run and whether it is new (False: an idempotent repeat)."""
+        digest = request.digest()
+        async with self.store.thread_lock(thread_id) as conn:
+            if idempotency_key:
+                existing = await self.store.find_by_key(conn, thread_id, idempotency_key)
+                if existing is not None:
+                    if existing.request_hash != digest:
+                        raise IdempotencyMismatch(run_id=existing.run_id)
+                    if existing.active:
+                        await enqueue(existing)  # heals an accept whose enqueue never happened
+                    return existing, False
+            active = await self.store.active_runs(conn, thread_id)
+            if request.multitask_strategy == "reject" and active:
+                raise ThreadBusy(active_run_id=active[-1].run_id)
+            run = await self.store.insert_run(
+                conn,
+                NewRun(
+                    run_id=new_run_id(),
+                    thread_id=thread_id,
+                    input=request.input,
+                    model_options=request.model_options or {},
+                    multitask_strategy=request.multitask_strategy,
+                    idempotency_key=idempotency_key,
+                    request_hash=digest,
+                    accepted_by=self.settings.pod_name,
+                    owner=owner,
+                ),
+            )
+            await enqueue(run)
+            if request.multitask_strategy == "interrupt":
+                for other in active:
+                    await self.stop(other, "interrupted")
+        logger.info(
+            "run accepted",
+            extra={"thread_id": thread_id, "run_id": run.run_id, "status": run.status},
+        )
+        return run, True
+
+    async def cancel(self, thread_id: str, run_id: str) -> Run:
+        run = await self.store.get_run(thread_id, run_id)
+        if run is None:
+            raise RunNotFound()
+        if run.status in TERMINAL:
+            raise RunFinished(status=run.status)
+        return await self.stop(run, "cancelled")
+
+    async def stop(self, run: Run, reason: str) -> Run:
+        """Ask a run to stop: the flag in Postgres is the truth, the control message is speed."""
+        updated = await self.store.request_stop(run.run_id, reason)
+        if updated is None:
+            latest = await self.store.get_run(run.thread_id, run.run_id)
+            if latest is None:
+                raise RunNotFound()
+            raise RunFinished(status=latest.status)
+        await self.announce_stop(run.run_id, updated.stop_requested or reason)
+        return updated
+
+    async def announce_stop(self, run_id: str, reason: str) -> None:
+        self.stops.request(run_id, reason)
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(
+                    self.settings.control_subject,
+                    json.dumps({"stop": run_id, "reason": reason}).encode(),
+                )
+
+    async def listen(self) -> None:
+        """Hear stop requests made on other pods."""
+        if self.nc is None:
+            return
+
+        async def on_msg(msg: Any) -> None:
+            with contextlib.suppress(Exception):
+                body = json.loads(msg.data)
+                self.stops.request(str(body["stop"]), str(body["reason"]))
+
+        self._sub = await self.nc.subscribe(self.settings.control_subject, cb=on_msg)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+
+async def wait_until_stopped(store: PgRunStore, thread_id: str, run_id: str, timeout: float) -> Run:
+    """Poll the run row until it is terminal (used by `cancel?wait=true`)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.02
+    while True:
+        run = await store.get_run(thread_id, run_id)
+        if run is None:
+            raise RunNotFound()
+        if run.status in TERMINAL or loop.time() >= deadline:
+            return run
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)

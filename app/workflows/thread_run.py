@@ -1,0 +1,182 @@
+"""The durable workflow of one thread run: stream the reply, then store it and say `done`.
+
+Step names are part of the recovery contract (a pinned application version replays them by
+name): never rename `stream_reply` or `finish_run`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from dbos import DBOS
+
+from app.errors import ModelError, StreamUnavailable, TransientModelError
+from app.models import ChunkSource, Prompt
+from app.settings import Settings
+from app.store.runs import PgRunStore, Run
+from app.streams.buffer import AttemptBroken, StreamBuffer
+from app.streams.events import chunk, done, run_started
+from app.workflows.stops import StopSignals
+
+logger = logging.getLogger(__name__)
+
+WORKFLOW_NAME = "thread_run"
+QUEUE_NAME = "thread_runs"
+
+
+class Outcome(TypedDict):
+    """What `stream_reply` checkpoints: everything `finish_run` needs, nothing recomputed."""
+
+    status: str  # success | error | cancelled | interrupted
+    attempt: int
+    text: str
+    error: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class RunDeps:
+    settings: Settings
+    store: PgRunStore
+    buffer: StreamBuffer
+    model: ChunkSource
+    stops: StopSignals
+    metrics: Any = None
+
+
+_deps: RunDeps | None = None
+
+
+def bind(deps: RunDeps | None) -> None:
+    """Give the workflow its pod's dependencies (DBOS workflows are module-level)."""
+    global _deps
+    _deps = deps
+
+
+def deps() -> RunDeps:
+    if _deps is None:
+        raise RuntimeError("thread_run used before the app bound its dependencies")
+    return _deps
+
+
+@DBOS.workflow(name=WORKFLOW_NAME)
+async def thread_run(thread_id: str, run_id: str) -> str:
+    outcome = await stream_reply(thread_id, run_id)
+    await finish_run(thread_id, run_id, outcome)
+    return outcome["status"]
+
+
+def _log(run_id: str, thread_id: str, attempt: int) -> dict[str, Any]:
+    return {"thread_id": thread_id, "run_id": run_id, "attempt": attempt}
+
+
+@DBOS.step(name="stream_reply")
+async def stream_reply(thread_id: str, run_id: str) -> Outcome:
+    """Purge the subject, publish `run_started`, the chunks, in one step: a replay redoes all."""
+    d = deps()
+    retries = 0
+    while True:
+        run = await d.store.begin_attempt(run_id, d.settings.pod_name)
+        if run is None:
+            logger.error("run row missing", extra={"run_id": run_id, "thread_id": thread_id})
+            return Outcome(status="error", attempt=0, text="", error=_error("orphan", "run not found"))
+        attempt = run.attempt
+        log = _log(run_id, thread_id, attempt)
+        logger.info("run attempt started" if attempt == 1 else "run replayed", extra=log)
+        if d.metrics is not None:
+            d.metrics.attempt(attempt)
+        if run.stop_requested:
+            return Outcome(status=run.stop_requested, attempt=attempt, text="", error=None)
+        try:
+            return await _stream_attempt(d, run, attempt)
+        except ModelError as exc:
+            if not exc.transient:
+                logger.warning("model failed permanently: %s", exc.message, extra=log)
+                return Outcome(status="error", attempt=attempt, text="", error=_error(exc.code, exc.message))
+            error = exc
+        except (AttemptBroken, StreamUnavailable) as exc:
+            error = TransientModelError(f"stream: {exc}")
+        retries += 1
+        if retries > d.settings.max_retries:
+            logger.warning("retries exhausted: %s", error.message, extra=log)
+            return Outcome(
+                status="error", attempt=attempt, text="",
+                error=_error("retries_exhausted", error.message),
+            )
+        delay = min(d.settings.retry_base_s * 2 ** (retries - 1), d.settings.retry_cap_s)
+        logger.warning("transient failure, retrying in %.1fs: %s", delay, error.message, extra=log)
+        if await d.stops.wait(run_id, delay):
+            reason = d.stops.reason(run_id) or "cancelled"
+            return Outcome(status=reason, attempt=attempt, text="", error=None)
+
+
+async def _stream_attempt(d: RunDeps, run: Run, attempt: int) -> Outcome:
+    thread_id, run_id = run.thread_id, run.run_id
+    history = await d.store.history(thread_id, run.seq)
+    prompt = Prompt(
+        messages=[{"role": m.role, "content": m.content} for m in history]
+        + [{"role": "user", "content": run.input}],
+        options=run.model_options,
+        attempt=attempt,
+    )
+    await d.buffer.purge(thread_id)
+    pub = d.buffer.publisher(thread_id, run_id, attempt)
+    await pub.publish(run_started(run_id, attempt), "start")
+    parts: list[str] = []
+    stop: str | None = None
+    stream = d.model.stream(prompt)
+    try:
+        async for index, text in _aenumerate(stream):
+            await pub.publish(chunk(run_id, attempt, index, text), index)
+            parts.append(text)
+            if d.metrics is not None:
+                d.metrics.chunk()
+            stop = d.stops.reason(run_id)
+            if stop:
+                break
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    await pub.flush()
+    if stop:
+        logger.info("run stopped: %s", stop, extra=_log(run_id, thread_id, attempt))
+        return Outcome(status=stop, attempt=attempt, text="".join(parts), error=None)
+    return Outcome(status="success", attempt=attempt, text="".join(parts), error=None)
+
+
+async def _aenumerate(it: Any) -> Any:
+    index = 0
+    async for item in it:
+        yield index, item
+        index += 1
+
+
+@DBOS.step(name="finish_run")
+async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
+    """Store the reply and the final status, then publish `done`: `done` means durable."""
+    d = deps()
+    status = outcome["status"]
+    reply: str | None = None
+    reply_status = "complete"
+    if status == "success":
+        reply = outcome["text"]
+    elif status == "interrupted" and outcome["text"]:
+        reply, reply_status = outcome["text"], "interrupted"
+    await d.store.finish(
+        run_id, thread_id, status,  # type: ignore[arg-type]
+        reply=reply, reply_status=reply_status, error=outcome["error"],
+    )
+    attempt = outcome["attempt"]
+    pub = d.buffer.publisher(thread_id, run_id, attempt)
+    await pub.publish(done(run_id, attempt, status, outcome["error"]), "done")  # type: ignore[arg-type]
+    await pub.flush()
+    d.stops.forget(run_id)
+    logger.info("run finished: %s", status, extra=_log(run_id, thread_id, attempt))
+    if d.metrics is not None:
+        d.metrics.finished(status)
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
