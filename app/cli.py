@@ -76,6 +76,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from app.devstack import NatsServer, Postgres, free_port, make_state_dir, wait_for
 
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop cleanly under a supervisor, as on Ctrl-C
     state = make_state_dir(Path(args.state_dir))
     t0 = time.monotonic()
     print(f"threadgate dev: state in {state}", flush=True)

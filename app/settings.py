@@ -81,6 +81,11 @@ class Settings(BaseSettings):
 
     api_keys: SecretStr = SecretStr("")
 
+    # Fault injection for the crash tests: the process dies (os._exit(137), like SIGKILL) when
+    # a run reaches this point. Points: before_purge, after_start, chunk:<i>, after_chunks,
+    # after_store, after_done. Empty (the default) in every real deployment.
+    fault_point: str = ""
+
     log_format: Literal["json", "text", "auto"] = "auto"
     log_level: str = "INFO"
 

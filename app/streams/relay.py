@@ -30,7 +30,9 @@ def step(cursor: Cursor, run_id: str, ev: Event) -> tuple[list[Event], bool]:
         return [], False  # another run's event, or a superseded attempt's straggler
     out: list[Event] = []
     if ev.attempt > cursor.attempt:
-        if cursor.shown or cursor.resumed:
+        # A resumed client that lands on a run_started was before this attempt: it may hold
+        # an earlier attempt's chunks. One that lands mid-attempt is simply continuing.
+        if cursor.shown or (cursor.resumed and ev.type == "run_started"):
             out.append(reset(run_id, ev.attempt))
         cursor.attempt, cursor.shown, cursor.resumed = ev.attempt, False, False
     out.append(ev)

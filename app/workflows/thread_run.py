@@ -7,6 +7,7 @@ name): never rename `stream_reply` or `finish_run`.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -120,9 +121,13 @@ async def _stream_attempt(d: RunDeps, run: Run, attempt: int) -> Outcome:
         options=run.model_options,
         attempt=attempt,
     )
+    _fault(d, "before_purge")
     await d.buffer.purge(thread_id)
     pub = d.buffer.publisher(thread_id, run_id, attempt)
     await pub.publish(run_started(run_id, attempt), "start")
+    if d.settings.fault_point:
+        await pub.flush()
+        _fault(d, "after_start")
     parts: list[str] = []
     stop: str | None = None
     stream = d.model.stream(prompt)
@@ -132,12 +137,16 @@ async def _stream_attempt(d: RunDeps, run: Run, attempt: int) -> Outcome:
             parts.append(text)
             if d.metrics is not None:
                 d.metrics.chunk()
+            if d.settings.fault_point == f"chunk:{index}":
+                await pub.flush()
+                _fault(d, f"chunk:{index}")
             stop = d.stops.reason(run_id)
             if stop:
                 break
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
     await pub.flush()
+    _fault(d, "after_chunks")
     if stop:
         logger.info("run stopped: %s", stop, extra=_log(run_id, thread_id, attempt))
         return Outcome(status=stop, attempt=attempt, text="".join(parts), error=None)
@@ -166,14 +175,24 @@ async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
         run_id, thread_id, status,  # type: ignore[arg-type]
         reply=reply, reply_status=reply_status, error=outcome["error"],
     )
+    _fault(d, "after_store")
     attempt = outcome["attempt"]
     pub = d.buffer.publisher(thread_id, run_id, attempt)
     await pub.publish(done(run_id, attempt, status, outcome["error"]), "done")  # type: ignore[arg-type]
     await pub.flush()
+    _fault(d, "after_done")
     d.stops.forget(run_id)
     logger.info("run finished: %s", status, extra=_log(run_id, thread_id, attempt))
     if d.metrics is not None:
         d.metrics.finished(status)
+
+
+def _fault(d: RunDeps, point: str) -> None:
+    """Die here, abruptly, if the crash tests asked for it (see Settings.fault_point)."""
+    if d.settings.fault_point == point:
+        logger.warning("fault point %s reached: exiting", point)
+        logging.shutdown()
+        os._exit(137)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -1,0 +1,97 @@
+"""A run end to end in-process: POST, attach, status, messages, ordering, resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.client import Reply
+from app.models.mock import mock_reply
+from tests.conftest import unique
+from tests.integration.conftest import Pod
+
+pytestmark = pytest.mark.integration
+
+
+async def test_post_attach_status_messages(pod: Pod) -> None:
+    thread = unique()
+    accepted = await pod.client.post(thread, "hello", model_options={"chunks": 8})
+    assert accepted["status"] == "pending"
+    reply = await pod.client.reply(thread)
+    assert reply.text == mock_reply(8)
+    assert reply.status == "success"
+    assert reply.resets == 0
+    assert [e.event for e in reply.events] == ["run_started"] + ["chunk"] * 8 + ["done"]
+    run = await pod.client.run(thread, accepted["run_id"])
+    assert run["status"] == "success"
+    assert run["attempt"] == 1
+    assert run["executor"] == "itest-0"
+    assert run["output"] == mock_reply(8)
+    messages = await pod.client.messages(thread)
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "hello"), ("assistant", mock_reply(8))
+    ]
+
+
+async def test_attach_after_done_replays_the_finished_run(pod: Pod) -> None:
+    thread = unique()
+    await pod.client.post(thread, "hi", model_options={"chunks": 5})
+    first = await pod.client.reply(thread)
+    again = await pod.client.reply(thread)
+    assert again.text == first.text == mock_reply(5)
+    assert [e.id for e in again.events] == [e.id for e in first.events]
+
+
+async def test_attach_with_no_run_is_204(pod: Pod) -> None:
+    resp = await pod.http.get(f"/threads/{unique()}/attach")
+    assert resp.status_code == 204
+
+
+async def test_two_runs_on_one_thread_run_one_after_the_other(pod: Pod) -> None:
+    thread = unique()
+    a = await pod.client.post(thread, "first", model_options={"chunks": 10, "delay_ms": 10})
+    b = await pod.client.post(thread, "second", model_options={"chunks": 3})
+    reply_b = await pod.client.reply(thread)  # attach follows the latest run
+    assert reply_b.run_id == b["run_id"]
+    assert reply_b.text == mock_reply(3)
+    run_a = await pod.client.run(thread, a["run_id"])
+    run_b = await pod.client.run(thread, b["run_id"])
+    assert run_a["status"] == run_b["status"] == "success"
+    assert run_a["finished_at"] <= run_b["started_at"]
+    roles = [(m["role"], m["run_id"]) for m in await pod.client.messages(thread)]
+    assert roles == [
+        ("user", a["run_id"]), ("assistant", a["run_id"]),
+        ("user", b["run_id"]), ("assistant", b["run_id"]),
+    ]
+
+
+async def test_last_event_id_resumes_without_gap_or_duplicate(pod: Pod) -> None:
+    thread = unique()
+    await pod.client.post(thread, "go", model_options={"chunks": 12})
+    full = await pod.client.reply(thread)
+    cut = full.events[5]  # a chunk in the middle
+    assert cut.event == "chunk" and cut.id
+    resp = await pod.http.get(f"/threads/{thread}/attach", headers={"Last-Event-ID": cut.id})
+    from app.client import parse_sse
+
+    async def lines():  # type: ignore[no-untyped-def]
+        for line in resp.text.split("\n"):
+            yield line
+
+    rest = [ev async for ev in parse_sse(lines())]
+    assert [e.id for e in rest] == [e.id for e in full.events[6:]]
+    resumed = Reply()
+    for ev in full.events[:6] + rest:
+        resumed.apply(ev)
+    assert resumed.text == mock_reply(12)
+
+
+async def test_attach_right_after_post_waits_for_the_run(pod: Pod) -> None:
+    thread = unique()
+    await pod.client.post(thread, "one", model_options={"chunks": 2})
+    await pod.client.reply(thread)
+    second = await pod.client.post(thread, "two", model_options={"chunks": 4})
+    reply = await asyncio.wait_for(pod.client.reply(thread), 30)
+    assert reply.run_id == second["run_id"]
+    assert reply.text == mock_reply(4)
