@@ -113,8 +113,10 @@ def _dev(args: argparse.Namespace) -> int:
             print(f"  threadgate-{i:<3} {url:<28}")
         print(f"\n  postgres  {pg.url()}\n  nats      {nats.url}\n")
         print(f"  try:  curl -N {urls[0]}/threads/demo/attach")
-        print(f"        curl -X POST {urls[0]}/threads/demo/runs -H 'content-type: application/json'"
-              " -d '{\"input\": \"hello\"}'")
+        print(
+            f"        curl -X POST {urls[0]}/threads/demo/runs -H 'content-type: application/json'"
+            ' -d \'{"input": "hello"}\''
+        )
         print("  Ctrl-C stops everything.\n", flush=True)
         while all(p.poll() is None for p in pods):
             time.sleep(0.5)
@@ -181,7 +183,9 @@ def _runs(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="threadgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run one pod, configured by the environment").set_defaults(fn=_serve)
+    sub.add_parser("serve", help="run one pod, configured by the environment").set_defaults(
+        fn=_serve
+    )
     dev = sub.add_parser("dev", help="embedded PostgreSQL + nats-server and N pods")
     dev.add_argument("--pods", type=int, default=1)
     dev.add_argument("--port", type=int, default=8000, help="first pod's port (0: any free port)")

@@ -82,7 +82,8 @@ def _check(resp: httpx.Response) -> Any:
 
 
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
-    event, data, eid = "message", [], None
+    event, eid = "message", None
+    data: list[str] = []
     async for line in lines:
         if line == "":
             if data:
@@ -104,8 +105,9 @@ async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
 class AsyncClient:
     """Talks to one or several pods; `urls` beyond the first are tried when one fails."""
 
-    def __init__(self, urls: str | Sequence[str], *, token: str | None = None,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, urls: str | Sequence[str], *, token: str | None = None, timeout: float = 30.0
+    ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.AsyncClient(headers=headers, timeout=timeout)
@@ -123,17 +125,27 @@ class AsyncClient:
     def url(self) -> str:
         return self.urls[0]
 
-    async def post(self, thread_id: str, text: str, *, strategy: str = "enqueue",
-                   model_options: dict[str, Any] | None = None,
-                   idempotency_key: str | None = None) -> dict[str, Any]:
+    async def post(
+        self,
+        thread_id: str,
+        text: str,
+        *,
+        strategy: str = "enqueue",
+        model_options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"input": text, "multitask_strategy": strategy, "model_options": model_options or {}}
-        resp = await self.http.post(f"{self.url}/threads/{thread_id}/runs", json=body, headers=headers)
+        resp = await self.http.post(
+            f"{self.url}/threads/{thread_id}/runs", json=body, headers=headers
+        )
         result: dict[str, Any] = _check(resp)
         return result
 
     async def run(self, thread_id: str, run_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = _check(await self.http.get(f"{self.url}/threads/{thread_id}/runs/{run_id}"))
+        result: dict[str, Any] = _check(
+            await self.http.get(f"{self.url}/threads/{thread_id}/runs/{run_id}")
+        )
         return result
 
     async def runs(self, thread_id: str, limit: int = 50) -> list[dict[str, Any]]:
@@ -141,7 +153,9 @@ class AsyncClient:
         return list(_check(resp)["runs"])
 
     async def messages(self, thread_id: str) -> list[dict[str, Any]]:
-        return list(_check(await self.http.get(f"{self.url}/threads/{thread_id}/messages"))["messages"])
+        return list(
+            _check(await self.http.get(f"{self.url}/threads/{thread_id}/messages"))["messages"]
+        )
 
     async def cancel(self, thread_id: str, run_id: str, *, wait: bool = False) -> dict[str, Any]:
         resp = await self.http.post(
@@ -150,8 +164,9 @@ class AsyncClient:
         result: dict[str, Any] = _check(resp)
         return result
 
-    async def events(self, thread_id: str, *, reconnects: int = 30,
-                     reply: Reply | None = None) -> AsyncIterator[SseEvent]:
+    async def events(
+        self, thread_id: str, *, reconnects: int = 30, reply: Reply | None = None
+    ) -> AsyncIterator[SseEvent]:
         """The raw events of the latest run, resuming across disconnects and pods."""
         last_id: str | None = None
         failures = 0
@@ -192,7 +207,7 @@ class AsyncClient:
             reply.apply(ev)
             text = reply.text
             if text.startswith(shown) and len(text) > len(shown):
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
 
     async def reply(self, thread_id: str, *, reconnects: int = 30) -> Reply:

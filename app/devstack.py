@@ -29,8 +29,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check: object, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
-             log: Path | None = None) -> None:
+def wait_for(
+    check: object,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     """Poll a readiness check (a callable returning bool) with backoff until it passes."""
     deadline = time.monotonic() + timeout
     delay = 0.02
@@ -86,7 +91,8 @@ def _pg_account() -> pwd.struct_passwd | None:
     except KeyError:
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
         return pwd.getpwnam(PG_USER)
 
@@ -94,8 +100,15 @@ def _pg_account() -> pwd.struct_passwd | None:
 class Postgres:
     """One PostgreSQL server on 127.0.0.1:`port` with its data in `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, fast: bool = False,
-                 max_connections: int = 300, bin_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        fast: bool = False,
+        max_connections: int = 300,
+        bin_dir: str | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.fast = fast
@@ -124,9 +137,19 @@ class Postgres:
         self.data_dir.chmod(0o700)
         self._own(self.data_dir)
         subprocess.run(
-            [str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-             "--auth=trust", "--encoding=UTF8", "--no-sync"],
-            check=True, capture_output=True, **self._as_user(),  # type: ignore[call-overload]
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            **self._as_user(),  # type: ignore[call-overload]
         )
 
     def start(self, timeout: float = 30.0) -> None:
@@ -134,18 +157,39 @@ class Postgres:
         sock_dir = self.data_dir / "sock"
         sock_dir.mkdir(exist_ok=True)
         self._own(sock_dir)
-        (self.data_dir / "postmaster.pid").unlink(missing_ok=True) if not self._alive_pid() else None
+        (self.data_dir / "postmaster.pid").unlink(
+            missing_ok=True
+        ) if not self._alive_pid() else None
         args = [
-            str(self.bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-            "-h", "127.0.0.1", "-k", str(sock_dir), "-c", f"max_connections={self.max_connections}",
+            str(self.bin / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(sock_dir),
+            "-c",
+            f"max_connections={self.max_connections}",
         ]
         if self.fast:
-            args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+            args += [
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
         self.log.touch()
         self._own(self.log)
         log = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             **self._as_user(),  # type: ignore[call-overload]
         )
         log.close()
@@ -216,9 +260,19 @@ class NatsServer:
         offset = self.log.stat().st_size if self.log.exists() else 0
         log = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
-            [str(nats_server_bin()), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1",
-             "-p", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(nats_server_bin()),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
 

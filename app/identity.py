@@ -82,7 +82,9 @@ class ExecutorClaim:
                     "Give each process its own POD_NAME."
                 )
             logger.warning(
-                "POD_NAME %s is held by %s; waiting", self.pod_name, holder,
+                "POD_NAME %s is held by %s; waiting",
+                self.pod_name,
+                holder,
                 extra={"pod": self.pod_name},
             )
             await asyncio.sleep(delay)
@@ -91,7 +93,9 @@ class ExecutorClaim:
     async def _try(self) -> bool:
         if self.conn is None or self.conn.closed:
             self.conn = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, application_name=process_label(self.pod_name),
+                self.url,
+                autocommit=True,
+                application_name=process_label(self.pod_name),
                 connect_timeout=5,
             )
         cur = await self.conn.execute(CLAIM_SQL, (self.key,))
@@ -119,7 +123,9 @@ class ExecutorClaim:
                 await self.conn.execute("SELECT 1")
                 continue
             except Exception as exc:
-                logger.warning("executor claim connection lost: %r", exc, extra={"pod": self.pod_name})
+                logger.warning(
+                    "executor claim connection lost: %r", exc, extra={"pod": self.pod_name}
+                )
             self.held = False
             await self._reclaim()
 

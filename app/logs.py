@@ -75,5 +75,7 @@ def setup_logging(pod: str, *, json_lines: bool, level: str = "INFO") -> None:
 def adopt_dbos_logger() -> None:
     """DBOS installs its own console handler: send its records through ours instead."""
     dbos_logger = logging.getLogger("dbos")
-    dbos_logger.handlers[:] = [h for h in dbos_logger.handlers if "otlp" in type(h).__name__.lower()]
+    dbos_logger.handlers[:] = [
+        h for h in dbos_logger.handlers if "otlp" in type(h).__name__.lower()
+    ]
     dbos_logger.propagate = True

@@ -79,8 +79,12 @@ async def start(rt: Runtime) -> None:
     await rt.runner.listen()
     wf.bind(
         wf.RunDeps(
-            settings=s, store=rt.store, buffer=rt.buffer, model=chunk_source(s),
-            stops=rt.stops, metrics=rt.metrics,
+            settings=s,
+            store=rt.store,
+            buffer=rt.buffer,
+            model=chunk_source(s),
+            stops=rt.stops,
+            metrics=rt.metrics,
         )
     )
     DBOS(config=dbos_config(s))
@@ -120,8 +124,9 @@ async def stop(rt: Runtime) -> None:
 
 async def begin_drain(rt: Runtime) -> None:
     """SIGTERM: /readyz turns 503 and POST answers 503 at once, then in-flight runs finish."""
-    logger.info("draining: no new runs; waiting up to %.0fs for in-flight runs",
-                rt.settings.drain_timeout_s)
+    logger.info(
+        "draining: no new runs; waiting up to %.0fs for in-flight runs", rt.settings.drain_timeout_s
+    )
     rt.draining = True
     await drain(rt)
 
@@ -138,11 +143,12 @@ async def drain(rt: Runtime) -> None:
         event.set()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + rt.settings.drain_timeout_s
-    while (active := dbos._active_workflows_set.activeList()) and loop.time() < deadline:
+    while (active := dbos._active_workflows_set.activeList()) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     if active:
         logger.warning(
-            "drain timeout: %d runs left to recovery when %s returns", len(active),
+            "drain timeout: %d runs left to recovery when %s returns",
+            len(active),
             rt.settings.pod_name,
         )
 

@@ -22,7 +22,8 @@ class Metrics:
         self.attempts = Counter(
             "threadgate_run_attempts_total",
             "Executions of the reply step; kind=first|replay",
-            ["kind"], registry=r,
+            ["kind"],
+            registry=r,
         )
         self.chunks = Counter(
             "threadgate_chunks_published_total", "Chunks published to JetStream", registry=r
@@ -32,7 +33,8 @@ class Metrics:
         )
         self.recovered = Counter(
             "threadgate_runs_recovered_total",
-            "Runs resumed after a crash (replays begun on this pod)", registry=r,
+            "Runs resumed after a crash (replays begun on this pod)",
+            registry=r,
         )
         self.adopted = Counter(
             "threadgate_runs_adopted_total", "Runs adopted from departed executors", registry=r
@@ -46,7 +48,9 @@ class Metrics:
         self.attachers = Gauge(
             "threadgate_active_attachers", "SSE clients attached to this pod", registry=r
         )
-        self.tails = Gauge("threadgate_thread_tails", "JetStream tails open on this pod", registry=r)
+        self.tails = Gauge(
+            "threadgate_thread_tails", "JetStream tails open on this pod", registry=r
+        )
         self.inflight = Gauge(
             "threadgate_runs_in_flight", "Runs executing on this pod now", registry=r
         )

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_cap_s: float = Field(default=30.0, ge=0)
     run_timeout_s: float = Field(default=600.0, gt=0)
+    stop_poll_s: float = Field(default=1.0, gt=0)
 
     queue_polling_s: float = Field(default=0.05, gt=0)
     claim_timeout_s: float = Field(default=30.0, ge=0)
@@ -120,9 +121,7 @@ class Settings(BaseSettings):
 
     @property
     def json_logs(self) -> bool:
-        return self.log_format == "json" or (
-            self.log_format == "auto" and self.env == "production"
-        )
+        return self.log_format == "json" or (self.log_format == "auto" and self.env == "production")
 
     @cached_property
     def api_key_digests(self) -> dict[str, str]:

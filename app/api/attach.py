@@ -36,17 +36,22 @@ def _event_id(header: str | None, query: str | None) -> int | None:
     "/threads/{thread_id}/attach",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "run_started, reset, chunk, done"},
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "run_started, reset, chunk, done",
+        },
         204: {"description": "The thread has no run"},
-    }
-    | error_responses(400, 503),
+        **error_responses(400, 503),
+    },
 )
 async def attach(
     thread_id: ThreadId,
     rt: RuntimeDep,
     hub: HubDep,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id: Annotated[str | None, Query(description="Same as the Last-Event-ID header")] = None,
+    last_event_id: Annotated[
+        str | None, Query(description="Same as the Last-Event-ID header")
+    ] = None,
 ) -> Response:
     """Replay the thread's latest run from its first event, follow it live, end after `done`."""
     after = _event_id(last_event_id_header, last_event_id)

@@ -28,7 +28,11 @@ async def readyz(rt: RuntimeDep) -> JSONResponse:
     }
     ready = all(checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "pod": rt.settings.pod_name, "checks": checks},
+        {
+            "status": "ready" if ready else "not_ready",
+            "pod": rt.settings.pod_name,
+            "checks": checks,
+        },
         status_code=200 if ready else 503,
     )
 

@@ -33,8 +33,10 @@ IdempotencyKey = Annotated[
     "/threads/{thread_id}/runs",
     status_code=202,
     response_model=RunAccepted,
-    responses={200: {"model": RunAccepted, "description": "An idempotent repeat"}}
-    | error_responses(400, 409, 413, 503),
+    responses={
+        200: {"model": RunAccepted, "description": "An idempotent repeat"},
+        **error_responses(400, 409, 413, 503),
+    },
 )
 async def create_run(
     thread_id: ThreadId,
@@ -53,7 +55,7 @@ async def create_run(
         check_mock_options(body.model_options)
     run, created = await runner.submit(
         thread_id,
-        RunRequest(body.input, body.multitask_strategy, body.model_options),
+        RunRequest(body.input, body.multitask_strategy, body.model_options, body.timeout_s),
         idempotency_key=idempotency_key,
     )
     if created:

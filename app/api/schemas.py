@@ -25,6 +25,12 @@ class RunCreate(BaseModel):
         default_factory=dict,
         description='Provider options; the mock takes "chunks", "delay_ms", "fail"',
     )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="End the run with error `timeout` after this long (default from settings)",
+    )
 
     @field_validator("input")
     @classmethod
@@ -64,10 +70,17 @@ class RunOut(BaseModel):
     @classmethod
     def of(cls, run: Run) -> RunOut:
         return cls(
-            run_id=run.run_id, thread_id=run.thread_id, status=run.status, attempt=run.attempt,
-            executor=run.executor, accepted_by=run.accepted_by,
-            multitask_strategy=run.multitask_strategy, created_at=run.created_at,
-            started_at=run.started_at, finished_at=run.finished_at, output=run.output,
+            run_id=run.run_id,
+            thread_id=run.thread_id,
+            status=run.status,
+            attempt=run.attempt,
+            executor=run.executor,
+            accepted_by=run.accepted_by,
+            multitask_strategy=run.multitask_strategy,
+            created_at=run.created_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            output=run.output,
             error=run.error,
         )
 
@@ -86,8 +99,15 @@ class MessageOut(BaseModel):
 
     @classmethod
     def of(cls, m: Message) -> MessageOut:
-        return cls(run_id=m.run_id, role=m.role, content=m.content, status=m.status,  # type: ignore[arg-type]
-                   created_at=m.created_at)
+        return cls.model_validate(
+            {
+                "run_id": m.run_id,
+                "role": m.role,
+                "content": m.content,
+                "status": m.status,
+                "created_at": m.created_at,
+            }
+        )
 
 
 class MessageList(BaseModel):
@@ -100,4 +120,5 @@ class ErrorBody(BaseModel):
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer (all share one body)."""
     return {code: {"model": ErrorBody} for code in codes}

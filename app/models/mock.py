@@ -20,7 +20,9 @@ def check_mock_options(options: dict[str, object]) -> None:
     """Refuse options the mock cannot honour, at POST time (400), not mid-run."""
     for key in ("chunks", "fail_at", "fail_attempts"):
         value = options.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
             raise InvalidRequest(f"model_options.{key} must be a non-negative integer")
     delay = options.get("delay_ms")
     if delay is not None and (
@@ -46,7 +48,9 @@ class MockChunkSource:
         fail = opts.get("fail")
         fail_at = int(opts.get("fail_at", 0))
         fail_attempts = opts.get("fail_attempts")
-        failing = fail is not None and (fail_attempts is None or prompt.attempt <= int(fail_attempts))
+        failing = fail is not None and (
+            fail_attempts is None or prompt.attempt <= int(fail_attempts)
+        )
         for i in range(chunks):
             if failing and i == fail_at:
                 if fail == "permanent":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -20,7 +21,7 @@ class Database:
 
     def __init__(self, url: str, *, max_size: int = 8) -> None:
         self.url = url
-        self.pool: AsyncConnectionPool[AsyncConnection[dict[str, object]]] = AsyncConnectionPool(
+        self.pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
             url,
             min_size=1,
             max_size=max_size,

@@ -33,6 +33,7 @@ class Run:
     idempotency_key: str | None
     request_hash: str | None
     stop_requested: str | None
+    timeout_s: float | None
     error: dict[str, Any] | None
     created_at: datetime
     started_at: datetime | None
@@ -65,6 +66,7 @@ class NewRun:
     request_hash: str | None = None
     accepted_by: str = ""
     owner: str = ""
+    timeout_s: float | None = None
 
 
 class RunStore(Protocol):
@@ -78,7 +80,7 @@ class RunStore(Protocol):
 _RUN_COLUMNS = """
     r.run_id, r.thread_id, r.seq, r.status, r.attempt, r.executor, r.accepted_by, r.input,
     r.model_options, r.multitask_strategy, r.idempotency_key, r.request_hash, r.stop_requested,
-    r.error, r.created_at, r.started_at, r.finished_at,
+    r.timeout_s, r.error, r.created_at, r.started_at, r.finished_at,
     m.content AS output, m.status AS output_status
 """
 _RUN_FROM = """
@@ -130,12 +132,18 @@ class PgRunStore:
             )
             await conn.execute(
                 """INSERT INTO threadgate.runs (run_id, thread_id, accepted_by, input,
-                       model_options, multitask_strategy, idempotency_key, request_hash)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
+                       model_options, multitask_strategy, idempotency_key, request_hash, timeout_s)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
                 (
-                    new.run_id, new.thread_id, new.accepted_by, new.input,
-                    Jsonb(new.model_options), new.multitask_strategy, new.idempotency_key,
+                    new.run_id,
+                    new.thread_id,
+                    new.accepted_by,
+                    new.input,
+                    Jsonb(new.model_options),
+                    new.multitask_strategy,
+                    new.idempotency_key,
                     new.request_hash,
+                    new.timeout_s,
                 ),
             )
             await conn.execute(
@@ -160,9 +168,7 @@ class PgRunStore:
                 row = await cur.fetchone()
         return _run(row) if row else None
 
-    async def find_by_key(
-        self, conn: AsyncConnection[Any], thread_id: str, key: str
-    ) -> Run | None:
+    async def find_by_key(self, conn: AsyncConnection[Any], thread_id: str, key: str) -> Run | None:
         cur = await conn.execute(
             f"SELECT {_RUN_COLUMNS} {_RUN_FROM} WHERE r.thread_id = %s AND r.idempotency_key = %s",
             (thread_id, key),
@@ -270,11 +276,16 @@ class PgRunStore:
     async def request_stop(self, run_id: str, reason: str) -> Run | None:
         """Mark a run to stop (cancelled or interrupted); the workflow honours it."""
         async with self.db.pool.connection() as conn:
+            # A run that has not started ends here and now (its workflow, when dequeued,
+            # sees the flag and only says `done`); a running one stops at its next chunk.
             cur = await conn.execute(
-                """UPDATE threadgate.runs SET stop_requested = coalesce(stop_requested, %s)
+                """UPDATE threadgate.runs
+                   SET stop_requested = coalesce(stop_requested, %s),
+                       status = CASE WHEN attempt = 0 THEN %s ELSE status END,
+                       finished_at = CASE WHEN attempt = 0 THEN now() ELSE finished_at END
                    WHERE run_id = %s AND status IN ('pending', 'running')
                    RETURNING thread_id""",
-                (reason, run_id),
+                (reason, reason, run_id),
             )
             row = await cur.fetchone()
             if row is None:

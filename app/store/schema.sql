@@ -22,11 +22,15 @@ CREATE TABLE IF NOT EXISTS threadgate.runs (
     idempotency_key    text,
     request_hash       text,
     stop_requested     text,
+    timeout_s          double precision,
     error              jsonb,
     created_at         timestamptz NOT NULL DEFAULT now(),
     started_at         timestamptz,
     finished_at        timestamptz
 );
+-- Columns added after the first release: ADD COLUMN IF NOT EXISTS keeps old databases current.
+ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS timeout_s double precision;
+
 CREATE INDEX IF NOT EXISTS runs_thread_seq ON threadgate.runs (thread_id, seq DESC);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency
     ON threadgate.runs (thread_id, idempotency_key) WHERE idempotency_key IS NOT NULL;

@@ -245,6 +245,8 @@ async def _with_retry(op: Callable[[], Awaitable[Any]], limit_s: float, what: st
             return await op()
         except Exception as exc:
             if loop.time() + delay > deadline:
-                raise StreamUnavailable(f"JetStream {what} failed for {limit_s:.0f}s: {exc!r}") from exc
+                raise StreamUnavailable(
+                    f"JetStream {what} failed for {limit_s:.0f}s: {exc!r}"
+                ) from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -60,8 +60,15 @@ class Event:
 
     def with_seq(self, seq: int) -> Event:
         return Event(
-            self.type, self.run_id, self.attempt, seq, self.index, self.text,
-            self.status, self.error, self.extra,
+            self.type,
+            self.run_id,
+            self.attempt,
+            seq,
+            self.index,
+            self.text,
+            self.status,
+            self.error,
+            self.extra,
         )
 
 
@@ -73,7 +80,9 @@ def chunk(run_id: str, attempt: int, index: int, text: str) -> Event:
     return Event("chunk", run_id, attempt, index=index, text=text)
 
 
-def done(run_id: str, attempt: int, status: DoneStatus, error: dict[str, Any] | None = None) -> Event:
+def done(
+    run_id: str, attempt: int, status: DoneStatus, error: dict[str, Any] | None = None
+) -> Event:
     return Event("done", run_id, attempt, status=status, error=error)
 
 

@@ -26,6 +26,8 @@ class Cursor:
 def step(cursor: Cursor, run_id: str, ev: Event) -> tuple[list[Event], bool]:
     """Events to send for one log event, and whether the run is over for this client."""
     cursor.seq = max(cursor.seq, ev.seq)
+    if ev.type == "done" and ev.run_id == run_id:
+        return [ev], True  # the run's one `done` is final, whichever attempt wrote it
     if ev.run_id != run_id or ev.attempt < cursor.attempt:
         return [], False  # another run's event, or a superseded attempt's straggler
     out: list[Event] = []

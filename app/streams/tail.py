@@ -52,7 +52,11 @@ class ThreadTail:
         if ev.type == "run_started":
             # A new attempt or run: what came before is dead or finished. Trim.
             self.log, self.seqs = [ev], [ev.seq]
-        elif head is None or (head.run_id, head.attempt) == (ev.run_id, ev.attempt):
+        elif (
+            head is None
+            or (head.run_id, head.attempt) == (ev.run_id, ev.attempt)
+            or (ev.type == "done" and ev.run_id == head.run_id)
+        ):
             self.log.append(ev)
             self.seqs.append(ev.seq)
         elif head.run_id != ev.run_id or ev.attempt > head.attempt:

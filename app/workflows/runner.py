@@ -28,12 +28,18 @@ class RunRequest:
     input: str
     multitask_strategy: str = "enqueue"
     model_options: dict[str, Any] | None = None
+    timeout_s: float | None = None
 
     def digest(self) -> str:
         canonical = json.dumps(
-            {"input": self.input, "multitask_strategy": self.multitask_strategy,
-             "model_options": self.model_options or {}},
-            sort_keys=True, separators=(",", ":"),
+            {
+                "input": self.input,
+                "multitask_strategy": self.multitask_strategy,
+                "model_options": self.model_options or {},
+                "timeout_s": self.timeout_s,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -66,7 +72,11 @@ class Runner:
         self._sub: Any = None
 
     async def submit(
-        self, thread_id: str, request: RunRequest, *, idempotency_key: str | None,
+        self,
+        thread_id: str,
+        request: RunRequest,
+        *,
+        idempotency_key: str | None,
         owner: str = "",
     ) -> tuple[Run, bool]:
         """Accept a run. Returns the run and whether it is new (False: an idempotent repeat)."""
@@ -95,6 +105,7 @@ class Runner:
                     request_hash=digest,
                     accepted_by=self.settings.pod_name,
                     owner=owner,
+                    timeout_s=request.timeout_s,
                 ),
             )
             await enqueue(run)

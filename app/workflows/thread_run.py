@@ -6,9 +6,13 @@ name): never rename `stream_reply` or `finish_run`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 from dbos import DBOS
@@ -63,7 +67,12 @@ def deps() -> RunDeps:
 
 @DBOS.workflow(name=WORKFLOW_NAME)
 async def thread_run(thread_id: str, run_id: str) -> str:
-    outcome = await stream_reply(thread_id, run_id)
+    try:
+        outcome = await stream_reply(thread_id, run_id)
+    except Exception as exc:
+        # Never leave a run without a final status and a `done`: its thread would look stuck.
+        logger.exception("reply step failed", extra=_log(run_id, thread_id, 0))
+        outcome = Outcome(status="error", attempt=0, text="", error=_error("internal", repr(exc)))
     await finish_run(thread_id, run_id, outcome)
     return outcome["status"]
 
@@ -74,27 +83,40 @@ def _log(run_id: str, thread_id: str, attempt: int) -> dict[str, Any]:
 
 @DBOS.step(name="stream_reply")
 async def stream_reply(thread_id: str, run_id: str) -> Outcome:
-    """Purge the subject, publish `run_started`, the chunks, in one step: a replay redoes all."""
+    """Purge the subject, publish `run_started` and the chunks, in one step: a replay (after a
+    crash) or a retry (after a transient failure) is a new attempt that redoes all of it."""
     d = deps()
     retries = 0
     while True:
         run = await d.store.begin_attempt(run_id, d.settings.pod_name)
         if run is None:
-            logger.error("run row missing", extra={"run_id": run_id, "thread_id": thread_id})
-            return Outcome(status="error", attempt=0, text="", error=_error("orphan", "run not found"))
+            logger.error("run row missing", extra=_log(run_id, thread_id, 0))
+            return Outcome(status="error", attempt=0, text="", error=_error("orphan", "no run row"))
         attempt = run.attempt
         log = _log(run_id, thread_id, attempt)
-        logger.info("run attempt started" if attempt == 1 else "run replayed", extra=log)
+        logger.info("run attempt started" if attempt == 1 else "run attempt replayed", extra=log)
         if d.metrics is not None:
             d.metrics.attempt(attempt)
         if run.stop_requested:
             return Outcome(status=run.stop_requested, attempt=attempt, text="", error=None)
+        remaining = _remaining_s(d, run)
         try:
-            return await _stream_attempt(d, run, attempt)
+            async with asyncio.timeout(remaining), _stop_watch(d, run_id):
+                return await _stream_attempt(d, run, attempt)
+        except TimeoutError:
+            logger.warning("run timed out", extra=log)
+            return Outcome(
+                status="error",
+                attempt=attempt,
+                text="",
+                error=_error("timeout", f"the run exceeded {_timeout_s(d, run):.0f}s"),
+            )
         except ModelError as exc:
             if not exc.transient:
                 logger.warning("model failed permanently: %s", exc.message, extra=log)
-                return Outcome(status="error", attempt=attempt, text="", error=_error(exc.code, exc.message))
+                return Outcome(
+                    status="error", attempt=attempt, text="", error=_error(exc.code, exc.message)
+                )
             error = exc
         except (AttemptBroken, StreamUnavailable) as exc:
             error = TransientModelError(f"stream: {exc}")
@@ -102,14 +124,47 @@ async def stream_reply(thread_id: str, run_id: str) -> Outcome:
         if retries > d.settings.max_retries:
             logger.warning("retries exhausted: %s", error.message, extra=log)
             return Outcome(
-                status="error", attempt=attempt, text="",
+                status="error",
+                attempt=attempt,
+                text="",
                 error=_error("retries_exhausted", error.message),
             )
         delay = min(d.settings.retry_base_s * 2 ** (retries - 1), d.settings.retry_cap_s)
-        logger.warning("transient failure, retrying in %.1fs: %s", delay, error.message, extra=log)
-        if await d.stops.wait(run_id, delay):
+        logger.warning(
+            "transient failure, retry %d in %.1fs: %s", retries, delay, error.message, extra=log
+        )
+        if await d.stops.wait(run_id, min(delay, max(_remaining_s(d, run), 0.0))):
             reason = d.stops.reason(run_id) or "cancelled"
             return Outcome(status=reason, attempt=attempt, text="", error=None)
+
+
+def _timeout_s(d: RunDeps, run: Run) -> float:
+    return float(run.timeout_s or d.settings.run_timeout_s)
+
+
+def _remaining_s(d: RunDeps, run: Run) -> float:
+    """Time left of the run's budget, counted from its first start (crashes included)."""
+    started = run.started_at or datetime.now(UTC)
+    return _timeout_s(d, run) - (datetime.now(UTC) - started).total_seconds()
+
+
+@contextlib.asynccontextmanager
+async def _stop_watch(d: RunDeps, run_id: str) -> AsyncIterator[None]:
+    """Read the stop flag from Postgres now and then, in case a control message was missed."""
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(d.settings.stop_poll_s)
+            with contextlib.suppress(Exception):
+                reason = await d.store.stop_requested(run_id)
+                if reason:
+                    d.stops.request(run_id, reason)
+
+    task = asyncio.create_task(poll())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 async def _stream_attempt(d: RunDeps, run: Run, attempt: int) -> Outcome:
@@ -137,6 +192,10 @@ async def _stream_attempt(d: RunDeps, run: Run, attempt: int) -> Outcome:
             parts.append(text)
             if d.metrics is not None:
                 d.metrics.chunk()
+                if index == 0 and attempt == 1:
+                    d.metrics.first_chunk.observe(
+                        (datetime.now(UTC) - run.created_at).total_seconds()
+                    )
             if d.settings.fault_point == f"chunk:{index}":
                 await pub.flush()
                 _fault(d, f"chunk:{index}")
@@ -160,7 +219,7 @@ async def _aenumerate(it: Any) -> Any:
         index += 1
 
 
-@DBOS.step(name="finish_run")
+@DBOS.step(name="finish_run", retries_allowed=True, max_attempts=8, interval_seconds=0.5)
 async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
     """Store the reply and the final status, then publish `done`: `done` means durable."""
     d = deps()
@@ -172,8 +231,12 @@ async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
     elif status == "interrupted" and outcome["text"]:
         reply, reply_status = outcome["text"], "interrupted"
     await d.store.finish(
-        run_id, thread_id, status,  # type: ignore[arg-type]
-        reply=reply, reply_status=reply_status, error=outcome["error"],
+        run_id,
+        thread_id,
+        status,  # type: ignore[arg-type]
+        reply=reply,
+        reply_status=reply_status,
+        error=outcome["error"],
     )
     _fault(d, "after_store")
     attempt = outcome["attempt"]
@@ -197,5 +260,3 @@ def _fault(d: RunDeps, point: str) -> None:
 
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message}
-
-

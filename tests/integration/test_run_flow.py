@@ -30,7 +30,8 @@ async def test_post_attach_status_messages(pod: Pod) -> None:
     assert run["output"] == mock_reply(8)
     messages = await pod.client.messages(thread)
     assert [(m["role"], m["content"]) for m in messages] == [
-        ("user", "hello"), ("assistant", mock_reply(8))
+        ("user", "hello"),
+        ("assistant", mock_reply(8)),
     ]
 
 
@@ -61,8 +62,10 @@ async def test_two_runs_on_one_thread_run_one_after_the_other(pod: Pod) -> None:
     assert run_a["finished_at"] <= run_b["started_at"]
     roles = [(m["role"], m["run_id"]) for m in await pod.client.messages(thread)]
     assert roles == [
-        ("user", a["run_id"]), ("assistant", a["run_id"]),
-        ("user", b["run_id"]), ("assistant", b["run_id"]),
+        ("user", a["run_id"]),
+        ("assistant", a["run_id"]),
+        ("user", b["run_id"]),
+        ("assistant", b["run_id"]),
     ]
 
 

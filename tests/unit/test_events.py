@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.streams.events import Event, chunk, done, encode_sse, sse_frame
+
+pytestmark = pytest.mark.unit
+
+
+def decode_sse(frame: bytes) -> tuple[str | None, str | None, str]:
+    """A reader per the SSE spec: fields per line, data lines joined with LF."""
+    text = frame.decode()
+    assert text.endswith("\n\n")
+    event = eid = None
+    data: list[str] = []
+    for line in text[:-2].split("\n"):
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+        elif name == "id":
+            eid = value
+    return event, eid, "\n".join(data)
+
+
+@given(st.text())
+def test_any_text_round_trips_through_data_lines(text: str) -> None:
+    event, eid, data = decode_sse(encode_sse("chunk", text, 7))
+    assert (event, eid) == ("chunk", "7")
+    normalized = text.replace("\r\n", "\n").replace("\r", "\n")
+    assert data == normalized
+
+
+def test_event_round_trips_through_jetstream_bytes() -> None:
+    ev = chunk("r1", 2, 5, "hi\nthere")
+    back = Event.from_bytes(ev.to_bytes(), seq=9)
+    assert back == ev.with_seq(9)
+
+
+def test_sse_frame_of_a_chunk() -> None:
+    event, eid, data = decode_sse(sse_frame(chunk("r1", 1, 0, "chunk-0 ").with_seq(3)))
+    assert (event, eid) == ("chunk", "3")
+    assert json.loads(data) == {"run_id": "r1", "attempt": 1, "index": 0, "text": "chunk-0 "}
+
+
+def test_done_carries_error() -> None:
+    _, _, data = decode_sse(sse_frame(done("r1", 1, "error", {"code": "x", "message": "y"})))
+    assert json.loads(data)["error"] == {"code": "x", "message": "y"}

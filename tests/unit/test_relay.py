@@ -1,0 +1,74 @@
+"""The shared tail log and a client's cursor: resets, stragglers, resumes."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.streams.events import Event, chunk, done, run_started
+from app.streams.relay import Cursor, step
+from app.streams.tail import ThreadTail
+
+pytestmark = pytest.mark.unit
+
+
+def feed(tail: ThreadTail, *events: Event) -> None:
+    for i, ev in enumerate(events, start=tail.last_seq + 1):
+        tail.add(ev.with_seq(i))
+
+
+def play(cursor: Cursor, tail: ThreadTail, run_id: str) -> list[str]:
+    out: list[str] = []
+    for ev in tail.after(cursor.seq):
+        sent, finished = step(cursor, run_id, ev)
+        out += [f"{e.type}:{e.attempt}:{e.index if e.index is not None else ''}" for e in sent]
+        if finished:
+            break
+    return out
+
+
+async def test_new_attempt_trims_the_log_and_resets_a_client_that_saw_chunks() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
+    c = Cursor()
+    assert play(c, tail, "r") == ["run_started:1:", "chunk:1:0", "chunk:1:1"]
+    feed(tail, run_started("r", 2), chunk("r", 2, 0, "a"))
+    assert [e.attempt for e in tail.log] == [2, 2]
+    assert play(c, tail, "r") == ["reset:2:", "run_started:2:", "chunk:2:0"]
+    # a late attacher sees only the new attempt, without a reset
+    assert play(Cursor(), tail, "r") == ["run_started:2:", "chunk:2:0"]
+
+
+async def test_stragglers_of_a_dead_attempt_are_dropped() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("r", 2), chunk("r", 1, 7, "old"), chunk("r", 2, 0, "new"))
+    assert [(e.attempt, e.index) for e in tail.log] == [(2, None), (2, 0)]
+
+
+async def test_earlier_runs_events_are_skipped_and_done_ends() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("old", 1), chunk("old", 1, 0, "x"), done("old", 1, "success"))
+    c = Cursor()
+    assert play(c, tail, "new") == []
+    feed(tail, run_started("new", 1), chunk("new", 1, 0, "y"), done("new", 1, "success"))
+    assert play(c, tail, "new") == ["run_started:1:", "chunk:1:0", "done:1:"]
+
+
+async def test_resume_mid_attempt_continues_without_reset() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
+    c = Cursor(seq=2, resumed=True)
+    assert play(c, tail, "r") == ["chunk:1:1"]
+
+
+async def test_resume_from_a_dead_attempt_gets_a_reset() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
+    feed(tail, run_started("r", 2), chunk("r", 2, 0, "a"))
+    c = Cursor(seq=2, resumed=True)  # the client last saw attempt 1's chunk 0
+    assert play(c, tail, "r") == ["reset:2:", "run_started:2:", "chunk:2:0"]
+
+
+async def test_done_without_chunks_of_a_later_run_replaces_the_log() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("a", 1), done("a", 1, "success"), done("b", 1, "cancelled"))
+    assert [e.run_id for e in tail.log] == ["b"]
