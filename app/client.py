@@ -43,6 +43,7 @@ class Reply:
         """Fold one event in; returns new text to show, if any."""
         self.events.append(ev)
         d = ev.data
+        self.run_id = d.get("run_id", self.run_id)
         if ev.event == "reset":
             self.chunks.clear()
             self.resets += 1

@@ -35,12 +35,21 @@ async def test_malformed_json(pod: Pod) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"input": ""}, {"input": "   "}, {"input": 5}, {"input": "x", "multitask_strategy": "later"},
-     {"input": "x", "unknown": 1}, {"input": "x", "model_options": {"chunks": -3}},
-     {"input": "x", "timeout_s": 0}],
+    [
+        {},
+        {"input": ""},
+        {"input": "   "},
+        {"input": 5},
+        {"input": "x", "multitask_strategy": "later"},
+        {"input": "x", "unknown": 1},
+        {"input": "x", "model_options": {"chunks": -3}},
+        {"input": "x", "timeout_s": 0},
+    ],
 )
 async def test_bad_bodies(pod: Pod, body: dict[str, object]) -> None:
-    assert_error(await pod.http.post(f"/threads/{unique()}/runs", json=body), 400, "invalid_request")
+    assert_error(
+        await pod.http.post(f"/threads/{unique()}/runs", json=body), 400, "invalid_request"
+    )
 
 
 async def test_unknown_runs(pod: Pod) -> None:

@@ -1,0 +1,204 @@
+"""Run lifecycle: multitask strategies, cancel, idempotency, errors, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from app.client import AsyncClient, Reply
+from app.models.mock import mock_reply
+from tests.conftest import unique
+from tests.integration.conftest import Pod
+
+pytestmark = pytest.mark.integration
+
+SLOW = {"chunks": 200, "delay_ms": 20}
+
+
+async def wait_status(
+    client: AsyncClient, thread: str, run_id: str, *statuses: str, timeout: float = 30
+) -> dict[str, Any]:
+    """Poll the run until it reaches one of `statuses` (a deadline, not a sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        run = await client.run(thread, run_id)
+        if run["status"] in statuses:
+            return run
+        assert loop.time() < deadline, f"run stuck in {run['status']}"
+        await asyncio.sleep(0.02)
+
+
+async def first_chunk(client: AsyncClient, thread: str) -> Reply:
+    """Attach and return once a chunk has arrived (the run is mid-reply)."""
+    reply = Reply()
+    async for ev in client.events(thread):
+        reply.apply(ev)
+        if ev.event == "chunk":
+            return reply
+    raise AssertionError("run ended before its first chunk")
+
+
+async def test_reject_while_busy_then_accept_when_idle(pod: Pod) -> None:
+    thread = unique()
+    await pod.client.post(thread, "long", model_options=SLOW)
+    resp = await pod.http.post(
+        f"/threads/{thread}/runs", json={"input": "no", "multitask_strategy": "reject"}
+    )
+    assert resp.status_code == 409
+    assert resp.json()["error"]["code"] == "thread_busy"
+    runs = await pod.client.runs(thread)
+    await pod.client.cancel(thread, runs[0]["run_id"], wait=True)
+    ok = await pod.client.post(thread, "yes", strategy="reject", model_options={"chunks": 2})
+    assert (await pod.client.reply(thread)).run_id == ok["run_id"]
+
+
+async def test_interrupt_stops_the_active_run_and_stores_the_partial_reply(pod: Pod) -> None:
+    thread = unique()
+    first = await pod.client.post(thread, "long", model_options=SLOW)
+    await first_chunk(pod.client, thread)
+    second = await pod.client.post(thread, "now", strategy="interrupt", model_options={"chunks": 3})
+    reply = await pod.client.reply(thread)
+    assert reply.run_id == second["run_id"] and reply.text == mock_reply(3)
+    old = await pod.client.run(thread, first["run_id"])
+    assert old["status"] == "interrupted"
+    assert old["output"] and mock_reply(200).startswith(old["output"])
+    assert len(old["output"]) < len(mock_reply(200))
+    messages = await pod.client.messages(thread)
+    statuses = [(m["role"], m["status"]) for m in messages]
+    assert statuses == [
+        ("user", "complete"),
+        ("assistant", "interrupted"),
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
+
+
+async def test_cancel_running_run_stops_within_a_chunk(pod: Pod) -> None:
+    thread = unique()
+    run = await pod.client.post(thread, "long", model_options=SLOW)
+    seen = await first_chunk(pod.client, thread)
+    assert seen.chunks
+    cancelled = await pod.client.cancel(thread, run["run_id"], wait=True)
+    assert cancelled["status"] == "cancelled"
+    reply = await pod.client.reply(thread)
+    assert reply.status == "cancelled"
+    assert len(reply.chunks) < 200
+    # cancelled twice: 409; the thread takes its next run at once
+    resp = await pod.http.post(f"/threads/{thread}/runs/{run['run_id']}/cancel")
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "run_finished"
+    nxt = await pod.client.post(thread, "next", model_options={"chunks": 2})
+    assert (await pod.client.reply(thread)).run_id == nxt["run_id"]
+
+
+async def test_cancel_queued_run_never_starts(pod: Pod) -> None:
+    thread = unique()
+    active = await pod.client.post(thread, "long", model_options={"chunks": 30, "delay_ms": 10})
+    queued = await pod.client.post(thread, "queued", model_options={"chunks": 3})
+    cancelled = await pod.client.cancel(thread, queued["run_id"])
+    assert cancelled["status"] == "cancelled"  # at once: it had not started
+    reply = await pod.client.reply(thread)  # the latest run: the cancelled one
+    assert reply.run_id == queued["run_id"] and reply.status == "cancelled"
+    assert reply.chunks == {}
+    await wait_status(pod.client, thread, active["run_id"], "success")
+    q = await pod.client.run(thread, queued["run_id"])
+    assert q["status"] == "cancelled" and q["output"] is None
+
+
+async def test_idempotent_post(pod: Pod) -> None:
+    thread = unique()
+    body = {"input": "once", "model_options": {"chunks": 2}}
+    headers = {"Idempotency-Key": "k-1"}
+    a = await pod.http.post(f"/threads/{thread}/runs", json=body, headers=headers)
+    b = await pod.http.post(f"/threads/{thread}/runs", json=body, headers=headers)
+    assert (a.status_code, b.status_code) == (202, 200)
+    assert a.json()["run_id"] == b.json()["run_id"]
+    c = await pod.http.post(f"/threads/{thread}/runs", json={"input": "other"}, headers=headers)
+    assert c.status_code == 409 and c.json()["error"]["code"] == "idempotency_mismatch"
+    # keys are per thread
+    d = await pod.http.post(f"/threads/{unique()}/runs", json=body, headers=headers)
+    assert d.status_code == 202
+
+
+async def test_concurrent_duplicate_posts_make_one_run(pod: Pod) -> None:
+    thread = unique()
+    body = {"input": "race", "model_options": {"chunks": 2}}
+    responses = await asyncio.gather(
+        *[
+            pod.http.post(f"/threads/{thread}/runs", json=body, headers={"Idempotency-Key": "same"})
+            for _ in range(8)
+        ]
+    )
+    assert sorted(r.status_code for r in responses) == [200] * 7 + [202]
+    assert len({r.json()["run_id"] for r in responses}) == 1
+    assert len(await pod.client.runs(thread)) == 1
+
+
+async def test_permanent_error_ends_the_run_and_the_thread_goes_on(pod: Pod) -> None:
+    thread = unique()
+    bad = await pod.client.post(thread, "x", model_options={"fail": "permanent"})
+    reply = await pod.client.reply(thread)
+    assert reply.status == "error" and reply.error is not None
+    assert reply.error["code"] == "model_permanent"
+    run = await pod.client.run(thread, bad["run_id"])
+    assert run["status"] == "error" and run["attempt"] == 1 and run["output"] is None
+    good = await pod.client.post(thread, "y", model_options={"chunks": 2})
+    after = await pod.client.reply(thread)
+    assert after.run_id == good["run_id"] and after.text == mock_reply(2)
+    assert [m["role"] for m in await pod.client.messages(thread)] == ["user", "user", "assistant"]
+
+
+async def test_transient_errors_retry_as_new_attempts_with_reset(pod: Pod) -> None:
+    thread = unique()
+    run = await pod.client.post(
+        thread,
+        "x",
+        model_options={"chunks": 6, "fail": "transient", "fail_at": 3, "fail_attempts": 2},
+    )
+    reply = await pod.client.reply(thread)
+    assert reply.text == mock_reply(6) and reply.status == "success"
+    final = await pod.client.run(thread, run["run_id"])
+    assert final["attempt"] == 3
+
+
+async def test_exhausted_retries_end_with_error(pod: Pod) -> None:
+    thread = unique()
+    run = await pod.client.post(thread, "x", model_options={"fail": "transient"})
+    reply = await pod.client.reply(thread)
+    assert reply.status == "error" and reply.error and reply.error["code"] == "retries_exhausted"
+    assert (await pod.client.run(thread, run["run_id"]))["attempt"] == pod.settings.max_retries + 1
+    nxt = await pod.client.post(thread, "y", model_options={"chunks": 1})
+    assert (await pod.client.reply(thread)).run_id == nxt["run_id"]
+
+
+async def test_run_timeout(pod: Pod) -> None:
+    thread = unique()
+    resp = await pod.http.post(
+        f"/threads/{thread}/runs",
+        json={"input": "slow", "model_options": SLOW, "timeout_s": 0.3},
+    )
+    run_id = resp.json()["run_id"]
+    reply = await pod.client.reply(thread)
+    assert reply.status == "error" and reply.error and reply.error["code"] == "timeout"
+    assert (await pod.client.run(thread, run_id))["status"] == "error"
+    nxt = await pod.client.post(thread, "next", model_options={"chunks": 1})
+    assert (await pod.client.reply(thread)).run_id == nxt["run_id"]
+
+
+async def test_run_listing_pages_newest_first(pod: Pod) -> None:
+    thread = unique()
+    ids = [
+        (await pod.client.post(thread, f"m{i}", model_options={"chunks": 1}))["run_id"]
+        for i in range(5)
+    ]
+    await wait_status(pod.client, thread, ids[-1], "success")
+    page1 = (await pod.http.get(f"/threads/{thread}/runs", params={"limit": 2})).json()
+    assert [r["run_id"] for r in page1["runs"]] == ids[::-1][:2]
+    page2 = (
+        await pod.http.get(
+            f"/threads/{thread}/runs", params={"limit": 2, "before": page1["next_before"]}
+        )
+    ).json()
+    assert [r["run_id"] for r in page2["runs"]] == ids[::-1][2:4]
