@@ -1,0 +1,78 @@
+"""Fixtures of the multipod suite: a fresh cluster of real pods per test, their logs on failure.
+
+Each cluster gets its own database on the session's PostgreSQL and its own JetStream stream
+and subject prefix on the session's nats-server, so no two tests share queues or subjects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack
+from tests.multipod.cluster import Cluster, pod_env, unique_names
+
+StartCluster = Callable[..., Awaitable[Cluster]]
+REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cluster(size=3, per_pod=None, **knobs): how the `cluster` fixture starts its pods "
+        "(knobs become THREADGATE_<KNOB> for every pod; per_pod maps an index to extra env)",
+    )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[Any]:
+    """Keep each phase's report on the item: fixtures read it at teardown."""
+    report = yield
+    item.stash.setdefault(REPORTS, {})[report.when] = report
+    return report
+
+
+@pytest.fixture
+async def start_cluster(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> AsyncIterator[StartCluster]:
+    """Start a cluster (any number per test); all are killed at teardown, logs kept on failure."""
+    clusters: list[Cluster] = []
+
+    async def start(
+        size: int = 3,
+        per_pod: Mapping[int, Mapping[str, str]] | None = None,
+        **knobs: str | float | int,
+    ) -> Cluster:
+        stream, prefix = unique_names()
+        env = pod_env(
+            database_url=stack.new_database("mp"),
+            nats_url=stack.nats.url,
+            stream=stream,
+            prefix=prefix,
+            **knobs,
+        )
+        cluster = Cluster(env, tmp_path_factory.mktemp("pods"), size, per_pod)
+        clusters.append(cluster)
+        await cluster.start()
+        return cluster
+
+    try:
+        yield start
+    finally:
+        for cluster in clusters:
+            await cluster.stop()
+        failed = [r for r in request.node.stash.get(REPORTS, {}).values() if r.failed]
+        if failed and clusters:
+            # Shown under the failure in pytest's summary, beside the traceback.
+            logs = "\n".join(c.logs() for c in clusters)
+            failed[0].sections.append(("pod logs (tails)", logs))
+
+
+@pytest.fixture
+async def cluster(start_cluster: StartCluster, request: pytest.FixtureRequest) -> Cluster:
+    marker = request.node.get_closest_marker("cluster")
+    kwargs = dict(marker.kwargs) if marker else {}
+    return await start_cluster(**kwargs)
