@@ -180,6 +180,29 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adopt(args: argparse.Namespace) -> int:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    base = args.url.rstrip("/")
+    listing = httpx.get(f"{base}/admin/stranded", headers=headers, timeout=30)
+    listing.raise_for_status()
+    body = listing.json()
+    print(f"pod {body['pod']} (version {body['app_version']}): {len(body['runs'])} stranded runs")
+    for r in body["runs"]:
+        ok = "ok" if r["compatible"] else "STEPS DIFFER"
+        print(f"  {r['run_id']}  version {r['app_version']}  steps {r['steps']}  {ok}")
+    if args.dry_run or not body["runs"]:
+        return 0
+    resp = httpx.post(
+        f"{base}/admin/stranded/adopt", params={"force": args.force}, headers=headers, timeout=60
+    )
+    resp.raise_for_status()
+    result = resp.json()
+    print(f"adopted {len(result['adopted'])}, refused {len(result['refused'])}")
+    return 0 if not result["refused"] else 3
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="threadgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -207,6 +230,16 @@ def parser() -> argparse.ArgumentParser:
     post.add_argument("--attach", action="store_true", help="print the reply as it streams")
     client_cmd("attach", "print the thread's latest reply as it streams", _attach)
     client_cmd("runs", "list a thread's runs", _runs)
+    adopt = sub.add_parser(
+        "adopt", help="move runs stranded on a pod by another app version to its version"
+    )
+    adopt.add_argument(
+        "--url", default=None, help=f"the pod (default $THREADGATE_URL or {DEFAULT_URL})"
+    )
+    adopt.add_argument("--token", default=None)
+    adopt.add_argument("--dry-run", action="store_true", help="only list them")
+    adopt.add_argument("--force", action="store_true", help="adopt even if their steps differ")
+    adopt.set_defaults(fn=_adopt)
     return p
 
 

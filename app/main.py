@@ -25,6 +25,7 @@ from app.store.runs import PgRunStore
 from app.streams.buffer import JetStreamBuffer, connect_nats
 from app.streams.tail import TailHub
 from app.workflows import thread_run as wf
+from app.workflows.adoption import Adoption, report_stranded
 from app.workflows.runner import Runner, register_queue
 from app.workflows.stops import StopSignals
 
@@ -45,9 +46,10 @@ class Runtime:
     buffer: JetStreamBuffer | None = None
     hub: TailHub | None = None
     runner: Runner | None = None
+    adoption: Adoption | None = None
     launched: bool = False
     draining: bool = False
-    background: list[asyncio.Task[None]] = field(default_factory=list)
+    background: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def queue_worker_alive(self) -> bool:
         name = f"queue-worker-{wf.QUEUE_NAME}"
@@ -71,7 +73,12 @@ async def start(rt: Runtime) -> None:
     await rt.db.migrate()
     # Fence before DBOS launches: launch recovers this executor's PENDING workflows.
     await rt.claim.acquire(s.claim_timeout_s)
-    rt.nc = await connect_nats(s, "pod")
+
+    async def on_reconnect() -> None:
+        if rt.hub is not None:  # not inside nats-py's reconnect task: resubscribing may wait
+            rt.background.append(asyncio.create_task(rt.hub.resubscribe_all()))
+
+    rt.nc = await connect_nats(s, "pod", on_reconnect)
     rt.buffer = JetStreamBuffer(s, rt.nc)
     await rt.buffer.ensure_stream()
     rt.hub = TailHub(rt.buffer, linger_s=s.tail_linger_s)
@@ -93,6 +100,9 @@ async def start(rt: Runtime) -> None:
     adopt_dbos_logger()
     rt.launched = True
     await register_queue(s)
+    rt.adoption = Adoption(s, rt.db, rt.metrics)
+    await report_stranded(rt.adoption)
+    rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
     logger.info(

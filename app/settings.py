@@ -65,6 +65,9 @@ class Settings(BaseSettings):
 
     queue_polling_s: float = Field(default=0.05, gt=0)
     claim_timeout_s: float = Field(default=30.0, ge=0)
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    adopt_after_s: float = Field(default=60.0, gt=0)
+    adopt_check_s: float = Field(default=10.0, gt=0)
     drain_timeout_s: float = Field(default=25.0, ge=0)
     keepalive_s: float = Field(default=15.0, gt=0)
     tail_linger_s: float = Field(default=30.0, ge=0)

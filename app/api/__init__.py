@@ -11,9 +11,10 @@ from app.errors import InvalidRequest, ThreadgateError
 
 
 def install(app: FastAPI) -> None:
-    from app.api import attach, health, runs
+    from app.api import admin, attach, health, runs
 
     app.include_router(runs.router)
+    app.include_router(admin.router)
     app.include_router(attach.router)
     app.include_router(health.router)
 

@@ -48,3 +48,10 @@ CREATE TABLE IF NOT EXISTS threadgate.messages (
     PRIMARY KEY (run_id, role)
 );
 CREATE INDEX IF NOT EXISTS messages_thread ON threadgate.messages (thread_id);
+
+-- Pods' heartbeats: a name whose heartbeat stopped long ago may have its runs adopted.
+CREATE TABLE IF NOT EXISTS threadgate.executors (
+    name         text PRIMARY KEY,
+    app_version  text NOT NULL,
+    last_seen    timestamptz NOT NULL DEFAULT now()
+);

@@ -34,7 +34,9 @@ class StreamBuffer(Protocol):
     def publisher(self, thread_id: str, run_id: str, attempt: int) -> RunPublisher: ...
 
 
-async def connect_nats(settings: Settings, name: str) -> NATS:
+async def connect_nats(
+    settings: Settings, name: str, on_reconnect: Callable[[], Awaitable[None]] | None = None
+) -> NATS:
     """A connection that reconnects forever; callers bound their own waits."""
     options: dict[str, Any] = {
         "servers": [settings.nats_url],
@@ -63,6 +65,8 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
 
     async def reconnected_cb() -> None:
         logger.info("nats %s reconnected", name)
+        if on_reconnect is not None:
+            await on_reconnect()
 
     return await nats.connect(
         **options,

@@ -128,18 +128,50 @@ class TailHub:
         tail._target_seq = await self.source.last_sequence(thread_id)
         if tail._target_seq == 0:
             tail.caught_up.set()
+        tail.sub = await self._subscribe(tail)
+        self.tails[thread_id] = tail
+        return tail
+
+    async def _subscribe(self, tail: ThreadTail) -> Any:
+        """An ordered consumer from the tail's next sequence (everything, for a new tail)."""
 
         async def on_msg(msg: Any) -> None:
             try:
                 ev = Event.from_bytes(msg.data, seq=msg.metadata.sequence.stream)
             except Exception:
-                logger.exception("undecodable event on thread %s", thread_id)
+                logger.exception("undecodable event", extra={"thread_id": tail.thread_id})
                 return
             tail.add(ev)
 
-        tail.sub = await self.source.ordered_subscribe(thread_id, 0, on_msg)
-        self.tails[thread_id] = tail
-        return tail
+        start = tail.last_seq + 1 if tail.last_seq else 0
+        return await self.source.ordered_subscribe(tail.thread_id, start, on_msg)
+
+    async def resubscribe_all(self) -> None:
+        """After NATS comes back its consumers may be gone: continue every tail where it was."""
+        await asyncio.gather(*(self._resubscribe(t) for t in list(self.tails.values())))
+
+    async def _resubscribe(self, tail: ThreadTail) -> None:
+        delay = 1.0
+        while self.tails.get(tail.thread_id) is tail:
+            with contextlib.suppress(Exception):
+                await tail.sub.unsubscribe()
+            try:
+                tail.sub = await self._subscribe(tail)
+                logger.info(
+                    "tail resubscribed after seq %d",
+                    tail.last_seq,
+                    extra={"thread_id": tail.thread_id},
+                )
+                return
+            except Exception as exc:
+                logger.warning(
+                    "tail resubscribe failed, retrying in %.0fs: %r",
+                    delay,
+                    exc,
+                    extra={"thread_id": tail.thread_id},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _close_idle(self, tail: ThreadTail) -> None:
         if tail.clients > 0 or self.tails.get(tail.thread_id) is not tail:

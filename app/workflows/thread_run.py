@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 WORKFLOW_NAME = "thread_run"
 QUEUE_NAME = "thread_runs"
+STEP_NAMES = ("stream_reply", "finish_run")  # in order; renaming one strands PENDING runs
 
 
 class Outcome(TypedDict):
