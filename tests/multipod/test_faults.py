@@ -41,7 +41,7 @@ async def wait_readyz(url: str, status: int, timeout: float = 30) -> float:
     """Poll /readyz until it answers `status`; seconds it took."""
     t0 = time.monotonic()
     async with asyncio.timeout(timeout):
-        while await readyz(url) != status:
+        while await readyz(url) != status:  # noqa: ASYNC110 - polling another process
             await asyncio.sleep(0.05)
     return time.monotonic() - t0
 
@@ -60,7 +60,9 @@ async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack)
     back = time.monotonic()
     seen = len(attachers[0].reply.chunks)
     await attachers[0].wait_for(
-        lambda e: (e.event == "chunk" and len(attachers[0].reply.chunks) > seen) or e.event == "reset"
+        lambda e: (
+            (e.event == "chunk" and len(attachers[0].reply.chunks) > seen) or e.event == "reset"
+        )
     )
     flowing = time.monotonic() - back
     for a in attachers:
