@@ -30,7 +30,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"threadgate: {exc.message}", file=sys.stderr)
         return 2
     setup_logging(settings.pod_name, json_lines=settings.json_logs, level=settings.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"threadgate: {exc.message}", file=sys.stderr)
+        return 2
     rt = app.state.runtime
 
     class PodServer(uvicorn.Server):
@@ -46,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
                     async def drain_then_exit() -> None:
                         await begin_drain(rt)
                         super(PodServer, self).handle_exit(sig, frame)
+                        # uvicorn re-raises captured signals on exit; a drained pod exits 0.
+                        self._captured_signals.remove(sig)
 
                     self.draining = loop.create_task(drain_then_exit())
 
