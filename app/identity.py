@@ -75,7 +75,8 @@ class ExecutorClaim:
                 self._watch = asyncio.create_task(self._watch_claim(), name="executor-claim")
                 return
             holder = await self.holder()
-            if loop.time() + delay > deadline:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 raise ConfigError(
                     f"POD_NAME {self.pod_name!r} is held by another live process ({holder}); "
                     "two processes under one executor id would run the same workflows twice. "
@@ -87,7 +88,8 @@ class ExecutorClaim:
                 holder,
                 extra={"pod": self.pod_name},
             )
-            await asyncio.sleep(delay)
+            # Wait out the whole timeout: a holder that is shutting down may let go at its end.
+            await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
 
     async def _try(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -160,6 +161,15 @@ class Pod:
             self.proc.send_signal(signal.SIGKILL)
         return await self.wait_exit(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: alive (its connections and claim stay) but silent, like a frozen node."""
+        assert self.proc is not None and self.alive
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def send_term(self) -> None:
         assert self.alive, f"{self.name} is not running"
         assert self.proc is not None
@@ -172,6 +182,15 @@ class Pod:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines of every process that ran under this pod (other lines skipped)."""
+        records = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line))
+        return records
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+from datetime import datetime
+from typing import Any
 
+import httpx
 import pytest
 
 from app.models.mock import mock_reply
@@ -34,3 +38,85 @@ async def test_a_run_posted_to_one_pod_streams_identically_from_every_pod(cluste
     late = await asyncio.gather(*(Attacher([p.url], thread).start().result() for p in cluster.pods))
     for reply in late:
         assert [(e.id, e.event, e.data) for e in reply.events] == streams[0]
+
+
+async def test_runs_posted_at_once_to_three_pods_take_turns_on_their_thread(
+    cluster: Cluster,
+) -> None:
+    thread = unique()
+    clients = [cluster.client([p]) for p in cluster.pods]
+    try:
+        posted = await asyncio.gather(
+            *(
+                c.post(thread, f"message {i}", model_options={"chunks": 6 + i, "delay_ms": 20})
+                for i, c in enumerate(clients)
+            )
+        )
+    finally:
+        for c in clients:
+            await c.aclose()
+    chunks_of = {p["run_id"]: 6 + i for i, p in enumerate(posted)}
+    async with cluster.client() as client:
+        for p in posted:
+            await wait_run(client, thread, p["run_id"])
+        runs = list(reversed(await client.runs(thread)))  # newest first → order accepted
+        messages = await client.messages(thread)
+    assert sorted(r["run_id"] for r in runs) == sorted(chunks_of)
+    assert {r["accepted_by"] for r in runs} == {p.name for p in cluster.pods}
+    for r in runs:
+        assert r["status"] == "success" and r["attempt"] == 1
+        assert r["output"] == mock_reply(chunks_of[r["run_id"]])
+    for earlier, later in itertools.pairwise(runs):
+        assert at(earlier["created_at"]) <= at(later["created_at"])
+        # One after another, in the order accepted, never overlapping.
+        assert at(earlier["finished_at"]) <= at(later["started_at"])
+    expected = []
+    for r in runs:
+        expected += [
+            ("user", r["run_id"], r_input(posted, r)),
+            ("assistant", r["run_id"], mock_reply(chunks_of[r["run_id"]])),
+        ]
+    assert [(m["role"], m["run_id"], m["content"]) for m in messages] == expected
+
+
+def r_input(posted: list[dict[str, Any]], run: dict[str, Any]) -> str:
+    return f"message {[p['run_id'] for p in posted].index(run['run_id'])}"
+
+
+def at(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp)
+
+
+async def test_an_idempotent_post_makes_one_run_whichever_pods_it_reaches(
+    cluster: Cluster,
+) -> None:
+    thread = unique()
+    body = {"input": "once", "model_options": {"chunks": 4}}
+    urls = [f"{p.url}/threads/{thread}/runs" for p in cluster.pods]
+
+    def key(k: str) -> dict[str, str]:
+        return {"Idempotency-Key": k}
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        first = await http.post(urls[0], json=body, headers=key("k1"))
+        again = await http.post(urls[1], json=body, headers=key("k1"))
+        assert (first.status_code, again.status_code) == (202, 200)
+        assert first.json()["run_id"] == again.json()["run_id"]
+
+        # The same request at the same moment on three pods: still one run.
+        at_once = await asyncio.gather(*(http.post(u, json=body, headers=key("k2")) for u in urls))
+        assert sorted(r.status_code for r in at_once) == [200, 200, 202]
+        assert len({r.json()["run_id"] for r in at_once}) == 1
+        assert at_once[0].json()["run_id"] != first.json()["run_id"]
+
+        mismatch = await http.post(urls[2], json={**body, "input": "other"}, headers=key("k1"))
+        assert mismatch.status_code == 409
+        assert mismatch.json()["error"]["code"] == "idempotency_mismatch"
+
+    run_ids = [first.json()["run_id"], at_once[0].json()["run_id"]]
+    async with cluster.client() as client:
+        for run_id in run_ids:
+            assert (await wait_run(client, thread, run_id))["status"] == "success"
+        assert sorted(r["run_id"] for r in await client.runs(thread)) == sorted(run_ids)
+        messages = [(m["role"], m["run_id"]) for m in await client.messages(thread)]
+    assert messages == [(role, r) for r in run_ids for role in ("user", "assistant")]

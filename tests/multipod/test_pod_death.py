@@ -30,8 +30,11 @@ def assert_one_clean_attempt(events: list[SseEvent], attempt: int) -> None:
 
 
 async def assistant_messages(client: AsyncClient, thread: str, run_id: str) -> list[str]:
-    return [m["content"] for m in await client.messages(thread)
-            if m["run_id"] == run_id and m["role"] == "assistant"]
+    return [
+        m["content"]
+        for m in await client.messages(thread)
+        if m["run_id"] == run_id and m["role"] == "assistant"
+    ]
 
 
 async def test_killed_mid_reply_then_a_late_attacher_sees_only_the_final_attempt(
@@ -51,8 +54,9 @@ async def test_killed_mid_reply_then_a_late_attacher_sees_only_the_final_attempt
         assert run["output"] == mock_reply(CHUNKS)
         assert (await watcher.result()).text == mock_reply(CHUNKS)
 
-        late = await asyncio.gather(*(Attacher([p.url], thread).start().result()
-                                      for p in cluster.pods))
+        late = await asyncio.gather(
+            *(Attacher([p.url], thread).start().result() for p in cluster.pods)
+        )
         for reply in late:
             assert reply.resets == 0
             assert_one_clean_attempt(reply.events, run["attempt"])
@@ -68,8 +72,9 @@ async def test_attachers_in_flight_get_a_reset_then_the_full_reply(cluster: Clus
         survivors = cluster.others(victim.name)
         on_survivors = [Attacher([p.url], thread).start() for p in survivors]
         # The victim's own client: its connection breaks; it resumes on a survivor.
-        on_victim = Attacher([victim.url] + [p.url for p in survivors], thread,
-                             reconnects=10).start()
+        on_victim = Attacher(
+            [victim.url] + [p.url for p in survivors], thread, reconnects=10
+        ).start()
         everyone = [*on_survivors, on_victim]
         await asyncio.gather(*(a.wait_chunk(10) for a in everyone))
         await victim.kill()
@@ -123,6 +128,8 @@ async def test_a_crashed_run_holds_its_thread_until_its_pod_returns(cluster: Clu
         assert run_a["finished_at"] <= run_b["started_at"]
         messages = [(m["role"], m["run_id"], m["content"]) for m in await client.messages(thread)]
         assert messages == [
-            ("user", first, "first"), ("assistant", first, mock_reply(CHUNKS)),
-            ("user", second, "second"), ("assistant", second, mock_reply(5)),
+            ("user", first, "first"),
+            ("assistant", first, mock_reply(CHUNKS)),
+            ("user", second, "second"),
+            ("assistant", second, mock_reply(5)),
         ]
