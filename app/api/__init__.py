@@ -11,12 +11,13 @@ from app.errors import InvalidRequest, ThreadgateError
 
 
 def install(app: FastAPI) -> None:
-    from app.api import admin, attach, health, runs
+    from app.api import admin, attach, health, runs, ui
 
     app.include_router(runs.router)
     app.include_router(admin.router)
     app.include_router(attach.router)
     app.include_router(health.router)
+    ui.install(app)  # the chat page at / and /static/*
 
     @app.exception_handler(ThreadgateError)
     async def _threadgate_error(request: Request, exc: ThreadgateError) -> JSONResponse:
