@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     adopt_after_s: float = Field(default=60.0, gt=0)
     adopt_check_s: float = Field(default=10.0, gt=0)
+    orphan_after_s: float = Field(default=30.0, gt=0)
     drain_timeout_s: float = Field(default=25.0, ge=0)
     keepalive_s: float = Field(default=15.0, gt=0)
     tail_linger_s: float = Field(default=30.0, ge=0)
@@ -82,8 +83,20 @@ class Settings(BaseSettings):
 
     max_input_chars: int = Field(default=32_000, ge=1)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_queued_runs_per_thread: int = Field(default=20, ge=1)
+    max_attach_per_principal: int = Field(default=50, ge=1)
+    max_attach_per_pod: int = Field(default=5000, ge=1)
 
+    # Authentication (docs/security.md): auto = on in production, off in dev.
+    auth: Literal["auto", "off", "on"] = "auto"
     api_keys: SecretStr = SecretStr("")
+    admin_principals: str = ""
+    jwt_secret: SecretStr = SecretStr("")  # HS256
+    jwt_public_key_file: str = ""  # RS256, a PEM public key
+    jwt_jwks_file: str = ""  # RS256, a local JWKS JSON file (keys picked by `kid`)
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway_s: float = Field(default=30.0, ge=0)
 
     # Fault injection for the crash tests: the process dies (os._exit(137), like SIGKILL) when
     # a run reaches this point. Points: before_purge, after_start, chunk:<i>, after_chunks,
@@ -104,6 +117,13 @@ class Settings(BaseSettings):
             if self.env == "production":
                 raise ConfigError(POD_NAME_HELP)
             self.pod_name = default_dev_pod_name()
+        if self.auth_enabled and not self.auth_configured:
+            raise ConfigError(
+                "authentication is on (THREADGATE_AUTH=on, or auto in production) but no "
+                "credential is configured: set THREADGATE_API_KEYS, THREADGATE_JWT_SECRET, "
+                "THREADGATE_JWT_PUBLIC_KEY_FILE or THREADGATE_JWT_JWKS_FILE "
+                "(or THREADGATE_AUTH=off to run without authentication)"
+            )
         if self.workers != 1:
             raise ConfigError(
                 f"THREADGATE_WORKERS={self.workers}: a pod runs exactly one worker process. "
@@ -125,6 +145,24 @@ class Settings(BaseSettings):
     @property
     def json_logs(self) -> bool:
         return self.log_format == "json" or (self.log_format == "auto" and self.env == "production")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on" or (self.auth == "auto" and self.env == "production")
+
+    @property
+    def auth_configured(self) -> bool:
+        return bool(
+            self.api_keys.get_secret_value()
+            or self.jwt_secret.get_secret_value()
+            or self.jwt_public_key_file
+            or self.jwt_jwks_file
+        )
+
+    @property
+    def admins(self) -> frozenset[str]:
+        """Principals that may read every thread (THREADGATE_ADMIN_PRINCIPALS, comma-separated)."""
+        return frozenset(p.strip() for p in self.admin_principals.split(",") if p.strip())
 
     @cached_property
     def api_key_digests(self) -> dict[str, str]:

@@ -109,6 +109,23 @@ class Adoption:
                 self.metrics.adopted.inc(len(ids))
         return ids
 
+    async def reconcile(self) -> list[str]:
+        """Enqueue runs whose accepting pod died between storing them and enqueuing them.
+
+        Enqueue is idempotent by workflow id, so racing pods enqueue each run once.
+        """
+        from app.store.runs import PgRunStore
+        from app.workflows.runner import enqueue
+
+        orphans = await PgRunStore(self.db).pending_without_workflow(self.settings.orphan_after_s)
+        for run in orphans:
+            await enqueue(run)
+            logger.warning(
+                "enqueued an accepted run that had no workflow",
+                extra={"thread_id": run.thread_id, "run_id": run.run_id},
+            )
+        return [r.run_id for r in orphans]
+
     async def adopt_departed(self) -> list[str]:
         adopted: list[str] = []
         for name in await self.departed():
@@ -125,6 +142,7 @@ class Adoption:
                 if loop.time() >= next_adopt:
                     next_adopt = loop.time() + self.settings.adopt_check_s
                     await self.adopt_departed()
+                    await self.reconcile()
             except Exception as exc:  # the database may be away: try again next beat
                 logger.warning("heartbeat/adoption failed: %r", exc)
             await asyncio.sleep(self.settings.heartbeat_s)

@@ -202,3 +202,33 @@ async def test_run_listing_pages_newest_first(pod: Pod) -> None:
         )
     ).json()
     assert [r["run_id"] for r in page2["runs"]] == ids[::-1][2:4]
+
+
+async def test_an_accepted_run_without_workflow_is_enqueued(pod: Pod) -> None:
+    """The accepting pod died between storing the run and enqueuing it: reconcile heals it."""
+    from app.ids import new_run_id
+    from app.store.runs import NewRun
+
+    rt = pod.runtime
+    assert rt.adoption is not None
+    thread = unique()
+    async with rt.store.thread_lock(thread) as conn:
+        run = await rt.store.insert_run(
+            conn,
+            NewRun(
+                run_id=new_run_id(),
+                thread_id=thread,
+                input="lost",
+                model_options={"chunks": 2},
+                accepted_by="gone-pod",
+            ),
+        )
+    async with rt.db.pool.connection() as conn:  # pretend it was accepted a minute ago
+        await conn.execute(
+            "UPDATE threadgate.runs SET created_at = now() - interval '1 minute' WHERE run_id = %s",
+            (run.run_id,),
+        )
+    assert await rt.adoption.reconcile() == [run.run_id]
+    reply = await pod.client.reply(thread)
+    assert reply.run_id == run.run_id and reply.text == mock_reply(2)
+    assert await rt.adoption.reconcile() == []
