@@ -49,11 +49,24 @@ class Unauthorized(ThreadgateError):
     status = 401
 
 
+class Forbidden(ThreadgateError):
+    """This principal may not do that."""
+
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(ThreadgateError):
     """No such resource."""
 
     code = "not_found"
     status = 404
+
+
+class ThreadNotFound(NotFound):
+    """No such thread."""
+
+    code = "thread_not_found"
 
 
 class RunNotFound(NotFound):

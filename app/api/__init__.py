@@ -21,7 +21,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ThreadgateError)
     async def _threadgate_error(request: Request, exc: ThreadgateError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers.get(exc.status))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -40,3 +41,15 @@ def install(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    _install_limits(app)
+
+
+def _install_limits(app: FastAPI) -> None:
+    from app.api.limits import AttachLimiter, BodySizeLimit
+    from app.auth import check_config
+
+    check_config(app.state.runtime.settings)  # bad key files fail the start, not a request
+    app.state.attach_limiter = AttachLimiter()
+    # Settings are read per request (tests flip them on a running pod).
+    app.add_middleware(BodySizeLimit, max_bytes=lambda: app.state.runtime.settings.max_body_bytes)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
-from app.api.deps import RuntimeDep
+from app.api.deps import RuntimeDep, admin
 from app.api.schemas import error_responses
 from app.errors import Unavailable
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+# Admin principals only when auth is on (THREADGATE_ADMIN_PRINCIPALS); open with auth off.
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(admin)],
+    responses=error_responses(401, 403),
+)
 
 
 class StrandedOut(BaseModel):

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from app.api.deps import HubDep, RuntimeDep, ThreadId
+from app.api.deps import (
+    AttachLimiterDep,
+    HubDep,
+    RuntimeDep,
+    StreamPrincipalDep,
+    ThreadId,
+    require_reader,
+)
+from app.api.limits import AttachSlot
 from app.api.schemas import error_responses
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, ThreadNotFound
 from app.store.runs import Run
 from app.streams.relay import relay
 
@@ -41,13 +50,15 @@ def _event_id(header: str | None, query: str | None) -> int | None:
             "description": "run_started, reset, chunk, done",
         },
         204: {"description": "The thread has no run"},
-        **error_responses(400, 503),
+        **error_responses(400, 401, 404, 429, 503),
     },
 )
 async def attach(
+    principal: StreamPrincipalDep,
     thread_id: ThreadId,
     rt: RuntimeDep,
     hub: HubDep,
+    limiter: AttachLimiterDep,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id: Annotated[
         str | None, Query(description="Same as the Last-Event-ID header")
@@ -55,12 +66,36 @@ async def attach(
 ) -> Response:
     """Replay the thread's latest run from its first event, follow it live, end after `done`."""
     after = _event_id(last_event_id_header, last_event_id)
+    # Someone else's thread is 404; a thread that does not exist yet is 204, like an empty one.
+    await require_reader(rt, principal, thread_id, ThreadNotFound)
     run = await rt.store.latest_run(thread_id)
     if run is None:
         return Response(status_code=204)
-    return StreamingResponse(
-        _stream(rt, hub, run, after), media_type="text/event-stream", headers=SSE_HEADERS
+    slot = limiter.acquire(
+        principal.name,
+        per_principal=rt.settings.max_attach_per_principal,
+        per_pod=rt.settings.max_attach_per_pod,
     )
+    return SseResponse(
+        _stream(rt, hub, run, after),
+        slot=slot,
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
+
+
+class SseResponse(StreamingResponse):
+    """Holds its attach slot for as long as the response runs, however it ends."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, slot: AttachSlot, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 async def _stream(rt: RuntimeDep, hub: HubDep, run: Run, after: int | None) -> AsyncIterator[bytes]:

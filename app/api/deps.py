@@ -1,12 +1,15 @@
-"""Annotated dependencies of the routes: the pod's runtime and validated path ids."""
+"""Annotated dependencies of the routes: the runtime, the caller, thread access, path ids."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import Unavailable
+from app.api.limits import AttachLimiter
+from app.auth import Principal, authenticate
+from app.errors import Forbidden, NotFound, ThreadNotFound, Unauthorized, Unavailable
 from app.ids import check_thread_id
 from app.main import Runtime
 from app.streams.tail import TailHub
@@ -44,3 +47,79 @@ def hub(rt: RuntimeDep) -> TailHub:
 
 RunnerDep = Annotated[Runner, Depends(runner)]
 HubDep = Annotated[TailHub, Depends(hub)]
+
+
+async def attach_limiter(request: Request) -> AttachLimiter:
+    limiter: AttachLimiter = request.app.state.attach_limiter
+    return limiter
+
+
+AttachLimiterDep = Annotated[AttachLimiter, Depends(attach_limiter)]
+
+
+# Declared for OpenAPI (/docs shows "Authorize"); the token itself is read by `authenticate`.
+_bearer = HTTPBearer(
+    auto_error=False, description="An API key or a JWT; required when authentication is on"
+)
+BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _caller(rt: Runtime, header: str | None, query_token: str | None) -> Principal:
+    principal = authenticate(rt.settings, header, query_token)
+    if principal is None:
+        # One answer for every failure: no hint whether the token expired, was forged or unknown.
+        raise Unauthorized("a valid bearer token is required")
+    return principal
+
+
+async def principal(request: Request, rt: RuntimeDep, _doc: BearerDoc) -> Principal:
+    return _caller(rt, request.headers.get("authorization"), None)
+
+
+async def stream_principal(
+    request: Request,
+    rt: RuntimeDep,
+    _doc: BearerDoc,
+    access_token: Annotated[
+        str | None,
+        Query(description="The bearer token, for EventSource clients that cannot send headers"),
+    ] = None,
+) -> Principal:
+    return _caller(rt, request.headers.get("authorization"), access_token)
+
+
+PrincipalDep = Annotated[Principal, Depends(principal)]
+StreamPrincipalDep = Annotated[Principal, Depends(stream_principal)]
+
+
+async def admin(principal: PrincipalDep) -> Principal:
+    if not principal.admin:
+        raise Forbidden("this route is for admin principals (THREADGATE_ADMIN_PRINCIPALS)")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(admin)]
+
+
+async def require_reader(
+    rt: Runtime,
+    principal: Principal,
+    thread_id: str,
+    missing: type[NotFound] = ThreadNotFound,
+) -> None:
+    """Someone else's thread answers like a missing one: 404, never 403."""
+    if principal.admin or principal.anonymous:
+        return
+    owner = await rt.store.thread_owner(thread_id)
+    if owner is not None and not principal.may_read(owner):
+        raise missing()
+
+
+async def require_owner(
+    rt: Runtime, principal: Principal, thread_id: str, missing: type[NotFound]
+) -> None:
+    if principal.anonymous:
+        return
+    owner = await rt.store.thread_owner(thread_id)
+    if owner is not None and not principal.may_write(owner):
+        raise missing()

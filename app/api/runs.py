@@ -6,7 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from app.api.deps import RunnerDep, RuntimeDep, ThreadId
+from app.api.deps import (
+    PrincipalDep,
+    RunnerDep,
+    RuntimeDep,
+    ThreadId,
+    require_owner,
+    require_reader,
+)
 from app.api.schemas import (
     MessageList,
     MessageOut,
@@ -16,7 +23,7 @@ from app.api.schemas import (
     RunOut,
     error_responses,
 )
-from app.errors import InvalidRequest, RunNotFound
+from app.errors import InvalidRequest, RunNotFound, ThreadNotFound
 from app.ids import check_run_id
 from app.models.mock import check_mock_options
 from app.workflows.runner import RunRequest, wait_until_stopped
@@ -35,10 +42,11 @@ IdempotencyKey = Annotated[
     response_model=RunAccepted,
     responses={
         200: {"model": RunAccepted, "description": "An idempotent repeat"},
-        **error_responses(400, 409, 413, 503),
+        **error_responses(400, 401, 404, 409, 413, 429, 503),
     },
 )
 async def create_run(
+    principal: PrincipalDep,
     thread_id: ThreadId,
     body: RunCreate,
     runner: RunnerDep,
@@ -57,6 +65,7 @@ async def create_run(
         thread_id,
         RunRequest(body.input, body.multitask_strategy, body.model_options, body.timeout_s),
         idempotency_key=idempotency_key,
+        owner=None if principal.anonymous else principal.name,
     )
     if created:
         rt.metrics.runs_accepted.inc()
@@ -68,24 +77,31 @@ async def create_run(
 @router.get(
     "/threads/{thread_id}/runs/{run_id}",
     response_model=RunOut,
-    responses=error_responses(400, 404),
+    responses=error_responses(400, 401, 404),
 )
-async def get_run(thread_id: ThreadId, run_id: str, rt: RuntimeDep) -> RunOut:
+async def get_run(
+    principal: PrincipalDep, thread_id: ThreadId, run_id: str, rt: RuntimeDep
+) -> RunOut:
     """A run's status, attempt, executor and (when finished) its output or error."""
+    await require_reader(rt, principal, thread_id, RunNotFound)
     run = await rt.store.get_run(thread_id, check_run_id(run_id))
     if run is None:
         raise RunNotFound()
     return RunOut.of(run)
 
 
-@router.get("/threads/{thread_id}/runs", response_model=RunList, responses=error_responses(400))
+@router.get(
+    "/threads/{thread_id}/runs", response_model=RunList, responses=error_responses(400, 401, 404)
+)
 async def list_runs(
+    principal: PrincipalDep,
     thread_id: ThreadId,
     rt: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: Annotated[int | None, Query(ge=1, description="Page cursor from next_before")] = None,
 ) -> RunList:
     """The thread's runs, newest first."""
+    await require_reader(rt, principal, thread_id, ThreadNotFound)
     runs = await rt.store.list_runs(thread_id, limit=limit, before_seq=before)
     next_before = runs[-1].seq if len(runs) == limit else None
     return RunList(runs=[RunOut.of(r) for r in runs], next_before=next_before)
@@ -94,9 +110,10 @@ async def list_runs(
 @router.post(
     "/threads/{thread_id}/runs/{run_id}/cancel",
     response_model=RunOut,
-    responses=error_responses(400, 404, 409, 503),
+    responses=error_responses(400, 401, 404, 409, 503),
 )
 async def cancel_run(
+    principal: PrincipalDep,
     thread_id: ThreadId,
     run_id: str,
     runner: RunnerDep,
@@ -105,6 +122,7 @@ async def cancel_run(
     timeout: Annotated[float, Query(gt=0, le=300)] = 30.0,
 ) -> RunOut:
     """Cancel a queued or running run, from any pod: it stops within one chunk."""
+    await require_owner(rt, principal, thread_id, RunNotFound)
     run = await runner.cancel(thread_id, check_run_id(run_id))
     if wait:
         run = await wait_until_stopped(rt.store, thread_id, run_id, timeout)
@@ -112,9 +130,14 @@ async def cancel_run(
 
 
 @router.get(
-    "/threads/{thread_id}/messages", response_model=MessageList, responses=error_responses(400)
+    "/threads/{thread_id}/messages",
+    response_model=MessageList,
+    responses=error_responses(400, 401, 404),
 )
-async def list_messages(thread_id: ThreadId, rt: RuntimeDep) -> MessageList:
+async def list_messages(
+    principal: PrincipalDep, thread_id: ThreadId, rt: RuntimeDep
+) -> MessageList:
     """The conversation: each run's user message and (once stored) its assistant reply."""
+    await require_reader(rt, principal, thread_id, ThreadNotFound)
     messages = await rt.store.messages(thread_id)
     return MessageList(thread_id=thread_id, messages=[MessageOut.of(m) for m in messages])

@@ -200,6 +200,20 @@ class PgRunStore:
             )
             return [_run(row) for row in await cur.fetchall()]
 
+    async def thread_owner(
+        self, thread_id: str, *, conn: AsyncConnection[Any] | None = None
+    ) -> str | None:
+        """The principal that created the thread ('' with auth off), None if there is none."""
+        query = "SELECT owner FROM threadgate.threads WHERE thread_id = %s"
+        if conn is not None:
+            cur = await conn.execute(query, (thread_id,))
+            row = await cur.fetchone()
+        else:
+            async with self.db.pool.connection() as c:
+                cur = await c.execute(query, (thread_id,))
+                row = await cur.fetchone()
+        return row["owner"] if row else None
+
     async def thread_exists(self, thread_id: str) -> bool:
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(

@@ -13,7 +13,14 @@ from typing import Any
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 from nats.aio.client import Client as NATS
 
-from app.errors import IdempotencyMismatch, RunFinished, RunNotFound, ThreadBusy
+from app.errors import (
+    IdempotencyMismatch,
+    RunFinished,
+    RunNotFound,
+    ThreadBusy,
+    ThreadNotFound,
+    TooManyRequests,
+)
 from app.ids import new_run_id
 from app.settings import Settings
 from app.store.runs import TERMINAL, NewRun, PgRunStore, Run
@@ -77,11 +84,21 @@ class Runner:
         request: RunRequest,
         *,
         idempotency_key: str | None,
-        owner: str = "",
+        owner: str | None = None,
     ) -> tuple[Run, bool]:
-        """Accept a run. Returns the run and whether it is new (False: an idempotent repeat)."""
+        """Accept a run. Returns the run and whether it is new (False: an idempotent repeat).
+
+        `owner` is the submitting principal: a new thread becomes theirs, and someone else's
+        thread answers ThreadNotFound. None (auth off) records no owner and checks none.
+        """
         digest = request.digest()
         async with self.store.thread_lock(thread_id) as conn:
+            # Under the thread lock, the only place threads are created: no race with a
+            # concurrent first POST by someone else.
+            if owner is not None:
+                current = await self.store.thread_owner(thread_id, conn=conn)
+                if current is not None and current != owner:
+                    raise ThreadNotFound()
             if idempotency_key:
                 existing = await self.store.find_by_key(conn, thread_id, idempotency_key)
                 if existing is not None:
@@ -93,6 +110,10 @@ class Runner:
             active = await self.store.active_runs(conn, thread_id)
             if request.multitask_strategy == "reject" and active:
                 raise ThreadBusy(active_run_id=active[-1].run_id)
+            limit = self.settings.max_queued_runs_per_thread
+            if request.multitask_strategy == "enqueue" and len(active) >= limit:
+                # `interrupt` is exempt: it stops the queued runs instead of adding to them.
+                raise TooManyRequests(f"the thread already has {limit} queued or running runs")
             run = await self.store.insert_run(
                 conn,
                 NewRun(
@@ -104,7 +125,7 @@ class Runner:
                     idempotency_key=idempotency_key,
                     request_hash=digest,
                     accepted_by=self.settings.pod_name,
-                    owner=owner,
+                    owner=owner or "",
                     timeout_s=request.timeout_s,
                 ),
             )

@@ -20,6 +20,7 @@ def test_production_requires_pod_name(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_pod_name_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("THREADGATE_ENV", "production")
     monkeypatch.setenv("POD_NAME", "threadgate-2")
+    monkeypatch.setenv("THREADGATE_API_KEYS", "ops:k")
     s = load_settings()
     assert s.pod_name == "threadgate-2"
     assert s.json_logs
