@@ -24,6 +24,7 @@ from app.errors import (
 from app.ids import new_run_id
 from app.settings import Settings
 from app.store.runs import TERMINAL, NewRun, PgRunStore, Run
+from app.workflows.dispatch import claim_and_start
 from app.workflows.stops import StopSignals
 from app.workflows.thread_run import QUEUE_NAME, thread_run
 
@@ -77,6 +78,7 @@ class Runner:
         self.stops = stops
         self.nc = nc
         self._sub: Any = None
+        self._kicks: set[asyncio.Task[None]] = set()
 
     async def submit(
         self,
@@ -137,7 +139,22 @@ class Runner:
             "run accepted",
             extra={"thread_id": thread_id, "run_id": run.run_id, "status": run.status},
         )
+        if self.settings.fast_start:
+            self._start_soon(thread_id)
         return run, True
+
+    def _start_soon(self, thread_id: str) -> None:
+        """Claim the thread's next run now rather than at the next queue poll (dispatch.py)."""
+
+        async def kick() -> None:
+            try:
+                await asyncio.to_thread(claim_and_start, QUEUE_NAME, thread_id)
+            except Exception as exc:  # the queue worker's next poll does it instead
+                logger.debug("fast start skipped: %r", exc, extra={"thread_id": thread_id})
+
+        task = asyncio.create_task(kick())
+        self._kicks.add(task)
+        task.add_done_callback(self._kicks.discard)
 
     async def cancel(self, thread_id: str, run_id: str) -> Run:
         run = await self.store.get_run(thread_id, run_id)
