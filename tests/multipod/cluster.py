@@ -319,6 +319,8 @@ class Attacher:
 
     def start(self) -> Attacher:
         self.task = asyncio.create_task(self._run())
+        # Its failure is raised by wait_for/result; one nobody waited for is not worth a warning.
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return self
 
     async def _run(self) -> Reply:

@@ -54,7 +54,8 @@ async def test_a_second_process_under_a_live_name_exits_without_executing(
         assert f"threadgate {holder.name} pid={holder.pid} " in log  # names the holder
         for sign_of_execution in ("DBOS launched", "Recovering", "pod started", "run attempt"):
             assert sign_of_execution not in log
-        run = await client.run(thread, run_id)
+        async with cluster.client([other]) as on_other:
+            run = await on_other.run(thread, run_id)
         assert (run["status"], run["attempt"], run["executor"]) == ("running", 1, holder.name)
 
         await holder.kill()

@@ -1,0 +1,97 @@
+"""SIGTERM: a pod stops taking runs, lets the ones in flight finish, then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from app.client import AsyncClient
+from app.models.mock import mock_reply
+from tests.conftest import unique
+from tests.multipod.cluster import Attacher, Cluster, Pod, running_on, wait_run
+
+pytestmark = pytest.mark.multipod
+
+
+async def wait_not_ready(pod: Pod, timeout: float = 10.0) -> int:
+    """Poll /readyz until it is no longer 200: its status, or 0 once nothing answers."""
+    async with httpx.AsyncClient(timeout=2.0) as http, asyncio.timeout(timeout):
+        while True:
+            try:
+                status = (await http.get(f"{pod.url}/readyz")).status_code
+            except httpx.TransportError:
+                return 0
+            if status != 200:
+                return status
+            await asyncio.sleep(0.02)  # paces the polling of another process
+
+
+async def assistant_messages(pod: Pod, thread: str) -> list[tuple[str, str]]:
+    async with AsyncClient(pod.url) as client:
+        return [
+            (m["run_id"], m["content"])
+            for m in await client.messages(thread)
+            if m["role"] == "assistant"
+        ]
+
+
+@pytest.mark.cluster(size=2, drain_timeout_s=20)
+async def test_sigterm_lets_the_run_in_flight_finish_then_exits_0(cluster: Cluster) -> None:
+    thread = unique()
+    chunks = 30
+    async with cluster.client() as client:
+        run_id = (await client.post(thread, "x", model_options={"chunks": chunks, "delay_ms": 50}))[
+            "run_id"
+        ]
+        x = await running_on(client, cluster, thread, run_id)
+        other = cluster.others(x.name)[0]
+        watcher = Attacher([other.url], thread).start()
+        await watcher.wait_chunk(5)
+
+        x.send_term()
+        assert await wait_not_ready(x) == 503  # draining, still serving
+        async with httpx.AsyncClient(timeout=5) as http:
+            refused = await http.post(f"{x.url}/threads/{unique()}/runs", json={"input": "no"})
+        assert refused.status_code == 503
+        async with cluster.client([other]) as on_other:
+            assert (await on_other.run(thread, run_id))["status"] == "running"
+
+        assert await x.wait_exit(30) == 0
+        run = await wait_run(client, thread, run_id, timeout=5)
+        assert (run["status"], run["attempt"], run["executor"]) == ("success", 1, x.name)
+        reply = await watcher.result()
+    assert reply.text == mock_reply(chunks) and reply.resets == 0
+    assert await assistant_messages(other, thread) == [(run_id, mock_reply(chunks))]
+    log = x.log_text()
+    assert log.index('"run finished: success"') < log.index('"pod stopped"')
+    assert "drain timeout" not in log
+
+
+@pytest.mark.cluster(size=2, drain_timeout_s=1)
+async def test_a_run_longer_than_the_drain_is_finished_by_the_restart(cluster: Cluster) -> None:
+    thread = unique()
+    chunks = 60  # 3 s of reply, the drain gives it 1 s
+    async with cluster.client() as client:
+        run_id = (await client.post(thread, "x", model_options={"chunks": chunks, "delay_ms": 50}))[
+            "run_id"
+        ]
+        x = await running_on(client, cluster, thread, run_id)
+        other = cluster.others(x.name)[0]
+        watcher = Attacher([other.url], thread).start()
+        await watcher.wait_chunk(3)
+
+        code = await x.term(30)
+        assert "drain timeout: 1 runs left to recovery" in x.log_text()
+        async with cluster.client([other]) as on_other:
+            left = await on_other.run(thread, run_id)
+        assert (left["status"], left["attempt"], left["executor"]) == ("running", 1, x.name)
+
+        await x.restart()
+        run = await wait_run(client, thread, run_id)
+        assert (run["status"], run["attempt"]) == ("success", 2)
+        reply = await watcher.result()
+    assert code == 0
+    assert reply.text == mock_reply(chunks) and reply.resets == 1
+    assert await assistant_messages(x, thread) == [(run_id, mock_reply(chunks))]
