@@ -67,6 +67,7 @@ class Pod:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     spawned_at: float = 0.0  # time.monotonic() of the current process's start
+    spawned_wall: float = 0.0  # the same moment by the wall clock (log lines carry that)
     starts: int = 0
 
     @property
@@ -108,7 +109,7 @@ class Pod:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.spawned_at = time.monotonic()
+        self.spawned_at, self.spawned_wall = time.monotonic(), time.time()
 
     async def wait_ready(self, timeout: float = 60.0) -> float:
         """Poll /readyz with backoff until 200; fail at once if the process exits. Seconds taken."""
@@ -180,13 +181,18 @@ class Pod:
         self.send_term()
         return await self.wait_exit(timeout)
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def log_text(self, start: int | None = None) -> str:
+        """Everything the pod's processes logged, or only what its `start`-th process did."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if start is None:
+            return text
+        parts = text.split(f"=== {self.name} start #")
+        return next((p for p in parts[1:] if p.startswith(f"{start} ")), "")
 
-    def log_records(self) -> list[dict[str, Any]]:
-        """The JSON log lines of every process that ran under this pod (other lines skipped)."""
+    def log_records(self, start: int | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines of the pod's processes (or of its `start`-th); others skipped."""
         records = []
-        for line in self.log_text().splitlines():
+        for line in self.log_text(start).splitlines():
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):
                     records.append(json.loads(line))
@@ -313,6 +319,7 @@ class Attacher:
     thread: str
     reconnects: int = 0
     events: list[SseEvent] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.monotonic() of each event
     reply: Reply = field(default_factory=Reply)
     task: asyncio.Task[Reply] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -328,6 +335,7 @@ class Attacher:
             async with AsyncClient(self.urls) as client:
                 async for ev in client.events(self.thread, reconnects=self.reconnects):
                     self.events.append(ev)
+                    self.arrived.append(time.monotonic())
                     self.reply.apply(ev)
                     self._changed.set()
             return self.reply
