@@ -79,7 +79,7 @@ async def start(rt: Runtime) -> None:
             rt.background.append(asyncio.create_task(rt.hub.resubscribe_all()))
 
     rt.nc = await connect_nats(s, "pod", on_reconnect)
-    rt.buffer = JetStreamBuffer(s, rt.nc)
+    rt.buffer = JetStreamBuffer(s, rt.nc, on_republish=rt.metrics.republished)
     await rt.buffer.ensure_stream()
     rt.hub = TailHub(rt.buffer, linger_s=s.tail_linger_s)
     rt.runner = Runner(s, rt.store, rt.stops, rt.nc)
@@ -94,21 +94,64 @@ async def start(rt: Runtime) -> None:
             metrics=rt.metrics,
         )
     )
+    recovering = await recoverable_runs(rt)
     DBOS(config=dbos_config(s))
     adopt_dbos_logger()
     DBOS.launch()
     adopt_dbos_logger()
     rt.launched = True
+    if recovering:
+        rt.metrics.launch_recovered.inc(len(recovering))
+        logger.warning(
+            "recovering %d runs left by this pod's previous process: %s",
+            len(recovering),
+            " ".join(recovering),
+            extra={"runs": recovering},
+        )
     await register_queue(s)
     rt.adoption = Adoption(s, rt.db, rt.metrics)
     await report_stranded(rt.adoption)
     rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
+    rt.metrics.inflight.set_function(lambda: _active_runs(rt))
     logger.info(
         "pod started",
         extra={"executor": s.pod_name, "version": s.app_version, "build": __version__},
     )
+
+
+RECOVERABLE_SQL = """
+SELECT workflow_uuid AS run_id FROM dbos.workflow_status
+WHERE status = 'PENDING' AND executor_id = %s AND application_version = %s AND name = %s
+ORDER BY created_at
+"""
+
+
+async def recoverable_runs(rt: Runtime) -> list[str]:
+    """The runs DBOS launch will recover: PENDING under this pod's name and version.
+
+    Read before launch, which re-enqueues them at once; we hold the name's claim, so nothing
+    else changes them in between. DBOS itself logs only their number.
+    """
+    async with rt.db.pool.connection() as conn:
+        cur = await conn.execute("SELECT to_regclass('dbos.workflow_status') IS NOT NULL AS ok")
+        row = await cur.fetchone()
+        if not (row and row["ok"]):
+            return []  # first start on this database: DBOS has not created its tables yet
+        s = rt.settings
+        cur = await conn.execute(RECOVERABLE_SQL, (s.pod_name, s.app_version, wf.WORKFLOW_NAME))
+        return [r["run_id"] for r in await cur.fetchall()]
+
+
+def _active_runs(rt: Runtime) -> int:
+    """Workflows executing in this process now (every workflow here is a thread run)."""
+    if not rt.launched:
+        return 0
+    try:
+        return len(_dbos_instance()._active_workflows_set.activeList())
+    except Exception:  # a DBOS internal moved: the gauge reads 0 rather than break /metrics
+        return 0
 
 
 async def stop(rt: Runtime) -> None:

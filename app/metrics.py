@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from app.store.db import Database
+
+logger = logging.getLogger(__name__)
+
+# Runs waiting in the DBOS queue (all pods share it). Sampled when /metrics is scraped.
+QUEUE_DEPTH_SQL = (
+    "SELECT count(*) AS n FROM dbos.workflow_status WHERE queue_name = %s AND status = 'ENQUEUED'"
+)
 
 
 class Metrics:
@@ -36,6 +49,11 @@ class Metrics:
             "Runs resumed after a crash (replays begun on this pod)",
             registry=r,
         )
+        self.launch_recovered = Counter(
+            "threadgate_launch_recovered_runs_total",
+            "PENDING runs of this pod's name and version found at start-up and re-enqueued",
+            registry=r,
+        )
         self.adopted = Counter(
             "threadgate_runs_adopted_total", "Runs adopted from departed executors", registry=r
         )
@@ -54,6 +72,12 @@ class Metrics:
         self.inflight = Gauge(
             "threadgate_runs_in_flight", "Runs executing on this pod now", registry=r
         )
+        self.queue_depth = Gauge(
+            "threadgate_queue_depth",
+            "Runs waiting (ENQUEUED) in the thread_runs queue, all pods; sampled at scrape,"
+            " NaN when the sample failed",
+            registry=r,
+        )
         self.stranded = Gauge(
             "threadgate_stranded_runs",
             "PENDING runs under this pod's name with another application version",
@@ -70,6 +94,20 @@ class Metrics:
 
     def finished(self, status: str) -> None:
         self.runs_finished.labels(status=status).inc()
+
+    def republished(self, n: int) -> None:
+        self.publish_retries.inc(n)
+
+    async def sample_queue_depth(self, db: Database, queue: str, timeout_s: float = 0.5) -> None:
+        """One cheap count, bounded so that a slow database never stalls a scrape."""
+        try:
+            async with asyncio.timeout(timeout_s), db.pool.connection() as conn:
+                cur = await conn.execute(QUEUE_DEPTH_SQL, (queue,))
+                row = await cur.fetchone()
+            self.queue_depth.set(row["n"] if row else 0)
+        except Exception as exc:  # the scrape still answers, with the depth unknown
+            logger.warning("queue depth sample failed: %r", exc)
+            self.queue_depth.set(float("nan"))
 
     def bind_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         gauge.set_function(fn)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import RuntimeDep
+from app.workflows.thread_run import QUEUE_NAME
 
 router = APIRouter(tags=["health"])
 
@@ -40,4 +41,6 @@ async def readyz(rt: RuntimeDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(rt: RuntimeDep) -> Response:
     """Prometheus text format."""
+    if rt.launched:
+        await rt.metrics.sample_queue_depth(rt.db, QUEUE_NAME)
     return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -79,9 +79,15 @@ async def connect_nats(
 class JetStreamBuffer:
     """The real buffer over one NATS connection."""
 
-    def __init__(self, settings: Settings, nc: NATS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        nc: NATS,
+        on_republish: Callable[[int], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.nc = nc
+        self.on_republish = on_republish  # told how many messages each republish sends again
         self.js: JetStreamContext = nc.jetstream(timeout=settings.publish_timeout_s)
 
     @property
@@ -220,6 +226,8 @@ class JetStreamPublisher:
                 extra={"run_id": self.run_id, "attempt": self.attempt, "error": repr(exc)},
             )
         pending = [(data, headers)] + [(d, h) for _, d, h in self.inflight]
+        if self.buffer.on_republish is not None:
+            self.buffer.on_republish(len(pending))
         for f, _, _ in self.inflight:
             f.cancel()
         self.inflight.clear()
@@ -228,10 +236,12 @@ class JetStreamPublisher:
 
     async def _publish_sync(self, data: bytes, headers: dict[str, str]) -> Any:
         js = self.buffer.js
+        cb = self.buffer.on_republish
         return await _with_retry(
             lambda: js.publish(self.subject, data, headers=dict(headers)),
             self.buffer.settings.nats_outage_limit_s,
             "publish",
+            on_retry=(lambda: cb(1)) if cb is not None else None,
         )
 
 
@@ -239,7 +249,12 @@ class AttemptBroken(Exception):
     """The attempt's events can no longer be published in order; start a new attempt."""
 
 
-async def _with_retry(op: Callable[[], Awaitable[Any]], limit_s: float, what: str) -> Any:
+async def _with_retry(
+    op: Callable[[], Awaitable[Any]],
+    limit_s: float,
+    what: str,
+    on_retry: Callable[[], None] | None = None,
+) -> Any:
     """Retry with exponential backoff (0.1 s → 2 s) until `limit_s` has passed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
@@ -254,3 +269,5 @@ async def _with_retry(op: Callable[[], Awaitable[Any]], limit_s: float, what: st
                 ) from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+            if on_retry is not None:
+                on_retry()

@@ -1,0 +1,145 @@
+"""/metrics moves with the work: runs, attempts, chunks, latency, attachers, queue depth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+from nats.js.errors import NotFoundError
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.metrics import Metrics
+from app.streams.buffer import JetStreamBuffer, connect_nats
+from app.streams.events import chunk
+from tests.conftest import Stack, unique
+from tests.integration.conftest import Pod
+from tests.multipod.cluster import wait_run
+
+pytestmark = pytest.mark.integration
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def scrape(pod: Pod) -> Samples:
+    resp = await pod.http.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    return parse(resp.text)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_a_run_moves_the_counters(pod: Pod) -> None:
+    before = await scrape(pod)
+    thread = unique("metrics")
+    accepted = await pod.client.post(thread, "count me", model_options={"chunks": 7})
+    reply = await pod.client.reply(thread)
+    assert reply.status == "success"
+    await wait_run(pod.client, thread, accepted["run_id"])
+    after = await scrape(pod)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("threadgate_runs_accepted_total") == 1
+    assert delta("threadgate_runs_finished_total", status="success") == 1
+    assert delta("threadgate_run_attempts_total", kind="first") == 1
+    assert delta("threadgate_run_attempts_total", kind="replay") == 0
+    assert delta("threadgate_runs_recovered_total") == 0
+    assert delta("threadgate_chunks_published_total") == 7
+    assert delta("threadgate_time_to_first_chunk_seconds_count") == 1
+    assert delta("threadgate_time_to_first_chunk_seconds_sum") > 0
+    assert delta("threadgate_publish_retries_total") == 0
+    assert value(after, "threadgate_launch_recovered_runs_total") == 0
+    # Every family is there from the first scrape, so dashboards never see a gap.
+    for name in (
+        "threadgate_active_attachers",
+        "threadgate_thread_tails",
+        "threadgate_runs_in_flight",
+        "threadgate_queue_depth",
+        "threadgate_stranded_runs",
+        "threadgate_runs_adopted_total",
+    ):
+        assert (name, ()) in after, name
+
+
+async def test_gauges_while_runs_stream_and_wait(pod: Pod) -> None:
+    """A run streaming to an attached client, a second one queued behind it on its thread."""
+    thread = unique("metrics")
+    first = await pod.client.post(thread, "one", model_options={"chunks": 40, "delay_ms": 25})
+    first_event = asyncio.Event()
+
+    async def attach() -> None:
+        async for _ in pod.client.events(thread):  # follows `one`: the latest run right now
+            first_event.set()
+
+    attacher = asyncio.create_task(attach())
+    await asyncio.wait_for(first_event.wait(), 10)
+    second = await pod.client.post(thread, "two", model_options={"chunks": 2})
+    during = await scrape(pod)
+    assert value(during, "threadgate_active_attachers") >= 1
+    assert value(during, "threadgate_thread_tails") >= 1
+    assert value(during, "threadgate_runs_in_flight") == 1
+    assert value(during, "threadgate_queue_depth") >= 1  # `two` waits for `one`'s partition
+
+    await asyncio.wait_for(attacher, 30)
+    await wait_run(pod.client, thread, first["run_id"])
+    await wait_run(pod.client, thread, second["run_id"])
+    idle = await scrape(pod)
+    assert value(idle, "threadgate_runs_in_flight") == 0
+    assert value(idle, "threadgate_active_attachers") == 0
+    assert value(idle, "threadgate_queue_depth") == 0
+
+
+async def test_republished_messages_are_counted(stack: Stack, pod: Pod) -> None:
+    """An ack that never comes: the publisher sends the message again and says how many."""
+    tag = unique("s")[2:]
+    settings = pod.settings.model_copy(
+        update={
+            "stream_name": f"RETRY_{tag}",
+            "subject_prefix": f"retry{tag}",
+            "publish_timeout_s": 0.2,
+        }
+    )
+    metrics = Metrics()
+    nc = await connect_nats(settings, "retry-test")
+    try:
+        buffer = JetStreamBuffer(settings, nc, on_republish=metrics.republished)
+        await buffer.ensure_stream()
+        lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        real = buffer.js.publish_async
+        calls = 0
+
+        async def drop_first_ack(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await real(*args, **kwargs)  # stored, but its ack is never seen
+                return lost
+            return await real(*args, **kwargs)
+
+        buffer.js.publish_async = drop_first_ack  # type: ignore[method-assign]
+        pub = buffer.publisher("t-retry", "00000000-0000-4000-8000-000000000000", 1)
+        for i in range(3):
+            await pub.publish(chunk("r", 1, i, f"c{i}"), i)
+        await pub.flush()
+        retries = value(parse(metrics.render().decode()), "threadgate_publish_retries_total")
+        assert retries == 3  # the lost one and the two queued behind it
+        info = await buffer.js.stream_info(settings.stream_name)
+        assert info.state.messages == 3  # the duplicate window dropped the copies
+    finally:
+        with contextlib.suppress(NotFoundError):
+            await nc.jetstream().delete_stream(settings.stream_name)
+        await nc.close()
