@@ -32,6 +32,11 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 """
 
 
+KEEPALIVE_OPTIONS = (
+    "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+)
+
+
 def claim_key(pod_name: str) -> str:
     return f"threadgate.executor:{pod_name}"
 
@@ -99,6 +104,14 @@ class ExecutorClaim:
                 autocommit=True,
                 application_name=process_label(self.pod_name),
                 connect_timeout=5,
+                # The lock lives as long as the server thinks this session does. After a node
+                # loss no FIN ever comes: server-side keepalives end the session (and free the
+                # name for adoption) in ~25 s instead of the kernel's default of hours.
+                options=KEEPALIVE_OPTIONS,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
             )
         cur = await self.conn.execute(CLAIM_SQL, (self.key,))
         row = await cur.fetchone()

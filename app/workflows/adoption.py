@@ -9,7 +9,7 @@ application version launches. Two cases never get there:
   among racing survivors and impossible while the name is alive.
 - runs left PENDING under this pod's name by another application version (a deploy that did
   not drain): reported at start-up (log, metric, GET /admin/stranded); an operator moves them
-  to this version with `threadgate runs adopt` when the workflow's steps are unchanged.
+  to this version with `threadgate adopt` when the workflow's steps are unchanged.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ async def report_stranded(adoption: Adoption) -> None:
             logger.warning(
                 "%d runs under this pod's name belong to another application version and will "
                 "not be recovered by it: %s. If the workflow's steps are unchanged, run "
-                "`threadgate runs adopt` (see README, Upgrades).",
+                "`threadgate adopt` (see README, Upgrades).",
                 len(runs),
                 ", ".join(f"{r.run_id}@{r.app_version}" for r in runs),
             )
