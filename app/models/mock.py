@@ -10,6 +10,8 @@ from app.models import Prompt
 from app.settings import Settings
 
 MOCK_OPTIONS = {"chunks", "delay_ms", "fail", "fail_at", "fail_attempts"}
+# A bound on one run's size: the reply is held whole in memory and stored as one message.
+MAX_MOCK_CHUNKS = 100_000
 
 
 def mock_reply(chunks: int) -> str:
@@ -24,6 +26,9 @@ def check_mock_options(options: dict[str, object]) -> None:
             not isinstance(value, int) or isinstance(value, bool) or value < 0
         ):
             raise InvalidRequest(f"model_options.{key} must be a non-negative integer")
+    chunks = options.get("chunks")
+    if isinstance(chunks, int) and chunks > MAX_MOCK_CHUNKS:
+        raise InvalidRequest(f"model_options.chunks must be at most {MAX_MOCK_CHUNKS}")
     delay = options.get("delay_ms")
     if delay is not None and (
         not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 60_000

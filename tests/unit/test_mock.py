@@ -45,6 +45,7 @@ async def test_failures() -> None:
         {"delay_ms": 10**9},
         {"fail": "sometimes"},
         {"chunks": True},
+        {"chunks": 10**9},
     ],
 )
 def test_bad_options_are_refused(bad: dict[str, object]) -> None:

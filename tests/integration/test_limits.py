@@ -1,0 +1,222 @@
+"""Limits answer 413/429 JSON: body size, input length, queued runs per thread, attach streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app.api.limits import AttachLimiter
+from tests.conftest import unique
+from tests.integration.conftest import Pod
+from tests.integration.knobs import AUTH_ON, key, pod_settings
+
+pytestmark = pytest.mark.integration
+
+SLOW = {"chunks": 2000, "delay_ms": 50}  # a run that lasts until it is cancelled
+
+
+def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body: dict[str, Any] = resp.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body
+
+
+def _limiter() -> AttachLimiter:
+    """The pod's attach limiter (one app per process: DBOS allows no second one)."""
+    found = [o for o in gc.get_objects() if isinstance(o, AttachLimiter)]
+    assert len(found) == 1
+    return found[0]
+
+
+async def cancel_all(pod: Pod, thread: str, headers: dict[str, str] | None = None) -> None:
+    runs = (await pod.http.get(f"/threads/{thread}/runs", headers=headers or {})).json()["runs"]
+    for run in runs:
+        if run["status"] in ("pending", "running"):
+            await pod.http.post(
+                f"/threads/{thread}/runs/{run['run_id']}/cancel", headers=headers or {}
+            )
+
+
+# --- body size ---------------------------------------------------------------------------
+
+
+async def test_body_over_content_length_is_413(pod: Pod) -> None:
+    with pod_settings(pod, max_body_bytes=2048):
+        body = json.dumps({"input": "x" * 3000}).encode()
+        resp = await pod.http.post(
+            f"/threads/{unique()}/runs", content=body, headers={"content-type": "application/json"}
+        )
+        assert_error(resp, 413, "payload_too_large")
+        # Within the limit: accepted as usual; the pod serves on after a 413.
+        ok = await pod.http.post(
+            f"/threads/{unique()}/runs", json={"input": "y" * 1500, "model_options": {"chunks": 1}}
+        )
+        assert ok.status_code == 202, ok.text
+
+
+async def test_streamed_body_over_limit_is_413(pod: Pod) -> None:
+    """No Content-Length (chunked): the bytes are counted as they come."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"input": "'
+        for _ in range(10):
+            yield b"z" * 1024
+        yield b'"}'
+
+    with pod_settings(pod, max_body_bytes=4096):
+        resp = await pod.http.post(
+            f"/threads/{unique()}/runs",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+        assert "content-length" not in resp.request.headers
+        assert_error(resp, 413, "payload_too_large")
+
+
+async def test_long_input_is_400(pod: Pod) -> None:
+    with pod_settings(pod, max_input_chars=10):
+        resp = await pod.http.post(f"/threads/{unique()}/runs", json={"input": "x" * 11})
+        assert_error(resp, 400, "invalid_request")
+
+
+# --- queued runs per thread --------------------------------------------------------------
+
+
+async def test_queued_runs_per_thread_is_429(pod: Pod) -> None:
+    thread = unique()
+    url = f"/threads/{thread}/runs"
+    with pod_settings(pod, max_queued_runs_per_thread=3):
+        try:
+            first = await pod.http.post(
+                url,
+                json={"input": "0", "model_options": SLOW},
+                headers={"Idempotency-Key": "first"},
+            )
+            assert first.status_code == 202
+            for i in (1, 2):
+                resp = await pod.http.post(url, json={"input": str(i), "model_options": SLOW})
+                assert resp.status_code == 202
+            over = await pod.http.post(url, json={"input": "3", "model_options": SLOW})
+            assert_error(over, 429, "too_many_requests")
+            assert over.headers["retry-after"] == "1"
+            # An idempotent repeat is not a new run: it is answered, not limited.
+            repeat = await pod.http.post(
+                url,
+                json={"input": "0", "model_options": SLOW},
+                headers={"Idempotency-Key": "first"},
+            )
+            assert repeat.status_code == 200
+            assert repeat.json()["run_id"] == first.json()["run_id"]
+            # Another thread is not affected.
+            other = await pod.http.post(
+                f"/threads/{unique()}/runs", json={"input": "x", "model_options": {"chunks": 1}}
+            )
+            assert other.status_code == 202
+            # `interrupt` replaces the queue rather than growing it.
+            interrupt = await pod.http.post(
+                url,
+                json={
+                    "input": "now",
+                    "multitask_strategy": "interrupt",
+                    "model_options": {"chunks": 1},
+                },
+            )
+            assert interrupt.status_code == 202
+            runs = (await pod.http.get(url)).json()["runs"]
+            assert len(runs) == 4
+        finally:
+            await cancel_all(pod, thread)
+
+
+# --- attach streams ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_attach(
+    pod: Pod, thread: str, headers: dict[str, str] | None = None
+) -> AsyncIterator[httpx.Response]:
+    async with pod.http.stream(
+        "GET", f"/threads/{thread}/attach", headers=headers or {}
+    ) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+        yield resp
+
+
+async def wait_released(lim: AttachLimiter, total: int, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while lim.total != total:  # noqa: ASYNC110 (the limiter has no event to wait on)
+            await asyncio.sleep(0.02)
+
+
+async def test_attach_per_principal_is_429(pod: Pod) -> None:
+    lim = _limiter()
+    base = lim.total
+    with pod_settings(pod, **AUTH_ON, max_attach_per_principal=2):
+        alice_thread, bob_thread = unique(), unique()
+        for thread, who in ((alice_thread, "alice"), (bob_thread, "bob")):
+            resp = await pod.http.post(
+                f"/threads/{thread}/runs",
+                json={"input": "x", "model_options": SLOW},
+                headers=key(who),
+            )
+            assert resp.status_code == 202
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(2):
+                    resp = await stack.enter_async_context(
+                        open_attach(pod, alice_thread, key("alice"))
+                    )
+                    assert resp.status_code == 200
+                assert lim.by_principal["alice"] == 2
+                async with open_attach(pod, alice_thread, key("alice")) as third:
+                    assert third.status_code == 429
+                    assert third.json()["error"]["code"] == "too_many_requests"
+                # Bob has his own allowance.
+                async with open_attach(pod, bob_thread, key("bob")) as bobs:
+                    assert bobs.status_code == 200
+            # Closed streams give their slots back.
+            await wait_released(lim, base)
+            assert "alice" not in lim.by_principal
+            async with open_attach(pod, alice_thread, key("alice")) as again:
+                assert again.status_code == 200
+        finally:
+            await cancel_all(pod, alice_thread, key("alice"))
+            await cancel_all(pod, bob_thread, key("bob"))
+    await wait_released(lim, base)
+
+
+async def test_attach_per_pod_is_429(pod: Pod) -> None:
+    lim = _limiter()
+    base = lim.total
+    thread = unique()
+    await pod.http.post(f"/threads/{thread}/runs", json={"input": "x", "model_options": SLOW})
+    try:
+        with pod_settings(pod, max_attach_per_pod=base + 2, max_attach_per_principal=1):
+            async with open_attach(pod, thread) as a, open_attach(pod, thread) as b:
+                # Auth off: one anonymous caller, so only the pod limit applies.
+                assert a.status_code == b.status_code == 200
+                async with open_attach(pod, thread) as c:
+                    assert_error(c, 429, "too_many_requests")
+    finally:
+        await cancel_all(pod, thread)
+    await wait_released(lim, base)
+
+
+async def test_attach_slot_released_when_run_ends(pod: Pod) -> None:
+    lim = _limiter()
+    base = lim.total
+    thread = unique()
+    await pod.client.post(thread, "hi", model_options={"chunks": 3})
+    reply = await pod.client.reply(thread)
+    assert reply.status == "success"
+    await wait_released(lim, base)
