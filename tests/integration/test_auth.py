@@ -37,7 +37,10 @@ async def post(pod: Pod, thread: str, who: str, chunks: int = 3, **kw: Any) -> h
 
 
 async def attach_events(
-    pod: Pod, thread: str, headers: dict[str, str] | None = None, params: dict[str, str] | None = None
+    pod: Pod,
+    thread: str,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
 ) -> tuple[int, Reply]:
     """Status and reply of one attach, read to its end."""
     reply = Reply()
@@ -190,7 +193,9 @@ async def test_jwt_principal(pod: Pod, auth_on: None) -> None:
     thread = unique()
     carol = bearer(jwt_token("carol"))
     resp = await pod.http.post(
-        f"/threads/{thread}/runs", json={"input": "hi", "model_options": {"chunks": 2}}, headers=carol
+        f"/threads/{thread}/runs",
+        json={"input": "hi", "model_options": {"chunks": 2}},
+        headers=carol,
     )
     assert resp.status_code == 202
     assert await pod.runtime.store.thread_owner(thread) == "carol"

@@ -144,9 +144,7 @@ async def test_queued_runs_per_thread_is_429(pod: Pod) -> None:
 async def open_attach(
     pod: Pod, thread: str, headers: dict[str, str] | None = None
 ) -> AsyncIterator[httpx.Response]:
-    async with pod.http.stream(
-        "GET", f"/threads/{thread}/attach", headers=headers or {}
-    ) as resp:
+    async with pod.http.stream("GET", f"/threads/{thread}/attach", headers=headers or {}) as resp:
         if resp.status_code != 200:
             await resp.aread()
         yield resp
