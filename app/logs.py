@@ -73,9 +73,13 @@ def setup_logging(pod: str, *, json_lines: bool, level: str = "INFO") -> None:
 
 
 def adopt_dbos_logger() -> None:
-    """DBOS installs its own console handler: send its records through ours instead."""
+    """DBOS installs its own console handler: send its records through ours instead.
+
+    DBOS adds that handler only to a logger with no handlers, so a NullHandler stays in its
+    place: otherwise `DBOS()` re-adds it and its first line ("Initializing DBOS") is printed
+    in DBOS's format, not ours (a non-JSON line in a JSON log).
+    """
     dbos_logger = logging.getLogger("dbos")
-    dbos_logger.handlers[:] = [
-        h for h in dbos_logger.handlers if "otlp" in type(h).__name__.lower()
-    ]
+    kept = [h for h in dbos_logger.handlers if "otlp" in type(h).__name__.lower()]
+    dbos_logger.handlers[:] = kept or [logging.NullHandler()]
     dbos_logger.propagate = True

@@ -84,6 +84,12 @@ class Metrics:
             registry=r,
         )
 
+        # Every labelled series exists from the first scrape: rate() and alerts see a 0, not a gap.
+        for kind in ("first", "replay"):
+            self.attempts.labels(kind=kind)
+        for status in ("success", "error", "cancelled", "interrupted"):
+            self.runs_finished.labels(status=status)
+
     def attempt(self, n: int) -> None:
         self.attempts.labels(kind="first" if n == 1 else "replay").inc()
         if n > 1:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from app.models.mock import mock_reply
@@ -239,3 +240,36 @@ async def test_page_shows_the_reply_once_when_the_executor_is_killed(
     seen = browser.execute_script("return window.__seen")
     assert seen["shrinks"] >= 1, "the page never applied the replay's reset"
     assert [m["content"] for m in stored if m["role"] == "assistant"] == [mock_reply(CHUNKS)]
+    await assert_recovery_is_visible(cluster, victim, run_id)
+
+
+async def assert_recovery_is_visible(cluster: Cluster, victim: Pod, run_id: str) -> None:
+    """The kill and its recovery read from the restarted pod's log and from /metrics alone."""
+    lines = [json.loads(x) for x in victim.log_text().splitlines() if x.startswith("{")]
+    recovering = [x for x in lines if x["msg"].startswith("recovering 1 runs")]
+    assert [x["runs"] for x in recovering] == [[run_id]]
+    replayed = [x for x in lines if x["msg"] == "run attempt replayed"]
+    others = [
+        json.loads(x)
+        for p in cluster.others(victim.name)
+        for x in p.log_text().splitlines()
+        if x.startswith("{")
+    ]
+    replayed += [x for x in others if x["msg"] == "run attempt replayed"]
+    assert [x["run_id"] for x in replayed] == [run_id]
+
+    def samples(text: str) -> dict[str, float]:
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    async with httpx.AsyncClient(timeout=5) as http:
+        scraped = {p.name: samples((await http.get(f"{p.url}/metrics")).text) for p in cluster.pods}
+    assert scraped[victim.name]["threadgate_launch_recovered_runs_total"] == 1
+    total = sum(m.get('threadgate_run_attempts_total{kind="replay"}', 0) for m in scraped.values())
+    assert total == 1
+    assert sum(m["threadgate_runs_recovered_total"] for m in scraped.values()) == 1
+    finished = 'threadgate_runs_finished_total{status="success"}'
+    assert sum(m.get(finished, 0) for m in scraped.values()) == 1
