@@ -34,7 +34,8 @@ class Metrics:
         )
         self.attempts = Counter(
             "threadgate_run_attempts_total",
-            "Executions of the reply step; kind=first|replay",
+            "Attempts of the reply step begun on this pod: first, replay (after a crash, on any"
+            " pod), retry (after a transient failure, in the same execution)",
             ["kind"],
             registry=r,
         )
@@ -85,14 +86,16 @@ class Metrics:
         )
 
         # Every labelled series exists from the first scrape: rate() and alerts see a 0, not a gap.
-        for kind in ("first", "replay"):
+        for kind in ("first", "replay", "retry"):
             self.attempts.labels(kind=kind)
         for status in ("success", "error", "cancelled", "interrupted"):
             self.runs_finished.labels(status=status)
 
-    def attempt(self, n: int) -> None:
-        self.attempts.labels(kind="first" if n == 1 else "replay").inc()
-        if n > 1:
+    def attempt(self, n: int, *, retry: bool = False) -> None:
+        """Attempt `n` began; `retry`: the same execution tries again after a transient error."""
+        kind = "first" if n == 1 else "retry" if retry else "replay"
+        self.attempts.labels(kind=kind).inc()
+        if kind == "replay":
             self.recovered.inc()
 
     def chunk(self) -> None:

@@ -95,9 +95,10 @@ async def stream_reply(thread_id: str, run_id: str) -> Outcome:
             return Outcome(status="error", attempt=0, text="", error=_error("orphan", "no run row"))
         attempt = run.attempt
         log = _log(run_id, thread_id, attempt)
-        logger.info("run attempt started" if attempt == 1 else "run attempt replayed", extra=log)
+        kind = "started" if attempt == 1 else "retried" if retries else "replayed"
+        logger.info("run attempt %s", kind, extra=log)
         if d.metrics is not None:
-            d.metrics.attempt(attempt)
+            d.metrics.attempt(attempt, retry=retries > 0)
         if run.stop_requested:
             return Outcome(status=run.stop_requested, attempt=attempt, text="", error=None)
         remaining = _remaining_s(d, run)

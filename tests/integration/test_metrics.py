@@ -75,6 +75,25 @@ async def test_a_run_moves_the_counters(pod: Pod) -> None:
         assert (name, ()) in after, name
 
 
+async def test_a_transient_failure_counts_as_a_retry_not_a_recovery(pod: Pod) -> None:
+    before = await scrape(pod)
+    thread = unique("metrics")
+    options = {"chunks": 3, "fail": "transient", "fail_attempts": 1}
+    accepted = await pod.client.post(thread, "flaky", model_options=options)
+    run = await wait_run(pod.client, thread, accepted["run_id"])
+    assert (run["status"], run["attempt"]) == ("success", 2)
+    after = await scrape(pod)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("threadgate_run_attempts_total", kind="first") == 1
+    assert delta("threadgate_run_attempts_total", kind="retry") == 1
+    assert delta("threadgate_run_attempts_total", kind="replay") == 0
+    assert delta("threadgate_runs_recovered_total") == 0
+    assert delta("threadgate_runs_finished_total", status="success") == 1
+
+
 async def test_gauges_while_runs_stream_and_wait(pod: Pod) -> None:
     """A run streaming to an attached client, a second one queued behind it on its thread."""
     thread = unique("metrics")
