@@ -11,6 +11,9 @@ from app.streams.events import KEEPALIVE, Event, chunk, done, reset, run_started
 from app.streams.tail import ThreadTail
 
 RunLookup = Callable[[], Awaitable[Run | None]]
+# One write to a client at most (plus one frame): a slow reader catching up on a long log gets
+# it in pieces as its socket drains, not as one copy of the whole backlog per client.
+MAX_WRITE_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -69,17 +72,25 @@ async def relay(
     next_check, check_every = loop.time() + recheck_s, recheck_s
     while True:
         frames: list[bytes] = []
-        finished = False
+        size = 0
+        finished = more = False
         for ev in tail.after(cursor.seq):
             out, finished = step(cursor, run_id, ev)
-            frames.extend(sse_frame(e) for e in out)
+            for e in out:
+                frames.append(sse_frame(e))
+                size += len(frames[-1])
             if finished:
+                break
+            if size >= MAX_WRITE_BYTES:
+                more = True
                 break
         if frames:
             yield b"".join(frames)
             last_write = loop.time()
         if finished:
             return
+        if more:
+            continue  # the rest is already in the log: no waiting
         now = loop.time()
         if not cursor.shown and tail.caught_up.is_set() and now >= next_check:
             # Nothing of the run is in the stream: if it has ended, its events are gone.
