@@ -11,7 +11,7 @@ import pytest
 
 from app.models.mock import mock_reply
 from tests.conftest import unique
-from tests.multipod.cluster import FAULT_EXIT, Attacher, wait_run
+from tests.multipod.cluster import FAULT_EXIT, Attacher, final_attempt, wait_run
 from tests.multipod.conftest import StartCluster
 
 pytestmark = pytest.mark.multipod
@@ -33,6 +33,9 @@ async def test_a_run_killed_at_any_point_completes_exactly_once(
         run_id = (
             await client.post(thread, "hi", model_options={"chunks": CHUNKS, "delay_ms": 10})
         )["run_id"]
+        # Attached from the start: its connection breaks with the process, and it resumes
+        # (Last-Event-ID) on the restarted pod.
+        live = Attacher([pod.url], thread, reconnects=30).start()
         assert await pod.wait_exit(30) == FAULT_EXIT
         assert f"fault point {point} reached" in pod.log_text()
 
@@ -41,6 +44,11 @@ async def test_a_run_killed_at_any_point_completes_exactly_once(
         assert run["status"] == "success"
         assert run["attempt"] == (2 if point in IN_STREAM_STEP else 1)
         assert run["output"] == mock_reply(CHUNKS)
+
+        reply = await live.result()
+        assert reply.text == mock_reply(CHUNKS) and reply.status == "success"
+        final = final_attempt(live.events)
+        assert [e.data.get("index") for e in final if e.event == "chunk"] == list(range(CHUNKS))
 
         late = await Attacher([pod.url], thread).start().result()
         assert late.resets == 0 and late.status == "success"
