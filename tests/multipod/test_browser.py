@@ -273,3 +273,48 @@ async def assert_recovery_is_visible(cluster: Cluster, victim: Pod, run_id: str)
     assert sum(m["threadgate_runs_recovered_total"] for m in scraped.values()) == 1
     finished = 'threadgate_runs_finished_total{status="success"}'
     assert sum(m.get(finished, 0) for m in scraped.values()) == 1
+
+
+@pytest.mark.cluster(size=1)
+async def test_page_controls_cancel_and_thread_ids(cluster: Cluster, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    pod = cluster.pods[0]
+    thread = unique("web")
+    await open_page(browser, pod, thread, chunks=400, delay_ms=50)
+    run_id = await send(browser, "a long one")
+    await reply_at_least(browser, run_id, 3)
+    assert browser.find_element(By.ID, "send").get_attribute("disabled") is not None
+    browser.find_element(By.ID, "cancel").click()
+    await until(
+        browser,
+        "const s = document.getElementById('run-status');"
+        " return s.dataset.runId === arguments[0] && s.dataset.state === 'cancelled';",
+        run_id,
+    )
+    reply = browser.execute_script(REPLY, run_id)
+    assert reply["state"] == "cancelled" and reply["meta"] == "cancelled"
+    assert mock_reply(400).startswith(reply["text"]) and reply["text"]
+    assert browser.find_element(By.ID, "send").get_attribute("disabled") is None
+    assert browser.find_element(By.ID, "cancel").get_attribute("disabled") is not None
+    async with cluster.client() as client:
+        assert (await client.run(thread, run_id))["status"] == "cancelled"
+
+    # A thread id that could not be a NATS subject token is refused in the page.
+    field = browser.find_element(By.ID, "thread-id")
+    field.clear()
+    field.send_keys("not a.valid>id")
+    browser.find_element(By.CSS_SELECTOR, "#thread-form button[type=submit]").click()
+    assert field.get_attribute("aria-invalid") == "true"
+    assert browser.find_element(By.ID, "error").is_displayed()
+    # "New thread" makes a fresh, valid one, and the page shows its (empty) conversation.
+    browser.find_element(By.ID, "new-thread").click()
+    fresh = await until(
+        browser,
+        "const v = document.getElementById('thread-id').value;"
+        " return v !== arguments[0] && /^[A-Za-z0-9_-]{1,128}$/.test(v) && v;",
+        thread,
+    )
+    assert browser.execute_script("return document.querySelectorAll('li.msg').length") == 0
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert f"thread={fresh}" in browser.current_url
