@@ -133,12 +133,6 @@ class Pod:
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.25)
 
-    async def start(
-        self, env_overrides: Mapping[str, str] | None = None, timeout: float = 60.0
-    ) -> float:
-        self.spawn(env_overrides)
-        return await self.wait_ready(timeout)
-
     async def restart(
         self,
         env_overrides: Mapping[str, str] | None = None,

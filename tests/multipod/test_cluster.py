@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from datetime import datetime
-from typing import Any
 
 import httpx
 import pytest
@@ -55,32 +54,29 @@ async def test_runs_posted_at_once_to_three_pods_take_turns_on_their_thread(
     finally:
         for c in clients:
             await c.aclose()
-    chunks_of = {p["run_id"]: 6 + i for i, p in enumerate(posted)}
+    sent = {p["run_id"]: i for i, p in enumerate(posted)}  # run → which POST (its pod)
     async with cluster.client() as client:
         for p in posted:
             await wait_run(client, thread, p["run_id"])
         runs = list(reversed(await client.runs(thread)))  # newest first → order accepted
         messages = await client.messages(thread)
-    assert sorted(r["run_id"] for r in runs) == sorted(chunks_of)
+    assert sorted(r["run_id"] for r in runs) == sorted(sent)
     assert {r["accepted_by"] for r in runs} == {p.name for p in cluster.pods}
     for r in runs:
         assert r["status"] == "success" and r["attempt"] == 1
-        assert r["output"] == mock_reply(chunks_of[r["run_id"]])
+        assert r["output"] == mock_reply(6 + sent[r["run_id"]])
     for earlier, later in itertools.pairwise(runs):
         assert at(earlier["created_at"]) <= at(later["created_at"])
         # One after another, in the order accepted, never overlapping.
         assert at(earlier["finished_at"]) <= at(later["started_at"])
     expected = []
     for r in runs:
+        i = sent[r["run_id"]]
         expected += [
-            ("user", r["run_id"], r_input(posted, r)),
-            ("assistant", r["run_id"], mock_reply(chunks_of[r["run_id"]])),
+            ("user", r["run_id"], f"message {i}"),
+            ("assistant", r["run_id"], mock_reply(6 + i)),
         ]
     assert [(m["role"], m["run_id"], m["content"]) for m in messages] == expected
-
-
-def r_input(posted: list[dict[str, Any]], run: dict[str, Any]) -> str:
-    return f"message {[p['run_id'] for p in posted].index(run['run_id'])}"
 
 
 def at(timestamp: str) -> datetime:
