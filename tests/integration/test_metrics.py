@@ -96,6 +96,8 @@ async def test_a_transient_failure_counts_as_a_retry_not_a_recovery(pod: Pod) ->
 
 async def test_gauges_while_runs_stream_and_wait(pod: Pod) -> None:
     """A run streaming to an attached client, a second one queued behind it on its thread."""
+    # The pod is shared by the session: other tests may have left runs or clients behind.
+    baseline = await scrape(pod)
     thread = unique("metrics")
     first = await pod.client.post(thread, "one", model_options={"chunks": 40, "delay_ms": 25})
     first_event = asyncio.Event()
@@ -110,16 +112,27 @@ async def test_gauges_while_runs_stream_and_wait(pod: Pod) -> None:
     during = await scrape(pod)
     assert value(during, "threadgate_active_attachers") >= 1
     assert value(during, "threadgate_thread_tails") >= 1
-    assert value(during, "threadgate_runs_in_flight") == 1
+    assert value(during, "threadgate_runs_in_flight") >= 1
     assert value(during, "threadgate_queue_depth") >= 1  # `two` waits for `one`'s partition
 
     await asyncio.wait_for(attacher, 30)
     await wait_run(pod.client, thread, first["run_id"])
     await wait_run(pod.client, thread, second["run_id"])
-    idle = await scrape(pod)
-    assert value(idle, "threadgate_runs_in_flight") == 0
-    assert value(idle, "threadgate_active_attachers") == 0
-    assert value(idle, "threadgate_queue_depth") == 0
+    # The run row says success a moment before the workflow itself returns: poll briefly.
+    for name in (
+        "threadgate_runs_in_flight",
+        "threadgate_active_attachers",
+        "threadgate_queue_depth",
+    ):
+        await settles(pod, name, at_most=value(baseline, name))
+
+
+async def settles(pod: Pod, name: str, at_most: float, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (now := value(await scrape(pod), name)) > at_most:
+        assert loop.time() < deadline, f"{name} stays at {now}, above {at_most}"
+        await asyncio.sleep(0.05)  # a gauge has no event to wait on: scrape again
 
 
 async def test_republished_messages_are_counted(stack: Stack, pod: Pod) -> None:
