@@ -9,15 +9,19 @@ carrying that text, then streams. Every request body is recorded in `requests`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from app.devstack import free_port
 
 WORDS = 5
 
@@ -53,3 +57,21 @@ class FakeOpenAI:
             yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
         yield b"data: [DONE]\n\n"
+
+
+@contextlib.asynccontextmanager
+async def serve_fake() -> AsyncIterator[tuple[FakeOpenAI, str]]:
+    """The fake on a free port of this event loop; yields it and its base URL."""
+    fake = FakeOpenAI()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
+    try:
+        yield fake, f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        await task

@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 
 from app.devstack import free_port
 from app.errors import PermanentModelError, TransientModelError
 from app.models import Prompt
 from app.models.openai import OpenAIChunkSource
 from app.settings import load_settings
-from tests.fakes.openai_server import FakeOpenAI, reply_text
+from tests.fakes.openai_server import FakeOpenAI, reply_text, serve_fake
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 async def fake() -> AsyncIterator[tuple[FakeOpenAI, str]]:
-    server_app = FakeOpenAI()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(server_app.app, host="127.0.0.1", port=port, log_config=None)
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
-    yield server_app, f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    await task
+    async with serve_fake() as served:
+        yield served
 
 
 def source(base_url: str, timeout: float = 5.0) -> OpenAIChunkSource:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 
-from app.devstack import free_port
 from tests.conftest import unique
-from tests.fakes.openai_server import FakeOpenAI, reply_text
+from tests.fakes.openai_server import FakeOpenAI, reply_text, serve_fake
 from tests.multipod.cluster import wait_run
 from tests.multipod.conftest import StartCluster
 
@@ -19,19 +16,8 @@ pytestmark = pytest.mark.multipod
 
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[FakeOpenAI, str]]:
-    server_app = FakeOpenAI()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(server_app.app, host="127.0.0.1", port=port, log_config=None)
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
-    yield server_app, f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    await task
+    async with serve_fake() as served:
+        yield served
 
 
 async def test_openai_pod(start_cluster: StartCluster, fake: tuple[FakeOpenAI, str]) -> None:
