@@ -42,6 +42,11 @@ def install(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Still logged with its traceback by the server; the client learns nothing internal.
+        return JSONResponse(ThreadgateError("internal error").body(), status_code=500)
+
     _install_limits(app)
 
 

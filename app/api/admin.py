@@ -16,7 +16,7 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[Depends(admin)],
-    responses=error_responses(401, 403),
+    responses=error_responses(400, 401, 403),
 )
 
 

@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.api.limits import AttachLimiter
 from app.auth import Principal, authenticate
 from app.errors import Forbidden, NotFound, ThreadNotFound, Unauthorized, Unavailable
-from app.ids import check_thread_id
+from app.ids import THREAD_ID_PATTERN, check_thread_id
 from app.main import Runtime
 from app.streams.tail import TailHub
 from app.workflows.runner import Runner
@@ -25,7 +25,14 @@ RuntimeDep = Annotated[Runtime, Depends(runtime)]
 
 
 def thread_id_param(
-    thread_id: Annotated[str, Path(description="Thread id, ^[A-Za-z0-9_-]{1,128}$")],
+    thread_id: Annotated[
+        str,
+        Path(
+            description="Thread id, ^[A-Za-z0-9_-]{1,128}$",
+            # Documented, not enforced here: check_thread_id answers invalid_thread_id.
+            json_schema_extra={"pattern": THREAD_ID_PATTERN, "minLength": 1, "maxLength": 128},
+        ),
+    ],
 ) -> str:
     return check_thread_id(thread_id)
 

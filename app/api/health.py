@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app.api.deps import RuntimeDep
 from app.workflows.thread_run import QUEUE_NAME
@@ -38,7 +38,7 @@ async def readyz(rt: RuntimeDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(rt: RuntimeDep) -> Response:
     """Prometheus text format."""
     if rt.launched:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -30,9 +31,15 @@ from app.workflows.runner import RunRequest, wait_until_stopped
 
 router = APIRouter(tags=["runs"])
 
+# Printable ASCII, no space at either end (HTTP strips it); checked in create_run.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]{0,253}[!-~])?$"
 IdempotencyKey = Annotated[
     str | None,
-    Header(alias="Idempotency-Key", description="Retry-safe key, scoped to the thread"),
+    Header(
+        alias="Idempotency-Key",
+        description="Retry-safe key, scoped to the thread: 1 to 255 printable ASCII characters",
+        json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
+    ),
 ]
 
 
@@ -57,8 +64,8 @@ async def create_run(
     """Accept a message and reply to it as a durable run; attach to watch the reply stream."""
     if len(body.input) > rt.settings.max_input_chars:
         raise InvalidRequest(f"input is longer than {rt.settings.max_input_chars} characters")
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters")
+    if idempotency_key is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, idempotency_key):
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
     if rt.settings.model == "mock":
         check_mock_options(body.model_options)
     run, created = await runner.submit(
@@ -98,7 +105,10 @@ async def list_runs(
     thread_id: ThreadId,
     rt: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="Page cursor from next_before")] = None,
+    before: Annotated[
+        int | None,
+        Query(ge=1, le=2**63 - 1, description="Page cursor from next_before"),
+    ] = None,
 ) -> RunList:
     """The thread's runs, newest first."""
     await require_reader(rt, principal, thread_id, ThreadNotFound)

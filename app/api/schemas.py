@@ -32,6 +32,12 @@ class RunCreate(BaseModel):
         description="End the run with error `timeout` after this long (default from settings)",
     )
 
+    @field_validator("model_options")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_storable_json(value, "model_options")
+        return value
+
     @field_validator("input")
     @classmethod
     def _not_blank(cls, value: str) -> str:
@@ -40,6 +46,38 @@ class RunCreate(BaseModel):
         if "\x00" in value:
             raise ValueError("input must not contain NUL")
         return value
+
+
+MAX_JSON_DEPTH = 32
+
+
+def check_storable_json(value: Any, where: str) -> None:
+    """Refuse what PostgreSQL jsonb cannot hold (NUL, lone surrogates) or nests absurdly deep.
+
+    Iterative, so a deep document cannot exhaust Python's recursion either.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key, where)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            _check_text(item, where)
+
+
+def _check_text(text: str, where: str) -> None:
+    if "\x00" in text:
+        raise ValueError(f"{where} must not contain NUL")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} must be valid Unicode (no lone surrogates)") from None
 
 
 class RunAccepted(BaseModel):
