@@ -49,6 +49,7 @@ class Runtime:
     adoption: Adoption | None = None
     launched: bool = False
     draining: bool = False
+    drain_deadline: float | None = None  # loop time: in-flight runs get drain_timeout_s, once
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def queue_worker_alive(self) -> bool:
@@ -195,7 +196,11 @@ async def drain(rt: Runtime) -> None:
     for event in dbos.background_thread_stop_events:
         event.set()
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + rt.settings.drain_timeout_s
+    # SIGTERM drains, then uvicorn's shutdown calls stop(), which drains again: both share one
+    # deadline, or the runs would get twice the timeout (past the pod's grace period).
+    if rt.drain_deadline is None:
+        rt.drain_deadline = loop.time() + rt.settings.drain_timeout_s
+    deadline = rt.drain_deadline
     while (active := dbos._active_workflows_set.activeList()) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     if active:
@@ -204,6 +209,24 @@ async def drain(rt: Runtime) -> None:
             len(active),
             rt.settings.pod_name,
         )
+        await _abandon(wf.running_tasks())
+
+
+async def _abandon(tasks: list[asyncio.Task[Any]], limit_s: float = 5.0) -> None:
+    """Stop runs still going past the drain while NATS and Postgres are open: a cancelled DBOS
+    workflow stays PENDING and is recovered when the name returns. Left to asyncio.run's final
+    cancellation, a run could lose that single cancel and go on against closed connections
+    (seen: still retrying its JetStream publish 30 s later, the process hung past its grace
+    period). So cancel, and cancel again, until each one ends."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    if pending:
+        logger.error("%d runs did not stop when cancelled", len(pending))
 
 
 def _dbos_instance() -> Any:

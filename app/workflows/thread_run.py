@@ -52,6 +52,7 @@ class RunDeps:
 
 
 _deps: RunDeps | None = None
+_running: set[asyncio.Task[Any]] = set()  # tasks executing thread_run in this process
 
 
 def bind(deps: RunDeps | None) -> None:
@@ -66,8 +67,17 @@ def deps() -> RunDeps:
     return _deps
 
 
+def running_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks executing runs here: a drain that times out cancels them (they stay PENDING)."""
+    return [t for t in _running if not t.done()]
+
+
 @DBOS.workflow(name=WORKFLOW_NAME)
 async def thread_run(thread_id: str, run_id: str) -> str:
+    task = asyncio.current_task()
+    if task is not None:
+        _running.add(task)
+        task.add_done_callback(_running.discard)
     try:
         outcome = await stream_reply(thread_id, run_id)
     except Exception as exc:
