@@ -112,7 +112,9 @@ async def test_a_crashed_run_holds_its_thread_until_its_pod_returns(cluster: Clu
                 "run_id"
             ]
             # DBOS keeps the crashed run's partition slot: the thread's next run waits. Watch it
-            # for a while (a run this short would be done in ~0.2 s if it were dequeued).
+            # for a while (a run this short would be done in ~0.2 s if it were dequeued). The
+            # wait ends when the name returns (or, past THREADGATE_ADOPT_AFTER_S = 60 s, when a
+            # survivor adopts the departed name's runs: tests/multipod/test_faults.py).
             loop = asyncio.get_running_loop()
             until = loop.time() + 2.0
             while loop.time() < until:
