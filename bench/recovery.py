@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: app/, tests/
@@ -32,6 +31,7 @@ from tests.multipod.cluster import (
     Attacher,
     Cluster,
     Pod,
+    at,
     pod_env,
     running_on,
     unique_names,
@@ -60,7 +60,7 @@ def log_offset(pod: Pod, start: int, text: str) -> float:
     """Seconds from the process's spawn to its first log line containing `text`."""
     for record in pod.log_records(start):
         if text in record["msg"]:
-            return datetime.fromisoformat(record["ts"]).timestamp() - pod.spawned_wall
+            return at(record["ts"]).timestamp() - pod.spawned_wall
     return float("nan")
 
 

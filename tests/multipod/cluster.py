@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,11 @@ class Cluster:
                 f"{pod.log_path} =====\n{pod.log_tail(lines)}"
             )
         return "\n".join(parts)
+
+
+def at(timestamp: str) -> datetime:
+    """A timestamp of the API (`created_at`, ...) or of a JSON log line (`ts`)."""
+    return datetime.fromisoformat(timestamp)
 
 
 def unique_names() -> tuple[str, str]:

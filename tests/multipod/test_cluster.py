@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from datetime import datetime
 
 import httpx
 import pytest
 
 from app.models.mock import mock_reply
 from tests.conftest import unique
-from tests.multipod.cluster import Attacher, Cluster, wait_run
+from tests.multipod.cluster import Attacher, Cluster, at, wait_run
 
 pytestmark = pytest.mark.multipod
 
@@ -77,10 +76,6 @@ async def test_runs_posted_at_once_to_three_pods_take_turns_on_their_thread(
             ("assistant", r["run_id"], mock_reply(6 + i)),
         ]
     assert [(m["role"], m["run_id"], m["content"]) for m in messages] == expected
-
-
-def at(timestamp: str) -> datetime:
-    return datetime.fromisoformat(timestamp)
 
 
 async def test_an_idempotent_post_makes_one_run_whichever_pods_it_reaches(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
 
 import httpx
 import pytest
@@ -12,15 +11,11 @@ import pytest
 from app.client import AsyncClient
 from app.models.mock import mock_reply
 from tests.conftest import unique
-from tests.multipod.cluster import Attacher, Cluster, Pod, running_on, wait_run
+from tests.multipod.cluster import Attacher, Cluster, Pod, at, running_on, wait_run
 
 pytestmark = pytest.mark.multipod
 
 DRAIN_S = 2
-
-
-def at(ts: str) -> datetime:
-    return datetime.fromisoformat(ts)
 
 
 async def wait_not_ready(pod: Pod, timeout: float = 10.0) -> int:

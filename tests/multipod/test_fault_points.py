@@ -6,6 +6,8 @@ name, no fault point) recovers the run through DBOS launch-time recovery.
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -71,8 +73,6 @@ async def test_a_run_killed_at_any_point_completes_exactly_once(
 
 async def wait_workflow(database_url: str, run_id: str, status: str, timeout: float = 20) -> None:
     """Poll DBOS's own record of the workflow until it reaches `status`."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:

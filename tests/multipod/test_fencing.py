@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
 
 import pytest
 
 from app.models.mock import mock_reply
 from tests.conftest import unique
-from tests.multipod.cluster import Attacher, Cluster, running_on, wait_run
+from tests.multipod.cluster import Attacher, Cluster, at, running_on, wait_run
 
 pytestmark = pytest.mark.multipod
 
 CLAIM_TIMEOUT_S = 3  # THREADGATE_CLAIM_TIMEOUT_S of the cluster fixture's pods
 START_MARGIN_S = 10  # interpreter start and imports on a busy 2-core machine
 CHUNKS = 30
-
-
-def at(ts: str) -> datetime:
-    return datetime.fromisoformat(ts)
 
 
 @pytest.mark.cluster(size=2)
