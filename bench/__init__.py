@@ -1,0 +1,1 @@
+"""Benchmarks: each script starts what it needs, runs one workload and prints a table."""

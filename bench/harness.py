@@ -1,0 +1,329 @@
+"""The benchmarks' common ground: the embedded stack, pods as processes, numbers and tables.
+
+Everything a bench starts is a real process on a loopback port: PostgreSQL and nats-server
+from `app.devstack`, pods as `python -m app.cli serve` configured by environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from app.devstack import NatsServer, Postgres, free_port, make_state_dir, nats_server_bin
+from bench.sse import get
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE = [sys.executable, "-m", "app.cli", "serve"]
+
+
+def say(*parts: object) -> None:
+    """Progress goes to stderr; stdout carries only the bench's markdown."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+# ---------------------------------------------------------------------------- the stack
+
+
+class Stack:
+    """PostgreSQL and nats-server in a fresh directory under /tmp, stopped and removed at exit."""
+
+    def __init__(self, *, fast: bool = False) -> None:
+        self.root = make_state_dir(Path(tempfile.mkdtemp(prefix="threadgate-bench-", dir="/tmp")))
+        self.pg = Postgres(self.root / "pg", fast=fast, max_connections=400)
+        self.nats = NatsServer(self.root / "nats")
+        self.fast = fast
+
+    def __enter__(self) -> Stack:
+        t0 = time.monotonic()
+        self.pg.start()
+        self.nats.start()
+        say(f"stack up in {time.monotonic() - t0:.1f}s ({self.root})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.nats.stop()
+        self.pg.stop()
+        if not os.environ.get("BENCH_KEEP_STATE"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def admin_url(self) -> str:
+        return self.pg.url("postgres")
+
+    def new_database(self, name: str) -> str:
+        """An empty database for one pod configuration: its counters and queues are its own."""
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.pg.url(name)
+
+
+class PgCounters:
+    """Transaction counters of one database, read from another (so reading costs it nothing).
+
+    `xact_commit` comes from the cumulative statistics, which a backend flushes at most once a
+    second and, once idle, up to 10 s later: deltas need a settle time (`settle()`). The next
+    transaction id counts write transactions cluster-wide, exactly and at once.
+    """
+
+    SETTLE_S = 11.0
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        self.conn = psycopg.connect(admin_url, autocommit=True)
+        self.database = database
+
+    def read(self) -> tuple[int, int]:
+        self.conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = self.conn.execute(
+            "SELECT xact_commit, pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+            " FROM pg_stat_database WHERE datname = %s",
+            (self.database,),
+        ).fetchone()
+        assert row is not None, self.database
+        return int(row[0]), int(row[1])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def database_name(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def pod_env(
+    database_url: str,
+    nats_url: str,
+    *,
+    polling_s: float = 0.05,
+    delay_ms: float = 0,
+    **knobs: str | float | int,
+) -> dict[str, str]:
+    """The environment of a bench pod; the caller's THREADGATE_* never leak in."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("THREADGATE_") and k != "POD_NAME"
+    }
+    env.update(
+        PYTHONUNBUFFERED="1",
+        THREADGATE_HOST="127.0.0.1",
+        THREADGATE_DATABASE_URL=database_url,
+        THREADGATE_NATS_URL=nats_url,
+        THREADGATE_QUEUE_POLLING_S=str(polling_s),
+        THREADGATE_MOCK_DELAY_MS=str(delay_ms),
+        THREADGATE_LOG_LEVEL="WARNING",
+    )
+    env.update({f"THREADGATE_{k.upper()}": str(v) for k, v in knobs.items()})
+    return env
+
+
+@dataclass
+class Proc:
+    """A server process of a bench (a pod, a peer), ready when `ready_path` answers 200."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    ready_path: str = "/readyz"
+    cwd: Path = REPO
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def spawn(self) -> None:
+        assert not self.alive, f"{self.name} still runs"
+        _SPAWNED.append(self)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    async def wait_ready(self, timeout: float = 120.0) -> float:
+        """Seconds from now until `ready_path` answers 200; fails at once if the process dies."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        delay = 0.02
+        while True:
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited before ready:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, asyncio.TimeoutError, ConnectionError):
+                resp = await asyncio.wait_for(get(self.port, self.ready_path), 5)
+                if resp.status == 200:
+                    return loop.time() - t0
+            if loop.time() - t0 > timeout:
+                raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s\n{self.log_tail()}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    async def start(self, timeout: float = 120.0) -> float:
+        self.spawn()
+        return await self.wait_ready(timeout)
+
+    def rss_kb(self) -> int:
+        return proc_rss_kb(self.pid)
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.pid)
+
+    async def kill(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(self.proc.wait, 10)
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (a pod drains), then SIGKILL if it lingers."""
+        if not self.alive:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            await self.kill()
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def pod(name: str, env: Mapping[str, str], log_dir: Path, cmd: Sequence[str] = SERVE) -> Proc:
+    """A `threadgate serve` process (or a bench wrapper of it) named `name` on a free port."""
+    port = free_port()
+    full = {**env, "POD_NAME": name, "THREADGATE_PORT": str(port)}
+    return Proc(name, list(cmd), full, log_dir / f"{name}.log", port=port)
+
+
+def proc_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------- numbers
+
+
+def pct(xs: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); NaN for no samples."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
+
+
+def ms(x: float, digits: int = 1) -> str:
+    return "—" if math.isnan(x) else f"{x * 1000:.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def machine() -> dict[str, str]:
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "?",
+    )
+
+    def version(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except Exception as exc:
+            return f"? ({exc.__class__.__name__})"
+
+    from importlib.metadata import version as pkg
+
+    from app.devstack import pg_bin_dir
+
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": model,
+        "ram": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgres": version([str(pg_bin_dir() / "postgres"), "--version"]),
+        "nats-server": version([str(nats_server_bin()), "--version"]),
+        "packages": ", ".join(
+            f"{n} {pkg(n)}" for n in ("dbos", "nats-py", "fastapi", "uvicorn", "uvloop")
+        ),
+        "load before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+_SPAWNED: list[Proc] = []
+
+
+def run_async(main: Callable[[], Any]) -> Any:
+    """Run a bench's main; whatever it leaves running (a failed bench) is killed at the end."""
+    use_uvloop()
+    try:
+        return asyncio.run(main())
+    finally:
+        for p in _SPAWNED:
+            if p.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)

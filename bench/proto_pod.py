@@ -1,0 +1,248 @@
+"""A bench-only pod with a prototype start path: measurement code for the TTFC design, not product.
+
+`python -m bench.proto_pod` is `threadgate serve` with `app.workflows.runner.enqueue` wrapped
+according to BENCH_START_PATH (read here, in the bench, not by the app):
+
+- `queue`  the product as it is: enqueue; the queue worker's next poll starts the run.
+- `eager`  enqueue, then run one claim of the queue at once from this pod, with the very
+           function the queue worker's poll uses for this queue
+           (`SystemDatabase.start_queued_partitioned_workflows`: same ordering, same SKIP
+           LOCKED claim, same partition check) and dispatch what it claimed here. Sweeps are
+           coalesced: one at a time, and POSTs during a sweep cause one more. A busy thread
+           claims nothing; its run waits for the slot as before. (A per-partition claim with
+           `start_queued_workflows` would be narrower but orders ties differently from the
+           worker's claim: two claimers could then pick two heads of one partition.)
+- `kick`   enqueue, then wake this pod's queue worker thread so that its next poll runs now
+           (DBOS 3.4.0 waits on its stop event; we hand the worker a wrapper that a kick can
+           also wake).
+- `direct` `DBOS.start_workflow_async` (no queue) when the thread has no other active run,
+           else enqueue: the tempting shortcut. The queue does not see a direct workflow in
+           the thread's partition, so a run queued behind it starts at once: the probe in
+           bench/ttfc_paths.py shows the overlap.
+
+BENCH_FAST_TAIL=1 also swaps in the fan-out prototype (see `install_fast_tail`).
+
+All of it leans on dbos 3.4.0 internals (pinned in pyproject); see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+PATH = os.environ.get("BENCH_START_PATH", "queue")
+_tasks: set[asyncio.Future[Any]] = set()
+
+
+def _keep(fut: asyncio.Future[Any]) -> None:
+    _tasks.add(fut)
+    fut.add_done_callback(_tasks.discard)
+
+
+def install_eager() -> None:
+    import app.workflows.runner as runner
+    from app.workflows.thread_run import QUEUE_NAME
+
+    original = runner.enqueue
+    cache: dict[str, Any] = {}
+    state = {"running": False, "again": False}
+
+    def sweep() -> None:
+        """One claim of the queue, exactly as the queue worker's poll does it for this queue
+        (partition_concurrency=1: `start_queued_partitioned_workflows`, same ordering, same
+        SKIP LOCKED claim), dispatched here."""
+        from dbos._core import execute_dequeued_workflow
+        from dbos._dbos import _get_dbos_instance
+        from dbos._utils import GlobalParams, generate_uuid
+        from sqlalchemy.exc import DBAPIError
+
+        dbos = _get_dbos_instance()
+        queue = cache.get("queue")
+        if queue is None:
+            queue = cache["queue"] = dbos._sys_db.get_queue(QUEUE_NAME)
+        owner = generate_uuid()
+        try:
+            ids = dbos._sys_db.start_queued_partitioned_workflows(
+                queue, GlobalParams.executor_id, GlobalParams.app_version, owner_xid=owner
+            )
+        except DBAPIError:
+            return  # a poll elsewhere is claiming right now: it starts the run
+        if ids:
+            for status in dbos._sys_db.get_workflow_statuses(ids):
+                execute_dequeued_workflow(dbos, status, owner)
+
+    async def sweep_soon() -> None:
+        """At most one sweep at a time; POSTs during a sweep cause exactly one more."""
+        if state["running"]:
+            state["again"] = True
+            return
+        state["running"] = True
+        try:
+            while True:
+                state["again"] = False
+                await asyncio.to_thread(sweep)
+                if not state["again"]:
+                    break
+        finally:
+            state["running"] = False
+
+    async def enqueue(run: Any) -> None:
+        await original(run)
+        _keep(asyncio.ensure_future(sweep_soon()))
+
+    runner.enqueue = enqueue
+
+
+class _Kickable:
+    """Stands in for the worker's stop event: `wait` also returns (False) on a kick."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.kicked = threading.Event()
+
+    def is_set(self) -> bool:
+        return self.stop.is_set()
+
+    def set(self) -> None:
+        self.stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if self.kicked.wait(min(left, 0.1)):  # stop is still seen within 0.1 s
+                self.kicked.clear()
+                break
+        return self.stop.is_set()
+
+
+def install_kick() -> None:
+    import dbos._queue as dbos_queue
+
+    import app.workflows.runner as runner
+    from app.workflows.thread_run import QUEUE_NAME
+
+    original_worker = dbos_queue.queue_worker_thread
+    kicks: dict[str, _Kickable] = {}
+
+    def worker(stop_event: threading.Event, dbos: Any, queue: Any) -> None:
+        kick = kicks[queue.name] = _Kickable(stop_event)
+        original_worker(kick, dbos, queue)  # type: ignore[arg-type]
+
+    dbos_queue.queue_worker_thread = worker  # looked up by queue_thread at each thread start
+    original = runner.enqueue
+
+    async def enqueue(run: Any) -> None:
+        await original(run)
+        kick = kicks.get(QUEUE_NAME)
+        if kick is not None:
+            kick.kicked.set()
+
+    runner.enqueue = enqueue
+
+
+def install_direct() -> None:
+    from dbos import DBOS, SetWorkflowID
+
+    import app.workflows.runner as runner
+    from app.workflows import thread_run as wf
+
+    original = runner.enqueue
+    pools: list[Any] = []
+
+    async def enqueue(run: Any) -> None:
+        # Runner.submit holds the thread's advisory lock here, so this check is serialized
+        # with every other accept on the thread, across pods. Its own pool: submit holds one
+        # of the app pool's connections already (a second one from it deadlocks at 8 POSTs).
+        if not pools:
+            from psycopg.rows import dict_row
+            from psycopg_pool import AsyncConnectionPool
+
+            url = wf.deps().settings.database_url.get_secret_value()
+            pool = AsyncConnectionPool(
+                url, min_size=1, max_size=16, open=False, kwargs={"row_factory": dict_row}
+            )
+            await pool.open()
+            pools.append(pool)
+        async with pools[0].connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) AS n FROM threadgate.runs WHERE thread_id = %s"
+                " AND status IN ('pending', 'running') AND run_id <> %s",
+                (run.thread_id, run.run_id),
+            )
+            row = await cur.fetchone()
+        if row is not None and row["n"]:
+            await original(run)
+            return
+        with SetWorkflowID(run.run_id):
+            await DBOS.start_workflow_async(wf.thread_run, run.thread_id, run.run_id)
+
+    runner.enqueue = enqueue
+
+
+def install_fast_tail() -> None:
+    """BENCH_FAST_TAIL=1: the fan-out prototype. (1) `ThreadTail.wait` without wait_for and
+    shield: one future and one timer per wait, woken by a callback on the tail's shared
+    future; (2) an event's SSE frame encoded once per pod, not once per client."""
+    import app.streams.relay as relay
+    from app.streams.events import sse_frame
+    from app.streams.tail import ThreadTail
+
+    async def wait(self: Any, timeout: float) -> None:
+        changed = self._changed
+        if changed.done():
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        changed.add_done_callback(wake)
+        timer = loop.call_later(timeout, wake, None)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            changed.remove_done_callback(wake)
+
+    ThreadTail.wait = wait  # type: ignore[method-assign]
+    frames: dict[tuple[Any, ...], bytes] = {}
+
+    def cached_frame(ev: Any) -> bytes:
+        key = (ev.type, ev.seq, ev.run_id, ev.attempt, ev.index)
+        frame = frames.get(key)
+        if frame is None:
+            if len(frames) > 50_000:
+                frames.clear()
+            frame = frames[key] = sse_frame(ev)
+        return frame
+
+    relay.sse_frame = cached_frame  # type: ignore[attr-defined]
+
+
+INSTALL = {
+    "queue": lambda: None,
+    "eager": install_eager,
+    "kick": install_kick,
+    "direct": install_direct,
+}
+
+
+def main() -> None:
+    INSTALL[PATH]()
+    if os.environ.get("BENCH_FAST_TAIL") == "1":
+        install_fast_tail()
+    from app.cli import main as cli_main
+
+    cli_main(["serve"])
+
+
+if __name__ == "__main__":
+    main()
