@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,20 @@ class AsyncClient:
     def url(self) -> str:
         return self.urls[0]
 
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request, tried on each pod in turn while a pod is unreachable or answers 503."""
+        last: Exception | None = None
+        for url in self.urls:
+            try:
+                resp = await self.http.request(method, f"{url}{path}", **kwargs)
+            except httpx.TransportError as exc:
+                last = exc
+                continue
+            if resp.status_code == 503 and url != self.urls[-1]:
+                continue  # draining or not ready: the next pod can answer
+            return _check(resp)
+        raise ConnectionError(f"no pod answered {method} {path}: {last!r}")
+
     async def post(
         self,
         thread_id: str,
@@ -135,34 +150,30 @@ class AsyncClient:
         model_options: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        """Post a message. A key is made up when none is given, so that retrying the POST on
+        another pod (after a lost answer) can never create a second run."""
+        headers = {"Idempotency-Key": idempotency_key or f"client-{uuid.uuid4()}"}
         body = {"input": text, "multitask_strategy": strategy, "model_options": model_options or {}}
-        resp = await self.http.post(
-            f"{self.url}/threads/{thread_id}/runs", json=body, headers=headers
+        result: dict[str, Any] = await self._call(
+            "POST", f"/threads/{thread_id}/runs", json=body, headers=headers
         )
-        result: dict[str, Any] = _check(resp)
         return result
 
     async def run(self, thread_id: str, run_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = _check(
-            await self.http.get(f"{self.url}/threads/{thread_id}/runs/{run_id}")
-        )
+        result: dict[str, Any] = await self._call("GET", f"/threads/{thread_id}/runs/{run_id}")
         return result
 
     async def runs(self, thread_id: str, limit: int = 50) -> list[dict[str, Any]]:
-        resp = await self.http.get(f"{self.url}/threads/{thread_id}/runs", params={"limit": limit})
-        return list(_check(resp)["runs"])
+        body = await self._call("GET", f"/threads/{thread_id}/runs", params={"limit": limit})
+        return list(body["runs"])
 
     async def messages(self, thread_id: str) -> list[dict[str, Any]]:
-        return list(
-            _check(await self.http.get(f"{self.url}/threads/{thread_id}/messages"))["messages"]
-        )
+        return list((await self._call("GET", f"/threads/{thread_id}/messages"))["messages"])
 
     async def cancel(self, thread_id: str, run_id: str, *, wait: bool = False) -> dict[str, Any]:
-        resp = await self.http.post(
-            f"{self.url}/threads/{thread_id}/runs/{run_id}/cancel", params={"wait": wait}
+        result: dict[str, Any] = await self._call(
+            "POST", f"/threads/{thread_id}/runs/{run_id}/cancel", params={"wait": wait}
         )
-        result: dict[str, Any] = _check(resp)
         return result
 
     async def events(
