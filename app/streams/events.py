@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 EventType = Literal["run_started", "chunk", "done", "reset"]
@@ -24,6 +24,7 @@ class Event:
     status: DoneStatus | None = None
     error: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    frame: bytes = b""  # its SSE frame, encoded once per pod by the tail (see sse_frame)
 
     def payload(self) -> dict[str, Any]:
         """The JSON object of the event (what `data:` carries)."""
@@ -105,9 +106,16 @@ def encode_sse(event: str | None, data: str, event_id: int | str | None = None) 
 
 
 def sse_frame(ev: Event) -> bytes:
-    """The SSE frame of an event: `id:` is the stream sequence (reset reuses its trigger's)."""
+    """The SSE frame of an event: `id:` is the stream sequence (a reset has none)."""
+    if ev.frame:
+        return ev.frame
     data = json.dumps(ev.payload(), separators=(",", ":"), ensure_ascii=False)
     return encode_sse(ev.type, data, ev.seq or None)
+
+
+def with_frame(ev: Event) -> Event:
+    """The event with its SSE frame attached: every client of the pod sends the same bytes."""
+    return replace(ev, frame=sse_frame(ev))
 
 
 KEEPALIVE = b": keepalive\n\n"

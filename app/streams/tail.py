@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from app.streams.events import Event
+from app.streams.events import Event, with_frame
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class ThreadTail:
         if ev.seq <= self.last_seq:
             return  # redelivered after a consumer reset
         self.last_seq = ev.seq
+        ev = with_frame(ev)
         head = self.head
         if ev.type == "run_started":
             # A new attempt or run: what came before is dead or finished. Trim.
@@ -77,9 +78,28 @@ class ThreadTail:
         return self.log[bisect.bisect_right(self.seqs, seq) :]
 
     async def wait(self, timeout: float) -> None:
-        """Return when the log changes, or after `timeout`."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._changed), timeout)
+        """Return when the log changes, or after `timeout`.
+
+        One future and one timer per waiter, woken by a callback on the shared future: with
+        a thousand clients, wait_for + shield per wake cost more than the relaying itself.
+        """
+        changed = self._changed
+        if changed.done():
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        changed.add_done_callback(wake)
+        timer = loop.call_later(timeout, wake, None)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            changed.remove_done_callback(wake)
 
 
 class TailHub:
