@@ -11,6 +11,9 @@ CLOCK_MONOTONIC (time.perf_counter), the same across processes on Linux.
 All clients run in one asyncio (uvloop) process on the same 2 cores as the pod, nats-server
 and PostgreSQL: the client's own read loop is part of every delay measured here.
 
+The second column runs bench/proto_pod.py's `install_fast_tail` prototype. The product took it
+in 3c3d77e; since then the two columns should agree (a check that it still does what it did).
+
     python -m bench.fanout [--clients 1000] [--chunks 100]
 """
 
