@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     stop_poll_s: float = Field(default=1.0, gt=0)
 
     queue_polling_s: float = Field(default=0.05, gt=0)
-    fast_start: bool = True  # claim a new run at once on the accepting pod (dispatch.py)
+    fast_start: bool = False  # opt-in: claim a new run at once on the accepting pod (dispatch.py)
     claim_timeout_s: float = Field(default=30.0, ge=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
     adopt_after_s: float = Field(default=60.0, gt=0)

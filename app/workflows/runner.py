@@ -148,7 +148,7 @@ class Runner:
 
         async def kick() -> None:
             try:
-                await asyncio.to_thread(claim_and_start, QUEUE_NAME, thread_id)
+                await asyncio.to_thread(claim_and_start, QUEUE_NAME)
             except Exception as exc:  # the queue worker's next poll does it instead
                 logger.debug("fast start skipped: %r", exc, extra={"thread_id": thread_id})
 

@@ -11,6 +11,7 @@ import pytest
 from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.multipod.cluster import Attacher, Cluster, at, wait_run
+from tests.multipod.conftest import StartCluster
 
 pytestmark = pytest.mark.multipod
 
@@ -76,6 +77,15 @@ async def test_runs_posted_at_once_to_three_pods_take_turns_on_their_thread(
             ("assistant", r["run_id"], mock_reply(6 + i)),
         ]
     assert [(m["role"], m["run_id"], m["content"]) for m in messages] == expected
+
+
+async def test_fast_start_keeps_runs_of_a_thread_from_overlapping(
+    start_cluster: StartCluster,
+) -> None:
+    """THREADGATE_FAST_START claims on the accepting pod too: turns must still hold."""
+    cluster = await start_cluster(fast_start="true")
+    for _ in range(3):
+        await test_runs_posted_at_once_to_three_pods_take_turns_on_their_thread(cluster)
 
 
 async def test_an_idempotent_post_makes_one_run_whichever_pods_it_reaches(
