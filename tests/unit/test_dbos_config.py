@@ -1,0 +1,36 @@
+"""dbos-config.yaml (for the `dbos` CLI) says what the pods' in-code DBOS config says."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from dbos._dbos_config import load_config
+
+from app.main import dbos_config
+from app.settings import load_settings
+
+pytestmark = pytest.mark.unit
+
+CONFIG = Path(__file__).resolve().parents[2] / "dbos-config.yaml"
+
+
+def test_dbos_config_file_matches_the_pods(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "postgresql://postgres@db.example:5432/threadgate"
+    monkeypatch.setenv("THREADGATE_DATABASE_URL", url)
+    from_file = load_config(str(CONFIG))
+    in_code = dbos_config(load_settings(database_url=url, pod_name="threadgate-0"))
+    assert from_file["name"] == in_code["name"]
+    assert from_file["system_database_url"] == in_code["system_database_url"] == url
+    assert in_code["executor_id"] == "threadgate-0"
+
+
+def test_dbos_config_file_follows_the_schema() -> None:
+    import yaml
+
+    schema = json.loads(resources.files("dbos").joinpath("dbos-config.schema.json").read_text())
+    data = yaml.safe_load(CONFIG.read_text())
+    assert set(data) <= set(schema["properties"])
+    assert set(data["runtimeConfig"]) <= set(schema["properties"]["runtimeConfig"]["properties"])
