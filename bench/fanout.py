@@ -11,8 +11,9 @@ CLOCK_MONOTONIC (time.perf_counter), the same across processes on Linux.
 All clients run in one asyncio (uvloop) process on the same 2 cores as the pod, nats-server
 and PostgreSQL: the client's own read loop is part of every delay measured here.
 
-The second column runs bench/proto_pod.py's `install_fast_tail` prototype. The product took it
-in 3c3d77e; since then the two columns should agree (a check that it still does what it did).
+Its first runs compared the product's relay with a prototype (one timer-woken future per
+waiting client, each SSE frame encoded once per pod); the product took it in 3c3d77e and the
+prototype was removed. docs/benchmarks.md keeps the before/after.
 
     python -m bench.fanout [--clients 1000] [--chunks 100]
 """
@@ -89,10 +90,7 @@ async def status(port: int, thread: str, run_id: str) -> str:
     return str((await get(port, f"/threads/{thread}/runs/{run_id}")).json()["status"])
 
 
-VARIANTS = {
-    "stock": {},
-    "fast tail (prototype)": {"BENCH_FAST_TAIL": "1"},
-}
+VARIANTS: dict[str, dict[str, str]] = {"stock": {}}
 PROTO = [sys.executable, "-m", "bench.proto_pod"]
 
 
@@ -125,9 +123,7 @@ async def main(clients: int, chunks: int, variants: list[str], profile: bool = F
             "sockets in one uvloop process sharing the 2 cores; each client's delay for chunk "
             "i is measured against the earliest client's arrival of chunk i and against a "
             "core-NATS subscriber's (separate process). Memory per client = pod VmRSS "
-            "difference (all attached and idle, run queued) / clients. 'fast tail' is "
-            "bench/proto_pod.py's `install_fast_tail` (no wait_for/shield per wake, one SSE "
-            "encoding per event), measured in the same run.",
+            "difference (all attached and idle, run queued) / clients.",
             table(["measure", *variants], combined),
             *profiles,
         ]

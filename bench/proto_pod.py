@@ -20,8 +20,6 @@ according to BENCH_START_PATH (read here, in the bench, not by the app):
            the thread's partition, so a run queued behind it starts at once: the probe in
            bench/ttfc_paths.py shows the overlap.
 
-BENCH_FAST_TAIL=1 also swaps in the fan-out prototype (see `install_fast_tail`).
-
 All of it leans on dbos 3.4.0 internals (pinned in pyproject); see docs/benchmarks.md.
 """
 
@@ -185,48 +183,6 @@ def install_direct() -> None:
     runner.enqueue = enqueue
 
 
-def install_fast_tail() -> None:
-    """BENCH_FAST_TAIL=1: the fan-out prototype. (1) `ThreadTail.wait` without wait_for and
-    shield: one future and one timer per wait, woken by a callback on the tail's shared
-    future; (2) an event's SSE frame encoded once per pod, not once per client."""
-    import app.streams.relay as relay
-    from app.streams.events import sse_frame
-    from app.streams.tail import ThreadTail
-
-    async def wait(self: Any, timeout: float) -> None:
-        changed = self._changed
-        if changed.done():
-            return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-
-        def wake(_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        changed.add_done_callback(wake)
-        timer = loop.call_later(timeout, wake, None)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            changed.remove_done_callback(wake)
-
-    ThreadTail.wait = wait  # type: ignore[method-assign]
-    frames: dict[tuple[Any, ...], bytes] = {}
-
-    def cached_frame(ev: Any) -> bytes:
-        key = (ev.type, ev.seq, ev.run_id, ev.attempt, ev.index)
-        frame = frames.get(key)
-        if frame is None:
-            if len(frames) > 50_000:
-                frames.clear()
-            frame = frames[key] = sse_frame(ev)
-        return frame
-
-    relay.sse_frame = cached_frame  # type: ignore[attr-defined]
-
-
 INSTALL = {
     "queue": lambda: None,
     "eager": install_eager,
@@ -237,8 +193,6 @@ INSTALL = {
 
 def main() -> None:
     INSTALL[PATH]()
-    if os.environ.get("BENCH_FAST_TAIL") == "1":
-        install_fast_tail()
     from app.cli import main as cli_main
 
     cli_main(["serve"])
