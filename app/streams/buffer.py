@@ -216,7 +216,10 @@ class JetStreamPublisher:
     async def _settle_oldest(self) -> None:
         fut, data, headers = self.inflight.popleft()
         try:
-            self._accept(await asyncio.wait_for(fut, self.buffer.settings.publish_timeout_s))
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._accept(fut.result())  # the usual case: no timer, no extra task step
+            else:
+                self._accept(await asyncio.wait_for(fut, self.buffer.settings.publish_timeout_s))
             return
         except AttemptBroken:
             raise

@@ -11,10 +11,11 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from app.streams.events import Event, with_frame
+from app.streams.events import Event, sse_frame
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,10 @@ class ThreadTail:
         self.last_seq = 0
         self.caught_up = asyncio.Event()
         self._target_seq = 0
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.version = 0  # bumped by every event taken; waiters compare it (see wait)
+        self._waiters: dict[asyncio.Future[None], float] = {}  # waiter -> deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self.clients = 0
         self.sub: Any = None
         self.close_handle: asyncio.TimerHandle | None = None
@@ -48,7 +52,8 @@ class ThreadTail:
         if ev.seq <= self.last_seq:
             return  # redelivered after a consumer reset
         self.last_seq = ev.seq
-        ev = with_frame(ev)
+        if not ev.frame:  # every client of the pod sends the same bytes
+            ev.frame = sse_frame(ev)
         head = self.head
         if ev.type == "run_started":
             # A new attempt or run: what came before is dead or finished. Trim.
@@ -66,40 +71,65 @@ class ThreadTail:
         # else: a straggler of an attempt already superseded; drop it.
         if self.last_seq >= self._target_seq:
             self.caught_up.set()
-        self._wake()
+        self.version += 1
+        self._wake(self._waiters)
+        self._waiters = {}
 
-    def _wake(self) -> None:
-        if not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = asyncio.get_running_loop().create_future()
+    @staticmethod
+    def _wake(waiters: dict[asyncio.Future[None], float]) -> None:
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def after(self, seq: int) -> list[Event]:
         """Events of the log with a sequence above `seq` (the whole log if `seq` is older)."""
         return self.log[bisect.bisect_right(self.seqs, seq) :]
 
-    async def wait(self, timeout: float) -> None:
-        """Return when the log changes, or after `timeout`.
+    async def wait(self, version: int, timeout: float) -> None:
+        """Return as soon as the log has changed since `version` (at once if it already has),
+        or after about `timeout`.
 
-        One future and one timer per waiter, woken by a callback on the shared future: with
-        a thousand clients, wait_for + shield per wake cost more than the relaying itself.
+        Every waiter is a bare future in one dict; one timer per tail serves all deadlines. With
+        a thousand clients a future + timer + done-callback per waiter and per wake cost more
+        than the relaying itself.
         """
-        changed = self._changed
-        if changed.done():
+        if self.version != version:
             return
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-
-        def wake(_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        changed.add_done_callback(wake)
-        timer = loop.call_later(timeout, wake, None)
+        fut = loop.create_future()
+        deadline = loop.time() + timeout
+        self._waiters[fut] = deadline
+        if deadline < self._timer_at:
+            self._arm(deadline)
         try:
-            await waiter
+            await fut
         finally:
-            timer.cancel()
-            changed.remove_done_callback(wake)
+            self._waiters.pop(fut, None)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        """Wake the waiters whose deadline has come (within a tick), re-arm for the rest."""
+        self._timer, self._timer_at = None, math.inf
+        due = asyncio.get_running_loop().time() + TIMER_SLACK_S
+        expired = {f: at for f, at in self._waiters.items() if at <= due}
+        for fut in expired:
+            del self._waiters[fut]
+        self._wake(expired)
+        if self._waiters:
+            self._arm(min(self._waiters.values()))
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+TIMER_SLACK_S = 0.01  # deadlines this close together fire together
 
 
 class TailHub:
@@ -197,6 +227,7 @@ class TailHub:
         if tail.clients > 0 or self.tails.get(tail.thread_id) is not tail:
             return
         del self.tails[tail.thread_id]
+        tail.close()
         with contextlib.suppress(Exception):
             await tail.sub.unsubscribe()
 
@@ -204,6 +235,7 @@ class TailHub:
         for tail in list(self.tails.values()):
             if tail.close_handle is not None:
                 tail.close_handle.cancel()
+            tail.close()
             with contextlib.suppress(Exception):
                 await tail.sub.unsubscribe()
         self.tails.clear()

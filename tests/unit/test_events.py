@@ -52,3 +52,34 @@ def test_sse_frame_of_a_chunk() -> None:
 def test_done_carries_error() -> None:
     _, _, data = decode_sse(sse_frame(done("r1", 1, "error", {"code": "x", "message": "y"})))
     assert json.loads(data)["error"] == {"code": "x", "message": "y"}
+
+
+@pytest.mark.parametrize(
+    "ev",
+    [
+        chunk("r1", 2, 5, "hi\nthere \u00e9 \u2028 \"q\" \\"),
+        done("r1", 3, "error", {"code": "x", "message": "y\r\nz"}),
+        done("r1", 1, "success"),
+        Event("run_started", "r1", 4),
+    ],
+)
+def test_frame_cut_from_stored_bytes_matches_the_encoded_frame(ev: Event) -> None:
+    """The tail's fast frame (from the JetStream bytes) reads the same as the long way."""
+    fast = Event.from_bytes(ev.to_bytes(), seq=11).frame
+    slow = sse_frame(ev.with_seq(11))
+    assert fast != b"" and decode_sse(fast)[:2] == decode_sse(slow)[:2]
+    assert json.loads(decode_sse(fast)[2]) == json.loads(decode_sse(slow)[2])
+
+
+@given(st.text(), st.integers(0, 10**6), st.integers(0, 10**6))
+def test_chunk_bytes_are_what_json_dumps_gives(text: str, attempt: int, index: int) -> None:
+    ev = chunk("0f0e-run", attempt, index, text)
+    expected = {"type": "chunk", "run_id": "0f0e-run", "attempt": attempt, "index": index}
+    assert ev.to_bytes() == json.dumps({**expected, "text": text}, separators=(",", ":")).encode()
+
+
+def test_bytes_from_another_writer_still_make_a_valid_frame() -> None:
+    data = b'{\n  "type": "chunk", "run_id": "r1", "attempt": 1, "index": 0, "text": "a"\n}'
+    event, eid, body = decode_sse(Event.from_bytes(data, seq=5).frame)
+    assert (event, eid) == ("chunk", "5")
+    assert json.loads(body) == {"run_id": "r1", "attempt": 1, "index": 0, "text": "a"}

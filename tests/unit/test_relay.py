@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from app.streams.events import Event, chunk, done, run_started
@@ -72,3 +74,35 @@ async def test_done_without_chunks_of_a_later_run_replaces_the_log() -> None:
     tail = ThreadTail("t")
     feed(tail, run_started("a", 1), done("a", 1, "success"), done("b", 1, "cancelled"))
     assert [e.run_id for e in tail.log] == ["b"]
+
+
+async def test_a_wait_returns_at_once_when_the_log_changed_since_the_client_looked() -> None:
+    """An event taken while the client was writing (between its look and its wait) is not
+    left for the next event or the keepalive to deliver."""
+    tail = ThreadTail("t")
+    seen = tail.version
+    feed(tail, run_started("r", 1))
+    await asyncio.wait_for(tail.wait(seen, timeout=30), 1)
+
+
+async def test_one_event_wakes_every_waiter_and_deadlines_wake_only_their_own() -> None:
+    tail = ThreadTail("t")
+    v = tail.version
+    slow = [asyncio.ensure_future(tail.wait(v, timeout=30)) for _ in range(50)]
+    quick = asyncio.ensure_future(tail.wait(v, timeout=0.05))
+    await asyncio.wait_for(quick, 1)  # woken by the tail's timer
+    assert not any(w.done() for w in slow)
+    feed(tail, run_started("r", 1))
+    await asyncio.wait_for(asyncio.gather(*slow), 1)
+    assert tail._waiters == {}
+
+
+async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
+    tail = ThreadTail("t")
+    w = asyncio.ensure_future(tail.wait(tail.version, timeout=30))
+    await asyncio.sleep(0)
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    assert tail._waiters == {}
+    tail.close()
