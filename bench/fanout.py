@@ -28,7 +28,19 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.harness import Proc, Stack, ms, pct, pod, pod_env, run_async, say, table
+from bench.harness import (
+    SERVE,
+    Proc,
+    Stack,
+    ms,
+    pct,
+    pod,
+    pod_env,
+    run_async,
+    say,
+    table,
+    tree_at,
+)
 from bench.sse import HttpConn, attach, get
 
 INDEX = b'"index":'
@@ -94,17 +106,25 @@ VARIANTS: dict[str, dict[str, str]] = {"stock": {}}
 PROTO = [sys.executable, "-m", "bench.proto_pod"]
 
 
-async def main(clients: int, chunks: int, variants: list[str], profile: bool = False) -> str:
+async def main(
+    clients: int, chunks: int, variants: list[str], profile: bool = False, base: str | None = None
+) -> str:
     log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir()
     results: dict[str, list[list[object]]] = {}
     profiles = []
+    trees: dict[str, Path | None] = {v: None for v in variants}
+    if base is not None:  # before/after: the base revision's stock pod first
+        sha, tree = tree_at(base)
+        variants = [f"base {sha}", *variants]
+        trees[variants[0]] = tree
     with Stack() as stack:
         for i, variant in enumerate(variants):
             url = stack.new_database(f"fan_{i}_{uuid.uuid4().hex[:6]}")
             env = pod_env(url, stack.nats.url, polling_s=0.05, delay_ms=50)
-            env.update(VARIANTS[variant])
-            p = pod(f"fan-{i}", env, log_dir, PROTO)
+            env.update(VARIANTS.get(variant, {}))
+            tree = trees[variant]
+            p = pod(f"fan-{i}", env, log_dir, PROTO if tree is None else SERVE, tree=tree)
             await p.start()
             thread = f"fan-{uuid.uuid4().hex[:8]}"
             try:
@@ -303,13 +323,14 @@ def cli() -> None:
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--profile", action="store_true", help="py-spy the pod during the run")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
     ap.add_argument("--raw-sub", nargs=4, metavar=("NATS_URL", "SUBJECT", "RUN_ID", "OUT"))
     args = ap.parse_args()
     if args.raw_sub:
         run_async(lambda: raw_subscriber(*args.raw_sub))
         return
     variants = args.variants.split(",")
-    print(run_async(lambda: main(args.clients, args.chunks, variants, args.profile)))
+    print(run_async(lambda: main(args.clients, args.chunks, variants, args.profile, args.base)))
 
 
 if __name__ == "__main__":

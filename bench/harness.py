@@ -230,11 +230,40 @@ class Proc:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def pod(name: str, env: Mapping[str, str], log_dir: Path, cmd: Sequence[str] = SERVE) -> Proc:
-    """A `threadgate serve` process (or a bench wrapper of it) named `name` on a free port."""
+def pod(
+    name: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    cmd: Sequence[str] = SERVE,
+    tree: Path | None = None,
+) -> Proc:
+    """A `threadgate serve` process (or a bench wrapper of it) named `name` on a free port.
+
+    `tree`: run the `app/` package found there (see `tree_at`) instead of this checkout's.
+    """
     port = free_port()
     full = {**env, "POD_NAME": name, "THREADGATE_PORT": str(port)}
-    return Proc(name, list(cmd), full, log_dir / f"{name}.log", port=port)
+    if tree is None:
+        return Proc(name, list(cmd), full, log_dir / f"{name}.log", port=port)
+    full["PYTHONPATH"] = str(tree)  # ahead of the editable install's finder
+    return Proc(name, list(cmd), full, log_dir / f"{name}.log", port=port, cwd=tree)
+
+
+def tree_at(rev: str) -> tuple[str, Path]:
+    """This repository's `app/` as of git revision `rev`, unpacked under /tmp (once per
+    commit): a before/after comparison runs both versions as pods in the same bench run."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    dest = Path(tempfile.gettempdir()) / f"threadgate-tree-{sha}"
+    if not (dest / "app").is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f"threadgate-tree-{sha}-"))
+        archive = subprocess.run(
+            ["git", "archive", sha, "app"], cwd=REPO, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        tmp.rename(dest)
+    return sha, dest
 
 
 def proc_rss_kb(pid: int) -> int:

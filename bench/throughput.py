@@ -25,7 +25,7 @@ from typing import Any
 import nats
 from nats.js.api import StorageType, StreamConfig
 
-from bench.harness import Proc, Stack, pod, pod_env, run_async, say, table
+from bench.harness import Proc, Stack, pod, pod_env, run_async, say, table, tree_at
 from bench.sse import HttpConn, Stream, attach
 
 WINDOW = 64  # the pod's default publish_window
@@ -175,48 +175,65 @@ async def run_raw(nats_url: str, threads: int, chunks: int, msg_ids: bool = True
     return Raw(total, seconds, cpu)
 
 
-async def main(threads: int, chunks: int, repeats: int) -> str:
+async def main(threads: int, chunks: int, repeats: int, base: str | None = None) -> str:
     log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir()
-    e2es: list[E2E] = []
+    labels = ["this tree"]
+    e2es: dict[str, list[E2E]] = {"this tree": []}
     raws: list[Raw] = []
     bare: list[Raw] = []
     with Stack() as stack:
-        url = stack.new_database(f"tp_{uuid.uuid4().hex[:6]}")
-        p = pod("tp-0", pod_env(url, stack.nats.url, polling_s=0.05, delay_ms=0), log_dir)
-        await p.start()
+        pods = {}
+        trees: dict[str, Path | None] = {"this tree": None}
+        if base is not None:  # before/after: a pod of the base revision, runs interleaved
+            sha, tree = tree_at(base)
+            labels.insert(0, f"base {sha}")
+            e2es[labels[0]], trees[labels[0]] = [], tree
+        for i, label in enumerate(labels):
+            url = stack.new_database(f"tp_{i}_{uuid.uuid4().hex[:6]}")
+            env = pod_env(url, stack.nats.url, polling_s=0.05, delay_ms=0)
+            pods[label] = pod(f"tp-{i}", env, log_dir, tree=trees[label])
         try:
-            await run_e2e(p, 10, 50)  # warm
+            for p in pods.values():
+                await p.start()
+                await run_e2e(p, 10, 50)  # warm
             await run_raw(stack.nats.url, 10, 50)
-            for _ in range(repeats):  # interleaved, so that noise hits both alike
-                e2es.append(await run_e2e(p, threads, chunks))
+            for _ in range(repeats):  # interleaved, so that noise hits all alike
+                for label, p in pods.items():
+                    e2es[label].append(await run_e2e(p, threads, chunks))
                 raws.append(await run_raw(stack.nats.url, threads, chunks))
                 bare.append(await run_raw(stack.nats.url, threads, chunks, msg_ids=False))
-                e, r = e2es[-1], raws[-1]
-                say(
-                    f"e2e {e.chunks / e.stream_s:,.0f}/s streaming, {e.chunks / e.total_s:,.0f}/s"
-                    f" total; raw {r.messages / r.seconds:,.0f}/s; verified {e.verified}"
-                )
+                r = raws[-1]
+                for label in labels:
+                    e = e2es[label][-1]
+                    say(
+                        f"[{label}] e2e {e.chunks / e.stream_s:,.0f}/s streaming, "
+                        f"{e.chunks / e.total_s:,.0f}/s total; raw {r.messages / r.seconds:,.0f}"
+                        f"/s; verified {e.verified}"
+                    )
         finally:
-            await p.stop()
-    best_e = max(e2es, key=lambda e: e.chunks / e.stream_s)
+            for p in pods.values():
+                await p.stop()
+    best_e = max(e2es["this tree"], key=lambda e: e.chunks / e.stream_s)
     best_r = max(raws, key=lambda r: r.messages / r.seconds)
     rows = []
-    for i, (e, r, b) in enumerate(zip(e2es, raws, bare, strict=True), 1):
-        rows.append(
-            [
-                i,
-                f"{e.chunks / e.stream_s:,.0f}",
-                f"{e.chunks / e.total_s:,.0f}",
-                f"{r.messages / r.seconds:,.0f}",
-                f"{b.messages / b.seconds:,.0f} ({b.cpu_s / r.cpu_s:.2f}x CPU)",
-                f"{(e.chunks / e.stream_s) / (r.messages / r.seconds):.2f}",
-                f"{(e.chunks / e.total_s) / (r.messages / r.seconds):.2f}",
-                f"{e.pod_cpu_s:.2f} s",
-                f"{e.client_cpu_s:.2f} s",
-                f"{e.verified}/{threads}",
-            ]
-        )
+    for label in labels:
+        for i, (e, r, b) in enumerate(zip(e2es[label], raws, bare, strict=True), 1):
+            rows.append(
+                [
+                    label,
+                    i,
+                    f"{e.chunks / e.stream_s:,.0f}",
+                    f"{e.chunks / e.total_s:,.0f}",
+                    f"{r.messages / r.seconds:,.0f}",
+                    f"{b.messages / b.seconds:,.0f} ({b.cpu_s / r.cpu_s:.2f}x CPU)",
+                    f"{(e.chunks / e.stream_s) / (r.messages / r.seconds):.2f}",
+                    f"{(e.chunks / e.total_s) / (r.messages / r.seconds):.2f}",
+                    f"{e.pod_cpu_s:.2f} s",
+                    f"{e.client_cpu_s:.2f} s",
+                    f"{e.verified}/{threads}",
+                ]
+            )
     ratio = (best_e.chunks / best_e.stream_s) / (best_r.messages / best_r.seconds)
     verdict = f"Best of {repeats}: ratio {ratio:.2f} (target ≥ 0.5: " + (
         "met)." if ratio >= 0.5 else "not met)."
@@ -234,6 +251,7 @@ async def main(threads: int, chunks: int, repeats: int) -> str:
             "sets on every event for deduplication).",
             table(
                 [
+                    "pod",
                     "repeat",
                     "e2e streaming chunks/s",
                     "e2e total chunks/s",
@@ -257,8 +275,9 @@ def cli() -> None:
     ap.add_argument("--threads", type=int, default=50)
     ap.add_argument("--chunks", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
     args = ap.parse_args()
-    print(run_async(lambda: main(args.threads, args.chunks, args.repeats)))
+    print(run_async(lambda: main(args.threads, args.chunks, args.repeats, args.base)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Also: PostgreSQL transactions per second of the pod's database idle and under th
 load (pg_stat_database.xact_commit deltas after a settle), per queue polling interval, and
 where the time goes (from the run rows and DBOS's workflow_status).
 
-    python -m bench.ttfc [--polling 0.05,0.02,0.01] [--quick]
+    python -m bench.ttfc [--polling 0.05,0.02,0.01] [--quick] [--base REV]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from bench.harness import (
     run_async,
     say,
     table,
+    tree_at,
 )
 from bench.sse import HttpConn, attach
 
@@ -172,13 +173,14 @@ async def measure_pod(
     extra_env: dict[str, str] | None = None,
     rounds: dict[int, int],
     counters: bool = True,
+    tree: Path | None = None,
 ) -> VariantResult:
     """One pod configuration on its own database: idle cost, then the TTFC phases."""
     db = f"ttfc_{re.sub(r'[^a-z0-9]', '', label.lower())}_{uuid.uuid4().hex[:6]}"
     url = stack.new_database(db)
     env = pod_env(url, stack.nats.url, polling_s=polling_s, delay_ms=0)
     env.update(extra_env or {})
-    p = pod(f"ttfc-{db}", env, log_dir, cmd)
+    p = pod(f"ttfc-{db}", env, log_dir, cmd, tree=tree)
     took = await p.start()
     say(f"[{label}] pod ready in {took:.1f}s")
     pc = PgCounters(stack.admin_url, database_name(url))
@@ -293,13 +295,22 @@ def cost_table(results: list[VariantResult]) -> str:
     )
 
 
-async def main(polling: list[float], quick: bool) -> str:
+async def main(polling: list[float], quick: bool, base: str | None = None) -> str:
     rounds = {1: 10, 10: 3, 100: 1} if quick else {1: 20, 10: 6, 100: 1}
     log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir()
     results = []
     with Stack() as stack:
-        for p in polling:
+        if base is not None:  # before/after: the base revision's pod, then this tree's
+            sha, tree = tree_at(base)
+            p = polling[0]
+            for label, t in ((f"base {sha}, poll={p}", tree), (f"this tree, poll={p}", None)):
+                results.append(
+                    await measure_pod(
+                        stack, label, polling_s=p, log_dir=log_dir, rounds=rounds, tree=t
+                    )
+                )
+        for p in polling if base is None else []:
             results.append(
                 await measure_pod(stack, f"poll={p}", polling_s=p, log_dir=log_dir, rounds=rounds)
             )
@@ -342,8 +353,10 @@ def cli() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--polling", default="0.05,0.02,0.01")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
     args = ap.parse_args()
-    print(run_async(lambda: main([float(x) for x in args.polling.split(",")], args.quick)))
+    polling = [float(x) for x in args.polling.split(",")]
+    print(run_async(lambda: main(polling, args.quick, args.base)))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_done_carries_error() -> None:
 @pytest.mark.parametrize(
     "ev",
     [
-        chunk("r1", 2, 5, "hi\nthere \u00e9 \u2028 \"q\" \\"),
+        chunk("r1", 2, 5, 'hi\nthere \u00e9 \u2028 "q" \\'),
         done("r1", 3, "error", {"code": "x", "message": "y\r\nz"}),
         done("r1", 1, "success"),
         Event("run_started", "r1", 4),
