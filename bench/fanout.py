@@ -116,8 +116,8 @@ async def main(
     trees: dict[str, Path | None] = {v: None for v in variants}
     if base is not None:  # before/after: the base revision's stock pod first
         sha, tree = tree_at(base)
-        variants = [f"base {sha}", *variants]
-        trees[variants[0]] = tree
+        variants = [f"base {sha}", *("this tree" if v == "stock" else v for v in variants)]
+        trees = {v: None for v in variants} | {variants[0]: tree}
     with Stack() as stack:
         for i, variant in enumerate(variants):
             url = stack.new_database(f"fan_{i}_{uuid.uuid4().hex[:6]}")

@@ -19,7 +19,13 @@ class Prompt:
 
 
 class ChunkSource(Protocol):
-    """Streams a reply as text chunks. Raises TransientModelError or PermanentModelError."""
+    """Streams a reply as text chunks. Raises TransientModelError or PermanentModelError.
+
+    `reads_history`: whether the prompt needs the thread's earlier turns; a source that
+    ignores them spares every run a query.
+    """
+
+    reads_history: bool
 
     def stream(self, prompt: Prompt) -> AsyncIterator[str]: ...
 

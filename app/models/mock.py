@@ -42,6 +42,8 @@ class MockChunkSource:
     """Options: `chunks`, `delay_ms`; `fail` ("transient"|"permanent") fails at chunk `fail_at`
     (default 0) on the first `fail_attempts` attempts (default: every attempt)."""
 
+    reads_history = False  # the reply depends on the options only
+
     def __init__(self, settings: Settings) -> None:
         self.chunks = settings.mock_chunks
         self.delay_ms = settings.mock_delay_ms

@@ -24,6 +24,8 @@ def classify_status(status: int, body: str) -> ModelError:
 class OpenAIChunkSource:
     """POST {base_url}/chat/completions with stream=true; yields each delta's content."""
 
+    reads_history = True
+
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.openai_base_url.rstrip("/")
         self.api_key = settings.openai_api_key

@@ -123,37 +123,39 @@ class PgRunStore:
                 )
 
     async def insert_run(self, conn: AsyncConnection[Any], new: NewRun) -> Run:
-        """Record an accepted run and its user message in one transaction."""
-        async with conn.transaction():
-            await conn.execute(
-                "INSERT INTO threadgate.threads (thread_id, owner) VALUES (%s, %s)"
-                " ON CONFLICT (thread_id) DO NOTHING",
-                (new.thread_id, new.owner),
-            )
-            await conn.execute(
-                """INSERT INTO threadgate.runs (run_id, thread_id, accepted_by, input,
-                       model_options, multitask_strategy, idempotency_key, request_hash, timeout_s)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                (
-                    new.run_id,
-                    new.thread_id,
-                    new.accepted_by,
-                    new.input,
-                    Jsonb(new.model_options),
-                    new.multitask_strategy,
-                    new.idempotency_key,
-                    new.request_hash,
-                    new.timeout_s,
-                ),
-            )
-            await conn.execute(
-                "INSERT INTO threadgate.messages (run_id, role, thread_id, content)"
-                " VALUES (%s, 'user', %s, %s)",
-                (new.run_id, new.thread_id, new.input),
-            )
-        run = await self.get_run(new.thread_id, new.run_id, conn=conn)
-        assert run is not None
-        return run
+        """Record an accepted run and its user message: one statement, so one transaction
+        and one round trip (foreign keys are checked at the statement's end)."""
+        cur = await conn.execute(
+            f"""WITH t AS (
+                    INSERT INTO threadgate.threads (thread_id, owner) VALUES (%s, %s)
+                    ON CONFLICT (thread_id) DO NOTHING),
+                r AS (
+                    INSERT INTO threadgate.runs (run_id, thread_id, accepted_by, input,
+                        model_options, multitask_strategy, idempotency_key, request_hash,
+                        timeout_s)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *),
+                u AS (
+                    INSERT INTO threadgate.messages (run_id, role, thread_id, content)
+                    SELECT run_id, 'user', thread_id, input FROM r)
+                SELECT {_RUN_COLUMNS} FROM r
+                LEFT JOIN threadgate.messages m ON false""",
+            (
+                new.thread_id,
+                new.owner,
+                new.run_id,
+                new.thread_id,
+                new.accepted_by,
+                new.input,
+                Jsonb(new.model_options),
+                new.multitask_strategy,
+                new.idempotency_key,
+                new.request_hash,
+                new.timeout_s,
+            ),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return _run(row)
 
     async def get_run(
         self, thread_id: str, run_id: str, *, conn: AsyncConnection[Any] | None = None
@@ -249,17 +251,19 @@ class PgRunStore:
         """Count an execution of the reply step. Survives crashes: never repeats a number."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                """UPDATE threadgate.runs
-                   SET attempt = attempt + 1, executor = %s,
-                       status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
-                       started_at = coalesce(started_at, now())
-                   WHERE run_id = %s RETURNING thread_id""",
+                f"""WITH r AS (
+                        UPDATE threadgate.runs
+                        SET attempt = attempt + 1, executor = %s,
+                            status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+                            started_at = coalesce(started_at, now())
+                        WHERE run_id = %s RETURNING *)
+                    SELECT {_RUN_COLUMNS} FROM r
+                    LEFT JOIN threadgate.messages m
+                      ON m.run_id = r.run_id AND m.role = 'assistant'""",
                 (executor, run_id),
             )
             row = await cur.fetchone()
-            if row is None:
-                return None
-            return await self.get_run(row["thread_id"], run_id, conn=conn)
+            return _run(row) if row else None
 
     async def finish(
         self,

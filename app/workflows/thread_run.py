@@ -181,7 +181,7 @@ async def _stop_watch(d: RunDeps, run_id: str) -> AsyncIterator[None]:
 
 async def _stream_attempt(d: RunDeps, run: Run, attempt: int) -> Outcome:
     thread_id, run_id = run.thread_id, run.run_id
-    history = await d.store.history(thread_id, run.seq)
+    history = await d.store.history(thread_id, run.seq) if d.model.reads_history else []
     prompt = Prompt(
         messages=[{"role": m.role, "content": m.content} for m in history]
         + [{"role": "user", "content": run.input}],
