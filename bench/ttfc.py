@@ -10,7 +10,7 @@ Also: PostgreSQL transactions per second of the pod's database idle and under th
 load (pg_stat_database.xact_commit deltas after a settle), per queue polling interval, and
 where the time goes (from the run rows and DBOS's workflow_status).
 
-    python -m bench.ttfc [--polling 0.05,0.02,0.01] [--quick] [--base REV]
+    python -m bench.ttfc [--polling 0.05,0.02,0.01] [--quick] [--base REV] [--fast-start]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -163,68 +164,103 @@ class VariantResult:
     load_writes_per_run: float
 
 
-async def measure_pod(
-    stack: Stack,
-    label: str,
-    *,
-    polling_s: float,
-    log_dir: Path,
-    cmd: list[str] = SERVE,
-    extra_env: dict[str, str] | None = None,
-    rounds: dict[int, int],
-    counters: bool = True,
-    tree: Path | None = None,
-) -> VariantResult:
-    """One pod configuration on its own database: idle cost, then the TTFC phases."""
-    db = f"ttfc_{re.sub(r'[^a-z0-9]', '', label.lower())}_{uuid.uuid4().hex[:6]}"
-    url = stack.new_database(db)
-    env = pod_env(url, stack.nats.url, polling_s=polling_s, delay_ms=0)
-    env.update(extra_env or {})
-    p = pod(f"ttfc-{db}", env, log_dir, cmd, tree=tree)
-    took = await p.start()
-    say(f"[{label}] pod ready in {took:.1f}s")
-    pc = PgCounters(stack.admin_url, database_name(url))
-    try:
-        warm = Poster(p.port, f"warm-{uuid.uuid4().hex[:6]}")
+class PodRig:
+    """One pod configuration on its own database: its idle cost, then TTFC phases."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        label: str,
+        *,
+        polling_s: float,
+        log_dir: Path,
+        cmd: list[str] = SERVE,
+        extra_env: dict[str, str] | None = None,
+        counters: bool = True,
+        tree: Path | None = None,
+    ) -> None:
+        self.label, self.counters = label, counters
+        db = f"ttfc_{re.sub(r'[^a-z0-9]', '', label.lower())}_{uuid.uuid4().hex[:6]}"
+        self.url = stack.new_database(db)
+        env = pod_env(self.url, stack.nats.url, polling_s=polling_s, delay_ms=0)
+        env.update(extra_env or {})
+        self.p = pod(f"ttfc-{db}", env, log_dir, cmd, tree=tree)
+        self.pc = PgCounters(stack.admin_url, database_name(self.url))
+        self.result = VariantResult(label, {}, *(float("nan"),) * 5)
+
+    async def open(self) -> None:
+        say(f"[{self.label}] pod ready in {await self.p.start():.1f}s")
+        warm = Poster(self.p.port, f"warm-{uuid.uuid4().hex[:6]}")
         for _ in range(3):
             await warm.turn()
         warm.close()
-        idle_xact_s = idle_cpu = load_xact_s = per_run = writes_per_run = float("nan")
-        if counters:
-            await asyncio.sleep(PgCounters.SETTLE_S)  # let every backend flush its counters
-            (x0, _), c0, t0 = pc.read(), p.cpu_s(), time.monotonic()
-            await asyncio.sleep(5.0)
-            (x1, _), c1, t1 = pc.read(), p.cpu_s(), time.monotonic()
-            idle_xact_s, idle_cpu = (x1 - x0) / (t1 - t0), (c1 - c0) / (t1 - t0)
-        phases: dict[int, Phase] = {}
-        for level in LEVELS:
-            if level not in rounds:
-                continue
-            (x0, w0), t0 = pc.read(), time.monotonic()
-            phase = await run_phase(p, level, rounds[level], label)
-            if counters and level == 10:
-                t1 = time.monotonic()
-                _, w1 = pc.read()
-                await asyncio.sleep(PgCounters.SETTLE_S)
-                (x1, _), t2 = pc.read(), time.monotonic()
-                busy = (x1 - x0) - idle_xact_s * (t2 - t1)  # the settle's own idle polling
-                runs = len(phase.samples) + len(phase.cold)
-                load_xact_s = busy / (t1 - t0)
-                per_run = (busy - idle_xact_s * (t1 - t0)) / runs
-                writes_per_run = (w1 - w0) / runs
-            phase.breakdown = breakdown(url, phase.samples)
-            phases[level] = phase
-            p50, p99 = (
-                pct([s.ttfc for s in phase.samples], 50),
-                pct([s.ttfc for s in phase.samples], 99),
-            )
-            say(f"[{label}] {level:>3} threads: p50 {ms(p50)} ms  p99 {ms(p99)} ms")
-        return VariantResult(
-            label, phases, idle_xact_s, idle_cpu, load_xact_s, per_run, writes_per_run
+
+    async def idle(self) -> None:
+        if not self.counters:
+            return
+        await asyncio.sleep(PgCounters.SETTLE_S)  # let every backend flush its counters
+        (x0, _), c0, t0 = self.pc.read(), self.p.cpu_s(), time.monotonic()
+        await asyncio.sleep(5.0)
+        (x1, _), c1, t1 = self.pc.read(), self.p.cpu_s(), time.monotonic()
+        self.result.idle_xact_s, self.result.idle_cpu = (x1 - x0) / (t1 - t0), (c1 - c0) / (t1 - t0)
+
+    async def phase(self, level: int, rounds: int) -> None:
+        r = self.result
+        (x0, w0), t0 = self.pc.read(), time.monotonic()
+        phase = await run_phase(self.p, level, rounds, self.label)
+        if self.counters and level == 10:
+            t1 = time.monotonic()
+            _, w1 = self.pc.read()
+            await asyncio.sleep(PgCounters.SETTLE_S)
+            (x1, _), t2 = self.pc.read(), time.monotonic()
+            busy = (x1 - x0) - r.idle_xact_s * (t2 - t1)  # the settle's own idle polling
+            runs = len(phase.samples) + len(phase.cold)
+            r.load_xact_s = busy / (t1 - t0)
+            r.load_xact_per_run = (busy - r.idle_xact_s * (t1 - t0)) / runs
+            r.load_writes_per_run = (w1 - w0) / runs
+        phase.breakdown = breakdown(self.url, phase.samples)
+        r.phases[level] = phase
+        xs = [s.ttfc for s in phase.samples]
+        say(
+            f"[{self.label}] {level:>3} threads: p50 {ms(pct(xs, 50))} ms  p99 {ms(pct(xs, 99))} ms"
         )
+
+    async def close(self) -> None:
+        self.pc.close()
+        await self.p.stop()
+
+
+async def measure_pod(
+    stack: Stack, label: str, *, rounds: dict[int, int], **kw: Any
+) -> VariantResult:
+    """One pod configuration, start to finish: idle cost, then the TTFC phases."""
+    rig = PodRig(stack, label, **kw)
+    try:
+        await rig.open()
+        await rig.idle()
+        for level in LEVELS:
+            if level in rounds:
+                await rig.phase(level, rounds[level])
+        return rig.result
     finally:
-        pc.close()
-        await p.stop()
+        await rig.close()
+
+
+async def compare(stack: Stack, rigs: list[PodRig], rounds: dict[int, int]) -> list[VariantResult]:
+    """Several pods side by side: each phase runs on every pod before the next phase, so
+    that the machine's moods fall on all of them alike."""
+    try:
+        for rig in rigs:
+            await rig.open()
+        for rig in rigs:
+            await rig.idle()
+        for level in LEVELS:
+            for rig in rigs if level in rounds else []:
+                await rig.phase(level, rounds[level])
+        return [rig.result for rig in rigs]
+    finally:
+        for rig in rigs:
+            await rig.close()
 
 
 def ttfc_table(results: list[VariantResult]) -> str:
@@ -295,22 +331,27 @@ def cost_table(results: list[VariantResult]) -> str:
     )
 
 
-async def main(polling: list[float], quick: bool, base: str | None = None) -> str:
+async def main(
+    polling: list[float], quick: bool, base: str | None = None, fast_start: bool = False
+) -> str:
     rounds = {1: 10, 10: 3, 100: 1} if quick else {1: 20, 10: 6, 100: 1}
     log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir()
     results = []
     with Stack() as stack:
-        if base is not None:  # before/after: the base revision's pod, then this tree's
-            sha, tree = tree_at(base)
+        if base is not None or fast_start:  # side by side, phase by phase
             p = polling[0]
-            for label, t in ((f"base {sha}, poll={p}", tree), (f"this tree, poll={p}", None)):
-                results.append(
-                    await measure_pod(
-                        stack, label, polling_s=p, log_dir=log_dir, rounds=rounds, tree=t
-                    )
-                )
-        for p in polling if base is None else []:
+            rigs = [PodRig(stack, f"this tree, poll={p}", polling_s=p, log_dir=log_dir)]
+            if base is not None:  # before/after: the base revision's pod too
+                sha, tree = tree_at(base)
+                label = f"base {sha}, poll={p}"
+                rigs.insert(0, PodRig(stack, label, polling_s=p, log_dir=log_dir, tree=tree))
+            if fast_start:
+                fast = {"THREADGATE_FAST_START": "true"}
+                label = f"this tree, fast start, poll={p}"
+                rigs.append(PodRig(stack, label, polling_s=p, log_dir=log_dir, extra_env=fast))
+            results += await compare(stack, rigs, rounds)
+        for p in polling if base is None and not fast_start else []:
             results.append(
                 await measure_pod(stack, f"poll={p}", polling_s=p, log_dir=log_dir, rounds=rounds)
             )
@@ -354,9 +395,10 @@ def cli() -> None:
     ap.add_argument("--polling", default="0.05,0.02,0.01")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
+    ap.add_argument("--fast-start", action="store_true", help="a THREADGATE_FAST_START pod too")
     args = ap.parse_args()
     polling = [float(x) for x in args.polling.split(",")]
-    print(run_async(lambda: main(polling, args.quick, args.base)))
+    print(run_async(lambda: main(polling, args.quick, args.base, args.fast_start)))
 
 
 if __name__ == "__main__":
