@@ -79,6 +79,8 @@ class Runner:
         self.nc = nc
         self._sub: Any = None
         self._kicks: set[asyncio.Task[None]] = set()
+        self._sweeping = False  # a fast-start sweep is under way
+        self._sweep_again = False  # a run was accepted during it
 
     async def submit(
         self,
@@ -144,17 +146,32 @@ class Runner:
         return run, True
 
     def _start_soon(self, thread_id: str) -> None:
-        """Claim the thread's next run now rather than at the next queue poll (dispatch.py)."""
+        """Claim the thread's next run now rather than at the next queue poll (dispatch.py).
 
-        async def kick() -> None:
-            try:
-                await asyncio.to_thread(claim_and_start, QUEUE_NAME)
-            except Exception as exc:  # the queue worker's next poll does it instead
-                logger.debug("fast start skipped: %r", exc, extra={"thread_id": thread_id})
-
-        task = asyncio.create_task(kick())
+        Sweeps are coalesced: one at a time, and any number of accepts during a sweep cause
+        one more. A burst of POSTs costs a sweep or two, not one each (each sweep claims every
+        startable run of the queue).
+        """
+        if self._sweeping:
+            self._sweep_again = True
+            return
+        self._sweeping = True
+        task = asyncio.create_task(self._sweep(thread_id))
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)
+
+    async def _sweep(self, thread_id: str) -> None:
+        try:
+            while True:
+                self._sweep_again = False
+                try:
+                    await asyncio.to_thread(claim_and_start, QUEUE_NAME)
+                except Exception as exc:  # the queue worker's next poll does it instead
+                    logger.debug("fast start skipped: %r", exc, extra={"thread_id": thread_id})
+                if not self._sweep_again:
+                    return
+        finally:
+            self._sweeping = False
 
     async def cancel(self, thread_id: str, run_id: str) -> Run:
         run = await self.store.get_run(thread_id, run_id)
