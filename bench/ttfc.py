@@ -22,6 +22,7 @@ import re
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,26 +333,34 @@ def cost_table(results: list[VariantResult]) -> str:
 
 
 async def main(
-    polling: list[float], quick: bool, base: str | None = None, fast_start: bool = False
+    polling: list[float],
+    quick: bool,
+    base: str | None = None,
+    fast_start: bool = False,
+    env: Sequence[str] = (),
 ) -> str:
     rounds = {1: 10, 10: 3, 100: 1} if quick else {1: 20, 10: 6, 100: 1}
     log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir()
     results = []
     with Stack() as stack:
-        if base is not None or fast_start:  # side by side, phase by phase
+        if base is not None or fast_start or env:  # side by side, phase by phase
             p = polling[0]
             rigs = [PodRig(stack, f"this tree, poll={p}", polling_s=p, log_dir=log_dir)]
             if base is not None:  # before/after: the base revision's pod too
                 sha, tree = tree_at(base)
                 label = f"base {sha}, poll={p}"
                 rigs.insert(0, PodRig(stack, label, polling_s=p, log_dir=log_dir, tree=tree))
+            for knob in env:
+                k, v = knob.split("=", 1)
+                label = f"this tree, {k.removeprefix('THREADGATE_').lower()}={v}, poll={p}"
+                rigs.append(PodRig(stack, label, polling_s=p, log_dir=log_dir, extra_env={k: v}))
             if fast_start:
                 fast = {"THREADGATE_FAST_START": "true"}
                 label = f"this tree, fast start, poll={p}"
                 rigs.append(PodRig(stack, label, polling_s=p, log_dir=log_dir, extra_env=fast))
             results += await compare(stack, rigs, rounds)
-        for p in polling if base is None and not fast_start else []:
+        for p in polling if base is None and not fast_start and not env else []:
             results.append(
                 await measure_pod(stack, f"poll={p}", polling_s=p, log_dir=log_dir, rounds=rounds)
             )
@@ -396,9 +405,10 @@ def cli() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
     ap.add_argument("--fast-start", action="store_true", help="a THREADGATE_FAST_START pod too")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="a pod with K=V too")
     args = ap.parse_args()
     polling = [float(x) for x in args.polling.split(",")]
-    print(run_async(lambda: main(polling, args.quick, args.base, args.fast_start)))
+    print(run_async(lambda: main(polling, args.quick, args.base, args.fast_start, args.env)))
 
 
 if __name__ == "__main__":
