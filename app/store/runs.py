@@ -275,20 +275,27 @@ class PgRunStore:
         reply_status: str = "complete",
         error: dict[str, Any] | None = None,
     ) -> None:
-        """Store the reply (once: a re-run keeps the first) and the final status, atomically."""
-        async with self.db.pool.connection() as conn, conn.transaction():
-            if reply is not None:
-                await conn.execute(
-                    """INSERT INTO threadgate.messages (run_id, role, thread_id, content, status)
-                       VALUES (%s, 'assistant', %s, %s, %s)
-                       ON CONFLICT (run_id, role) DO NOTHING""",
-                    (run_id, thread_id, reply, reply_status),
-                )
+        """Store the reply (once: a re-run keeps the first) and the final status, atomically:
+        one statement, one round trip."""
+        async with self.db.pool.connection() as conn:
             await conn.execute(
-                """UPDATE threadgate.runs SET status = %s, error = %s,
+                """WITH reply AS (
+                       INSERT INTO threadgate.messages (run_id, role, thread_id, content, status)
+                       SELECT %s, 'assistant', %s, %s, %s WHERE %s
+                       ON CONFLICT (run_id, role) DO NOTHING)
+                   UPDATE threadgate.runs SET status = %s, error = %s,
                        finished_at = coalesce(finished_at, now())
                    WHERE run_id = %s""",
-                (status, Jsonb(error) if error is not None else None, run_id),
+                (
+                    run_id,
+                    thread_id,
+                    reply,
+                    reply_status,
+                    reply is not None,
+                    status,
+                    Jsonb(error) if error is not None else None,
+                    run_id,
+                ),
             )
 
     async def request_stop(self, run_id: str, reason: str) -> Run | None:
