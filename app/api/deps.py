@@ -16,7 +16,9 @@ from app.streams.tail import TailHub
 from app.workflows.runner import Runner
 
 
-def runtime(request: Request) -> Runtime:
+# Every dependency is `async def`: FastAPI runs a plain `def` one in its thread pool, a thread
+# hand-off per dependency per request for what is an attribute read.
+async def runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
 
@@ -24,7 +26,7 @@ def runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 
 
-def thread_id_param(
+async def thread_id_param(
     thread_id: Annotated[
         str,
         Path(
@@ -40,13 +42,13 @@ def thread_id_param(
 ThreadId = Annotated[str, Depends(thread_id_param)]
 
 
-def runner(rt: RuntimeDep) -> Runner:
+async def runner(rt: RuntimeDep) -> Runner:
     if rt.runner is None or rt.draining:
         raise Unavailable("this pod is not accepting runs (starting or draining)")
     return rt.runner
 
 
-def hub(rt: RuntimeDep) -> TailHub:
+async def hub(rt: RuntimeDep) -> TailHub:
     if rt.hub is None:
         raise Unavailable("this pod is not ready")
     return rt.hub
