@@ -132,6 +132,19 @@ class ThreadTail:
 TIMER_SLACK_S = 0.01  # deadlines this close together fire together
 
 
+def stream_seq(msg: Any) -> int:
+    """A delivery's stream sequence, read from its reply subject: nats-py's `msg.metadata`
+    builds a frozen dataclass and a datetime per message for it.
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`;
+    any other form (a server with domains) goes through nats-py's parser.
+    """
+    tokens: list[str] = msg.reply.split(".") if msg.reply else []
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5])
+    return int(msg.metadata.sequence.stream)
+
+
 class TailHub:
     """The pod's tails, by thread: created on the first attach, closed after the last leaves."""
 
@@ -187,7 +200,7 @@ class TailHub:
 
         async def on_msg(msg: Any) -> None:
             try:
-                ev = Event.from_bytes(msg.data, seq=msg.metadata.sequence.stream)
+                ev = Event.from_bytes(msg.data, seq=stream_seq(msg))
             except Exception:
                 logger.exception("undecodable event", extra={"thread_id": tail.thread_id})
                 return

@@ -106,3 +106,15 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
         await w
     assert tail._waiters == {}
     tail.close()
+
+
+def test_stream_seq_reads_the_reply_subject_like_nats_py() -> None:
+    from nats.aio.msg import Msg
+
+    from app.streams.tail import stream_seq
+
+    v1 = "$JS.ACK.threadgate.ordered.1.4242.17.1700000000000000000.3"
+    v2 = "$JS.ACK.dom.acchash.threadgate.ordered.1.4242.17.1700000000000000000.3.rnd"
+    for reply in (v1, v2):
+        msg = Msg(None, subject="s", reply=reply)  # type: ignore[arg-type]
+        assert stream_seq(msg) == msg.metadata.sequence.stream == 4242
