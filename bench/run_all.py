@@ -5,6 +5,11 @@ and its progress on stderr (kept in a log under /tmp). The generated part of
 docs/benchmarks.md sits between two markers; text outside them is kept as it is.
 
     python -m bench.run_all [--only ttfc,throughput] [--quiet-wait 300] [--out docs/benchmarks.md]
+                            [--base REV]
+
+`--base REV`: before/after in the same run — throughput and fanout also run a pod of git
+revision REV (see bench.harness.tree_at), and one more ttfc puts REV's pod, this tree's and
+this tree's with fast start side by side, phase by phase.
 """
 
 from __future__ import annotations
@@ -87,11 +92,26 @@ def run_one(name: str, args: list[str], limit: int, log_dir: Path) -> tuple[str,
     return f"{text}\n\n_Command: `{shown}` — {took:.0f} s._", summary
 
 
+def with_base(rev: str) -> list[tuple[str, list[str], int]]:
+    """The bench list with before/after runs against revision `rev`."""
+    out: list[tuple[str, list[str], int]] = []
+    for name, extra, limit in BENCHES:
+        if name in ("throughput", "fanout"):
+            out.append((name, [*extra, "--base", rev], limit * 2))
+            continue
+        out.append((name, extra, limit))
+        if name == "ttfc":
+            side = ["--polling", "0.05", "--base", rev, "--fast-start"]
+            out.append((name, side, 420))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated bench names")
     ap.add_argument("--quiet-wait", type=float, default=0.0, help="seconds to wait for quiet")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--base", metavar="REV", help="before/after against git revision REV")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
     log_dir = Path("/tmp") / f"threadgate-run-all-{uuid.uuid4().hex[:6]}"
@@ -100,7 +120,7 @@ def main() -> None:
     info = machine()
     t0 = time.monotonic()
     sections, summary = [], []
-    for name, extra, limit in BENCHES:
+    for name, extra, limit in with_base(args.base) if args.base else BENCHES:
         if only and name not in only:
             continue
         if not (REPO / "bench" / f"{name}.py").exists():
@@ -112,6 +132,7 @@ def main() -> None:
         summary.append(row)
     total = time.monotonic() - t0
     command = "python -m bench.run_all" + (f" --only {args.only}" if args.only else "")
+    command += f" --base {args.base}" if args.base else ""
     generated = "\n\n".join(
         [
             BEGIN,
