@@ -30,7 +30,7 @@ BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 BENCHES: list[tuple[str, list[str], int]] = [
     ("ttfc", [], 240),
     ("ttfc_paths", [], 240),
-    ("throughput", [], 180),
+    ("throughput", ["--repeats", "3"], 240),
     ("fanout", ["--profile"], 300),
     ("dbcost", [], 180),
     ("footprint", [], 120),

@@ -376,7 +376,9 @@ async def main(
     )
     return "\n\n".join(
         [
-            "## Time to first chunk (stock pod, per queue polling interval)",
+            "## Time to first chunk, side by side (before/after, fast start)"
+            if base is not None or fast_start or env
+            else "## Time to first chunk (stock pod, per queue polling interval)",
             "POST written → first `chunk` event read by a client that attaches as soon as the "
             f"202 is read. {CHUNKS}-chunk replies, mock delay 0; N threads post in the same "
             "instant, round after round (each thread a conversation; the first round, a new "
