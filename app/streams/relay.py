@@ -74,7 +74,7 @@ async def relay(
         frames: list[bytes] = []
         size = 0
         finished = more = False
-        version = tail.version  # anything taken after this wakes the wait below at once
+        seen = tail.last_seq  # anything taken after this wakes the wait below at once
         for ev in tail.after(cursor.seq):
             out, finished = step(cursor, run_id, ev)
             for e in out:
@@ -110,7 +110,7 @@ async def relay(
         deadline = last_write + keepalive_s
         if not cursor.shown:
             deadline = min(deadline, next_check)
-        await tail.wait(version, max(deadline - loop.time(), 0.001))
+        await tail.wait(seen, max(deadline - loop.time(), 0.001))
 
 
 def _run_in_log(tail: ThreadTail, run_id: str) -> bool:

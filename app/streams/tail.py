@@ -35,7 +35,6 @@ class ThreadTail:
         self.last_seq = 0
         self.caught_up = asyncio.Event()
         self._target_seq = 0
-        self.version = 0  # bumped by every event taken; waiters compare it (see wait)
         self._waiters: dict[asyncio.Future[None], float] = {}  # waiter -> deadline
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -71,7 +70,6 @@ class ThreadTail:
         # else: a straggler of an attempt already superseded; drop it.
         if self.last_seq >= self._target_seq:
             self.caught_up.set()
-        self.version += 1
         self._wake(self._waiters)
         self._waiters = {}
 
@@ -85,15 +83,15 @@ class ThreadTail:
         """Events of the log with a sequence above `seq` (the whole log if `seq` is older)."""
         return self.log[bisect.bisect_right(self.seqs, seq) :]
 
-    async def wait(self, version: int, timeout: float) -> None:
-        """Return as soon as the log has changed since `version` (at once if it already has),
-        or after about `timeout`.
+    async def wait(self, seen_seq: int, timeout: float) -> None:
+        """Return as soon as an event came after `seen_seq`, the tail's `last_seq` when the
+        caller last looked (at once if one already has), or after about `timeout`.
 
         Every waiter is a bare future in one dict; one timer per tail serves all deadlines. With
         a thousand clients a future + timer + done-callback per waiter and per wake cost more
         than the relaying itself.
         """
-        if self.version != version:
+        if self.last_seq != seen_seq:
             return
         loop = asyncio.get_running_loop()
         fut = loop.create_future()

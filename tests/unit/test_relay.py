@@ -80,14 +80,14 @@ async def test_a_wait_returns_at_once_when_the_log_changed_since_the_client_look
     """An event taken while the client was writing (between its look and its wait) is not
     left for the next event or the keepalive to deliver."""
     tail = ThreadTail("t")
-    seen = tail.version
+    seen = tail.last_seq
     feed(tail, run_started("r", 1))
     await asyncio.wait_for(tail.wait(seen, timeout=30), 1)
 
 
 async def test_one_event_wakes_every_waiter_and_deadlines_wake_only_their_own() -> None:
     tail = ThreadTail("t")
-    v = tail.version
+    v = tail.last_seq
     slow = [asyncio.ensure_future(tail.wait(v, timeout=30)) for _ in range(50)]
     quick = asyncio.ensure_future(tail.wait(v, timeout=0.05))
     await asyncio.wait_for(quick, 1)  # woken by the tail's timer
@@ -99,7 +99,7 @@ async def test_one_event_wakes_every_waiter_and_deadlines_wake_only_their_own() 
 
 async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
     tail = ThreadTail("t")
-    w = asyncio.ensure_future(tail.wait(tail.version, timeout=30))
+    w = asyncio.ensure_future(tail.wait(tail.last_seq, timeout=30))
     await asyncio.sleep(0)
     w.cancel()
     with pytest.raises(asyncio.CancelledError):
