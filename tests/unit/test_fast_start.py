@@ -1,0 +1,41 @@
+"""Fast start's sweeps: a burst of accepts costs a sweep or two, never one each."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from app.settings import load_settings
+from app.workflows import runner as runner_mod
+from app.workflows.runner import Runner
+from app.workflows.stops import StopSignals
+
+pytestmark = pytest.mark.unit
+
+
+async def test_accepts_during_a_sweep_cause_exactly_one_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    sweeps: list[str] = []
+
+    def claim(queue: str) -> list[str]:  # stands in for the DBOS claim: blocks like a query
+        sweeps.append(queue)
+        entered.set()
+        release.wait(5)
+        return []
+
+    monkeypatch.setattr(runner_mod, "claim_and_start", claim)
+    r = Runner(load_settings(fast_start=True), store=None, stops=StopSignals(), nc=None)  # type: ignore[arg-type]
+    r._start_soon("t0")
+    assert await asyncio.to_thread(entered.wait, 5)  # the first sweep is inside its claim
+    for i in range(10):
+        r._start_soon(f"t{i}")
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*r._kicks), 5)
+    assert len(sweeps) == 2
+    r._start_soon("later")  # idle again: a new accept sweeps at once
+    await asyncio.wait_for(asyncio.gather(*r._kicks), 5)
+    assert len(sweeps) == 3
