@@ -6,8 +6,10 @@ runs the very claim the worker runs for a queue with partition_concurrency=1 (th
 `start_queued_partitioned_workflows`, so ties between claimers break the same way and one run
 per thread holds), then executes what it claimed. Nothing claimable: the run waits its turn.
 
-Off by default: on a CPU-bound pod the measured gain was inconsistent (docs/benchmarks.md,
-"start path"), and it relies on DBOS internals of the pinned dbos==3.4.0.
+Off by default: it takes a run at a time from ~40 to ~28 ms to first chunk, but with bursts of
+runs (10 threads at once) the pod is CPU-bound and it gains nothing while costing more CPU per
+run (docs/benchmarks.md, "Time to first chunk"); and it relies on DBOS internals of the pinned
+dbos==3.4.0. The accepting pod coalesces its sweeps (Runner._start_soon).
 """
 
 from __future__ import annotations
