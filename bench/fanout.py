@@ -224,25 +224,9 @@ async def fan(
 
     spy = None
     if profile:
-        from bench.profile import py_spy
+        from bench.profile import record
 
-        spy = await asyncio.create_subprocess_exec(
-            py_spy(),
-            "record",
-            "--pid",
-            str(p.pid),
-            "--duration",
-            str(int(chunks * 0.05 + 3)),
-            "--rate",
-            "100",
-            "--format",
-            "raw",
-            "--gil",
-            "--output",
-            str(log_dir / "fan.raw"),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        spy = await record(p.pid, chunks * 0.05 + 3, log_dir / "fan.raw")
     cpu0 = p.cpu_s()
     cancel = await HttpConn.open(p.port)
     t_cancel = time.monotonic()

@@ -32,6 +32,17 @@ def py_spy() -> str:
     return found
 
 
+async def record(pid: int, seconds: float, out: Path) -> asyncio.subprocess.Process:
+    """py-spy sampling a process (GIL holders only) for `seconds`, raw stacks into `out`."""
+    return await asyncio.create_subprocess_exec(
+        py_spy(),
+        *("record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100"),
+        *("--format", "raw", "--gil", "--output", str(out)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::\d+)?\)$")
 
 
@@ -134,23 +145,7 @@ async def main(workload: str, seconds: float, path: str, top: int) -> str:
         await p.start()
         work = ttfc_workload if workload == "ttfc10" else stream_workload
         await work(p, 2.0)  # warm
-        spy = await asyncio.create_subprocess_exec(
-            py_spy(),
-            "record",
-            "--pid",
-            str(p.pid),
-            "--duration",
-            str(int(seconds)),
-            "--rate",
-            "100",
-            "--format",
-            "raw",
-            "--gil",
-            "--output",
-            str(raw),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        spy = await record(p.pid, seconds, raw)
         await work(p, seconds)
         await asyncio.wait_for(spy.wait(), 60)
         await p.stop()
