@@ -64,7 +64,7 @@ async def pod(stack: Stack) -> AsyncIterator[Pod]:
                     break
             except httpx.TransportError:
                 pass
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # paces polling /readyz, the readiness signal
         else:
             raise TimeoutError("pod not ready")
         async with AsyncClient(url) as client:

@@ -110,7 +110,7 @@ async def test_stalled_client_does_not_grow_the_pod(pod: Pod) -> None:
                 status = (await pod.client.run(thread, run["run_id"]))["status"]
                 if status == "success":
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the sampling clock of the write buffer
         peak_stalled = max(peak_stalled, proto.transport.get_write_buffer_size())
         # The run is over and the client has read nothing: the whole reply is in the shared
         # log, and what the pod holds for the client stays under the bound.

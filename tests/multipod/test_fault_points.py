@@ -84,4 +84,4 @@ async def wait_workflow(database_url: str, run_id: str, status: str, timeout: fl
             if row and row[0] == status:
                 return
             assert loop.time() < deadline, f"workflow {run_id} is {row}, not {status}"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # paces polling a row another process writes

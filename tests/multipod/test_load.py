@@ -43,12 +43,12 @@ async def post_anywhere(
                 f"{url}/threads/{thread}/runs", json=body, headers={"Idempotency-Key": key}
             )
         except httpx.TransportError:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # paces retries while a pod restarts
             continue
         if resp.status_code in (200, 202):
             return str(resp.json()["run_id"])
         assert resp.status_code == 503, resp.text
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # paces retries while a pod drains
     raise AssertionError(f"no pod accepted a run on {thread}")
 
 

@@ -100,7 +100,8 @@ async def test_one_event_wakes_every_waiter_and_deadlines_wake_only_their_own() 
 async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
     tail = ThreadTail("t")
     w = asyncio.ensure_future(tail.wait(tail.last_seq, timeout=30))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: the waiter registers
+    assert tail._waiters
     w.cancel()
     with pytest.raises(asyncio.CancelledError):
         await w
