@@ -19,8 +19,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from app.errors import ConfigError
-from app.settings import Settings
+from .errors import ConfigError
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.errors import ConfigError
+from .errors import ConfigError
 
 DEFAULT_URL = "http://localhost:8000"
 
@@ -20,9 +20,9 @@ DEFAULT_URL = "http://localhost:8000"
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.logs import setup_logging
-    from app.main import begin_drain, create_app
-    from app.settings import load_settings
+    from .logs import setup_logging
+    from .main import begin_drain, create_app
+    from .settings import load_settings
 
     try:
         settings = load_settings()
@@ -80,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from app.devstack import NatsServer, Postgres, free_port, make_state_dir, wait_for
+    from .devstack import NatsServer, Postgres, free_port, make_state_dir, wait_for
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -107,7 +107,9 @@ def _dev(args: argparse.Namespace) -> int:
                 THREADGATE_DATABASE_URL=pg.url(),
                 THREADGATE_NATS_URL=nats.url,
             )
-            pods.append(subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env))
+            pods.append(
+                subprocess.Popen([sys.executable, "-m", "threadgate.cli", "serve"], env=env)
+            )
             urls.append(f"http://localhost:{port}")
         print(f"  starting {args.pods} pod(s) ...", flush=True)
         for url, proc in zip(urls, pods, strict=True):
@@ -153,7 +155,7 @@ def _ready(url: str) -> bool:
 
 
 def _post(args: argparse.Namespace) -> int:
-    from app.client import Client
+    from .client import Client
 
     client = Client(args.url, token=args.token)
     accepted = client.post(args.thread, args.text)
@@ -171,13 +173,13 @@ def _print_reply(client: Any, thread: str) -> int:
 
 
 def _attach(args: argparse.Namespace) -> int:
-    from app.client import Client
+    from .client import Client
 
     return _print_reply(Client(args.url, token=args.token), args.thread)
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from app.client import Client
+    from .client import Client
 
     runs = Client(args.url, token=args.token).runs(args.thread)
     print(f"{'run_id':<38} {'status':<12} {'attempt':>7}  executor")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from app.errors import ConfigError
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

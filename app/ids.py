@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from app.errors import InvalidThreadId, RunNotFound
+from .errors import InvalidThreadId, RunNotFound
 
 THREAD_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _THREAD_ID = re.compile(THREAD_ID_PATTERN)

@@ -14,20 +14,20 @@ from dbos import DBOS, DBOSConfig
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
-from app import __version__
-from app.identity import ExecutorClaim
-from app.logs import adopt_dbos_logger
-from app.metrics import Metrics
-from app.models import chunk_source
-from app.settings import Settings
-from app.store.db import Database
-from app.store.runs import PgRunStore
-from app.streams.buffer import JetStreamBuffer, connect_nats
-from app.streams.tail import TailHub
-from app.workflows import thread_run as wf
-from app.workflows.adoption import Adoption, report_stranded
-from app.workflows.runner import Runner, register_queue
-from app.workflows.stops import StopSignals
+from . import __version__
+from .identity import ExecutorClaim
+from .logs import adopt_dbos_logger
+from .metrics import Metrics
+from .models import chunk_source
+from .settings import Settings
+from .store.db import Database
+from .store.runs import PgRunStore
+from .streams.buffer import JetStreamBuffer, connect_nats
+from .streams.tail import TailHub
+from .workflows import thread_run as wf
+from .workflows.adoption import Adoption, report_stranded
+from .workflows.runner import Runner, register_queue
+from .workflows.stops import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def _dbos_instance() -> Any:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from app.api import install
+    from .api import install
 
     db = Database(settings.database_url.get_secret_value(), max_size=settings.db_pool_size)
     rt = Runtime(

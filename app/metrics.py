@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from app.store.db import Database
+    from .store.db import Database
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app import __version__
-from app.errors import ConfigError
+from . import __version__
+from .errors import ConfigError
 
 POD_NAME_HELP = (
     "POD_NAME is required when THREADGATE_ENV=production: it is the pod's stable "

@@ -1,7 +1,7 @@
 """The benchmarks' common ground: the embedded stack, pods as processes, numbers and tables.
 
 Everything a bench starts is a real process on a loopback port: PostgreSQL and nats-server
-from `app.devstack`, pods as `python -m app.cli serve` configured by environment.
+from `threadgate.devstack`, pods as `python -m threadgate.cli serve` configured by environment.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from threadgate.devstack import NatsServer, Postgres, free_port, make_state_dir, nats_server_bin
 
-from app.devstack import NatsServer, Postgres, free_port, make_state_dir, nats_server_bin
 from bench.sse import get
 
 REPO = Path(__file__).resolve().parents[1]
-SERVE = [sys.executable, "-m", "app.cli", "serve"]
+SERVE = [sys.executable, "-m", "threadgate.cli", "serve"]
 
 
 def say(*parts: object) -> None:
@@ -246,6 +246,9 @@ def pod(
     if tree is None:
         return Proc(name, list(cmd), full, log_dir / f"{name}.log", port=port)
     full["PYTHONPATH"] = str(tree)  # ahead of the editable install's finder
+    # An unpacked tree is the bare `app/` directory: it runs as the package `app`, whatever
+    # name this checkout installs it under.
+    cmd = [c if c != "threadgate.cli" else "app.cli" for c in cmd]
     return Proc(name, list(cmd), full, log_dir / f"{name}.log", port=port, cwd=tree)
 
 
@@ -325,7 +328,7 @@ def machine() -> dict[str, str]:
 
     from importlib.metadata import version as pkg
 
-    from app.devstack import pg_bin_dir
+    from threadgate.devstack import pg_bin_dir
 
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.models.mock import mock_reply
+from threadgate.models.mock import mock_reply
+
 from bench.harness import (
     Proc,
     Stack,
@@ -122,7 +123,7 @@ class Threadgate(System):
         return Turn(stream.first_chunk - t0, stream)
 
     async def kill_test(self) -> str:
-        from app.client import AsyncClient, Reply
+        from threadgate.client import AsyncClient, Reply
 
         thread = f"kill-{uuid.uuid4().hex[:8]}"
         reply = Reply()

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.models.mock import mock_reply
+from threadgate.models.mock import mock_reply
+
 from bench.harness import REPO, Proc, free_port, say
 from bench.peers import KILL_AFTER, KILL_CHUNKS, KILL_DELAY_MS, System, Turn, kill_group
 from bench.sse import HttpConn, Stream, attach, get

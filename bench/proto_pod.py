@@ -1,6 +1,6 @@
 """A bench-only pod with a prototype start path: measurement code for the TTFC design, not product.
 
-`python -m bench.proto_pod` is `threadgate serve` with `app.workflows.runner.enqueue` wrapped
+`python -m bench.proto_pod` is `threadgate serve` with `threadgate.workflows.runner.enqueue` wrapped
 according to BENCH_START_PATH (read here, in the bench, not by the app):
 
 - `queue`  the product as it is: enqueue; the queue worker's next poll starts the run.
@@ -41,8 +41,8 @@ def _keep(fut: asyncio.Future[Any]) -> None:
 
 
 def install_eager() -> None:
-    import app.workflows.runner as runner
-    from app.workflows.thread_run import QUEUE_NAME
+    import threadgate.workflows.runner as runner
+    from threadgate.workflows.thread_run import QUEUE_NAME
 
     original = runner.enqueue
     cache: dict[str, Any] = {}
@@ -121,9 +121,8 @@ class _Kickable:
 
 def install_kick() -> None:
     import dbos._queue as dbos_queue
-
-    import app.workflows.runner as runner
-    from app.workflows.thread_run import QUEUE_NAME
+    import threadgate.workflows.runner as runner
+    from threadgate.workflows.thread_run import QUEUE_NAME
 
     original_worker = dbos_queue.queue_worker_thread
     kicks: dict[str, _Kickable] = {}
@@ -145,10 +144,9 @@ def install_kick() -> None:
 
 
 def install_direct() -> None:
+    import threadgate.workflows.runner as runner
     from dbos import DBOS, SetWorkflowID
-
-    import app.workflows.runner as runner
-    from app.workflows import thread_run as wf
+    from threadgate.workflows import thread_run as wf
 
     original = runner.enqueue
     pools: list[Any] = []
@@ -193,7 +191,7 @@ INSTALL = {
 
 def main() -> None:
     INSTALL[PATH]()
-    from app.cli import main as cli_main
+    from threadgate.cli import main as cli_main
 
     cli_main(["serve"])
 

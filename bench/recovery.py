@@ -4,7 +4,7 @@ of the run's new attempt at a client attached to a surviving pod.
     .venv/bin/python bench/recovery.py [--samples 10] [--pods 3]
 
 Starts its own PostgreSQL and nats-server (app.devstack, state in a fresh /tmp directory) and
-its pods as `python -m app.cli serve` processes, through the multipod tests' harness
+its pods as `python -m threadgate.cli serve` processes, through the multipod tests' harness
 (tests/multipod/cluster.py). Each sample: a long run starts, a client attached to another pod
 sees chunk `--kill-at`, the run's executor is SIGKILLed and started again under its name at
 once. Prints a markdown table; progress goes to stderr.
@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: app/, tests/
 
-from app.devstack import NatsServer, Postgres, make_state_dir
-from app.models.mock import mock_reply
+from threadgate.devstack import NatsServer, Postgres, make_state_dir
+from threadgate.models.mock import mock_reply
+
 from tests.multipod.cluster import (
     Attacher,
     Cluster,

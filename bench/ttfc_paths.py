@@ -25,7 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from app.models.mock import mock_reply
+from threadgate.models.mock import mock_reply
+
 from bench.harness import PgCounters, Proc, Stack, ms, pct, pod, pod_env, run_async, say, table
 from bench.sse import HttpConn, attach
 from bench.ttfc import LEVELS, VariantResult, breakdown, run_phase

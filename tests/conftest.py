@@ -17,8 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
-from app.devstack import NatsServer, Postgres, make_state_dir
+from threadgate.devstack import NatsServer, Postgres, make_state_dir
 
 
 @dataclass

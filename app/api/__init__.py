@@ -7,11 +7,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import InvalidRequest, ThreadgateError
+from ..errors import InvalidRequest, ThreadgateError
 
 
 def install(app: FastAPI) -> None:
-    from app.api import admin, attach, health, runs, ui
+    from . import admin, attach, health, runs, ui
 
     app.include_router(runs.router)
     app.include_router(admin.router)
@@ -51,8 +51,8 @@ def install(app: FastAPI) -> None:
 
 
 def _install_limits(app: FastAPI) -> None:
-    from app.api.limits import AttachLimiter, BodySizeLimit
-    from app.auth import check_config
+    from ..auth import check_config
+    from .limits import AttachLimiter, BodySizeLimit
 
     check_config(app.state.runtime.settings)  # bad key files fail the start, not a request
     app.state.attach_limiter = AttachLimiter()

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
-from app.api.deps import RuntimeDep, admin
-from app.api.schemas import error_responses
-from app.errors import Unavailable
+from ..errors import Unavailable
+from .deps import RuntimeDep, admin
+from .schemas import error_responses
 
 # Admin principals only when auth is on (THREADGATE_ADMIN_PRINCIPALS); open with auth off.
 router = APIRouter(

@@ -9,7 +9,10 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.api.deps import (
+from ..errors import InvalidRequest, ThreadNotFound
+from ..store.runs import Run
+from ..streams.relay import relay
+from .deps import (
     AttachLimiterDep,
     HubDep,
     RuntimeDep,
@@ -17,11 +20,8 @@ from app.api.deps import (
     ThreadId,
     require_reader,
 )
-from app.api.limits import AttachSlot
-from app.api.schemas import error_responses
-from app.errors import InvalidRequest, ThreadNotFound
-from app.store.runs import Run
-from app.streams.relay import relay
+from .limits import AttachSlot
+from .schemas import error_responses
 
 router = APIRouter(tags=["attach"])
 

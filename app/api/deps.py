@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.api.limits import AttachLimiter
-from app.auth import Principal, authenticate
-from app.errors import Forbidden, NotFound, ThreadNotFound, Unauthorized, Unavailable
-from app.ids import THREAD_ID_PATTERN, check_thread_id
-from app.main import Runtime
-from app.streams.tail import TailHub
-from app.workflows.runner import Runner
+from ..auth import Principal, authenticate
+from ..errors import Forbidden, NotFound, ThreadNotFound, Unauthorized, Unavailable
+from ..ids import THREAD_ID_PATTERN, check_thread_id
+from ..main import Runtime
+from ..streams.tail import TailHub
+from ..workflows.runner import Runner
+from .limits import AttachLimiter
 
 
 # Every dependency is `async def`: FastAPI runs a plain `def` one in its thread pool, a thread

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from app.api.deps import RuntimeDep
-from app.workflows.thread_run import QUEUE_NAME
+from ..workflows.thread_run import QUEUE_NAME
+from .deps import RuntimeDep
 
 router = APIRouter(tags=["health"])
 

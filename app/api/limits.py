@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge, TooManyRequests
+from ..errors import PayloadTooLarge, TooManyRequests
 
 
 @dataclass(slots=True)

@@ -7,7 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from app.api.deps import (
+from ..errors import InvalidRequest, RunNotFound, ThreadNotFound
+from ..ids import check_run_id
+from ..models.mock import check_mock_options
+from ..workflows.runner import RunRequest, wait_until_stopped
+from .deps import (
     PrincipalDep,
     RunnerDep,
     RuntimeDep,
@@ -15,7 +19,7 @@ from app.api.deps import (
     require_owner,
     require_reader,
 )
-from app.api.schemas import (
+from .schemas import (
     MessageList,
     MessageOut,
     RunAccepted,
@@ -24,10 +28,6 @@ from app.api.schemas import (
     RunOut,
     error_responses,
 )
-from app.errors import InvalidRequest, RunNotFound, ThreadNotFound
-from app.ids import check_run_id
-from app.models.mock import check_mock_options
-from app.workflows.runner import RunRequest, wait_until_stopped
 
 router = APIRouter(tags=["runs"])
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.store.runs import Message, Run
+from ..store.runs import Message, Run
 
 Strategy = Literal["enqueue", "reject", "interrupt"]
 

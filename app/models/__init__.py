@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.settings import Settings
+from ..settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +32,9 @@ class ChunkSource(Protocol):
 
 def chunk_source(settings: Settings) -> ChunkSource:
     if settings.model == "openai":
-        from app.models.openai import OpenAIChunkSource
+        from .openai import OpenAIChunkSource
 
         return OpenAIChunkSource(settings)
-    from app.models.mock import MockChunkSource
+    from .mock import MockChunkSource
 
     return MockChunkSource(settings)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from app.errors import InvalidRequest, PermanentModelError, TransientModelError
-from app.models import Prompt
-from app.settings import Settings
+from ..errors import InvalidRequest, PermanentModelError, TransientModelError
+from ..settings import Settings
+from . import Prompt
 
 MOCK_OPTIONS = {"chunks", "delay_ms", "fail", "fail_at", "fail_attempts"}
 # A bound on one run's size: the reply is held whole in memory and stored as one message.

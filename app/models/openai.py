@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from app.errors import ModelError, PermanentModelError, TransientModelError
-from app.models import Prompt
-from app.settings import Settings
+from ..errors import ModelError, PermanentModelError, TransientModelError
+from ..settings import Settings
+from . import Prompt
 
 TRANSIENT_STATUS = {408, 409, 425, 429}
 

@@ -47,7 +47,7 @@ class Database:
             return False
 
     async def migrate(self) -> None:
-        sql = resources.files("app.store").joinpath("schema.sql").read_text()
+        sql = resources.files(__package__).joinpath("schema.sql").read_text()
         async with self.pool.connection() as conn:
             await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
             try:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from app.store.db import Database
+from .db import Database
 
 RunStatus = Literal["pending", "running", "success", "error", "cancelled", "interrupted"]
 ACTIVE: tuple[str, ...] = ("pending", "running")

@@ -14,10 +14,10 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from app.errors import StreamUnavailable
-from app.ids import message_id
-from app.settings import Settings
-from app.streams.events import Event
+from ..errors import StreamUnavailable
+from ..ids import message_id
+from ..settings import Settings
+from .events import Event
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from app.store.runs import TERMINAL, Run
-from app.streams.events import KEEPALIVE, Event, chunk, done, reset, run_started, sse_frame
-from app.streams.tail import ThreadTail
+from ..store.runs import TERMINAL, Run
+from .events import KEEPALIVE, Event, chunk, done, reset, run_started, sse_frame
+from .tail import ThreadTail
 
 RunLookup = Callable[[], Awaitable[Run | None]]
 # One write to a client at most (plus one frame): a slow reader catching up on a long log gets

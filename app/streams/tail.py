@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from app.streams.events import Event, sse_frame
+from .events import Event, sse_frame
 
 logger = logging.getLogger(__name__)
 

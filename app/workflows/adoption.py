@@ -22,10 +22,10 @@ from typing import Any
 
 import psycopg
 
-from app.identity import CLAIM_SQL, claim_key, process_label
-from app.settings import Settings
-from app.store.db import Database
-from app.workflows.thread_run import STEP_NAMES, WORKFLOW_NAME
+from ..identity import CLAIM_SQL, claim_key, process_label
+from ..settings import Settings
+from ..store.db import Database
+from .thread_run import STEP_NAMES, WORKFLOW_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ class Adoption:
 
         Enqueue is idempotent by workflow id, so racing pods enqueue each run once.
         """
-        from app.store.runs import PgRunStore
-        from app.workflows.runner import enqueue
+        from ..store.runs import PgRunStore
+        from .runner import enqueue
 
         orphans = await PgRunStore(self.db).pending_without_workflow(self.settings.orphan_after_s)
         for run in orphans:

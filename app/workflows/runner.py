@@ -13,7 +13,7 @@ from typing import Any
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 from nats.aio.client import Client as NATS
 
-from app.errors import (
+from ..errors import (
     IdempotencyMismatch,
     RunFinished,
     RunNotFound,
@@ -21,12 +21,12 @@ from app.errors import (
     ThreadNotFound,
     TooManyRequests,
 )
-from app.ids import new_run_id
-from app.settings import Settings
-from app.store.runs import TERMINAL, NewRun, PgRunStore, Run
-from app.workflows.dispatch import claim_and_start
-from app.workflows.stops import StopSignals
-from app.workflows.thread_run import QUEUE_NAME, thread_run
+from ..ids import new_run_id
+from ..settings import Settings
+from ..store.runs import TERMINAL, NewRun, PgRunStore, Run
+from .dispatch import claim_and_start
+from .stops import StopSignals
+from .thread_run import QUEUE_NAME, thread_run
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from typing import Any, TypedDict
 
 from dbos import DBOS
 
-from app.errors import ModelError, StreamUnavailable, TransientModelError
-from app.models import ChunkSource, Prompt
-from app.settings import Settings
-from app.store.runs import PgRunStore, Run
-from app.streams.buffer import AttemptBroken, StreamBuffer
-from app.streams.events import chunk, done, run_started
-from app.workflows.stops import StopSignals
+from ..errors import ModelError, StreamUnavailable, TransientModelError
+from ..models import ChunkSource, Prompt
+from ..settings import Settings
+from ..store.runs import PgRunStore, Run
+from ..streams.buffer import AttemptBroken, StreamBuffer
+from ..streams.events import chunk, done, run_started
+from .stops import StopSignals
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-
-from app.devstack import free_port
+from threadgate.devstack import free_port
 
 WORDS = 5
 

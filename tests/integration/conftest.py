@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import uvicorn
+from threadgate.client import AsyncClient
+from threadgate.devstack import free_port
+from threadgate.main import Runtime, create_app
+from threadgate.settings import Settings, load_settings
 
-from app.client import AsyncClient
-from app.devstack import free_port
-from app.main import Runtime, create_app
-from app.settings import Settings, load_settings
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration

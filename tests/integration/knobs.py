@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import jwt
+from threadgate.settings import Settings, load_settings
 
-from app.settings import Settings, load_settings
 from tests.integration.conftest import Pod
 
 JWT_SECRET = "itest-jwt-secret-that-is-long-enough-for-hs256"

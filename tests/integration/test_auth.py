@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
+from threadgate.client import AsyncClient, Reply, parse_sse
+from threadgate.models.mock import mock_reply
 
-from app.client import AsyncClient, Reply, parse_sse
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.integration.conftest import Pod
 from tests.integration.knobs import AUTH_ON, KEYS, bearer, jwt_token, key, pod_settings

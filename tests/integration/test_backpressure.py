@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import uvicorn
+from threadgate.client import Reply, SseEvent, parse_sse
+from threadgate.models.mock import mock_reply
 
-from app.client import Reply, SseEvent, parse_sse
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.integration.conftest import Pod
 

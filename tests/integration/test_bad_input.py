@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from threadgate.models.mock import mock_reply
 
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.integration.conftest import Pod
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from urllib.parse import unquote
 
 import pytest
+from threadgate.ids import THREAD_ID_PATTERN
 
-from app.ids import THREAD_ID_PATTERN
 from tests.conftest import unique
 from tests.integration.conftest import Pod
 

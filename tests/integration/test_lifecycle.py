@@ -6,9 +6,9 @@ import asyncio
 from typing import Any
 
 import pytest
+from threadgate.client import AsyncClient, Reply
+from threadgate.models.mock import mock_reply
 
-from app.client import AsyncClient, Reply
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.integration.conftest import Pod
 
@@ -206,8 +206,8 @@ async def test_run_listing_pages_newest_first(pod: Pod) -> None:
 
 async def test_an_accepted_run_without_workflow_is_enqueued(pod: Pod) -> None:
     """The accepting pod died between storing the run and enqueuing it: reconcile heals it."""
-    from app.ids import new_run_id
-    from app.store.runs import NewRun
+    from threadgate.ids import new_run_id
+    from threadgate.store.runs import NewRun
 
     rt = pod.runtime
     assert rt.adoption is not None

@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from threadgate.api.limits import AttachLimiter
 
-from app.api.limits import AttachLimiter
 from tests.conftest import unique
 from tests.integration.conftest import Pod
 from tests.integration.knobs import AUTH_ON, key, pod_settings

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from nats.js.errors import NotFoundError
 from prometheus_client.parser import text_string_to_metric_families
+from threadgate.metrics import Metrics
+from threadgate.streams.buffer import JetStreamBuffer, connect_nats
+from threadgate.streams.events import chunk
 
-from app.metrics import Metrics
-from app.streams.buffer import JetStreamBuffer, connect_nats
-from app.streams.events import chunk
 from tests.conftest import Stack, unique
 from tests.integration.conftest import Pod
 from tests.multipod.cluster import wait_run

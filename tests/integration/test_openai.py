@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from threadgate.devstack import free_port
+from threadgate.errors import PermanentModelError, TransientModelError
+from threadgate.models import Prompt
+from threadgate.models.openai import OpenAIChunkSource
+from threadgate.settings import load_settings
 
-from app.devstack import free_port
-from app.errors import PermanentModelError, TransientModelError
-from app.models import Prompt
-from app.models.openai import OpenAIChunkSource
-from app.settings import load_settings
 from tests.fakes.openai_server import FakeOpenAI, reply_text, serve_fake
 
 pytestmark = pytest.mark.integration

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from threadgate.client import Reply
+from threadgate.models.mock import mock_reply
 
-from app.client import Reply
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.integration.conftest import Pod
 
@@ -76,7 +76,7 @@ async def test_last_event_id_resumes_without_gap_or_duplicate(pod: Pod) -> None:
     cut = full.events[5]  # a chunk in the middle
     assert cut.event == "chunk" and cut.id
     resp = await pod.http.get(f"/threads/{thread}/attach", headers={"Last-Event-ID": cut.id})
-    from app.client import parse_sse
+    from threadgate.client import parse_sse
 
     async def lines():  # type: ignore[no-untyped-def]
         for line in resp.text.split("\n"):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from threadgate.devstack import free_port
+from threadgate.errors import ConfigError
+from threadgate.identity import ExecutorClaim
 
-from app.devstack import free_port
-from app.errors import ConfigError
-from app.identity import ExecutorClaim
 from tests.conftest import Stack, unique
 
 pytestmark = pytest.mark.integration

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from threadgate.client import AsyncClient
+from threadgate.devstack import free_port
+from threadgate.models.mock import mock_reply
 
-from app.client import AsyncClient
-from app.devstack import free_port
-from app.models.mock import mock_reply
 from tests.conftest import Stack, unique
 from tests.multipod.cluster import Pod, pod_env, unique_names
 
@@ -135,7 +135,7 @@ def test_production_without_credentials_refuses_to_start(stack: Stack) -> None:
     env["POD_NAME"] = unique("auth")
     env["THREADGATE_PORT"] = str(free_port())
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve"],
+        [sys.executable, "-m", "threadgate.cli", "serve"],
         env=env,
         capture_output=True,
         text=True,

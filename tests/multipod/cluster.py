@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from app.client import AsyncClient, Reply, SseEvent
-from app.devstack import free_port
+from threadgate.client import AsyncClient, Reply, SseEvent
+from threadgate.devstack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-SERVE = [sys.executable, "-m", "app.cli", "serve"]
+SERVE = [sys.executable, "-m", "threadgate.cli", "serve"]
 TERMINAL = ("success", "error", "cancelled", "interrupted")
 FAULT_EXIT = 137  # what app.workflows.thread_run._fault exits with
 
@@ -312,7 +311,7 @@ class Attacher:
     """A client attached to a thread in the background, keeping every raw event it gets.
 
     `urls[0]` is attached first; with `reconnects` > 0 a broken connection resumes with
-    Last-Event-ID on the next URL (app.client.AsyncClient.events).
+    Last-Event-ID on the next URL (threadgate.client.AsyncClient.events).
     """
 
     urls: list[str]

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from threadgate.models.mock import mock_reply
 
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.multipod.cluster import REPO, Cluster, Pod, running_on
 

@@ -7,8 +7,8 @@ import itertools
 
 import httpx
 import pytest
+from threadgate.models.mock import mock_reply
 
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.multipod.cluster import Attacher, Cluster, at, wait_run
 from tests.multipod.conftest import StartCluster

@@ -7,9 +7,9 @@ import time
 
 import httpx
 import pytest
+from threadgate.client import AsyncClient
+from threadgate.models.mock import mock_reply
 
-from app.client import AsyncClient
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.multipod.cluster import Attacher, Cluster, Pod, at, running_on, wait_run
 

@@ -10,8 +10,8 @@ import asyncio
 
 import psycopg
 import pytest
+from threadgate.models.mock import mock_reply
 
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.multipod.cluster import FAULT_EXIT, Attacher, final_attempt, wait_run
 from tests.multipod.conftest import StartCluster

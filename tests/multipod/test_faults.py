@@ -11,9 +11,9 @@ import time
 
 import httpx
 import pytest
+from threadgate.client import AsyncClient
+from threadgate.models.mock import mock_reply
 
-from app.client import AsyncClient
-from app.models.mock import mock_reply
 from tests.conftest import Stack, unique
 from tests.multipod.cluster import Attacher, Cluster, running_on, wait_run
 from tests.multipod.conftest import StartCluster
@@ -168,7 +168,7 @@ async def test_stranded_version_is_reported_and_adopted(start_cluster: StartClus
     assert still["status"] == "running" and still["attempt"] == 1
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "app.cli", "adopt", "--url", pod.url],
+        [sys.executable, "-m", "threadgate.cli", "adopt", "--url", pod.url],
         capture_output=True,
         text=True,
         timeout=60,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from threadgate.models.mock import mock_reply
 
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.multipod.cluster import Attacher, Cluster, at, running_on, wait_run
 

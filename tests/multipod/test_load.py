@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from threadgate.client import AsyncClient, Reply
+from threadgate.models.mock import mock_reply
 
-from app.client import AsyncClient, Reply
-from app.models.mock import mock_reply
 from tests.conftest import Stack, unique
 from tests.multipod.cluster import Cluster, Pod, wait_run
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from threadgate.client import AsyncClient, SseEvent
+from threadgate.models.mock import mock_reply
 
-from app.client import AsyncClient, SseEvent
-from app.models.mock import mock_reply
 from tests.conftest import unique
 from tests.multipod.cluster import Attacher, Cluster, final_attempt, running_on, wait_run
 

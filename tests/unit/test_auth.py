@@ -16,10 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
-
-from app.auth import ANONYMOUS, MAX_TOKEN_CHARS, Principal, authenticate, check_config
-from app.errors import ConfigError
-from app.settings import Settings, load_settings
+from threadgate.auth import ANONYMOUS, MAX_TOKEN_CHARS, Principal, authenticate, check_config
+from threadgate.errors import ConfigError
+from threadgate.settings import Settings, load_settings
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from dbos._dbos_config import load_config
-
-from app.main import dbos_config
-from app.settings import load_settings
+from threadgate.main import dbos_config
+from threadgate.settings import load_settings
 
 pytestmark = pytest.mark.unit
 

@@ -27,9 +27,8 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from starlette.routing import Match
-
-from app.main import create_app
-from app.settings import Settings, load_settings
+from threadgate.main import create_app
+from threadgate.settings import Settings, load_settings
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from app.streams.events import Event, chunk, done, encode_sse, sse_frame
+from threadgate.streams.events import Event, chunk, done, encode_sse, sse_frame
 
 pytestmark = pytest.mark.unit
 

@@ -6,11 +6,10 @@ import asyncio
 import threading
 
 import pytest
-
-from app.settings import load_settings
-from app.workflows import runner as runner_mod
-from app.workflows.runner import Runner
-from app.workflows.stops import StopSignals
+from threadgate.settings import load_settings
+from threadgate.workflows import runner as runner_mod
+from threadgate.workflows.runner import Runner
+from threadgate.workflows.stops import StopSignals
 
 pytestmark = pytest.mark.unit
 

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pytest
-
-from app.errors import InvalidThreadId, RunNotFound
-from app.ids import check_run_id, check_thread_id, message_id, new_run_id
+from threadgate.errors import InvalidThreadId, RunNotFound
+from threadgate.ids import check_run_id, check_thread_id, message_id, new_run_id
 
 pytestmark = pytest.mark.unit
 

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from dbos._logger import init_logger
-
-from app.logs import JsonFormatter, PodFilter, adopt_dbos_logger
+from threadgate.logs import JsonFormatter, PodFilter, adopt_dbos_logger
 
 pytestmark = pytest.mark.unit
 
@@ -48,7 +47,7 @@ def test_dbos_records_stay_ours_when_dbos_initializes_its_logger_again(
 
 def test_run_fields_are_json_fields(captured: io.StringIO) -> None:
     extra = {"thread_id": "t1", "run_id": "r1", "attempt": 2}
-    logging.getLogger("app.workflows.thread_run").info("run attempt replayed", extra=extra)
+    logging.getLogger("threadgate.workflows.thread_run").info("run attempt replayed", extra=extra)
     line = json.loads(captured.getvalue())
     assert {k: line[k] for k in ("msg", "level", "pod", *extra)} == {
         "msg": "run attempt replayed",

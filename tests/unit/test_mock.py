@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import pytest
-
-from app.errors import InvalidRequest, PermanentModelError, TransientModelError
-from app.models import Prompt
-from app.models.mock import MockChunkSource, check_mock_options, mock_reply
-from app.settings import load_settings
+from threadgate.errors import InvalidRequest, PermanentModelError, TransientModelError
+from threadgate.models import Prompt
+from threadgate.models.mock import MockChunkSource, check_mock_options, mock_reply
+from threadgate.settings import load_settings
 
 pytestmark = pytest.mark.unit
 

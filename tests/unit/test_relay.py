@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from app.streams.events import Event, chunk, done, run_started
-from app.streams.relay import Cursor, step
-from app.streams.tail import ThreadTail
+from threadgate.streams.events import Event, chunk, done, run_started
+from threadgate.streams.relay import Cursor, step
+from threadgate.streams.tail import ThreadTail
 
 pytestmark = pytest.mark.unit
 
@@ -111,8 +110,7 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
 
 def test_stream_seq_reads_the_reply_subject_like_nats_py() -> None:
     from nats.aio.msg import Msg
-
-    from app.streams.tail import stream_seq
+    from threadgate.streams.tail import stream_seq
 
     v1 = "$JS.ACK.threadgate.ordered.1.4242.17.1700000000000000000.3"
     v2 = "$JS.ACK.dom.acchash.threadgate.ordered.1.4242.17.1700000000000000000.3.rnd"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from app.errors import Unauthorized
-from app.settings import load_settings
+from threadgate.errors import Unauthorized
+from threadgate.settings import load_settings
 
 pytestmark = pytest.mark.unit
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-
-from app.errors import ConfigError
-from app.settings import Settings, default_dev_pod_name, load_settings
+from threadgate.errors import ConfigError
+from threadgate.settings import Settings, default_dev_pod_name, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +31,7 @@ def test_dev_pod_name_is_stable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_app_version_defaults_to_package_version() -> None:
-    from app import __version__
+    from threadgate import __version__
 
     assert Settings().app_version == __version__
 
