@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from dbos import DBOS, DBOSConfig
 from fastapi import FastAPI
-from nats.aio.client import Client as NATS
 
 from . import __version__
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
 from .models import chunk_source
+from .runtime import Runtime
 from .settings import Settings
 from .store.db import Database
 from .store.runs import PgRunStore
@@ -32,31 +30,6 @@ from .workflows.stops import StopSignals
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Runtime:
-    """Everything a pod holds while it runs; the API reaches it through `app.state.runtime`."""
-
-    settings: Settings
-    db: Database
-    store: PgRunStore
-    claim: ExecutorClaim
-    metrics: Metrics
-    stops: StopSignals
-    nc: NATS | None = None
-    buffer: JetStreamBuffer | None = None
-    hub: TailHub | None = None
-    runner: Runner | None = None
-    adoption: Adoption | None = None
-    launched: bool = False
-    draining: bool = False
-    drain_deadline: float | None = None  # loop time: in-flight runs get drain_timeout_s, once
-    background: list[asyncio.Task[Any]] = field(default_factory=list)
-
-    def queue_worker_alive(self) -> bool:
-        name = f"queue-worker-{wf.QUEUE_NAME}"
-        return any(t.name == name and t.is_alive() for t in threading.enumerate())
-
-
 def dbos_config(settings: Settings) -> DBOSConfig:
     return DBOSConfig(
         name=settings.app_name,
@@ -64,7 +37,7 @@ def dbos_config(settings: Settings) -> DBOSConfig:
         application_version=settings.app_version,
         executor_id=settings.pod_name,
         log_level=settings.log_level.upper(),
-        sys_db_pool_size=10,
+        sys_db_pool_size=settings.dbos_pool_size,
     )
 
 
@@ -116,6 +89,11 @@ async def start(rt: Runtime) -> None:
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
     rt.metrics.inflight.set_function(lambda: _active_runs(rt))
+    if s.metrics_port:
+        from .api.health import metrics_server
+
+        rt.metrics_server = metrics_server(rt)
+        rt.background.append(asyncio.create_task(rt.metrics_server.serve(), name="metrics"))
     logger.info(
         "pod started",
         extra={"executor": s.pod_name, "version": s.app_version, "build": __version__},
@@ -157,6 +135,8 @@ def _active_runs(rt: Runtime) -> int:
 
 async def stop(rt: Runtime) -> None:
     rt.draining = True
+    if rt.metrics_server is not None:
+        rt.metrics_server.should_exit = True
     for task in rt.background:
         task.cancel()
     if rt.launched:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 from functools import cached_property
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from . import __version__
@@ -18,6 +26,8 @@ POD_NAME_HELP = (
     "StatefulSet name and the DBOS executor id. Set it from the Kubernetes downward API "
     "(env: - name: POD_NAME, valueFrom: fieldRef: fieldPath: metadata.name)."
 )
+
+SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://")
 
 
 def default_dev_pod_name() -> str:
@@ -39,10 +49,13 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
+    # /metrics on its own port, off the API (0: served on the API port, as in dev).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     workers: int = 1
 
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/threadgate")
     db_pool_size: int = Field(default=8, ge=1)
+    dbos_pool_size: int = Field(default=10, ge=2)  # DBOS's own system-database pool
     nats_url: str = "nats://127.0.0.1:4222"
     nats_user: str = ""
     nats_password: SecretStr = SecretStr("")
@@ -53,6 +66,8 @@ class Settings(BaseSettings):
     subject_prefix: str = "threadgate"
     stream_max_age_s: float = Field(default=24 * 3600, gt=0)
     duplicate_window_s: float = Field(default=600, gt=0)
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_max_bytes: int = Field(default=1024**3, ge=-1)  # -1: unbounded
     publish_window: int = Field(default=64, ge=1)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     nats_outage_limit_s: float = Field(default=30.0, gt=0)
@@ -111,6 +126,16 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("port", "metrics_port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: object, info: ValidationInfo) -> object:
+        """Kubernetes gives every pod `<SERVICE>_PORT=tcp://10.96.0.12:80` for each Service in
+        its namespace (enableServiceLinks): the Service `threadgate` sets THREADGATE_PORT,
+        `threadgate-metrics` THREADGATE_METRICS_PORT. Such a value is never ours."""
+        if isinstance(value, str) and SERVICE_LINK.match(value):
+            return cls.model_fields[str(info.field_name)].default
+        return value
 
     @model_validator(mode="after")
     def _identity(self) -> Settings:

@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ..auth import Principal, authenticate
 from ..errors import Forbidden, NotFound, ThreadNotFound, Unauthorized, Unavailable
 from ..ids import THREAD_ID_PATTERN, check_thread_id
-from ..main import Runtime
+from ..runtime import Runtime
 from ..streams.tail import TailHub
 from ..workflows.runner import Runner
 from .limits import AttachLimiter

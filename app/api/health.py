@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import contextlib
+from collections.abc import Iterator
+
+import uvicorn
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ..runtime import Runtime
 from ..workflows.thread_run import QUEUE_NAME
 from .deps import RuntimeDep
 
@@ -40,7 +45,44 @@ async def readyz(rt: RuntimeDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(rt: RuntimeDep) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format (404 here when THREADGATE_METRICS_PORT serves it instead)."""
+    if rt.settings.metrics_port:
+        return JSONResponse(
+            {"error": {"code": "not_found", "message": "metrics are on the metrics port"}},
+            status_code=404,
+        )
+    return await _render(rt)
+
+
+async def _render(rt: Runtime) -> Response:
     if rt.launched:
         await rt.metrics.sample_queue_depth(rt.db, QUEUE_NAME)
     return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class _QuietServer(uvicorn.Server):
+    """A second server in the pod's loop: the API server owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def metrics_server(rt: Runtime) -> uvicorn.Server:
+    """GET /metrics alone on THREADGATE_METRICS_PORT: scraped in-cluster, never public."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    async def scrape() -> Response:
+        return await _render(rt)
+
+    app.add_api_route("/metrics", scrape, methods=["GET"])
+
+    config = uvicorn.Config(
+        app,
+        host=rt.settings.host,
+        port=rt.settings.metrics_port,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+    )
+    return _QuietServer(config)

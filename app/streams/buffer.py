@@ -98,7 +98,11 @@ class JetStreamBuffer:
         return self.settings.thread_subject(thread_id)
 
     async def ensure_stream(self) -> None:
-        """Create the stream, or bring its settings up to date."""
+        """Create the stream, or bring the settings we own up to date.
+
+        Replicas only ever grow here: an operator who raised them by hand (`nats stream edit`)
+        keeps them; lowering is theirs to do.
+        """
         config = StreamConfig(
             name=self.stream,
             subjects=[self.settings.stream_subjects],
@@ -106,15 +110,22 @@ class JetStreamBuffer:
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
             max_age=self.settings.stream_max_age_s,
+            max_bytes=self.settings.stream_max_bytes,
             duplicate_window=self.settings.duplicate_window_s,
+            num_replicas=self.settings.stream_replicas,
         )
         try:
-            await self.js.stream_info(self.stream)
+            info = await self.js.stream_info(self.stream)
         except NotFoundError:
             await self.js.add_stream(config)
             logger.info("stream %s created", self.stream)
-        else:
+            return
+        current = info.config
+        config.num_replicas = max(current.num_replicas or 1, config.num_replicas or 1)
+        owned = ("subjects", "max_age", "max_bytes", "duplicate_window", "num_replicas")
+        if any(getattr(current, f) != getattr(config, f) for f in owned):
             await self.js.update_stream(config)
+            logger.info("stream %s updated", self.stream)
 
     async def ping(self) -> bool:
         if not self.nc.is_connected:

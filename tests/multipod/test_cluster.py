@@ -121,3 +121,19 @@ async def test_an_idempotent_post_makes_one_run_whichever_pods_it_reaches(
         assert sorted(r["run_id"] for r in await client.runs(thread)) == sorted(run_ids)
         messages = [(m["role"], m["run_id"]) for m in await client.messages(thread)]
     assert messages == [(role, r) for r in run_ids for role in ("user", "assistant")]
+
+
+async def test_metrics_on_their_own_port_and_not_on_the_api(start_cluster: StartCluster) -> None:
+    """THREADGATE_METRICS_PORT: Prometheus scrapes a port the Service and ingress never expose."""
+    from threadgate.devstack import free_port
+
+    port = free_port()
+    cluster = await start_cluster(size=1, metrics_port=port)
+    pod = cluster.pods[0]
+    async with httpx.AsyncClient(timeout=5) as http:
+        scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
+        assert scraped.status_code == 200
+        assert "threadgate_queue_depth" in scraped.text
+        assert (await http.get(f"{pod.url}/metrics")).status_code == 404
+        assert (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 404
+    assert await pod.term(30) == 0  # the second server does not hold the pod's shutdown

@@ -60,3 +60,15 @@ def test_subjects() -> None:
     s = load_settings(subject_prefix="tg")
     assert s.thread_subject("abc") == "tg.thread.abc"
     assert s.stream_subjects == "tg.thread.*"
+
+
+@pytest.mark.parametrize("name", ["THREADGATE_PORT", "THREADGATE_METRICS_PORT"])
+def test_kubernetes_service_links_do_not_shadow_ports(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The Service `threadgate` gives every pod THREADGATE_PORT=tcp://10.96.0.12:80."""
+    monkeypatch.setenv(name, "tcp://10.96.0.12:80")
+    s = load_settings()
+    assert (s.port, s.metrics_port) == (8000, 0)
+    monkeypatch.setenv(name, "8100")
+    assert 8100 in (load_settings().port, load_settings().metrics_port)
