@@ -17,28 +17,33 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """The process is alive."""
-    return {"status": "ok"}
+async def healthz(rt: RuntimeDep) -> JSONResponse:
+    """Alive: the process answers, and once launched its queue worker thread runs (a dead
+    worker never starts another run: only a restart mends it). Never touches PostgreSQL or NATS."""
+    if rt.launched and not rt.draining and not rt.queue_worker_alive():
+        return JSONResponse({"status": "queue_worker_dead"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz")
 async def readyz(rt: RuntimeDep) -> JSONResponse:
-    """Ready: DBOS launched with its queue worker, Postgres and NATS reachable, not draining."""
-    checks = {
-        "dbos": rt.launched and rt.queue_worker_alive(),
+    """Ready for traffic: DBOS launched with its queue worker, not draining.
+
+    PostgreSQL, NATS and the executor claim are reported, not required: they are shared by
+    every pod, so an outage would take every pod out of the Service at once (ingress 502s
+    instead of this app's 503s, and a PDB that blocks every eviction). A pod that really lost
+    its claim exits. `status` says `degraded` while a dependency is away.
+    """
+    serving = {"dbos": rt.launched and rt.queue_worker_alive(), "accepting": not rt.draining}
+    deps = {
         "postgres": await rt.db.ping(),
         "nats": rt.buffer is not None and await rt.buffer.ping(),
         "claim": rt.claim.held,
-        "accepting": not rt.draining,
     }
-    ready = all(checks.values())
+    ready = all(serving.values())
+    status = "not_ready" if not ready else "ready" if all(deps.values()) else "degraded"
     return JSONResponse(
-        {
-            "status": "ready" if ready else "not_ready",
-            "pod": rt.settings.pod_name,
-            "checks": checks,
-        },
+        {"status": status, "pod": rt.settings.pod_name, "checks": {**serving, **deps}},
         status_code=200 if ready else 503,
     )
 

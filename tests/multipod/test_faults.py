@@ -29,16 +29,18 @@ async def assert_one_reply(client: AsyncClient, thread: str, run_id: str, chunks
     ]
 
 
-async def readyz(url: str) -> int:
+async def readyz(url: str) -> str:
+    """The pod's readiness: `ready`, `degraded` (a dependency is away), `not_ready`, or
+    `down` when nothing answers."""
     async with httpx.AsyncClient(timeout=2) as http:
         try:
-            return (await http.get(f"{url}/readyz")).status_code
+            return str((await http.get(f"{url}/readyz")).json()["status"])
         except httpx.TransportError:
-            return 0
+            return "down"
 
 
-async def wait_readyz(url: str, status: int, timeout: float = 30) -> float:
-    """Poll /readyz until it answers `status`; seconds it took."""
+async def wait_readyz(url: str, status: str, timeout: float = 30) -> float:
+    """Poll /readyz until it reports `status`; seconds it took."""
     t0 = time.monotonic()
     async with asyncio.timeout(timeout):
         while await readyz(url) != status:  # noqa: ASYNC110 - polling another process
@@ -55,7 +57,7 @@ async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack)
     attachers = [Attacher([p.url], thread).start() for p in cluster.pods]
     await attachers[0].wait_chunk(10)
     stack.nats.stop()
-    await wait_readyz(cluster.pods[0].url, 503)
+    await wait_readyz(cluster.pods[0].url, "degraded")
     stack.nats.start()
     back = time.monotonic()
     seen = len(attachers[0].reply.chunks)
@@ -83,10 +85,10 @@ async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: St
     attacher = Attacher(cluster.urls, thread, reconnects=5).start()
     await attacher.wait_chunk(5)
     stack.pg.stop()
-    await wait_readyz(cluster.pods[0].url, 503)
+    await wait_readyz(cluster.pods[0].url, "degraded")
     stack.pg.start()
-    took = await wait_readyz(cluster.pods[0].url, 200, timeout=60)
-    await wait_readyz(cluster.pods[1].url, 200, timeout=60)
+    took = await wait_readyz(cluster.pods[0].url, "ready", timeout=60)
+    await wait_readyz(cluster.pods[1].url, "ready", timeout=60)
     reply = await attacher.result(90)
     assert reply.status == "success" and reply.text == mock_reply(60)
     final = await wait_run(client, thread, run["run_id"], timeout=60)
