@@ -246,6 +246,8 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Durable chat runs: POST a message, attach to its reply over SSE.",
         lifespan=lifespan,
+        docs_url=None,  # api/ui.py serves /docs from local assets (no CDN)
+        redoc_url=None,
     )
     app.state.runtime = rt
     install(app)

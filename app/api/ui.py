@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -36,5 +36,12 @@ async def index() -> FileResponse:
 
 
 def install(app: FastAPI) -> None:
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    async def docs() -> HTMLResponse:
+        # TODO(first hour): serve the Swagger UI assets from the package, not a CDN.
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="threadgate API")
+
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
