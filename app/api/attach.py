@@ -11,6 +11,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import InvalidRequest, ThreadNotFound
 from ..store.runs import Run
+from ..streams.events import KEEPALIVE, sse_frame
 from ..streams.relay import relay
 from .deps import (
     AttachLimiterDep,
@@ -103,7 +104,7 @@ async def _stream(rt: RuntimeDep, hub: HubDep, run: Run, after: int | None) -> A
         return await rt.store.get_run(run.thread_id, run.run_id)
 
     async with hub.attach(run.thread_id) as tail:
-        async for frame in relay(
+        async for batch in relay(
             tail, run.run_id, lookup, last_event_id=after, keepalive_s=rt.settings.keepalive_s
         ):
-            yield frame
+            yield b"".join(sse_frame(e) for e in batch) if batch else KEEPALIVE

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Literal
 
-EventType = Literal["run_started", "chunk", "done", "reset"]
+EventType = Literal["run_started", "chunk", "data", "done", "reset", "stalled"]
 DoneStatus = Literal["success", "error", "cancelled", "interrupted"]
+# What a run writes to JetStream; `reset` and `stalled` are made by the attach endpoint.
+STORED_TYPES = frozenset({"run_started", "chunk", "data", "done"})
 
 
 @dataclass(slots=True)
@@ -24,32 +26,46 @@ class Event:
     run_id: str
     attempt: int
     seq: int = 0
-    index: int | None = None
-    text: str | None = None
-    status: DoneStatus | None = None
-    error: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    index: int | None = None  # chunk and data events share one index sequence per run
+    text: str | None = None  # chunk
+    status: DoneStatus | None = None  # done
+    error: dict[str, Any] | None = None  # done
+    name: str | None = None  # data
+    data: Any = None  # data: the payload
+    resume_from: int | None = None  # run_started of an attempt that continues the run
+    executor: str | None = None  # stalled
     frame: bytes = field(default=b"", compare=False, repr=False)  # SSE frame, one per pod
+
+    @property
+    def part(self) -> bool:
+        """A part of the reply (text or data), with an index."""
+        return self.type == "chunk" or self.type == "data"
 
     def payload(self) -> dict[str, Any]:
         """The JSON object of the event (what `data:` carries)."""
         body: dict[str, Any] = {"run_id": self.run_id}
+        if self.type == "stalled":
+            body["executor"] = self.executor
+            return body
+        body["attempt"] = self.attempt
         if self.type == "done":
-            body["attempt"] = self.attempt
             body["status"] = self.status
             if self.error is not None:
                 body["error"] = self.error
-        else:
-            body["attempt"] = self.attempt
-        if self.type == "chunk":
+        elif self.type == "chunk":
             body["index"] = self.index
             body["text"] = self.text
-        body.update(self.extra)
+        elif self.type == "data":
+            body["index"] = self.index
+            body["name"] = self.name
+            body["payload"] = self.data
+        elif self.type == "run_started" and self.resume_from is not None:
+            body["resume_from"] = self.resume_from
         return body
 
     def to_bytes(self) -> bytes:
         """The JetStream message: `{"type": ..., <payload>}`, compact, type first."""
-        if self.type == "chunk" and self.text is not None and not self.extra:
+        if self.type == "chunk" and self.text is not None:
             # The hot path, byte for byte what json.dumps gives, at a fraction of its cost.
             return (
                 f'{{"type":"chunk","run_id":{_quote(self.run_id)},"attempt":{self.attempt:d},'
@@ -59,17 +75,26 @@ class Event:
 
     @classmethod
     def from_bytes(cls, data: bytes, seq: int = 0) -> Event:
-        """An event read from JetStream, with its SSE frame made from the same bytes."""
+        """An event read from JetStream, with its SSE frame made from the same bytes.
+
+        Only the types a run stores are accepted: the type becomes the SSE `event:` line.
+        """
         raw = json.loads(data)
+        kind = raw["type"]
+        if kind not in STORED_TYPES:
+            raise ValueError(f"not an event type of a run: {str(kind)[:40]!r}")
         ev = cls(
-            raw["type"],
-            raw["run_id"],
+            kind,
+            str(raw["run_id"]),
             int(raw.get("attempt", 0)),
             seq,
             raw.get("index"),
             raw.get("text"),
             raw.get("status"),
             raw.get("error"),
+            raw.get("name"),
+            raw.get("payload"),
+            raw.get("resume_from"),
         )
         if seq:
             ev.frame = _frame_from_stored(ev, data)
@@ -85,16 +110,23 @@ class Event:
             self.text,
             self.status,
             self.error,
-            self.extra,
+            self.name,
+            self.data,
+            self.resume_from,
+            self.executor,
         )
 
 
-def run_started(run_id: str, attempt: int) -> Event:
-    return Event("run_started", run_id, attempt)
+def run_started(run_id: str, attempt: int, resume_from: int | None = None) -> Event:
+    return Event("run_started", run_id, attempt, resume_from=resume_from)
 
 
 def chunk(run_id: str, attempt: int, index: int, text: str) -> Event:
     return Event("chunk", run_id, attempt, index=index, text=text)
+
+
+def data(run_id: str, attempt: int, index: int, name: str, payload: Any) -> Event:
+    return Event("data", run_id, attempt, index=index, name=name, data=payload)
 
 
 def done(
@@ -105,6 +137,10 @@ def done(
 
 def reset(run_id: str, attempt: int) -> Event:
     return Event("reset", run_id, attempt)
+
+
+def stalled(run_id: str, attempt: int, executor: str) -> Event:
+    return Event("stalled", run_id, attempt, executor=executor)
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -138,7 +174,7 @@ def _frame_from_stored(ev: Event, data: bytes) -> bytes:
     return b"id: %d\nevent: %s\ndata: {%s\n\n" % (ev.seq, ev.type.encode(), data[len(prefix) :])
 
 
-_TYPE_PREFIX = {t: b'{"type":"%s",' % t.encode() for t in ("run_started", "chunk", "done")}
+_TYPE_PREFIX = {t: b'{"type":"%s",' % t.encode() for t in sorted(STORED_TYPES)}
 
 
 KEEPALIVE = b": keepalive\n\n"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from ..store.runs import TERMINAL, Run
-from .events import KEEPALIVE, Event, chunk, done, reset, run_started, sse_frame
+from .events import Event, chunk, done, reset, run_started
 from .tail import ThreadTail
 
 RunLookup = Callable[[], Awaitable[Run | None]]
@@ -64,29 +64,33 @@ async def relay(
     last_event_id: int | None,
     keepalive_s: float,
     recheck_s: float = 0.5,
-) -> AsyncIterator[bytes]:
-    """Replay the run from the tail's log, follow it live, end after its `done`."""
+) -> AsyncIterator[list[Event]]:
+    """Replay the run from the tail's log, follow it live, end after its `done`.
+
+    Yields batches of events to send (an empty batch: send a keepalive); the caller encodes
+    them (SSE frames, or another wire format).
+    """
     loop = asyncio.get_running_loop()
     cursor = Cursor(seq=last_event_id or 0, resumed=bool(last_event_id))
     last_write = loop.time()
     next_check, check_every = loop.time() + recheck_s, recheck_s
     while True:
-        frames: list[bytes] = []
+        batch: list[Event] = []
         size = 0
         finished = more = False
         seen = tail.last_seq  # anything taken after this wakes the wait below at once
         for ev in tail.after(cursor.seq):
             out, finished = step(cursor, run_id, ev)
             for e in out:
-                frames.append(sse_frame(e))
-                size += len(frames[-1])
+                batch.append(e)
+                size += len(e.frame) or 64
             if finished:
                 break
             if size >= MAX_WRITE_BYTES:
                 more = True
                 break
-        if frames:
-            yield b"".join(frames)
+        if batch:
+            yield batch
             last_write = loop.time()
         if finished:
             return
@@ -98,14 +102,14 @@ async def relay(
             run = await lookup()
             if run is not None and run.status in TERMINAL:
                 if not _run_in_log(tail, run_id):
-                    yield b"".join(sse_frame(e) for e in replay_from_store(run))
+                    yield replay_from_store(run)
                     return
                 if cursor.resumed and tail.last_seq <= cursor.seq:
                     return  # a resume after the last event: the client has it all
             check_every = min(check_every * 2, keepalive_s)
             next_check = loop.time() + check_every
         if now >= last_write + keepalive_s:
-            yield KEEPALIVE
+            yield []
             last_write = now
         deadline = last_write + keepalive_s
         if not cursor.shown:
