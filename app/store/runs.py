@@ -298,24 +298,31 @@ class PgRunStore:
                 ),
             )
 
-    async def request_stop(self, run_id: str, reason: str) -> Run | None:
-        """Mark a run to stop (cancelled or interrupted); the workflow honours it."""
-        async with self.db.pool.connection() as conn:
-            # A run that has not started ends here and now (its workflow, when dequeued,
-            # sees the flag and only says `done`); a running one stops at its next chunk.
-            cur = await conn.execute(
-                """UPDATE threadgate.runs
-                   SET stop_requested = coalesce(stop_requested, %s),
-                       status = CASE WHEN attempt = 0 THEN %s ELSE status END,
-                       finished_at = CASE WHEN attempt = 0 THEN now() ELSE finished_at END
-                   WHERE run_id = %s AND status IN ('pending', 'running')
-                   RETURNING thread_id""",
-                (reason, reason, run_id),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            return await self.get_run(row["thread_id"], run_id, conn=conn)
+    async def request_stop(
+        self, run_id: str, reason: str, *, conn: AsyncConnection[Any] | None = None
+    ) -> Run | None:
+        """Mark a run to stop (cancelled or interrupted); the workflow honours it.
+
+        A run that has not started ends here and now (its workflow, when dequeued, sees the
+        flag and only says `done`); a running one stops within a chunk. None: already ended.
+        """
+        if conn is None:
+            async with self.db.pool.connection() as c:
+                return await self.request_stop(run_id, reason, conn=c)
+        cur = await conn.execute(
+            f"""WITH r AS (
+                    UPDATE threadgate.runs
+                    SET stop_requested = coalesce(stop_requested, %s),
+                        status = CASE WHEN attempt = 0 THEN %s ELSE status END,
+                        finished_at = CASE WHEN attempt = 0 THEN now() ELSE finished_at END
+                    WHERE run_id = %s AND status IN ('pending', 'running')
+                    RETURNING *)
+                SELECT {_RUN_COLUMNS} FROM r
+                LEFT JOIN threadgate.messages m ON m.run_id = r.run_id AND m.role = 'assistant'""",
+            (reason, reason, run_id),
+        )
+        row = await cur.fetchone()
+        return _run(row) if row else None
 
     async def stop_requested(self, run_id: str) -> str | None:
         async with self.db.pool.connection() as conn:

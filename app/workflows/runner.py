@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,21 @@ class Runner:
         self._kicks: set[asyncio.Task[None]] = set()
         self._sweeping = False  # a fast-start sweep is under way
         self._sweep_again = False  # a run was accepted during it
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # thread -> (lock, users)
+
+    @contextlib.asynccontextmanager
+    async def _local_lock(self, thread_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(thread_id) or (asyncio.Lock(), 0)
+        self._locks[thread_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[thread_id]
+            if users == 1:
+                del self._locks[thread_id]
+            else:
+                self._locks[thread_id] = (lock, users - 1)
 
     async def submit(
         self,
@@ -96,7 +112,10 @@ class Runner:
         thread answers ThreadNotFound. None (auth off) records no owner and checks none.
         """
         digest = request.digest()
-        async with self.store.thread_lock(thread_id) as conn:
+        # One accept per thread at a time in this process before a pool connection is taken:
+        # otherwise a burst of POSTs on one thread parks every connection on the thread's
+        # advisory lock, and the holder cannot get the one more it needs.
+        async with self._local_lock(thread_id), self.store.thread_lock(thread_id) as conn:
             # Under the thread lock, the only place threads are created: no race with a
             # concurrent first POST by someone else.
             if owner is not None:
@@ -136,7 +155,11 @@ class Runner:
             await enqueue(run)
             if request.multitask_strategy == "interrupt":
                 for other in active:
-                    await self.stop(other, "interrupted")
+                    # On the lock's connection. A run that ended meanwhile needs no stop: the
+                    # new run is accepted all the same.
+                    stopped = await self.store.request_stop(other.run_id, "interrupted", conn=conn)
+                    if stopped is not None:
+                        await self.announce_stop(other.run_id, stopped.stop_requested or "")
         logger.info(
             "run accepted",
             extra={"thread_id": thread_id, "run_id": run.run_id, "status": run.status},
