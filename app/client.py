@@ -1,8 +1,9 @@
 """A Python client of threadgate that never shows a duplicate.
 
-`attach` applies `reset` (drops the partial reply of a dead attempt) and, when the connection
-drops, reconnects with `Last-Event-ID` — to the same URL or the next of several pods — so the
-caller sees each reply exactly once.
+`Reply.apply` folds a run's events into its reply (contract v2: `reset`, `resume_from`,
+`data`, `stalled`). `events` reconnects with `Last-Event-ID` when the connection drops — to
+the same URL or the next of several pods — and `attach` turns the reply into text to print,
+saying so when a regenerated attempt replaces what was printed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -24,14 +25,42 @@ class SseEvent:
     id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class DataPart:
+    """A `data` event of the reply source (a tool call, a citation, ...)."""
+
+    name: str
+    payload: Any
+    type: Literal["data"] = "data"
+
+
+Part = TextPart | DataPart
+
+
 @dataclass(slots=True)
 class Reply:
-    """A run's reply as a client reconstructs it: chunks of the current attempt only."""
+    """A run's reply as a client reconstructs it from its events (contract v2).
+
+    `apply` is the one reducer of the protocol on the Python side: a new run starts over; a
+    `reset`, or a new attempt without `resume_from`, drops the partial reply (a regenerated
+    attempt follows); `run_started` with `resume_from: k` keeps the first k parts and
+    continues; events of a superseded attempt and parts received twice are ignored.
+    """
 
     run_id: str | None = None
     attempt: int = 0
-    chunks: dict[int, str] = field(default_factory=dict)
-    resets: int = 0
+    chunks: dict[int, str] = field(default_factory=dict)  # text chunks, by index
+    data: dict[int, DataPart] = field(default_factory=dict)  # data events, by index
+    resets: int = 0  # partial replies dropped (a reset, or a regenerating attempt)
+    resumes: int = 0  # attempts that continued the reply (resume_from)
+    duplicates: int = 0  # parts received again (after a reconnect without Last-Event-ID)
+    stalled: str | None = None  # the executor a `stalled` event named, until the next attempt
     status: str | None = None
     error: dict[str, Any] | None = None
     events: list[SseEvent] = field(default_factory=list)
@@ -40,37 +69,133 @@ class Reply:
     def text(self) -> str:
         return "".join(self.chunks[i] for i in sorted(self.chunks))
 
+    @property
+    def parts(self) -> list[Part]:
+        """Text and data parts in index order; consecutive text chunks make one text part."""
+        out: list[Part] = []
+        for i in sorted(self.chunks.keys() | self.data.keys()):
+            if i in self.data:
+                out.append(self.data[i])
+            elif out and isinstance(out[-1], TextPart):
+                out[-1] = TextPart(out[-1].text + self.chunks[i])
+            else:
+                out.append(TextPart(self.chunks[i]))
+        return out
+
+    def _drop(self, start: int = 0) -> bool:
+        """Forget the parts from index `start` on; whether there were any."""
+        gone = [i for i in self.chunks.keys() | self.data.keys() if i >= start]
+        for i in gone:
+            self.chunks.pop(i, None)
+            self.data.pop(i, None)
+        return bool(gone)
+
     def apply(self, ev: SseEvent) -> str | None:
-        """Fold one event in; returns new text to show, if any."""
+        """Fold one event in; returns the text it added to the reply, if any."""
         self.events.append(ev)
         d = ev.data
-        self.run_id = d.get("run_id", self.run_id)
+        run_id = d.get("run_id")
+        if ev.event == "run_started":
+            attempt = int(d["attempt"])
+            if run_id != self.run_id:  # the thread's next run: start over
+                self._drop()
+                self.run_id, self.attempt = run_id, attempt
+                self.status = self.error = self.stalled = None
+                return None
+            if attempt <= self.attempt:
+                return None  # this attempt's start seen again, or a superseded one's
+            self.attempt, self.stalled = attempt, None
+            resume_from = d.get("resume_from")
+            if resume_from is not None:
+                self._drop(int(resume_from))  # what this attempt continues after stays
+                self.resumes += 1
+            elif self._drop():
+                self.resets += 1  # a regenerating attempt whose reset this client missed
+            return None
+        if run_id != self.run_id and self.run_id is not None:
+            return None  # another run's straggler
+        self.run_id = run_id
+        attempt = int(d.get("attempt", self.attempt))
         if ev.event == "reset":
-            self.chunks.clear()
-            self.resets += 1
-            self.attempt = int(d.get("attempt", self.attempt))
-        elif ev.event == "run_started":
-            self.run_id = d["run_id"]
-            if int(d["attempt"]) != self.attempt:
-                self.chunks.clear()
-            self.attempt = int(d["attempt"])
-        elif ev.event == "chunk":
+            if attempt < self.attempt:
+                return None  # a superseded attempt's
+            # The same reset again (a reconnect that replays it) drops nothing new.
+            if self._drop() or attempt > self.attempt:
+                self.resets += 1
+            self.attempt = attempt
+        elif ev.event in ("chunk", "data"):
+            if attempt < self.attempt:
+                return None  # a straggler of a superseded attempt
+            self.attempt = attempt
             index = int(d["index"])
-            if index in self.chunks:
-                raise AssertionError(f"duplicate chunk {index} in attempt {self.attempt}")
-            self.chunks[index] = d["text"]
-            return str(d["text"])
+            if index in self.chunks or index in self.data:
+                self.duplicates += 1
+                return None
+            if ev.event == "data":
+                self.data[index] = DataPart(str(d["name"]), d.get("payload"))
+                return None
+            self.chunks[index] = str(d["text"])
+            return self.chunks[index]
+        elif ev.event == "stalled":
+            self.stalled = d.get("executor")
         elif ev.event == "done":
             self.status = d.get("status")
             self.error = d.get("error")
         return None
 
 
+# Printed by `attach` when the reply shown so far is dropped (a regenerated attempt follows).
+RESTARTED = "\n[reply restarted: its attempt was cut short; the text above is discarded]\n"
+
+
+def to_print(shown: str, now: str) -> list[str]:
+    """What to print to go from `shown` to `now`: what it adds, or, when `now` no longer
+    extends what was printed, `RESTARTED` and the reply from its start."""
+    if now.startswith(shown):
+        return [now[len(shown) :]] if len(now) > len(shown) else []
+    return [RESTARTED, now] if now else [RESTARTED]
+
+
+def render(reply: Reply) -> str:
+    """The reply as a person reads it: its text, with each data part on a line of its own."""
+    out = []
+    for part in reply.parts:
+        if isinstance(part, TextPart):
+            out.append(part.text)
+        else:
+            payload = json.dumps(part.payload, ensure_ascii=False, default=str)
+            out.append(f"\n[{part.name}] {payload}\n")
+    return "".join(out)
+
+
 class ThreadgateError(Exception):
+    """The server answered with an error (a 4xx or 5xx status and its JSON error body)."""
+
     def __init__(self, status: int, body: Any) -> None:
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
+
+    @property
+    def code(self) -> str:
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        return str(error.get("code", "")) if isinstance(error, dict) else ""
+
+    @property
+    def message(self) -> str:
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        return str(self.body)[:200] or f"HTTP {self.status}"
+
+
+class Unreachable(ConnectionError):
+    """No pod answered: refused, timed out, or every one of them unavailable (503)."""
+
+    def __init__(self, urls: Sequence[str], reason: str) -> None:
+        super().__init__(f"cannot reach {', '.join(urls)}: {reason}")
+        self.urls = list(urls)
+        self.reason = reason
 
 
 def _check(resp: httpx.Response) -> Any:
@@ -81,6 +206,20 @@ def _check(resp: httpx.Response) -> Any:
             body = resp.text
         raise ThreadgateError(resp.status_code, body)
     return resp.json() if resp.content else None
+
+
+def _reason(exc: BaseException | None) -> str:
+    """A transport failure in a few words ("connection refused", "timed out", ...)."""
+    if exc is None:
+        return "no answer"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc).lower()
+        if "refused" in text:
+            return "connection refused"
+        return str(exc) or "cannot connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return str(exc) or type(exc).__name__
 
 
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
@@ -139,7 +278,7 @@ class AsyncClient:
             if resp.status_code == 503 and url != self.urls[-1]:
                 continue  # draining or not ready: the next pod can answer
             return _check(resp)
-        raise ConnectionError(f"no pod answered {method} {path}: {last!r}")
+        raise Unreachable(self.urls, _reason(last))
 
     async def post(
         self,
@@ -177,61 +316,99 @@ class AsyncClient:
         return result
 
     async def events(
-        self, thread_id: str, *, reconnects: int = 30, reply: Reply | None = None
+        self,
+        thread_id: str,
+        *,
+        reconnects: int = 30,
+        wait: bool = True,
+        connect_retries: int | None = None,
     ) -> AsyncIterator[SseEvent]:
-        """The raw events of the latest run, resuming across disconnects and pods."""
+        """The raw events of the thread's latest run, resuming across disconnects and pods.
+
+        `wait=False`: a thread with no run yet ends at once (the server answers 204) instead
+        of waiting for its first run. `connect_retries`: failed attempts allowed before any
+        pod has answered (default: as many as `reconnects`); past them, `Unreachable`.
+        """
         last_id: str | None = None
         failures = 0
+        answered = False
         pod = 0
+        last_error: BaseException | None = None
+        params = {} if wait else {"wait": "false"}
         while True:
             url = f"{self.urls[pod % len(self.urls)]}/threads/{thread_id}/attach"
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 async with self.http.stream(
-                    "GET", url, headers=headers, timeout=httpx.Timeout(30.0, read=None)
+                    "GET",
+                    url,
+                    headers=headers,
+                    params=params,
+                    timeout=httpx.Timeout(30.0, read=None),
                 ) as resp:
                     if resp.status_code == 204:
                         return
-                    if resp.status_code >= 400:
+                    if resp.status_code >= 400 and not (
+                        resp.status_code == 503 and len(self.urls) > 1
+                    ):
                         await resp.aread()
                         _check(resp)
-                    async for ev in parse_sse(resp.aiter_lines()):
-                        failures = 0
-                        if ev.id:
-                            last_id = ev.id
-                        yield ev
-                        if ev.event == "done":
-                            return
-            except (httpx.TransportError, httpx.RemoteProtocolError):
-                pass
+                    if resp.status_code < 400:
+                        answered = True
+                        async for ev in parse_sse(resp.aiter_lines()):
+                            failures = 0
+                            if ev.id:
+                                last_id = ev.id
+                            yield ev
+                            if ev.event == "done":
+                                return
+            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+                last_error = exc
             failures += 1
-            if failures > reconnects:
-                raise ConnectionError(f"attach to {thread_id} failed {failures} times")
+            limit = reconnects if answered or connect_retries is None else connect_retries
+            if failures > limit:
+                raise Unreachable(self.urls, _reason(last_error))
             pod += 1
-            await asyncio.sleep(min(0.1 * 2 ** min(failures, 5), 2.0))
+            await asyncio.sleep(min(0.1 * 2 ** min(failures, 5), 2.0))  # reconnect backoff
 
-    async def attach(self, thread_id: str, *, reconnects: int = 30) -> AsyncIterator[str]:
-        """Yield the reply's text as it streams; a reset is applied by dropping nothing shown
-        twice: text already yielded is never yielded again, even across attempts."""
-        reply = Reply()
+    async def attach(
+        self,
+        thread_id: str,
+        *,
+        reconnects: int = 30,
+        wait: bool = True,
+        connect_retries: int | None = None,
+        reply: Reply | None = None,
+    ) -> AsyncIterator[str]:
+        """Yield the latest run's reply as text to print, as it streams.
+
+        Each piece extends what was yielded before, except when the reply is replaced (a
+        `reset`: the attempt that was streaming died and a new one regenerates the reply):
+        then `RESTARTED` is yielded, followed by the new reply from its start. A continued
+        attempt (`resume_from`) prints on seamlessly. Pass `reply` to read the outcome
+        (status, error, parts) once the iteration ends.
+        """
+        reply = reply if reply is not None else Reply()
         shown = ""
-        async for ev in self.events(thread_id, reconnects=reconnects):
+        async for ev in self.events(
+            thread_id, reconnects=reconnects, wait=wait, connect_retries=connect_retries
+        ):
             reply.apply(ev)
-            text = reply.text
-            if text.startswith(shown) and len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+            text = render(reply)
+            for piece in to_print(shown, text):
+                yield piece
+            shown = text
 
-    async def reply(self, thread_id: str, *, reconnects: int = 30) -> Reply:
+    async def reply(self, thread_id: str, *, reconnects: int = 30, wait: bool = True) -> Reply:
         """Follow the latest run to its `done`; the reconstructed reply."""
         reply = Reply()
-        async for ev in self.events(thread_id, reconnects=reconnects):
+        async for ev in self.events(thread_id, reconnects=reconnects, wait=wait):
             reply.apply(ev)
         return reply
 
 
 class Client:
-    """The synchronous face of AsyncClient, for scripts and the CLI."""
+    """The synchronous face of AsyncClient, for scripts."""
 
     def __init__(self, urls: str | Sequence[str], *, token: str | None = None) -> None:
         self._urls = urls
@@ -259,12 +436,15 @@ class Client:
     def cancel(self, thread_id: str, run_id: str, wait: bool = False) -> dict[str, Any]:
         return dict(self._run(lambda c: c.cancel(thread_id, run_id, wait=wait)))
 
-    def reply(self, thread_id: str) -> Reply:
-        result: Reply = self._run(lambda c: c.reply(thread_id))
+    def reply(self, thread_id: str, *, wait: bool = True) -> Reply:
+        result: Reply = self._run(lambda c: c.reply(thread_id, wait=wait))
         return result
 
-    def attach(self, thread_id: str) -> Iterator[str]:
-        """Streams text to the caller as it arrives (runs the loop in a helper thread)."""
+    def attach(
+        self, thread_id: str, *, wait: bool = True, reply: Reply | None = None
+    ) -> Iterator[str]:
+        """`AsyncClient.attach`, streamed to the caller as it arrives (the loop runs in a
+        helper thread)."""
         import queue
         import threading
 
@@ -272,7 +452,7 @@ class Client:
 
         async def pump() -> None:
             async with AsyncClient(self._urls, token=self._token) as c:
-                async for text in c.attach(thread_id):
+                async for text in c.attach(thread_id, wait=wait, reply=reply):
                     q.put(("text", text))
 
         def worker() -> None:
