@@ -1,17 +1,30 @@
 # threadgate: one pod = one process = one uvicorn worker (`threadgate serve`).
-# Build:  docker build -t threadgate:0.1.0 .   (the tag is the version: keep it equal to
-#         THREADGATE_APP_VERSION in k8s/base/statefulset.yaml and docker-compose.yml)
+# Build:  docker build -t threadgate:$(python -c "import tomllib;print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])") .
+# The tag is the package version, and so is the DBOS application version the pods run under
+# (the app's default THREADGATE_APP_VERSION): no manifest sets it, so the two cannot drift.
+#
+# The base image is pinned by digest (the multi-platform index of python:3.11-slim, Python
+# 3.11.15 on Debian trixie, as listed by docker-library/repo-info). To move it:
+#   docker buildx imagetools inspect python:3.11-slim   # "Digest:" of the index
+# then replace both FROM lines' digest and rebuild (docs/deploy.md, "The image").
+ARG PYTHON_IMAGE=python:3.11-slim@sha256:90744cff8f32887f075c47d747a173ff333e9e98801667af93c357fa9f5e28ff
 
-FROM python:3.11-slim AS build
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 WORKDIR /src
+# Dependencies first, exactly as locked (hashes checked), in their own layer: a code change
+# does not reinstall them. requirements.lock is pip-compile's output for pyproject.toml,
+# build backend (setuptools, wheel) included.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
 # pyproject.toml names README.md as the package's readme: the build needs it.
 COPY pyproject.toml README.md ./
 COPY app ./app
-RUN /opt/venv/bin/pip install .
+# Nothing unlocked comes in: the locked setuptools builds it, no dependency is resolved.
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
 
-FROM python:3.11-slim
+FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -21,7 +34,7 @@ RUN groupadd --system --gid 10001 threadgate \
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 9090
 # Liveness only: /healthz answers while the process is alive (readiness is /readyz).
 # python, not curl: the slim image has no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

