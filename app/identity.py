@@ -31,6 +31,16 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.objid = (k.key & 4294967295)::oid
 """
 
+# Pods alive now: those whose fencing claim is held (name and the version they heartbeat).
+LIVE_EXECUTORS_SQL = """
+SELECT e.name, e.app_version FROM threadgate.executors e
+WHERE EXISTS (
+  SELECT 1 FROM pg_locks l
+  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+    AND l.classid = ((hashtextextended('threadgate.executor:' || e.name, 0) >> 32)
+                     & 4294967295)::oid
+    AND l.objid = (hashtextextended('threadgate.executor:' || e.name, 0) & 4294967295)::oid)
+"""
 
 KEEPALIVE_OPTIONS = (
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
@@ -38,7 +48,7 @@ KEEPALIVE_OPTIONS = (
 
 
 def claim_key(pod_name: str) -> str:
-    return f"threadgate.executor:{pod_name}"
+    return f"threadgate.executor:{pod_name}"  # LIVE_EXECUTORS_SQL builds the same key
 
 
 def process_label(pod_name: str) -> str:

@@ -24,6 +24,7 @@ from .streams.buffer import JetStreamBuffer, connect_nats
 from .streams.tail import TailHub
 from .workflows import thread_run as wf
 from .workflows.adoption import Adoption, report_stranded
+from .workflows.internals import active_workflow_ids, stop_background_threads
 from .workflows.runner import Runner, register_queue
 from .workflows.stops import StopSignals
 
@@ -83,7 +84,9 @@ async def start(rt: Runtime) -> None:
             extra={"runs": recovering},
         )
     await register_queue(s)
-    rt.adoption = Adoption(s, rt.db, rt.metrics)
+    rt.adoption = Adoption(s, rt.db, rt.metrics, rt.buffer)
+    await rt.adoption.heartbeat()  # this name's row says this version before the checks read it
+    await rt.adoption.move_queued()
     await report_stranded(rt.adoption)
     rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
@@ -128,7 +131,7 @@ def _active_runs(rt: Runtime) -> int:
     if not rt.launched:
         return 0
     try:
-        return len(_dbos_instance()._active_workflows_set.activeList())
+        return len(active_workflow_ids())
     except Exception:  # a DBOS internal moved: the gauge reads 0 rather than break /metrics
         return 0
 
@@ -172,16 +175,14 @@ async def drain(rt: Runtime) -> None:
     DBOS.destroy(workflow_completion_timeout_sec=...) would block the event loop the runs
     need, so we stop DBOS's background threads (queue workers included) and wait here.
     """
-    dbos = _dbos_instance()
-    for event in dbos.background_thread_stop_events:
-        event.set()
+    stop_background_threads()
     loop = asyncio.get_running_loop()
     # SIGTERM drains, then uvicorn's shutdown calls stop(), which drains again: both share one
     # deadline, or the runs would get twice the timeout (past the pod's grace period).
     if rt.drain_deadline is None:
         rt.drain_deadline = loop.time() + rt.settings.drain_timeout_s
     deadline = rt.drain_deadline
-    while (active := dbos._active_workflows_set.activeList()) and loop.time() < deadline:  # noqa: ASYNC110
+    while (active := active_workflow_ids()) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     if active:
         logger.warning(
@@ -207,13 +208,6 @@ async def _abandon(tasks: list[asyncio.Task[Any]], limit_s: float = 5.0) -> None
         _, pending = await asyncio.wait(pending, timeout=0.2)
     if pending:
         logger.error("%d runs did not stop when cancelled", len(pending))
-
-
-def _dbos_instance() -> Any:
-    # dbos 3.4.0 keeps its background threads' stop events and active workflows here.
-    from dbos._dbos import _get_dbos_instance
-
-    return _get_dbos_instance()
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -1,11 +1,11 @@
-"""Operator routes: runs stranded under this pod's name by another application version."""
+"""Operator routes: runs stranded by application versions no live pod runs."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ..errors import Unavailable
 from .deps import RuntimeDep, admin
@@ -22,8 +22,9 @@ router = APIRouter(
 
 class StrandedOut(BaseModel):
     run_id: str
-    executor: str
+    executor: str = Field(description="The pod name that ran or queued it")
     app_version: str
+    status: str = Field(description="queued (never ran a step) or pending (ran, then stopped)")
     steps: list[str]
     compatible: bool
 
@@ -34,6 +35,12 @@ class StrandedList(BaseModel):
     runs: list[StrandedOut]
 
 
+class AdoptRequest(BaseModel):
+    run_ids: list[str] | None = Field(
+        default=None, description="Exactly these runs (default: every stranded run)"
+    )
+
+
 class AdoptResult(BaseModel):
     adopted: list[str]
     refused: list[str]
@@ -41,7 +48,8 @@ class AdoptResult(BaseModel):
 
 @router.get("/stranded", response_model=StrandedList, responses=error_responses(503))
 async def stranded(rt: RuntimeDep) -> StrandedList:
-    """PENDING runs under this pod's name with another application version."""
+    """Runs of the whole cluster that no live pod will run: their version has no live pod, or
+    their pod name came back on another version. Oldest first."""
     if rt.adoption is None:
         raise Unavailable("this pod is not ready")
     runs = await rt.adoption.stranded()
@@ -53,6 +61,7 @@ async def stranded(rt: RuntimeDep) -> StrandedList:
                 run_id=r.run_id,
                 executor=r.executor,
                 app_version=r.app_version,
+                status=r.status,
                 steps=r.steps,
                 compatible=r.compatible,
             )
@@ -65,9 +74,13 @@ async def stranded(rt: RuntimeDep) -> StrandedList:
 async def adopt_stranded(
     rt: RuntimeDep,
     force: Annotated[bool, Query(description="Adopt even runs whose steps differ")] = False,
+    body: AdoptRequest | None = None,
 ) -> AdoptResult:
-    """Move this pod's stranded runs to its version and recover them (steps must match)."""
+    """Move stranded runs to this pod's version and recover them (their steps must match).
+
+    Only the stranded runs move (all, or the `run_ids` given): never a live run."""
     if rt.adoption is None or rt.draining:
         raise Unavailable("this pod is not ready")
-    adopted, refused = await rt.adoption.adopt_stranded(force=force)
+    ids = body.run_ids if body is not None else None
+    adopted, refused = await rt.adoption.adopt_stranded(ids, force=force)
     return AdoptResult(adopted=adopted, refused=refused)

@@ -40,6 +40,7 @@ class Run:
     finished_at: datetime | None
     output: str | None = None
     output_status: str | None = None
+    version: str | None = None  # the application version its workflow was queued under
 
     @property
     def active(self) -> bool:
@@ -179,8 +180,10 @@ class PgRunStore:
         return _run(row) if row else None
 
     async def active_runs(self, conn: AsyncConnection[Any], thread_id: str) -> list[Run]:
+        """The thread's pending and running runs in order, with their workflows' versions."""
         cur = await conn.execute(
-            f"SELECT {_RUN_COLUMNS} {_RUN_FROM}"
+            f"SELECT {_RUN_COLUMNS}, w.application_version AS version {_RUN_FROM}"
+            " LEFT JOIN dbos.workflow_status w ON w.workflow_uuid = r.run_id"
             " WHERE r.thread_id = %s AND r.status IN ('pending', 'running') ORDER BY r.seq",
             (thread_id,),
         )

@@ -25,7 +25,7 @@ from ..errors import (
 from ..ids import new_run_id
 from ..settings import Settings
 from ..store.runs import TERMINAL, NewRun, PgRunStore, Run
-from .dispatch import claim_and_start
+from .internals import claim_and_start
 from .stops import StopSignals
 from .thread_run import QUEUE_NAME, thread_run
 
@@ -62,9 +62,15 @@ async def register_queue(settings: Settings) -> None:
     )
 
 
-async def enqueue(run: Run) -> None:
-    """Idempotent: enqueuing an existing workflow id returns the existing workflow."""
-    with SetWorkflowID(run.run_id), SetEnqueueOptions(queue_partition_key=run.thread_id):
+async def enqueue(run: Run, version: str | None = None) -> None:
+    """Idempotent: enqueuing an existing workflow id returns the existing workflow.
+
+    `version`: queue it under that application version instead of this pod's. A thread's runs
+    must share one version while they wait: DBOS's claim takes a partition's first run of the
+    claimer's version, so pods of two versions could each start a run of one thread at once.
+    """
+    options = SetEnqueueOptions(queue_partition_key=run.thread_id, app_version=version)
+    with SetWorkflowID(run.run_id), options:
         await DBOS.enqueue_workflow_async(QUEUE_NAME, thread_run, run.thread_id, run.run_id)
 
 
@@ -152,7 +158,8 @@ class Runner:
                     timeout_s=request.timeout_s,
                 ),
             )
-            await enqueue(run)
+            # Behind the thread's active runs, in their version (see enqueue).
+            await enqueue(run, active[-1].version if active else None)
             if request.multitask_strategy == "interrupt":
                 for other in active:
                     # On the lock's connection. A run that ended meanwhile needs no stop: the

@@ -159,7 +159,7 @@ async def test_stranded_version_is_reported_and_adopted(start_cluster: StartClus
     await running_on(client, cluster, thread, run["run_id"])
     await pod.kill()
     await pod.restart({"THREADGATE_APP_VERSION": "1.1.0"})
-    assert "belong to another application version" in pod.log_text()
+    assert "belong to an application version no live pod runs" in pod.log_text()
     async with httpx.AsyncClient(base_url=pod.url) as http:
         listing = (await http.get("/admin/stranded")).json()
         assert [r["run_id"] for r in listing["runs"]] == [run["run_id"]]

@@ -1,0 +1,85 @@
+"""Application versions: a rolling deploy strands nothing, adoption takes only what is stranded."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import unique
+from tests.multipod.cluster import Attacher, running_on, wait_run
+from tests.multipod.conftest import StartCluster
+
+pytestmark = pytest.mark.multipod
+
+
+async def test_runs_queued_under_the_old_version_run_after_a_deploy(
+    start_cluster: StartCluster,
+) -> None:
+    """A long run and two queued behind it on v1; SIGTERM (the drain lets the long run finish);
+    the name comes back on v2. The queued runs used to stay pending for good: v2's queue
+    worker claims only v2's runs. Nothing of theirs ran, so v2 takes them over."""
+    cluster = await start_cluster(size=1, app_version="v1", drain_timeout_s=60)
+    pod = cluster.pods[0]
+    thread = unique()
+    async with cluster.client() as client:
+        long = await client.post(thread, "long", model_options={"chunks": 20, "delay_ms": 50})
+        queued = [await client.post(thread, f"q{i}", model_options={"chunks": 3}) for i in (1, 2)]
+        await running_on(client, cluster, thread, long["run_id"])
+        assert await pod.term() == 0
+        await pod.restart({"THREADGATE_APP_VERSION": "v2"})
+        assert (await client.run(thread, long["run_id"]))["status"] == "success"
+        for q in queued:
+            final = await wait_run(client, thread, q["run_id"], timeout=60)
+            assert final["status"] == "success" and final["attempt"] == 1
+        async with httpx.AsyncClient(base_url=pod.url) as http:
+            assert (await http.get("/admin/stranded")).json()["runs"] == []
+
+
+async def test_adopt_takes_only_the_stranded_runs(start_cluster: StartCluster) -> None:
+    """A pod back on v2 with a run stranded under v1 and a live v2 run streaming: adopting used
+    to recover every PENDING run under the name, live ones included (attempt 2, a reset)."""
+    cluster = await start_cluster(size=1, app_version="v1", mock_delay_ms=20)
+    pod = cluster.pods[0]
+    stranded_thread, live_thread = unique(), unique()
+    async with cluster.client() as client:
+        stranded = await client.post(stranded_thread, "old", model_options={"chunks": 30})
+        await running_on(client, cluster, stranded_thread, stranded["run_id"])
+        await pod.kill()
+        await pod.restart({"THREADGATE_APP_VERSION": "v2"})
+        live = await client.post(live_thread, "new", model_options={"chunks": 150})
+        watcher = Attacher([pod.url], live_thread).start()
+        await watcher.wait_chunk(5)
+        async with httpx.AsyncClient(base_url=pod.url, timeout=30) as http:
+            listing = (await http.get("/admin/stranded")).json()
+            assert [r["run_id"] for r in listing["runs"]] == [stranded["run_id"]]
+            adopted = (await http.post("/admin/stranded/adopt")).json()
+        assert adopted == {"adopted": [stranded["run_id"]], "refused": []}
+        old = await wait_run(client, stranded_thread, stranded["run_id"], timeout=60)
+        assert old["status"] == "success" and old["attempt"] == 2
+        reply = await watcher.result(60)
+        new = await wait_run(client, live_thread, live["run_id"])
+        assert new["status"] == "success" and new["attempt"] == 1
+        assert reply.resets == 0 and reply.text == new["output"]
+
+
+async def test_a_threads_waiting_runs_share_one_version_mid_rollout(
+    start_cluster: StartCluster,
+) -> None:
+    """Mid-rollout (one pod on v1, one on v2), a run posted to the v2 pod behind a thread's v1
+    run waits in v1: DBOS's claim takes a partition's first run *of the claimer's version*, so
+    a v2 run beside a queued v1 run could start while the v1 run starts on the other pod."""
+    cluster = await start_cluster(
+        size=2,
+        mock_delay_ms=20,
+        per_pod={0: {"THREADGATE_APP_VERSION": "v1"}, 1: {"THREADGATE_APP_VERSION": "v2"}},
+    )
+    old, new = cluster.pods
+    thread = unique()
+    async with cluster.client([old]) as on_old, cluster.client([new]) as on_new:
+        first = await on_old.post(thread, "first", model_options={"chunks": 40})
+        second = await on_new.post(thread, "second", model_options={"chunks": 3})
+        one = await wait_run(on_new, thread, first["run_id"], timeout=60)
+        two = await wait_run(on_new, thread, second["run_id"], timeout=60)
+    assert one["status"] == two["status"] == "success"
+    assert two["executor"] == old.name  # queued under v1: only the v1 pod runs it
+    assert one["finished_at"] <= two["started_at"]

@@ -1,0 +1,52 @@
+"""The DBOS internals behind threadgate.workflows.internals still exist in the installed dbos."""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import pytest
+from dbos._core import ActiveWorkflowById, execute_dequeued_workflow
+from dbos._dbos import DBOS, _get_dbos_instance
+from dbos._registrations import DBOSFuncInfo, get_func_info
+from dbos._sys_db import SystemDatabase
+from dbos._utils import INTERNAL_QUEUE_NAME, GlobalParams, generate_uuid
+from threadgate.workflows import internals
+from threadgate.workflows.thread_run import thread_run
+
+pytestmark = pytest.mark.unit
+
+
+def test_dbos_is_the_pinned_version() -> None:
+    assert version("dbos") == "3.4.0", "re-check app/workflows/internals.py against the new dbos"
+
+
+def test_system_database_calls_keep_their_signatures() -> None:
+    for name, params in {
+        "reenqueue_for_recovery": ["workflow_id", "executor_ids", "recovery_queue_name"],
+        "start_queued_partitioned_workflows": ["queue", "executor_id", "app_version"],
+        "get_workflow_statuses": ["workflow_ids"],
+        "get_workflow_status": ["workflow_uuid"],
+        "get_queue": ["name"],
+    }.items():
+        got = list(inspect.signature(getattr(SystemDatabase, name)).parameters)[1:]
+        assert got[: len(params)] == params, (name, got)
+
+
+def test_process_state_is_where_we_read_it() -> None:
+    assert callable(_get_dbos_instance) and callable(execute_dequeued_workflow)
+    assert "activeList" in dir(ActiveWorkflowById)
+    init = inspect.getsource(DBOS.__init__)
+    assert "background_thread_stop_events" in init and "_active_workflows_set" in init
+    assert INTERNAL_QUEUE_NAME and callable(generate_uuid) and hasattr(GlobalParams, "executor_id")
+
+
+def test_recovery_bound_is_a_field_of_the_workflow_info() -> None:
+    info = get_func_info(thread_run)
+    assert isinstance(info, DBOSFuncInfo)
+    before = info.max_recovery_attempts
+    try:
+        internals.set_max_recovery_attempts(thread_run, 7)
+        assert info.max_recovery_attempts == 7
+    finally:
+        info.max_recovery_attempts = before
