@@ -1,20 +1,64 @@
-"""`threadgate serve | dev | post | attach | runs`: the pod, the embedded stack, a client."""
+"""`threadgate serve | dev | post | attach | runs | messages | cancel | adopt`: the pod, the
+embedded stack, and a client for people and scripts.
+
+The client commands print one line to stderr on failure and exit with a documented status
+(README, "The CLI"): see `EXIT`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
 DEFAULT_URL = "http://localhost:8000"
+URLS_FILE = Path(".threadgate") / "urls"  # written by `threadgate dev` once its pods are ready
+
+# Exit statuses (the README's table says the same).
+OK = 0  # done; a followed run ended `success`
+FAILED = 1  # anything else that went wrong (said in one line)
+USAGE = 2  # bad arguments; `threadgate dev`: a port in use, a stack already running
+UNREACHABLE = 3  # no pod answered (refused, timed out)
+REFUSED = 4  # the server refused the request (4xx), or the thread has no run to attach to
+SERVER_ERROR = 5  # the server failed (5xx, or 503 from every pod)
+RUN_ERROR = 6  # the run ended `error`
+RUN_STOPPED = 7  # the run was `cancelled` or `interrupted`
+EXIT = {
+    OK: "success",
+    FAILED: "other failure",
+    USAGE: "usage",
+    UNREACHABLE: "no pod answered",
+    REFUSED: "request refused (4xx) or no run",
+    SERVER_ERROR: "server error (5xx)",
+    RUN_ERROR: "run ended in error",
+    RUN_STOPPED: "run cancelled or interrupted",
+}
+
+
+class CliError(Exception):
+    """A failure to report in one line, with its exit status."""
+
+    def __init__(self, message: str, status: int = FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _set_title(pod_name: str) -> None:
+    """`ps` shows `threadgate serve <pod>`: how `threadgate dev kill` and people find a pod."""
+    from setproctitle import setproctitle
+
+    from .devstack import POD_TITLE
+
+    setproctitle(POD_TITLE.format(name=pod_name))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -29,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"threadgate: {exc.message}", file=sys.stderr)
         return 2
+    _set_title(settings.pod_name)
     setup_logging(settings.pod_name, json_lines=settings.json_logs, level=settings.log_level)
     try:
         app = create_app(settings)
@@ -80,184 +125,343 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from .devstack import NatsServer, Postgres, free_port, make_state_dir, wait_for
+    from .devstack import DevError, DevStack, clean_state, find_pod
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)  # stop cleanly under a supervisor, as on Ctrl-C
-    state = make_state_dir(Path(args.state_dir))
-    t0 = time.monotonic()
-    print(f"threadgate dev: state in {state}", flush=True)
-    pg = Postgres(state / "pg", port=args.pg_port or None)
-    nats = NatsServer(state / "nats", port=args.nats_port or None)
-    pods: list[subprocess.Popen[bytes]] = []
+    state = Path(args.state_dir)
     try:
-        print(f"  starting PostgreSQL ({pg.bin}) ...", flush=True)
-        pg.start()
-        print(f"  starting nats-server with JetStream on {nats.url} ...", flush=True)
-        nats.start()
-        urls = []
-        for i in range(args.pods):
-            port = args.port + i if args.port else free_port()
-            env = dict(os.environ)
-            env.update(
-                POD_NAME=f"threadgate-{i}",
-                THREADGATE_PORT=str(port),
-                THREADGATE_DATABASE_URL=pg.url(),
-                THREADGATE_NATS_URL=nats.url,
-            )
-            pods.append(
-                subprocess.Popen([sys.executable, "-m", "threadgate.cli", "serve"], env=env)
-            )
-            urls.append(f"http://localhost:{port}")
-        print(f"  starting {args.pods} pod(s) ...", flush=True)
-        for url, proc in zip(urls, pods, strict=True):
-            wait_for(lambda u=url: _ready(u), 60, f"pod at {url}", proc)
-        took = time.monotonic() - t0
-        print(f"\nthreadgate is ready in {took:.1f}s\n")
-        print(f"  {'pod':<14} {'url':<28}")
-        for i, url in enumerate(urls):
-            print(f"  threadgate-{i:<3} {url:<28}")
-        print(f"\n  postgres  {pg.url()}\n  nats      {nats.url}\n")
-        print(f"  try:  curl -N {urls[0]}/threads/demo/attach")
-        print(
-            f"        curl -X POST {urls[0]}/threads/demo/runs -H 'content-type: application/json'"
-            ' -d \'{"input": "hello"}\''
-        )
-        print("  Ctrl-C stops everything.\n", flush=True)
-        while all(p.poll() is None for p in pods):
-            time.sleep(0.5)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for p in pods:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in pods:
-            try:
-                p.wait(35)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        nats.stop()
-        pg.stop()
-        print("threadgate dev: stopped", flush=True)
+        if args.action == "kill":
+            pid = find_pod(state, args.name)
+            sig = signal.Signals[f"SIG{args.signal}"]
+            os.kill(pid, sig)
+            print(f"sent {sig.name} to {args.name} (pid {pid}); threadgate dev starts it again")
+            return OK
+        if args.action == "clean":
+            clean_state(state)
+            print(f"removed {state} and its PostgreSQL data")
+            return OK
+        return DevStack(
+            state, pods=args.pods, port=args.port, pg_port=args.pg_port, nats_port=args.nats_port
+        ).run()
+    except DevError as exc:
+        raise CliError(f"dev: {exc}", exc.status) from None
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise CliError(f"dev: {exc}{': ' + detail[-1] if detail else ''}") from None
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise CliError(f"dev: {exc}") from None
 
 
-def _ready(url: str) -> bool:
+# ---- the client commands -------------------------------------------------------------------
+
+
+def find_urls_file(start: Path) -> Path | None:
+    """`.threadgate/urls` in `start` or the nearest directory above it that has one."""
+    for directory in (start, *start.parents):
+        candidate = directory / URLS_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_urls(given: str | None) -> tuple[list[str], str]:
+    """The pods to talk to, and where they came from: --url, $THREADGATE_URL, the urls file
+    of a running `threadgate dev`, or the default. Several may be given, comma-separated."""
+
+    def split(text: str) -> list[str]:
+        return [u.strip().rstrip("/") for u in text.replace("\n", ",").split(",") if u.strip()]
+
+    if given:
+        return split(given), "--url"
+    # The CLI is a person's tool: its defaults may come from their shell.
+    if os.environ.get("THREADGATE_URL"):
+        return split(os.environ["THREADGATE_URL"]), "$THREADGATE_URL"
+    found = find_urls_file(Path.cwd())
+    if found is not None and (urls := split(found.read_text())):
+        return urls, str(found)
+    return [DEFAULT_URL], "the default URL; is `threadgate dev` running?"
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """`key=value`; the value is JSON when it parses (3, true, {"a": 1}), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, ensure_ascii=False, default=str) if args.json else text)
+
+
+ClientFn = Callable[[argparse.Namespace, Any], Awaitable[int]]
+
+
+def _client(args: argparse.Namespace, fn: ClientFn, *, one_pod: bool = False) -> int:
+    """Run a client command; the server's and the network's failures become CliErrors."""
     import httpx
 
+    from .client import AsyncClient, ThreadgateError, Unreachable
+
+    urls, source = resolve_urls(args.url)
+    if one_pod:
+        urls = urls[:1]
+    token = args.token or os.environ.get("THREADGATE_TOKEN")
+
+    async def main() -> int:
+        async with AsyncClient(urls, token=token) as client:
+            return await fn(args, client)
+
     try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        return asyncio.run(main())
+    except ThreadgateError as exc:
+        status = SERVER_ERROR if exc.status >= 500 else REFUSED
+        code = f"{exc.code}, " if exc.code else ""
+        raise CliError(f"{exc.message} ({code}HTTP {exc.status})", status) from None
+    except Unreachable as exc:
+        where = ", ".join(urls)
+        raise CliError(f"cannot reach {where} ({source}): {exc.reason}", UNREACHABLE) from None
+    except httpx.HTTPError as exc:
+        where = ", ".join(urls)
+        raise CliError(f"cannot reach {where} ({source}): {exc!r}", UNREACHABLE) from None
+    except (ValueError, KeyError, TypeError) as exc:  # an answer this client cannot read
+        raise CliError(f"unexpected answer from {', '.join(urls)}: {exc!r}") from None
 
 
-def _post(args: argparse.Namespace) -> int:
-    from .client import Client
-
-    client = Client(args.url, token=args.token)
-    accepted = client.post(args.thread, args.text)
-    print(f"run {accepted['run_id']} accepted ({accepted['status']})", file=sys.stderr)
-    if args.attach:
-        return _print_reply(client, args.thread)
-    return 0
-
-
-def _print_reply(client: Any, thread: str) -> int:
-    for text in client.attach(thread):
-        print(text, end="", flush=True)
-    print()
-    return 0
-
-
-def _attach(args: argparse.Namespace) -> int:
-    from .client import Client
-
-    return _print_reply(Client(args.url, token=args.token), args.thread)
+def _reply_json(thread: str, reply: Any) -> dict[str, Any]:
+    return {
+        "thread_id": thread,
+        "run_id": reply.run_id,
+        "status": reply.status,
+        "attempt": reply.attempt,
+        "text": reply.text,
+        "parts": [
+            {"type": "text", "text": p.text}
+            if p.type == "text"
+            else {"type": "data", "name": p.name, "payload": p.payload}
+            for p in reply.parts
+        ],
+        "error": reply.error,
+        "resets": reply.resets,
+    }
 
 
-def _runs(args: argparse.Namespace) -> int:
-    from .client import Client
+async def _follow(args: argparse.Namespace, client: Any, *, wait: bool) -> int:
+    """Print the thread's latest run as it streams (or, with --json, its outcome at the end);
+    the exit status says how the run ended."""
+    from .client import Reply
 
-    runs = Client(args.url, token=args.token).runs(args.thread)
+    reply = Reply()
+    retries = len(client.urls) - 1  # each pod once before saying none answers
+    if args.json:
+        async for ev in client.events(args.thread, wait=wait, connect_retries=retries):
+            reply.apply(ev)
+    else:
+        printed = False
+        async for piece in client.attach(
+            args.thread, wait=wait, connect_retries=retries, reply=reply
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            printed = True
+        if printed:
+            print()
+    if reply.run_id is None:
+        raise CliError(
+            f"thread {args.thread} has no run (post one, or attach with --wait)", REFUSED
+        )
+    if args.json:
+        print(json.dumps(_reply_json(args.thread, reply), ensure_ascii=False, default=str))
+    if reply.status == "success":
+        return OK
+    if reply.status == "error":
+        err = reply.error or {}
+        detail = f"{err.get('message', '')} ({err.get('code', 'error')})"
+        print(f"threadgate: run {reply.run_id} ended in error: {detail}", file=sys.stderr)
+        return RUN_ERROR
+    if reply.status in ("cancelled", "interrupted"):
+        print(f"threadgate: run {reply.run_id} was {reply.status}", file=sys.stderr)
+        return RUN_STOPPED
+    raise CliError(f"the stream of run {reply.run_id} ended before the run did", UNREACHABLE)
+
+
+async def _post(args: argparse.Namespace, client: Any) -> int:
+    accepted = await client.post(
+        args.thread,
+        args.text,
+        strategy=args.strategy,
+        model_options=dict(args.option),
+        idempotency_key=args.idempotency_key,
+    )
+    line = f"run {accepted['run_id']} accepted ({accepted['status']})"
+    if not args.attach:
+        _emit(args, accepted, line)
+        return OK
+    if not args.json:
+        print(line, file=sys.stderr)
+    return await _follow(args, client, wait=True)
+
+
+async def _attach(args: argparse.Namespace, client: Any) -> int:
+    return await _follow(args, client, wait=args.wait)
+
+
+async def _runs(args: argparse.Namespace, client: Any) -> int:
+    runs = await client.runs(args.thread, limit=args.limit)
+    if args.json:
+        _emit(args, runs, "")
+        return OK
+    if not runs:
+        print(f"thread {args.thread} has no run", file=sys.stderr)
+        return OK
     print(f"{'run_id':<38} {'status':<12} {'attempt':>7}  executor")
     for r in runs:
         print(f"{r['run_id']:<38} {r['status']:<12} {r['attempt']:>7}  {r['executor'] or '-'}")
-    return 0
+    return OK
 
 
-def _adopt(args: argparse.Namespace) -> int:
-    import httpx
+async def _messages(args: argparse.Namespace, client: Any) -> int:
+    messages = await client.messages(args.thread)
+    if args.json:
+        _emit(args, messages, "")
+        return OK
+    for m in messages:
+        status = "" if m["status"] in ("complete", "success") else f" [{m['status']}]"
+        print(f"{m['role']:>9}{status}: {m['content']}")
+    return OK
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    base = args.url.rstrip("/")
-    listing = httpx.get(f"{base}/admin/stranded", headers=headers, timeout=30)
-    listing.raise_for_status()
-    body = listing.json()
-    print(f"pod {body['pod']} (version {body['app_version']}): {len(body['runs'])} stranded runs")
-    for r in body["runs"]:
-        ok = "ok" if r["compatible"] else "STEPS DIFFER"
-        print(f"  {r['run_id']}  version {r['app_version']}  steps {r['steps']}  {ok}")
+
+async def _cancel(args: argparse.Namespace, client: Any) -> int:
+    run = await client.cancel(args.thread, args.run_id, wait=not args.no_wait)
+    _emit(args, run, f"run {run['run_id']}: {run['status']}")
+    return OK
+
+
+async def _adopt(args: argparse.Namespace, client: Any) -> int:
+    body = await client._call("GET", "/admin/stranded")
+    if not args.json:
+        print(
+            f"pod {body['pod']} (version {body['app_version']}): {len(body['runs'])} stranded runs"
+        )
+        for r in body["runs"]:
+            ok = "ok" if r["compatible"] else "STEPS DIFFER"
+            print(f"  {r['run_id']}  version {r['app_version']}  steps {r['steps']}  {ok}")
     if args.dry_run or not body["runs"]:
-        return 0
-    resp = httpx.post(
-        f"{base}/admin/stranded/adopt", params={"force": args.force}, headers=headers, timeout=60
+        if args.json:
+            _emit(args, body, "")
+        return OK
+    result = await client._call(
+        "POST", "/admin/stranded/adopt", params={"force": args.force}, timeout=60
     )
-    resp.raise_for_status()
-    result = resp.json()
-    print(f"adopted {len(result['adopted'])}, refused {len(result['refused'])}")
-    return 0 if not result["refused"] else 3
+    _emit(args, result, f"adopted {len(result['adopted'])}, refused {len(result['refused'])}")
+    return OK if not result["refused"] else REFUSED
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="threadgate", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="threadgate",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="exit statuses: " + "; ".join(f"{k} {v}" for k, v in EXIT.items()),
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run one pod, configured by the environment").set_defaults(
         fn=_serve
     )
-    dev = sub.add_parser("dev", help="embedded PostgreSQL + nats-server and N pods")
-    dev.add_argument("--pods", type=int, default=1)
-    dev.add_argument("--port", type=int, default=8000, help="first pod's port (0: any free port)")
-    dev.add_argument("--state-dir", default=".threadgate")
-    dev.add_argument("--pg-port", type=int, default=0)
-    dev.add_argument("--nats-port", type=int, default=0)
-    dev.set_defaults(fn=_dev)
 
-    def client_cmd(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        c.add_argument("--url", default=None, help=f"default $THREADGATE_URL or {DEFAULT_URL}")
+    dev = sub.add_parser(
+        "dev",
+        help="embedded PostgreSQL + nats-server and N supervised pods",
+        description="Start PostgreSQL, nats-server and N pods (threadgate-0..N-1); a pod that "
+        "dies is started again under its name and port. Ctrl-C stops everything.",
+    )
+    dev.add_argument("--pods", type=int, default=1, help="how many pods (default 1)")
+    dev.add_argument(
+        "--port", type=int, default=8000, help="first pod's port, then +1 each (0: any free port)"
+    )
+    dev.add_argument("--state-dir", default=".threadgate", help="default .threadgate")
+    dev.add_argument("--pg-port", type=int, default=0, help="PostgreSQL's port (0: any free)")
+    dev.add_argument("--nats-port", type=int, default=0, help="nats-server's port (0: any free)")
+    dev.set_defaults(fn=_dev, action=None)
+    actions = dev.add_subparsers(dest="action", metavar="{kill,clean}")
+    kill = actions.add_parser(
+        "kill", help="SIGKILL the pod running under NAME (threadgate dev starts it again)"
+    )
+    kill.add_argument("name", help="a pod name, e.g. threadgate-1 (`threadgate runs` shows it)")
+    kill.add_argument("--signal", default="KILL", choices=["KILL", "TERM"], help="default KILL")
+    kill.add_argument("--state-dir", default=argparse.SUPPRESS)
+    clean = actions.add_parser("clean", help="remove a stopped stack's state and data")
+    clean.add_argument("--state-dir", default=argparse.SUPPRESS)
+
+    def client_cmd(
+        name: str, help: str, fn: ClientFn, *, thread: bool = True, one_pod: bool = False
+    ) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument(
+            "--url",
+            default=None,
+            help="pod URL(s), comma-separated (default: $THREADGATE_URL, else the "
+            f"{URLS_FILE} of a running `threadgate dev`, else {DEFAULT_URL})",
+        )
         c.add_argument("--token", default=None, help="bearer token (default $THREADGATE_TOKEN)")
-        c.add_argument("thread")
-        c.set_defaults(fn=fn)
+        c.add_argument("--json", action="store_true", help="print JSON, for scripts")
+        if thread:
+            c.add_argument("thread")
+        c.set_defaults(fn=lambda args: _client(args, fn, one_pod=one_pod))
         return c
 
     post = client_cmd("post", "post a message to a thread", _post)
     post.add_argument("text")
     post.add_argument("--attach", action="store_true", help="print the reply as it streams")
-    client_cmd("attach", "print the thread's latest reply as it streams", _attach)
-    client_cmd("runs", "list a thread's runs", _runs)
-    adopt = sub.add_parser(
-        "adopt", help="move runs stranded on a pod by another app version to its version"
+    post.add_argument(
+        "--strategy",
+        choices=["enqueue", "reject", "interrupt"],
+        default="enqueue",
+        help="when the thread has an active run (default enqueue)",
     )
-    adopt.add_argument(
-        "--url", default=None, help=f"the pod (default $THREADGATE_URL or {DEFAULT_URL})"
+    post.add_argument(
+        "-o",
+        "--option",
+        type=parse_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model option (JSON value or string), e.g. -o chunks=200 -o delay_ms=50",
     )
-    adopt.add_argument("--token", default=None)
+    post.add_argument("--idempotency-key", default=None)
+    attach = client_cmd("attach", "print the thread's latest reply as it streams", _attach)
+    attach.add_argument(
+        "--wait", action="store_true", help="wait for the thread's first run if it has none"
+    )
+    runs = client_cmd("runs", "list a thread's runs (newest first)", _runs)
+    runs.add_argument("--limit", type=int, default=50)
+    client_cmd("messages", "print a thread's conversation", _messages)
+    cancel = client_cmd("cancel", "cancel a queued or running run", _cancel)
+    cancel.add_argument("run_id")
+    cancel.add_argument("--no-wait", action="store_true", help="answer before it has stopped")
+    adopt = client_cmd(
+        "adopt",
+        "move runs stranded on a pod by another app version to its version",
+        _adopt,
+        thread=False,
+        one_pod=True,
+    )
     adopt.add_argument("--dry-run", action="store_true", help="only list them")
     adopt.add_argument("--force", action="store_true", help="adopt even if their steps differ")
-    adopt.set_defaults(fn=_adopt)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if hasattr(args, "url"):
-        # The CLI is a person's tool: its defaults may come from their shell.
-        args.url = args.url or os.environ.get("THREADGATE_URL") or DEFAULT_URL
-        args.token = args.token or os.environ.get("THREADGATE_TOKEN")
-    sys.exit(args.fn(args))
+    try:
+        status = args.fn(args)
+    except CliError as exc:
+        print(f"threadgate: {exc}", file=sys.stderr)
+        status = exc.status
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
 
 
 if __name__ == "__main__":

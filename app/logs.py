@@ -1,11 +1,13 @@
 """Structured logs: one JSON line per event in production, readable lines in dev.
 
 Every record carries `pod`; run records carry `thread_id`, `run_id` and `attempt` (pass them
-in `extra=`). Secrets never reach a record: settings hold them as SecretStr.
+in `extra=`). Secrets never reach a record: settings hold them as SecretStr. DBOS's records go
+through the same handler, less its start-up noise (`DbosNoise`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -72,6 +74,36 @@ def setup_logging(pod: str, *, json_lines: bool, level: str = "INFO") -> None:
     adopt_dbos_logger()
 
 
+class DbosNoise(logging.Filter):
+    """DBOS's start-up chatter at DEBUG: one line per schema migration (~125 on a new
+    database, summed up in one INFO line) and the Conductor sign-up hint (dbos 3.4.0 prints it
+    at every launch without a conductor_key; nothing connects anywhere: docs/security.md)."""
+
+    MIGRATION = "Applying DBOS system database schema migration "
+    QUIET = (MIGRATION, "Migration 10 skipped", "To view and manage workflows, connect to DBOS")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied: list[int] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.QUIET):
+            if message.startswith(self.MIGRATION):
+                with contextlib.suppress(ValueError):
+                    self.applied.append(int(message[len(self.MIGRATION) :]))
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        if self.applied:
+            # The migrations are over when DBOS says anything else.
+            first, last, count = self.applied[0], self.applied[-1], len(self.applied)
+            self.applied = []
+            logging.getLogger(record.name).info(
+                "DBOS system database schema: applied %d migrations (%d-%d)", count, first, last
+            )
+        return True
+
+
 def adopt_dbos_logger() -> None:
     """DBOS installs its own console handler: send its records through ours instead.
 
@@ -83,3 +115,5 @@ def adopt_dbos_logger() -> None:
     kept = [h for h in dbos_logger.handlers if "otlp" in type(h).__name__.lower()]
     dbos_logger.handlers[:] = kept or [logging.NullHandler()]
     dbos_logger.propagate = True
+    if not any(isinstance(f, DbosNoise) for f in dbos_logger.filters):
+        dbos_logger.addFilter(DbosNoise())
