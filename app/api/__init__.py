@@ -30,7 +30,17 @@ def install(app: FastAPI) -> None:
             {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")}
             for e in exc.errors()
         ]
-        err = InvalidRequest("request body or parameters are invalid", problems=problems)
+        message = "request body or parameters are invalid"
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if any(p["loc"][:1] == ["body"] for p in problems) and not (
+            media == "application/json" or media.endswith("+json")
+        ):
+            # FastAPI reads a body as JSON only under that content type; anything else (curl's
+            # -d sends a form) fails as "Input should be a valid dictionary...".
+            got = f"got {content_type!r}" if content_type else "none was sent"
+            message = f"the body must be JSON, sent with content-type: application/json ({got})"
+        err = InvalidRequest(message, problems=problems)
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)

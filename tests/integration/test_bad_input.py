@@ -91,3 +91,30 @@ async def test_openapi_and_docs(pod: Pod) -> None:
     post = spec["paths"]["/threads/{thread_id}/runs"]["post"]
     assert {"202", "200", "400", "409"} <= set(post["responses"])
     assert (await pod.http.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+async def test_a_body_without_the_json_content_type_says_so(
+    pod: Pod, content_type: str | None
+) -> None:
+    """`curl -d '{...}'` without `-H 'content-type: application/json'` sends a form."""
+    headers = {"content-type": content_type} if content_type else {}
+    resp = await pod.http.post(
+        f"/threads/{unique()}/runs", content=b'{"input": "hi"}', headers=headers
+    )
+    assert_error(resp, 400, "invalid_request")
+    message = resp.json()["error"]["message"]
+    assert "content-type: application/json" in message, message
+    assert "valid dictionary" not in message
+
+
+async def test_json_with_a_charset_is_json(pod: Pod) -> None:
+    resp = await pod.http.post(
+        f"/threads/{unique()}/runs",
+        content=b'{"input": "hi", "model_options": {"chunks": 1}}',
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert resp.status_code == 202, resp.text
