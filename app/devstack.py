@@ -453,6 +453,14 @@ def describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
+def restart_delay(previous: float, lived: float) -> float:
+    """How long to wait before starting a dead pod again: 1 s, doubling while it keeps dying
+    young, at most 30 s; back to 1 s once a process has lived a healthy minute."""
+    if lived >= HEALTHY_S or not previous:
+        return RESTART_FIRST_S
+    return min(previous * 2, RESTART_CAP_S)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -750,10 +758,7 @@ class DevStack:
     def _died(self, pod: _Pod) -> None:
         assert pod.proc is not None
         lived = time.monotonic() - pod.started
-        if lived >= HEALTHY_S or not pod.delay:
-            pod.delay = RESTART_FIRST_S
-        else:
-            pod.delay = min(pod.delay * 2, RESTART_CAP_S)
+        pod.delay = restart_delay(pod.delay, lived)
         pod.restart_at = time.monotonic() + pod.delay
         pod.announce = False
         self.say(

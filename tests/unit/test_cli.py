@@ -128,3 +128,15 @@ def test_exit_statuses_are_listed_in_the_help(capsys: pytest.CaptureFixture[str]
     assert code == 0
     for status, meaning in cli.EXIT.items():
         assert f"{status} {meaning}" in out.replace("\n", " ").replace("  ", " ")
+
+
+def test_a_crash_loop_backs_off_and_a_healthy_minute_resets_it() -> None:
+    from threadgate.devstack import restart_delay
+
+    delays, previous = [], 0.0
+    for _ in range(8):
+        previous = restart_delay(previous, lived=2.0)
+        delays.append(previous)
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert restart_delay(30, lived=59.0) == 30
+    assert restart_delay(30, lived=60.0) == 1
