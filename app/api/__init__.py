@@ -11,11 +11,12 @@ from ..errors import InvalidRequest, ThreadgateError
 
 
 def install(app: FastAPI) -> None:
-    from . import admin, attach, health, runs, ui
+    from . import admin, aisdk, attach, health, runs, ui
 
     app.include_router(runs.router)
     app.include_router(admin.router)
     app.include_router(attach.router)
+    app.include_router(aisdk.router)  # the Vercel AI SDK's useChat: /ai-sdk/chat
     app.include_router(health.router)
     ui.install(app)  # the chat page at / and /static/*
 
