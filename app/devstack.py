@@ -675,6 +675,7 @@ class DevStack:
     def _banner(self, took: float) -> None:
         first = self.pods[0].url
         victim = self.pods[-1].name
+        tg = _cli_name()
         lines = [
             "",
             f"threadgate is ready in {took:.1f}s",
@@ -687,9 +688,9 @@ class DevStack:
             f"  postgres   {self.pg.url() if self.pg else '-'}",
             f"  nats       {self.nats.url if self.nats else '-'}",
             "",
-            '  try   threadgate post demo "hello" --attach',
-            f"        curl -N {first}/threads/demo/attach     (waits for the thread's first run)",
-            f"        threadgate dev kill {victim}             (it is started again)",
+            f'  try   {tg} post demo "hello" --attach',
+            f"        curl -N {first}/threads/demo/attach   (waits for the thread's first run)",
+            f"        {tg} dev kill {victim}   (the pod is started again)",
             "  Ctrl-C stops everything.",
             "",
         ]
@@ -798,6 +799,20 @@ class DevStack:
             os.close(self.lock_fd)
             self.lock_fd = None
         self.say("stopped")
+
+
+def _cli_name() -> str:
+    """How the person at this terminal runs the CLI: `threadgate` if that is on their PATH,
+    else its path (`.venv/bin/threadgate` from the checkout)."""
+    exe = Path(sys.executable).parent / "threadgate"
+    if not exe.exists():
+        return "threadgate"
+    found = shutil.which("threadgate")
+    if found and Path(found).resolve() == exe.resolve():
+        return "threadgate"
+    with contextlib.suppress(ValueError):
+        return str(exe.absolute().relative_to(Path.cwd()))
+    return str(exe)
 
 
 def _ready(url: str, timeout: float = 2.0) -> bool:

@@ -12,6 +12,7 @@ ensure_venv() {
   # pip is quick when everything is already installed; the stamp skips it when nothing changed.
   local stamp=".venv/.installed${extra}"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "installing threadgate${extra} and its dependencies into .venv (the first time: a minute or two) ..." >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e ".${extra}"
     touch "$stamp"
