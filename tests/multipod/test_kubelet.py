@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ def reachable_by_others(path: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+def image() -> Iterator[Image]:
     """The Dockerfile's image, its /opt/venv being this test's venv.
 
     The pod's user must be able to run it. This venv's interpreter may live where only root
@@ -139,7 +139,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     the same; the interpreter is the one any account can run).
     """
     if os.geteuid() != 0 or reachable_by_others(Path(sys.executable)):
-        return Image.from_dockerfile(VENV)
+        yield Image.from_dockerfile(VENV)
+        return
     minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
     system = shutil.which(minor, path="/usr/local/bin:/usr/bin:/bin")
     if system is None or not reachable_by_others(Path(system)):
@@ -153,7 +154,10 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     script = (VENV / "bin" / "threadgate").read_text().split("\n", 1)[1]
     (venv / "bin" / "threadgate").write_text(f"#!{venv}/bin/python\n{script}")
     (venv / "bin" / "threadgate").chmod(0o755)
-    return Image.from_dockerfile(venv)
+    try:
+        yield Image.from_dockerfile(venv)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- a fake model
