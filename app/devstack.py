@@ -625,7 +625,9 @@ class DevStack:
         make_state_dir(self.state_arg)
         if self.lock_fd is None:
             self._lock()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too: a closed terminal must not leave PostgreSQL and nats-server orphaned.
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, self._on_signal) for s in stops}
         try:
             self._start()
             self.starting = False
