@@ -1,9 +1,11 @@
 """The chat page: GET / and its static files (plain HTML, JS and CSS; no build step, no CDN),
 and /docs, Swagger UI served from the pod's own files.
 
-The page takes demo/testing query parameters: `chunks`, `delay_ms`, `fail`, `fail_at`,
-`fail_attempts` are sent as `model_options` with every message (the mock model honours
-them), and `thread` opens that thread: `/?thread=demo&chunks=40&delay_ms=50`.
+The page's client logic is threadgate-client (static/threadgate-client.js, a copy of
+clients/js/index.js that a test keeps identical). It takes demo/testing query parameters:
+`chunks`, `delay_ms`, `fail`, `fail_at`, `fail_attempts` and `vary` are sent as
+`model_options` with every message (the mock model honours them), and `thread` opens that
+thread: `/?thread=demo&chunks=40&delay_ms=50`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ router = APIRouter(tags=["ui"], include_in_schema=False)
 async def index() -> FileResponse:
     """The chat page."""
     return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    """What browsers ask for when a page names no icon (the page names /static/favicon.svg)."""
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
 
 # Swagger UI's files come with the fastapi-offline package: /docs loads nothing from another

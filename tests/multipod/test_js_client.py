@@ -1,0 +1,84 @@
+"""The JavaScript client's node tests (clients/js/test), run from pytest so that `./scripts/test`
+runs them: the reducer and transport unit tests, the client against real pods, and the Vercel
+AI SDK's own reader against real pods (the pods come from `python -m tests.js_stack`).
+
+Needs node >= 18 and npm (the first run installs clients/js's devDependencies with `npm ci`
+from its package-lock.json). Skipped, saying so, without them — except with `CI` set, where a
+missing node fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.multipod.cluster import REPO
+
+JS = REPO / "clients" / "js"
+
+
+def need_node() -> str:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        why = "needs node >= 18 and npm on PATH"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and the JS client tests cannot run: {why}", pytrace=False)
+        pytest.skip(why)
+    installed = JS / "node_modules" / ".package-lock.json"
+    lock = JS / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=JS,
+            check=True,
+            timeout=600,
+        )
+    return node
+
+
+def run_node(*files: str) -> None:
+    node = need_node()
+    env = {**os.environ, "THREADGATE_PYTHON": sys.executable}
+    proc = subprocess.run(
+        [node, "--test", "--test-concurrency=1", *(f"test/{f}" for f in files)],
+        cwd=JS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
+    summary = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "not ok", "#"))]
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-200:])
+        pytest.fail(f"node --test {' '.join(files)} failed:\n{tail}\n{proc.stderr[-3000:]}")
+    # Shown with -rA / -s: which node tests ran, passed and were skipped (contract v2 pending).
+    print("\n".join(summary))
+
+
+@pytest.mark.unit
+def test_the_page_serves_the_client_unchanged() -> None:
+    """app/static/threadgate-client.js is clients/js/index.js: one source of the client rules."""
+    page = (REPO / "app" / "static" / "threadgate-client.js").read_bytes()
+    assert page == (JS / "index.js").read_bytes(), "run `npm run sync-page` in clients/js"
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(300)
+def test_js_reducer_and_transport() -> None:
+    run_node("reducer.test.js", "sse.test.js", "page-copy.test.js")
+
+
+@pytest.mark.multipod
+@pytest.mark.timeout(900)
+def test_js_client_against_pods() -> None:
+    run_node("client.test.js")
+
+
+@pytest.mark.multipod
+@pytest.mark.timeout(900)
+def test_ai_sdk_reader_against_pods() -> None:
+    run_node("aisdk.test.js")
