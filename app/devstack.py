@@ -158,8 +158,8 @@ def pg_install_copy(bin_dir: Path) -> Path:
     install, package = bin_dir.parent, bin_dir.parent.parent
     libs = package.parent / f"{package.name}.libs"
     digest = hashlib.sha256()
-    with open(bin_dir / "postgres", "rb") as f:
-        while block := f.read(1 << 20):
+    with open(bin_dir / "postgres", "rb") as binary:
+        while block := binary.read(1 << 20):
             digest.update(block)
     root = shared_tmp() / f"threadgate-pg-{digest.hexdigest()[:12]}"
     copied_bin = root / package.name / install.name / bin_dir.name
