@@ -1,0 +1,207 @@
+"""The AI SDK example (examples/ai-sdk: the `ai` package's chat as a no-build page) in headless
+Chromium, against real pods behind the example's own server: a reply, a reload mid-reply
+(resume), and the SIGKILL of the pod running the reply.
+
+Needs node and npm (the first run installs the example's packages with `npm ci`) and the
+browser of test_browser.py; skipped without them, failed with `CI` set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from threadgate.devstack import free_port
+from threadgate.models.mock import mock_reply
+
+from tests.conftest import unique
+from tests.multipod.cluster import REPO, Cluster, running_on, wait_run
+from tests.multipod.test_browser import browser, until  # noqa: F401 (the browser fixture)
+
+pytestmark = pytest.mark.multipod
+
+EXAMPLE = REPO / "examples" / "ai-sdk"
+
+
+def need_node() -> str:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set and node/npm are missing", pytrace=False)
+        pytest.skip("needs node >= 18 and npm")
+    installed = EXAMPLE / "node_modules" / ".package-lock.json"
+    lock = EXAMPLE / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=EXAMPLE,
+            check=True,
+            timeout=600,
+        )
+    return node
+
+
+@contextlib.asynccontextmanager
+async def example_server(upstream: str) -> AsyncIterator[str]:
+    """`node server.mjs` in front of a pod; its URL once it answers."""
+    node = need_node()
+    port = free_port()
+    env = {**os.environ, "THREADGATE_URL": upstream, "PORT": str(port)}
+    proc = await asyncio.create_subprocess_exec(
+        node,
+        "server.mjs",
+        cwd=EXAMPLE,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + 20, 0.02
+        async with httpx.AsyncClient() as http:
+            while True:
+                if proc.returncode is not None:
+                    out = (await proc.stdout.read()).decode() if proc.stdout else ""
+                    raise RuntimeError(f"the example's server exited with {proc.returncode}: {out}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get(url)).status_code == 200:
+                        break
+                if loop.time() > deadline:
+                    raise TimeoutError("the example's server never answered")
+                await asyncio.sleep(delay)  # paces polling the server's readiness
+                delay = min(delay * 1.5, 0.25)
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)
+
+
+MESSAGE = """
+const li = [...document.querySelectorAll('#messages li.assistant')].at(-1);
+return li && {id: li.dataset.id,
+              text: [...li.querySelectorAll('.text')].map(s => s.textContent).join(''),
+              status: document.getElementById('status').dataset.status};
+"""
+
+
+async def page_reply(driver: Any, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The assistant message of `run_id` once the chat is `ready` again."""
+    found: dict[str, Any] = await until(
+        driver,
+        f"const m = (() => {{ {MESSAGE} }})();"
+        " return m && m.id === arguments[0] && m.status === 'ready' && m;",
+        run_id,
+        timeout=timeout,
+    )
+    return found
+
+
+async def send(driver: Any, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "input").send_keys(text)
+    driver.find_element(By.ID, "send").click()
+
+
+async def latest_run(cluster: Cluster, thread: str, after: str | None = None) -> str:
+    """The run the page just created (newer than `after`)."""
+    async with cluster.client() as client:
+        for _ in range(200):
+            runs = await client.runs(thread)
+            if runs and runs[0]["run_id"] != after:
+                return str(runs[0]["run_id"])
+            await asyncio.sleep(0.05)  # paces polling for the run the page created
+    raise TimeoutError("the page created no run")
+
+
+@pytest.mark.cluster(size=1)
+async def test_example_page_sends_resumes_and_stops(cluster: Cluster, browser: Any) -> None:  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    async with example_server(cluster.pods[0].url) as url:
+        thread = unique("ai")
+        browser.get(f"{url}/?chat={thread}&chunks=30&delay_ms=80")
+        await until(browser, "return document.getElementById('chat-id').textContent")
+        await send(browser, "hello from the AI SDK page")
+        run_id = await latest_run(cluster, thread)
+        reply = await page_reply(browser, run_id)
+        async with cluster.client() as client:
+            run = await wait_run(client, thread, run_id)
+        assert reply["text"] == run["output"] == mock_reply(30)
+
+        # A reload in the middle of a reply: the stored conversation, then the run resumed.
+        await send(browser, "a slower one")
+        second = await latest_run(cluster, thread, after=run_id)
+        async with cluster.client() as client:
+            await wait_run(client, thread, second, lambda r: r["status"] == "running")
+        # The page shows the new run's message before it reloads.
+        await until(
+            browser,
+            "return document.querySelector(`#messages li.assistant[data-id='${arguments[0]}']`)",
+            second,
+        )
+        browser.get(f"{url}/?chat={thread}&chunks=30&delay_ms=80")
+        again = await page_reply(browser, second)
+        async with cluster.client() as client:
+            run2 = await wait_run(client, thread, second)
+        assert again["text"] == run2["output"]
+        texts = browser.execute_script(
+            "return [...document.querySelectorAll('#messages li')].map(li => [li.className,"
+            " [...li.querySelectorAll('.text')].map(s => s.textContent).join('')])"
+        )
+        assert texts == [
+            ["user", "hello from the AI SDK page"],
+            ["assistant", run["output"]],
+            ["user", "a slower one"],
+            ["assistant", run2["output"]],
+        ]
+
+        # Stop cancels the run in threadgate; the stream ends with the run's `done`.
+        browser.get(f"{url}/?chat={thread}&chunks=400&delay_ms=50")
+        await until(browser, "return document.querySelectorAll('#messages li').length === 4")
+        await send(browser, "a long one")
+        third = await latest_run(cluster, thread, after=second)
+        await until(
+            browser,
+            f"const m = (() => {{ {MESSAGE} }})(); return m && m.text.includes('chunk-3 ');",
+        )
+        browser.find_element(By.ID, "stop").click()
+        async with cluster.client() as client:
+            run3 = await wait_run(client, thread, third)
+        assert run3["status"] == "cancelled"
+        await until(browser, "return document.getElementById('status').dataset.status === 'ready'")
+
+
+@pytest.mark.cluster(size=2)
+async def test_example_page_survives_the_executor_being_killed(
+    cluster: Cluster,
+    browser: Any,  # noqa: F811
+) -> None:
+    async with example_server(cluster.pods[0].url) as url:
+        thread = unique("ai")
+        browser.get(f"{url}/?chat={thread}&chunks=60&delay_ms=50")
+        await until(browser, "return document.getElementById('chat-id').textContent")
+        await send(browser, "survive this")
+        run_id = await latest_run(cluster, thread)
+        async with cluster.client() as client:
+            victim = await running_on(client, cluster, thread, run_id)
+        await until(
+            browser,
+            f"const m = (() => {{ {MESSAGE} }})(); return m && m.text.includes('chunk-10 ');",
+        )
+        await victim.kill()
+        await victim.restart()
+        reply = await page_reply(browser, run_id)
+        async with cluster.client() as client:
+            run = await wait_run(client, thread, run_id)
+        assert run["status"] == "success" and run["attempt"] == 2
+        assert reply["text"] == run["output"]
