@@ -82,3 +82,10 @@ def test_js_client_against_pods() -> None:
 @pytest.mark.timeout(900)
 def test_ai_sdk_reader_against_pods() -> None:
     run_node("aisdk.test.js")
+
+
+@pytest.mark.multipod
+@pytest.mark.timeout(600)
+def test_plugin_data_events_in_js_and_ai_sdk() -> None:
+    """[contract v2] A plug-in source's data events (skipped inside node until plug-ins exist)."""
+    run_node("plugin.test.js")

@@ -1,6 +1,6 @@
 // Real pods for the node tests: spawns `python -m tests.js_stack` (PostgreSQL, nats-server and
 // N `threadgate serve` pods) and drives it over stdin: kill and restart a pod by name.
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -103,4 +103,13 @@ export async function serverVaries(url) {
   const { run_id } = await resp.json();
   const run = await waitRun([url], thread, run_id, (r) => ["success", "error", "cancelled", "interrupted"].includes(r.status));
   return run.output === "chunk-0.1 ";
+}
+
+/** Contract v2: plug-in reply sources (THREADGATE_MODEL=module:factory, threadgate.sources)? */
+export function pluginsLanded() {
+  const check =
+    "from threadgate.settings import load_settings\n" +
+    "load_settings(model='tests.js_stack:demo_source')\n" +
+    "import threadgate.sources\n";
+  return spawnSync(python(), ["-c", check], { cwd: REPO, stdio: "ignore" }).status === 0;
 }
