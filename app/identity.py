@@ -41,6 +41,16 @@ WHERE EXISTS (
                      & 4294967295)::oid
     AND l.objid = (hashtextextended('threadgate.executor:' || e.name, 0) & 4294967295)::oid)
 """
+# Which of these pod names (%s: a text[]) have a live process, by their fencing claim.
+ALIVE_SQL = """
+SELECT n AS name FROM unnest(%s::text[]) AS n
+WHERE EXISTS (
+  SELECT 1 FROM pg_locks l
+  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+    AND l.classid = ((hashtextextended('threadgate.executor:' || n, 0) >> 32)
+                     & 4294967295)::oid
+    AND l.objid = (hashtextextended('threadgate.executor:' || n, 0) & 4294967295)::oid)
+"""
 
 KEEPALIVE_OPTIONS = (
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"

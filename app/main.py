@@ -15,9 +15,9 @@ from . import __version__
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
-from .models import chunk_source
 from .runtime import Runtime
 from .settings import Settings
+from .sources import load_source
 from .store.db import Database
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats
@@ -56,7 +56,7 @@ async def start(rt: Runtime) -> None:
     rt.nc = await connect_nats(s, "pod", on_reconnect)
     rt.buffer = JetStreamBuffer(s, rt.nc, on_republish=rt.metrics.republished)
     await rt.buffer.ensure_stream()
-    rt.hub = TailHub(rt.buffer, linger_s=s.tail_linger_s)
+    rt.hub = TailHub(rt.buffer, linger_s=s.tail_linger_s, liveness=rt.alive)
     rt.runner = Runner(s, rt.store, rt.stops, rt.nc)
     await rt.runner.listen()
     wf.bind(
@@ -64,7 +64,7 @@ async def start(rt: Runtime) -> None:
             settings=s,
             store=rt.store,
             buffer=rt.buffer,
-            model=chunk_source(s),
+            model=rt.source,
             stops=rt.stops,
             metrics=rt.metrics,
         )
@@ -190,6 +190,8 @@ async def drain(rt: Runtime) -> None:
             len(active),
             rt.settings.pod_name,
         )
+        with contextlib.suppress(Exception):  # a hand-off, not a crash: no replay counted
+            await rt.store.hand_off(active)
         await _abandon(wf.running_tasks())
 
 
@@ -221,6 +223,7 @@ def create_app(settings: Settings) -> FastAPI:
         claim=ExecutorClaim(settings.database_url.get_secret_value(), settings.pod_name),
         metrics=Metrics(),
         stops=StopSignals(),
+        source=load_source(settings),  # a plug-in that cannot load fails the start
     )
 
     @contextlib.asynccontextmanager

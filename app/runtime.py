@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 
-from .identity import ExecutorClaim
+from .identity import ALIVE_SQL, ExecutorClaim
 from .metrics import Metrics
 from .settings import Settings
+from .sources import ReplySource
 from .store.db import Database
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer
@@ -32,6 +33,7 @@ class Runtime:
     claim: ExecutorClaim
     metrics: Metrics
     stops: StopSignals
+    source: ReplySource
     nc: NATS | None = None
     buffer: JetStreamBuffer | None = None
     hub: TailHub | None = None
@@ -42,6 +44,12 @@ class Runtime:
     drain_deadline: float | None = None  # loop time: in-flight runs get drain_timeout_s, once
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     metrics_server: Any = None  # a uvicorn.Server on THREADGATE_METRICS_PORT, if set
+
+    async def alive(self, pods: list[str]) -> set[str]:
+        """Which of these pod names have a live process (their fencing claim is held)."""
+        async with self.db.pool.connection(timeout=2.0) as conn:
+            cur = await conn.execute(ALIVE_SQL, (pods,))
+            return {row["name"] for row in await cur.fetchall()}
 
     def queue_worker_alive(self) -> bool:
         name = f"queue-worker-{wf.QUEUE_NAME}"

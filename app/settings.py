@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     nats_outage_limit_s: float = Field(default=30.0, gt=0)
 
     max_retries: int = Field(default=5, ge=0)
+    # Crash replays a run may have (attempts begun after a pod died mid-reply) before it ends
+    # `crashed_repeatedly` without calling the model again: a poison run stops killing pods.
+    max_replays: int = Field(default=3, ge=0)
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_cap_s: float = Field(default=30.0, ge=0)
     run_timeout_s: float = Field(default=600.0, gt=0)
@@ -89,15 +92,21 @@ class Settings(BaseSettings):
     keepalive_s: float = Field(default=15.0, gt=0)
     tail_linger_s: float = Field(default=30.0, ge=0)
 
-    model: Literal["mock", "openai"] = "mock"
+    # mock | openai | package.module:factory (a plug-in reply source: app/sources.py)
+    model: str = "mock"
     mock_chunks: int = Field(default=20, ge=0)
     mock_delay_ms: float = Field(default=50, ge=0)
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: SecretStr = SecretStr("")
     openai_model: str = "gpt-4o-mini"
     openai_timeout_s: float = Field(default=60.0, gt=0)
+    openai_continue: Literal["off", "continue_final_message", "prefix", "prefill"] = "off"
+    # model_options a client may set (comma-separated); the model and the key are the operator's
+    openai_client_options: str = "temperature,max_tokens"
+    openai_max_tokens: int = Field(default=4096, ge=1)
 
     max_input_chars: int = Field(default=32_000, ge=1)
+    max_data_bytes: int = Field(default=64 * 1024, ge=1)  # one data event's JSON payload
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_queued_runs_per_thread: int = Field(default=20, ge=1)
     max_attach_per_principal: int = Field(default=50, ge=1)
@@ -118,6 +127,7 @@ class Settings(BaseSettings):
     # a run reaches this point. Points: before_purge, after_start, chunk:<i>, after_chunks,
     # after_store, after_done. Empty (the default) in every real deployment.
     fault_point: str = ""
+    fault_thread: str = ""  # only runs of this thread die at the fault point (a poison run)
 
     log_format: Literal["json", "text", "auto"] = "auto"
     log_level: str = "INFO"
@@ -184,6 +194,10 @@ class Settings(BaseSettings):
             or self.jwt_public_key_file
             or self.jwt_jwks_file
         )
+
+    @property
+    def openai_client_option_names(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in self.openai_client_options.split(",") if o.strip())
 
     @property
     def admins(self) -> frozenset[str]:

@@ -110,6 +110,17 @@ async def admin(principal: PrincipalDep) -> Principal:
 AdminDep = Annotated[Principal, Depends(admin)]
 
 
+def reader_of(principal: Principal) -> str | None:
+    """Whose threads a principal reads: None for every thread (admins, and anyone with auth
+    off). Reads filter by it in the same statement that reads (no check-then-read window)."""
+    return None if principal.admin or principal.anonymous else principal.name
+
+
+def writer_of(principal: Principal) -> str | None:
+    """Whose threads a principal may post to and cancel in: admins only read widely."""
+    return None if principal.anonymous else principal.name
+
+
 async def require_reader(
     rt: Runtime,
     principal: Principal,

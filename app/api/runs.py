@@ -9,15 +9,16 @@ from fastapi import APIRouter, Header, Query, Response
 
 from ..errors import InvalidRequest, RunNotFound, ThreadNotFound
 from ..ids import check_run_id
-from ..models.mock import check_mock_options
+from ..sources import check_options
 from ..workflows.runner import RunRequest, wait_until_stopped
 from .deps import (
     PrincipalDep,
     RunnerDep,
     RuntimeDep,
     ThreadId,
-    require_owner,
+    reader_of,
     require_reader,
+    writer_of,
 )
 from .schemas import (
     MessageList,
@@ -66,8 +67,7 @@ async def create_run(
         raise InvalidRequest(f"input is longer than {rt.settings.max_input_chars} characters")
     if idempotency_key is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
-    if rt.settings.model == "mock":
-        check_mock_options(body.model_options)
+    check_options(rt.source, body.model_options)  # each source checks its own options
     run, created = await runner.submit(
         thread_id,
         RunRequest(body.input, body.multitask_strategy, body.model_options, body.timeout_s),
@@ -90,8 +90,7 @@ async def get_run(
     principal: PrincipalDep, thread_id: ThreadId, run_id: str, rt: RuntimeDep
 ) -> RunOut:
     """A run's status, attempt, executor and (when finished) its output or error."""
-    await require_reader(rt, principal, thread_id, RunNotFound)
-    run = await rt.store.get_run(thread_id, check_run_id(run_id))
+    run = await rt.store.get_run(thread_id, check_run_id(run_id), reader=reader_of(principal))
     if run is None:
         raise RunNotFound()
     return RunOut.of(run)
@@ -111,8 +110,11 @@ async def list_runs(
     ] = None,
 ) -> RunList:
     """The thread's runs, newest first."""
-    await require_reader(rt, principal, thread_id, ThreadNotFound)
-    runs = await rt.store.list_runs(thread_id, limit=limit, before_seq=before)
+    runs = await rt.store.list_runs(
+        thread_id, limit=limit, before_seq=before, reader=reader_of(principal)
+    )
+    if not runs:
+        await require_reader(rt, principal, thread_id, ThreadNotFound)
     next_before = runs[-1].seq if len(runs) == limit else None
     return RunList(runs=[RunOut.of(r) for r in runs], next_before=next_before)
 
@@ -132,8 +134,7 @@ async def cancel_run(
     timeout: Annotated[float, Query(gt=0, le=300)] = 30.0,
 ) -> RunOut:
     """Cancel a queued or running run, from any pod: it stops within one chunk."""
-    await require_owner(rt, principal, thread_id, RunNotFound)
-    run = await runner.cancel(thread_id, check_run_id(run_id))
+    run = await runner.cancel(thread_id, check_run_id(run_id), writer=writer_of(principal))
     if wait:
         run = await wait_until_stopped(rt.store, thread_id, run_id, timeout)
     return RunOut.of(run)
@@ -148,6 +149,7 @@ async def list_messages(
     principal: PrincipalDep, thread_id: ThreadId, rt: RuntimeDep
 ) -> MessageList:
     """The conversation: each run's user message and (once stored) its assistant reply."""
-    await require_reader(rt, principal, thread_id, ThreadNotFound)
-    messages = await rt.store.messages(thread_id)
+    messages = await rt.store.messages(thread_id, reader=reader_of(principal))
+    if not messages:
+        await require_reader(rt, principal, thread_id, ThreadNotFound)
     return MessageList(thread_id=thread_id, messages=[MessageOut.of(m) for m in messages])

@@ -104,6 +104,11 @@ class RunOut(BaseModel):
     finished_at: datetime | None = None
     output: str | None = None
     error: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each attempt: {attempt, executor, kind: first|replay|retry, resume_from?}"
+        " (resume_from: it continued the reply after that many parts instead of regenerating)",
+    )
 
     @classmethod
     def of(cls, run: Run) -> RunOut:
@@ -120,6 +125,7 @@ class RunOut(BaseModel):
             finished_at=run.finished_at,
             output=run.output,
             error=run.error,
+            attempts=run.attempts,
         )
 
 
@@ -134,6 +140,10 @@ class MessageOut(BaseModel):
     content: str
     status: str
     created_at: datetime
+    parts: list[dict[str, Any]] = Field(
+        description='The message in order: {"type": "text", "text"} and, from a reply source'
+        ' that sends data events, {"type": "data", "name", "payload"}'
+    )
 
     @classmethod
     def of(cls, m: Message) -> MessageOut:
@@ -144,6 +154,7 @@ class MessageOut(BaseModel):
                 "content": m.content,
                 "status": m.status,
                 "created_at": m.created_at,
+                "parts": m.parts or [{"type": "text", "text": m.content}],
             }
         )
 

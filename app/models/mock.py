@@ -1,55 +1,95 @@
-"""The deterministic mock model: chunk i is `chunk-{i} `, one every `delay_ms`."""
+"""The mock model (the default source): chunk i is `chunk-{i} `, one every `delay_ms`.
+
+Deterministic, so every test can check a reply exactly; `vary` makes chunk i of attempt a
+`chunk-{i}.{a} `, so a reply mixed from two attempts shows (real models are not
+deterministic). It continues a reply exactly: after a prefix of k chunks it yields chunk k on.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
+from typing import Any
 
-from ..errors import InvalidRequest, PermanentModelError, TransientModelError
+from ..errors import PermanentModelError, TransientModelError
 from ..settings import Settings
-from . import Prompt
+from ..sources import ContinuationRefused, Data, Part, Prompt
 
-MOCK_OPTIONS = {"chunks", "delay_ms", "fail", "fail_at", "fail_attempts"}
+MOCK_OPTIONS = {
+    "chunks",
+    "delay_ms",
+    "fail",
+    "fail_at",
+    "fail_attempts",
+    "vary",
+    "data_every",
+    "refuse_continue",
+}
 # A bound on one run's size: the reply is held whole in memory and stored as one message.
 MAX_MOCK_CHUNKS = 100_000
 
 
-def mock_reply(chunks: int) -> str:
-    return "".join(f"chunk-{i} " for i in range(chunks))
+def mock_reply(chunks: int, attempts: dict[int, int] | None = None) -> str:
+    """The mock's reply of `chunks` chunks. `attempts` (vary): chunk i's attempt is the one
+    of the greatest key <= i, e.g. {0: 1, 12: 2}: chunks 0-11 of attempt 1, then attempt 2."""
+    if attempts is None:
+        return "".join(f"chunk-{i} " for i in range(chunks))
+    starts = sorted(attempts)
+    return "".join(
+        f"chunk-{i}.{attempts[max(s for s in starts if s <= i)]} " for i in range(chunks)
+    )
 
 
-def check_mock_options(options: dict[str, object]) -> None:
-    """Refuse options the mock cannot honour, at POST time (400), not mid-run."""
-    for key in ("chunks", "fail_at", "fail_attempts"):
-        value = options.get(key)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 0
-        ):
-            raise InvalidRequest(f"model_options.{key} must be a non-negative integer")
-    chunks = options.get("chunks")
-    if isinstance(chunks, int) and chunks > MAX_MOCK_CHUNKS:
-        raise InvalidRequest(f"model_options.chunks must be at most {MAX_MOCK_CHUNKS}")
-    delay = options.get("delay_ms")
-    if delay is not None and (
-        not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 60_000
-    ):
-        raise InvalidRequest("model_options.delay_ms must be a number from 0 to 60000")
-    if options.get("fail") not in (None, "transient", "permanent"):
-        raise InvalidRequest('model_options.fail must be "transient" or "permanent"')
+def _count(options: dict[str, Any], key: str) -> None:
+    value = options.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{key} must be a non-negative integer")
 
 
-class MockChunkSource:
+class MockSource:
     """Options: `chunks`, `delay_ms`; `fail` ("transient"|"permanent") fails at chunk `fail_at`
-    (default 0) on the first `fail_attempts` attempts (default: every attempt)."""
+    (default 0) on the first `fail_attempts` attempts (default: every attempt); `vary`;
+    `data_every: n` makes every n-th part a data event `tick` {"i", "attempt"};
+    `refuse_continue` refuses to continue a reply (the run regenerates it, with a `reset`)."""
 
     reads_history = False  # the reply depends on the options only
+    continues = True
 
     def __init__(self, settings: Settings) -> None:
         self.chunks = settings.mock_chunks
         self.delay_ms = settings.mock_delay_ms
 
-    async def stream(self, prompt: Prompt) -> AsyncIterator[str]:
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse options the mock cannot honour, at POST time (400), not mid-run."""
+        unknown = sorted(set(options) - MOCK_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"the mock takes {', '.join(sorted(MOCK_OPTIONS))}; unknown: {', '.join(unknown)}"
+            )
+        for key in ("chunks", "fail_at", "fail_attempts", "data_every"):
+            _count(options, key)
+        chunks = options.get("chunks")
+        if isinstance(chunks, int) and chunks > MAX_MOCK_CHUNKS:
+            raise ValueError(f"chunks must be at most {MAX_MOCK_CHUNKS}")
+        delay = options.get("delay_ms")
+        if delay is not None and (
+            not isinstance(delay, int | float)
+            or isinstance(delay, bool)
+            or not math.isfinite(delay)
+            or not 0 <= delay <= 60_000
+        ):
+            raise ValueError("delay_ms must be a number from 0 to 60000")
+        if options.get("fail") not in (None, "transient", "permanent"):
+            raise ValueError('fail must be "transient" or "permanent"')
+        for flag in ("vary", "refuse_continue"):
+            if options.get(flag) not in (None, True, False):
+                raise ValueError(f"{flag} must be true or false")
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[Part]:
         opts = prompt.options
+        if prompt.prefix_parts and opts.get("refuse_continue"):
+            raise ContinuationRefused("mock model: continuation refused as requested")
         chunks = int(opts.get("chunks", self.chunks))
         delay = float(opts.get("delay_ms", self.delay_ms)) / 1000
         fail = opts.get("fail")
@@ -58,14 +98,19 @@ class MockChunkSource:
         failing = fail is not None and (
             fail_attempts is None or prompt.attempt <= int(fail_attempts)
         )
-        for i in range(chunks):
+        tag = f".{prompt.attempt}" if opts.get("vary") else ""
+        every = int(opts.get("data_every") or 0)
+        for i in range(len(prompt.prefix_parts), chunks):
             if failing and i == fail_at:
                 if fail == "permanent":
                     raise PermanentModelError("mock model: permanent failure requested")
                 raise TransientModelError("mock model: transient failure requested")
             if delay:
                 await asyncio.sleep(delay)  # the mock's pacing: one chunk every delay_ms
-            yield f"chunk-{i} "
+            if every and i % every == every - 1:
+                yield Data("tick", {"i": i, "attempt": prompt.attempt})
+            else:
+                yield f"chunk-{i}{tag} "
         if failing and fail_at >= chunks:
             raise (PermanentModelError if fail == "permanent" else TransientModelError)(
                 f"mock model: {fail} failure requested"

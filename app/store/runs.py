@@ -38,9 +38,13 @@ class Run:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    replays: int = 0
+    attempts: list[dict[str, Any]] = field(default_factory=list)
     output: str | None = None
     output_status: str | None = None
+    output_parts: list[dict[str, Any]] | None = None
     version: str | None = None  # the application version its workflow was queued under
+    remaining_s: float | None = None  # of its time budget, by the database's clock
 
     @property
     def active(self) -> bool:
@@ -54,6 +58,7 @@ class Message:
     content: str
     status: str
     created_at: datetime
+    parts: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -75,15 +80,21 @@ class RunStore(Protocol):
 
     async def get_run(self, thread_id: str, run_id: str) -> Run | None: ...
     async def latest_run(self, thread_id: str) -> Run | None: ...
-    async def begin_attempt(self, run_id: str, executor: str) -> Run | None: ...
+    async def begin_attempt(
+        self, run_id: str, executor: str, *, kind: str, timeout_s: float
+    ) -> Run | None: ...
 
 
 _RUN_COLUMNS = """
     r.run_id, r.thread_id, r.seq, r.status, r.attempt, r.executor, r.accepted_by, r.input,
     r.model_options, r.multitask_strategy, r.idempotency_key, r.request_hash, r.stop_requested,
-    r.timeout_s, r.error, r.created_at, r.started_at, r.finished_at,
-    m.content AS output, m.status AS output_status
+    r.timeout_s, r.error, r.created_at, r.started_at, r.finished_at, r.replays, r.attempts,
+    m.content AS output, m.status AS output_status, m.parts AS output_parts
 """
+# Appended to a query over runs `r`: the thread's owner must be the reader (%s twice; NULL:
+# anyone may read).
+_READER = """AND (%s::text IS NULL OR EXISTS (
+    SELECT 1 FROM threadgate.threads t WHERE t.thread_id = r.thread_id AND t.owner = %s))"""
 _RUN_FROM = """
     FROM threadgate.runs r
     LEFT JOIN threadgate.messages m ON m.run_id = r.run_id AND m.role = 'assistant'
@@ -159,15 +170,24 @@ class PgRunStore:
         return _run(row)
 
     async def get_run(
-        self, thread_id: str, run_id: str, *, conn: AsyncConnection[Any] | None = None
+        self,
+        thread_id: str,
+        run_id: str,
+        *,
+        conn: AsyncConnection[Any] | None = None,
+        reader: str | None = None,
     ) -> Run | None:
-        query = f"SELECT {_RUN_COLUMNS} {_RUN_FROM} WHERE r.run_id = %s AND r.thread_id = %s"
+        """The run, if `reader` (a principal; None: anyone) may see its thread."""
+        query = (
+            f"SELECT {_RUN_COLUMNS} {_RUN_FROM} WHERE r.run_id = %s AND r.thread_id = %s {_READER}"
+        )
+        args = (run_id, thread_id, reader, reader)
         if conn is not None:
-            cur = await conn.execute(query, (run_id, thread_id))
+            cur = await conn.execute(query, args)
             row = await cur.fetchone()
         else:
             async with self.db.pool.connection() as c:
-                cur = await c.execute(query, (run_id, thread_id))
+                cur = await c.execute(query, args)
                 row = await cur.fetchone()
         return _run(row) if row else None
 
@@ -189,19 +209,26 @@ class PgRunStore:
         )
         return [_run(row) for row in await cur.fetchall()]
 
-    async def latest_run(self, thread_id: str) -> Run | None:
-        runs = await self.list_runs(thread_id, limit=1)
+    async def latest_run(self, thread_id: str, *, reader: str | None = None) -> Run | None:
+        runs = await self.list_runs(thread_id, limit=1, reader=reader)
         return runs[0] if runs else None
 
     async def list_runs(
-        self, thread_id: str, *, limit: int = 50, before_seq: int | None = None
+        self,
+        thread_id: str,
+        *,
+        limit: int = 50,
+        before_seq: int | None = None,
+        reader: str | None = None,
     ) -> list[Run]:
+        """The thread's runs, newest first, if `reader` (None: anyone) may see the thread: the
+        owner check and the read are one statement (no window while a thread is created)."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
                 f"SELECT {_RUN_COLUMNS} {_RUN_FROM}"
                 " WHERE r.thread_id = %s AND (%s::bigint IS NULL OR r.seq < %s)"
-                " ORDER BY r.seq DESC LIMIT %s",
-                (thread_id, before_seq, before_seq, limit),
+                f" {_READER} ORDER BY r.seq DESC LIMIT %s",
+                (thread_id, before_seq, before_seq, reader, reader, limit),
             )
             return [_run(row) for row in await cur.fetchall()]
 
@@ -226,15 +253,16 @@ class PgRunStore:
             )
             return await cur.fetchone() is not None
 
-    async def messages(self, thread_id: str) -> list[Message]:
-        """The conversation in run order: each run's user message, then its reply."""
+    async def messages(self, thread_id: str, *, reader: str | None = None) -> list[Message]:
+        """The conversation in run order, each run's user message then its reply, if `reader`
+        (None: anyone) may see the thread."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                """SELECT m.run_id, m.role, m.content, m.status, m.created_at
+                f"""SELECT m.run_id, m.role, m.content, m.status, m.created_at, m.parts
                    FROM threadgate.messages m JOIN threadgate.runs r ON r.run_id = m.run_id
-                   WHERE m.thread_id = %s
+                   WHERE m.thread_id = %s {_READER}
                    ORDER BY r.seq, CASE m.role WHEN 'user' THEN 0 ELSE 1 END""",
-                (thread_id,),
+                (thread_id, reader, reader),
             )
             return [Message(**row) for row in await cur.fetchall()]
 
@@ -250,23 +278,84 @@ class PgRunStore:
             )
             return [Message(**row) for row in await cur.fetchall()]
 
-    async def begin_attempt(self, run_id: str, executor: str) -> Run | None:
-        """Count an execution of the reply step. Survives crashes: never repeats a number."""
+    async def begin_attempt(
+        self, run_id: str, executor: str, *, kind: str, timeout_s: float
+    ) -> Run | None:
+        """Count an execution of the reply step. Survives crashes: never repeats a number.
+
+        `kind`: first (of this execution) or retry (after a transient failure in it). A first
+        begin of a run that already had attempts is a replay; unless the previous pod handed
+        it off (a drain that ran out of time), it counts towards `replays`. `remaining_s` of
+        the run's time budget (from its first start, crashes included) is the database's.
+        """
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
                 f"""WITH r AS (
                         UPDATE threadgate.runs
-                        SET attempt = attempt + 1, executor = %s,
+                        SET attempt = attempt + 1, executor = %(executor)s,
                             status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
-                            started_at = coalesce(started_at, now())
-                        WHERE run_id = %s RETURNING *)
-                    SELECT {_RUN_COLUMNS} FROM r
+                            started_at = coalesce(started_at, now()),
+                            replays = replays + CASE WHEN %(first)s::boolean AND attempt > 0
+                                                     AND NOT handoff THEN 1 ELSE 0 END,
+                            handoff = false,
+                            attempts = attempts || jsonb_build_object(
+                                'attempt', attempt + 1, 'executor', %(executor)s::text,
+                                'kind', CASE WHEN NOT %(first)s::boolean THEN 'retry'
+                                             WHEN attempt = 0 THEN 'first'
+                                             ELSE 'replay' END)
+                        WHERE run_id = %(run_id)s RETURNING *)
+                    SELECT {_RUN_COLUMNS},
+                           extract(epoch FROM r.started_at
+                               + make_interval(secs => coalesce(r.timeout_s, %(timeout)s))
+                               - now())::float8 AS remaining_s
+                    FROM r
                     LEFT JOIN threadgate.messages m
                       ON m.run_id = r.run_id AND m.role = 'assistant'""",
-                (executor, run_id),
+                {
+                    "executor": executor,
+                    "first": kind == "first",
+                    "run_id": run_id,
+                    "timeout": timeout_s,
+                },
             )
             row = await cur.fetchone()
             return _run(row) if row else None
+
+    async def record_resume(self, run_id: str, attempt: int, resume_from: int) -> None:
+        """Note in the run's attempt list that `attempt` continued after `resume_from` parts."""
+        async with self.db.pool.connection() as conn:
+            await conn.execute(
+                """UPDATE threadgate.runs
+                   SET attempts = (SELECT coalesce(jsonb_agg(CASE WHEN (a->>'attempt')::int = %s
+                                          THEN a || jsonb_build_object('resume_from', %s::int)
+                                          ELSE a END ORDER BY n), '[]'::jsonb)
+                                   FROM jsonb_array_elements(attempts) WITH ORDINALITY x(a, n))
+                   WHERE run_id = %s""",
+                (attempt, resume_from, run_id),
+            )
+
+    async def run_state(self, run_id: str, timeout_s: float) -> tuple[str | None, int, float]:
+        """What an executing attempt polls: (stop requested, newest attempt, seconds left)."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT stop_requested, attempt,
+                          extract(epoch FROM coalesce(started_at, now())
+                              + make_interval(secs => coalesce(timeout_s, %s)) - now())::float8
+                              AS remaining_s
+                   FROM threadgate.runs WHERE run_id = %s""",
+                (timeout_s, run_id),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None, 0, 0.0
+            return row["stop_requested"], row["attempt"], row["remaining_s"]
+
+    async def hand_off(self, run_ids: list[str]) -> None:
+        """A draining pod leaves these runs to be replayed: that is no crash."""
+        async with self.db.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE threadgate.runs SET handoff = true WHERE run_id = ANY(%s)", (run_ids,)
+            )
 
     async def finish(
         self,
@@ -276,15 +365,17 @@ class PgRunStore:
         *,
         reply: str | None,
         reply_status: str = "complete",
+        parts: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
     ) -> None:
         """Store the reply (once: a re-run keeps the first) and the final status, atomically:
-        one statement, one round trip."""
+        one statement, one round trip. `parts`: the reply's ordered parts when it has data."""
         async with self.db.pool.connection() as conn:
             await conn.execute(
                 """WITH reply AS (
-                       INSERT INTO threadgate.messages (run_id, role, thread_id, content, status)
-                       SELECT %s, 'assistant', %s, %s, %s WHERE %s
+                       INSERT INTO threadgate.messages
+                           (run_id, role, thread_id, content, status, parts)
+                       SELECT %s, 'assistant', %s, %s, %s, %s WHERE %s
                        ON CONFLICT (run_id, role) DO NOTHING)
                    UPDATE threadgate.runs SET status = %s, error = %s,
                        finished_at = coalesce(finished_at, now())
@@ -294,6 +385,7 @@ class PgRunStore:
                     thread_id,
                     reply,
                     reply_status,
+                    Jsonb(parts) if parts is not None else None,
                     reply is not None,
                     status,
                     Jsonb(error) if error is not None else None,
@@ -326,14 +418,6 @@ class PgRunStore:
         )
         row = await cur.fetchone()
         return _run(row) if row else None
-
-    async def stop_requested(self, run_id: str) -> str | None:
-        async with self.db.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT stop_requested FROM threadgate.runs WHERE run_id = %s", (run_id,)
-            )
-            row = await cur.fetchone()
-            return row["stop_requested"] if row else None
 
     async def pending_without_workflow(self, older_than_s: float) -> list[Run]:
         """Accepted runs whose enqueue never happened (the accepting pod died in between)."""

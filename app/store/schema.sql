@@ -30,6 +30,12 @@ CREATE TABLE IF NOT EXISTS threadgate.runs (
 );
 -- Columns added after the first release: ADD COLUMN IF NOT EXISTS keeps old databases current.
 ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS timeout_s double precision;
+-- Executions of the reply step that began after one died (crash replays), not counting
+-- hand-offs of a drained pod: a run past THREADGATE_MAX_REPLAYS ends `crashed_repeatedly`.
+ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS replays integer NOT NULL DEFAULT 0;
+ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS handoff boolean NOT NULL DEFAULT false;
+-- One object per attempt: {attempt, executor, kind: first|replay|retry, resume_from}.
+ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS attempts jsonb NOT NULL DEFAULT '[]'::jsonb;
 
 CREATE INDEX IF NOT EXISTS runs_thread_seq ON threadgate.runs (thread_id, seq DESC);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency
@@ -48,6 +54,8 @@ CREATE TABLE IF NOT EXISTS threadgate.messages (
     PRIMARY KEY (run_id, role)
 );
 CREATE INDEX IF NOT EXISTS messages_thread ON threadgate.messages (thread_id);
+-- The reply's ordered parts when it has data events ([{type: text|data, ...}]); NULL: text only.
+ALTER TABLE threadgate.messages ADD COLUMN IF NOT EXISTS parts jsonb;
 
 -- Pods' heartbeats: a name whose heartbeat stopped long ago may have its runs adopted.
 CREATE TABLE IF NOT EXISTS threadgate.executors (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -28,10 +29,11 @@ class RunPublisher(Protocol):
 
 
 class StreamBuffer(Protocol):
-    """What a run needs from the stream: purge its thread's subject and publish events."""
+    """What a run needs from the stream: purge its thread's subject, publish, read it back."""
 
     async def purge(self, thread_id: str) -> None: ...
     def publisher(self, thread_id: str, run_id: str, attempt: int) -> RunPublisher: ...
+    async def read_subject(self, thread_id: str, timeout_s: float = 10.0) -> list[Event]: ...
 
 
 async def connect_nats(
@@ -154,6 +156,35 @@ class JetStreamBuffer:
             return 0
         return int(msg.seq or 0)
 
+    async def read_subject(self, thread_id: str, timeout_s: float = 10.0) -> list[Event]:
+        """Every event on a thread's subject now, in stream order (what a continuing attempt
+        reads its prefix from). StreamUnavailable if it cannot be read whole."""
+        try:
+            last = await self.last_sequence(thread_id)
+            if last == 0:
+                return []
+            events: list[Event] = []
+            whole = asyncio.Event()
+
+            async def on_msg(msg: Any) -> None:
+                seq = stream_seq(msg)
+                with contextlib.suppress(Exception):  # not ours: no part of any reply
+                    events.append(Event.from_bytes(msg.data, seq=seq))
+                if seq >= last:
+                    whole.set()
+
+            sub = await self.ordered_subscribe(thread_id, 0, on_msg)
+            try:
+                await asyncio.wait_for(whole.wait(), timeout_s)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            return events
+        except StreamUnavailable:
+            raise
+        except Exception as exc:
+            raise StreamUnavailable(f"reading {self.subject(thread_id)}: {exc!r}") from exc
+
     async def ordered_subscribe(
         self, thread_id: str, start_seq: int, cb: Callable[[Any], Awaitable[None]]
     ) -> Any:
@@ -176,6 +207,19 @@ class JetStreamBuffer:
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=512 * 1024 * 1024,
         )
+
+
+def stream_seq(msg: Any) -> int:
+    """A delivery's stream sequence, read from its reply subject: nats-py's `msg.metadata`
+    builds a frozen dataclass and a datetime per message for it.
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`;
+    any other form (a server with domains) goes through nats-py's parser.
+    """
+    tokens: list[str] = msg.reply.split(".") if msg.reply else []
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5])
+    return int(msg.metadata.sequence.stream)
 
 
 def _start_at(seq: int) -> Any:

@@ -59,8 +59,11 @@ class Event:
             body["index"] = self.index
             body["name"] = self.name
             body["payload"] = self.data
-        elif self.type == "run_started" and self.resume_from is not None:
-            body["resume_from"] = self.resume_from
+        elif self.type == "run_started":
+            if self.resume_from is not None:
+                body["resume_from"] = self.resume_from
+            if self.executor is not None:
+                body["executor"] = self.executor
         return body
 
     def to_bytes(self) -> bytes:
@@ -95,6 +98,7 @@ class Event:
             raw.get("name"),
             raw.get("payload"),
             raw.get("resume_from"),
+            raw.get("executor"),
         )
         if seq:
             ev.frame = _frame_from_stored(ev, data)
@@ -117,8 +121,10 @@ class Event:
         )
 
 
-def run_started(run_id: str, attempt: int, resume_from: int | None = None) -> Event:
-    return Event("run_started", run_id, attempt, resume_from=resume_from)
+def run_started(
+    run_id: str, attempt: int, resume_from: int | None = None, executor: str | None = None
+) -> Event:
+    return Event("run_started", run_id, attempt, resume_from=resume_from, executor=executor)
 
 
 def chunk(run_id: str, attempt: int, index: int, text: str) -> Event:

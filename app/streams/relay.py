@@ -1,4 +1,12 @@
-"""What one attached client receives: its run's events from the shared tail, with resets."""
+"""What one attached client receives: its run's events from the shared tail, one coherent reply.
+
+The client rules of contract v2 live in `step`, a pure function over a small `Cursor`: a
+continued attempt (`run_started.resume_from: k`) goes on from part k with no `reset` (the
+client keeps its first k parts); an attempt that regenerates the reply gets a `reset` first
+for a client that holds parts. Stragglers of a superseded attempt, duplicates and the far
+side of a gap (a part whose predecessor was never stored) are never sent, so a client never
+holds a part past k when a continued attempt begins.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from ..store.runs import TERMINAL, Run
-from .events import Event, chunk, done, reset, run_started
+from .events import Event, chunk, done, reset, run_started, stalled
+from .reply import fold
 from .tail import ThreadTail
 
 RunLookup = Callable[[], Awaitable[Run | None]]
@@ -18,31 +27,50 @@ MAX_WRITE_BYTES = 64 * 1024
 
 @dataclass(slots=True)
 class Cursor:
-    """A client's position: the last sequence processed, and what it has shown of the run."""
+    """A client's position: the last sequence processed, and the reply it holds.
+
+    `parts`: how many parts of the run the client holds (indexes 0..parts-1). `unsure`: it
+    came back with a Last-Event-ID the log can no longer account for: it may hold anything.
+    """
 
     seq: int = 0
-    attempt: int = 0  # attempt whose events the client holds
-    shown: bool = False  # the client has events of `attempt` (a new attempt needs a reset)
-    resumed: bool = False  # the client came with a Last-Event-ID
+    attempt: int = 0
+    parts: int = 0
+    unsure: bool = False
+    stalled_sent: int = 0  # the attempt whose `stalled` this client got
 
 
-def step(cursor: Cursor, run_id: str, ev: Event) -> tuple[list[Event], bool]:
-    """Events to send for one log event, and whether the run is over for this client."""
+def step(cursor: Cursor, run_id: str, ev: Event) -> list[Event]:
+    """The events to send for one log event."""
     cursor.seq = max(cursor.seq, ev.seq)
-    if ev.type == "done" and ev.run_id == run_id:
-        return [ev], True  # the run's one `done` is final, whichever attempt wrote it
-    if ev.run_id != run_id or ev.attempt < cursor.attempt:
-        return [], False  # another run's event, or a superseded attempt's straggler
+    if ev.run_id != run_id:
+        return []  # another run's event
+    if ev.type == "done":
+        return [ev]  # the run's one `done` is final, whichever attempt wrote it
+    if ev.attempt < cursor.attempt:
+        return []  # a straggler of a superseded attempt
     out: list[Event] = []
-    if ev.attempt > cursor.attempt:
-        # A resumed client that lands on a run_started was before this attempt: it may hold
-        # an earlier attempt's chunks. One that lands mid-attempt is simply continuing.
-        if cursor.shown or (cursor.resumed and ev.type == "run_started"):
-            out.append(reset(run_id, ev.attempt))
-        cursor.attempt, cursor.shown, cursor.resumed = ev.attempt, False, False
+    if ev.type == "run_started":
+        k = ev.resume_from
+        if k is None:
+            if cursor.parts or cursor.unsure:
+                out.append(reset(run_id, ev.attempt))
+            cursor.parts = 0
+        else:
+            # A continued attempt's parts come from a subject that held its first k parts
+            # when the log began (a purge point): a client unsure of what it holds is one
+            # that missed that point, and met a regenerating `run_started` first.
+            cursor.parts = min(cursor.parts, k) if not cursor.unsure else k
+        cursor.attempt, cursor.unsure = ev.attempt, False
+        out.append(ev)
+        return out
+    cursor.attempt = ev.attempt
+    if ev.part:
+        if ev.index != cursor.parts:
+            return []  # a duplicate, or the far side of a gap: the next attempt resends it
+        cursor.parts += 1
     out.append(ev)
-    cursor.shown = True
-    return out, ev.type == "done"
+    return out
 
 
 def replay_from_store(run: Run) -> list[Event]:
@@ -54,6 +82,20 @@ def replay_from_store(run: Run) -> list[Event]:
     status = run.status if run.status in TERMINAL else "error"
     events.append(done(run.run_id, attempt, status, run.error))  # type: ignore[arg-type]
     return events
+
+
+def resumed_cursor(tail: ThreadTail, run_id: str, last_event_id: int) -> Cursor:
+    """The position of a client back with a Last-Event-ID: what it holds is what the log says
+    it was sent, when the log still reaches back that far."""
+    if tail.missed(last_event_id):
+        return Cursor(seq=last_event_id, unsure=True)
+    folded = fold(run_id, tail.upto(last_event_id))
+    return Cursor(seq=last_event_id, attempt=folded.attempt, parts=len(folded.parts))
+
+
+def finished_in_log(tail: ThreadTail, run_id: str, seq: int) -> bool:
+    """The run's `done` is in the log at or before `seq` (a client there has it all)."""
+    return any(e.type == "done" and e.run_id == run_id for e in tail.upto(seq))
 
 
 async def relay(
@@ -71,24 +113,40 @@ async def relay(
     them (SSE frames, or another wire format).
     """
     loop = asyncio.get_running_loop()
-    cursor = Cursor(seq=last_event_id or 0, resumed=bool(last_event_id))
+    if last_event_id:
+        cursor = resumed_cursor(tail, run_id, last_event_id)
+    else:
+        cursor = Cursor(seq=tail.start_of(run_id))
     last_write = loop.time()
     next_check, check_every = loop.time() + recheck_s, recheck_s
     while True:
+        if tail.missed(cursor.seq):
+            # Slowed by its socket, the client fell behind what the log holds: the run's end
+            # is in the database once it has one (the next run purged the subject).
+            run = await lookup()
+            if run is not None and run.status in TERMINAL and not _run_in_log(tail, run_id):
+                yield _stored_ending(cursor, run)
+                return
+            cursor = Cursor(seq=tail.trimmed_seq, attempt=cursor.attempt, unsure=True)
         batch: list[Event] = []
         size = 0
         finished = more = False
         seen = tail.last_seq  # anything taken after this wakes the wait below at once
         for ev in tail.after(cursor.seq):
-            out, finished = step(cursor, run_id, ev)
-            for e in out:
+            for e in step(cursor, run_id, ev):
                 batch.append(e)
                 size += len(e.frame) or 64
+                finished = e.type == "done"
             if finished:
                 break
             if size >= MAX_WRITE_BYTES:
                 more = True
                 break
+        if not finished and tail.stalled is not None:
+            stalled_run, stalled_attempt, executor = tail.stalled
+            if stalled_run == run_id and cursor.stalled_sent < stalled_attempt:
+                cursor.stalled_sent = stalled_attempt
+                batch.append(stalled(run_id, stalled_attempt, executor))
         if batch:
             yield batch
             last_write = loop.time()
@@ -97,24 +155,31 @@ async def relay(
         if more:
             continue  # the rest is already in the log: no waiting
         now = loop.time()
-        if not cursor.shown and tail.caught_up.is_set() and now >= next_check:
+        shown = cursor.parts > 0 or cursor.attempt > 0
+        if not shown and tail.caught_up.is_set() and now >= next_check:
             # Nothing of the run is in the stream: if it has ended, its events are gone.
             run = await lookup()
-            if run is not None and run.status in TERMINAL:
-                if not _run_in_log(tail, run_id):
-                    yield replay_from_store(run)
-                    return
-                if cursor.resumed and tail.last_seq <= cursor.seq:
-                    return  # a resume after the last event: the client has it all
+            if run is not None and run.status in TERMINAL and not _run_in_log(tail, run_id):
+                yield _stored_ending(cursor, run)
+                return
             check_every = min(check_every * 2, keepalive_s)
             next_check = loop.time() + check_every
         if now >= last_write + keepalive_s:
             yield []
             last_write = now
         deadline = last_write + keepalive_s
-        if not cursor.shown:
+        if not shown:
             deadline = min(deadline, next_check)
         await tail.wait(seen, max(deadline - loop.time(), 0.001))
+
+
+def _stored_ending(cursor: Cursor, run: Run) -> list[Event]:
+    """The stored reply in place of events the stream no longer has (a `reset` first for a
+    client that may hold some of them)."""
+    events = replay_from_store(run)
+    if cursor.parts or cursor.unsure:
+        return [reset(run.run_id, events[0].attempt), *events]
+    return events
 
 
 def _run_in_log(tail: ThreadTail, run_id: str) -> bool:

@@ -1,8 +1,10 @@
 """One JetStream tail per thread per pod, fanned out in-process to that thread's SSE clients.
 
-A tail holds the events of the newest attempt it has seen (from that attempt's `run_started`);
-clients read the shared log by stream sequence, so a client that stops reading costs nothing
-but its place in the log.
+A tail keeps the subject's events since the last purge point (a run's first attempt, or an
+attempt that regenerates the reply): a continued attempt appends to its run's segment. The
+segment before it is kept too, so that a client slowed down by its socket still finds the end
+of its run after the next run began. Clients read the shared log by stream sequence: a client
+that stops reading costs nothing but its place in the log.
 """
 
 from __future__ import annotations
@@ -12,17 +14,24 @@ import bisect
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
+from .buffer import stream_seq
 from .events import Event, sse_frame
 
 logger = logging.getLogger(__name__)
+
+TIMER_SLACK_S = 0.01  # deadlines this close together fire together
+STALL_CHECK_S = 1.0  # a tail silent this long mid-run asks whether the run's executor lives
 
 
 class TailSource(Protocol):
     async def last_sequence(self, thread_id: str) -> int: ...
     async def ordered_subscribe(self, thread_id: str, start_seq: int, cb: Any) -> Any: ...
+
+
+Liveness = Callable[[list[str]], Awaitable[set[str]]]  # executors -> those alive
 
 
 class ThreadTail:
@@ -32,7 +41,9 @@ class ThreadTail:
         self.thread_id = thread_id
         self.log: list[Event] = []
         self.seqs: list[int] = []
+        self.segment = 0  # index in `log` where the current segment begins
         self.last_seq = 0
+        self.trimmed_seq = 0  # events up to this sequence are no longer held
         self.caught_up = asyncio.Event()
         self._target_seq = 0
         self._waiters: dict[asyncio.Future[None], float] = {}  # waiter -> deadline
@@ -41,10 +52,27 @@ class ThreadTail:
         self.clients = 0
         self.sub: Any = None
         self.close_handle: asyncio.TimerHandle | None = None
+        self.started: asyncio.Future[None] | None = None  # set once subscribed
+        self.last_event_at = 0.0  # loop time of the newest event
+        # (run_id, attempt, executor) while the run's executor is known to be gone
+        self.stalled: tuple[str, int, str] | None = None
 
     @property
     def head(self) -> Event | None:
-        return self.log[0] if self.log else None
+        """The first event of the current segment."""
+        return self.log[self.segment] if self.segment < len(self.log) else None
+
+    @property
+    def in_flight(self) -> Event | None:
+        """The current segment's newest `run_started` when its run has not said `done`."""
+        started = None
+        for ev in reversed(self.log[self.segment :]):
+            if ev.type == "done":
+                return None
+            if ev.type == "run_started":
+                started = ev
+                break
+        return started
 
     def add(self, ev: Event) -> None:
         """Take one event from the consumer, in stream order."""
@@ -54,24 +82,32 @@ class ThreadTail:
         if not ev.frame:  # every client of the pod sends the same bytes
             ev.frame = sse_frame(ev)
         head = self.head
-        if ev.type == "run_started":
-            # A new attempt or run: what came before is dead or finished. Trim.
-            self.log, self.seqs = [ev], [ev.seq]
-        elif (
+        if (
             head is None
-            or (head.run_id, head.attempt) == (ev.run_id, ev.attempt)
-            or (ev.type == "done" and ev.run_id == head.run_id)
+            or ev.run_id != head.run_id
+            or (ev.type == "run_started" and ev.resume_from is None)
         ):
-            self.log.append(ev)
-            self.seqs.append(ev.seq)
-        elif head.run_id != ev.run_id or ev.attempt > head.attempt:
-            # A later run or attempt whose start we did not see (a done without chunks).
-            self.log, self.seqs = [ev], [ev.seq]
-        # else: a straggler of an attempt already superseded; drop it.
+            self._new_segment()
+        if ev.type == "run_started":
+            self.stalled = None
+        self.log.append(ev)
+        self.seqs.append(ev.seq)
+        self.last_event_at = asyncio.get_running_loop().time()
         if self.last_seq >= self._target_seq:
             self.caught_up.set()
-        self._wake(self._waiters)
-        self._waiters = {}
+        self.wake()
+
+    def _new_segment(self) -> None:
+        """A purge point: keep the segment that ends here, drop the one before it."""
+        if self.segment:
+            self.trimmed_seq = self.seqs[self.segment - 1]
+            del self.log[: self.segment]
+            del self.seqs[: self.segment]
+        self.segment = len(self.log)
+
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        self._wake(waiters)
 
     @staticmethod
     def _wake(waiters: dict[asyncio.Future[None], float]) -> None:
@@ -80,8 +116,24 @@ class ThreadTail:
                 fut.set_result(None)
 
     def after(self, seq: int) -> list[Event]:
-        """Events of the log with a sequence above `seq` (the whole log if `seq` is older)."""
+        """Events of the log with a sequence above `seq`."""
         return self.log[bisect.bisect_right(self.seqs, seq) :]
+
+    def upto(self, seq: int) -> list[Event]:
+        """Events of the log with a sequence up to `seq`."""
+        return self.log[: bisect.bisect_right(self.seqs, seq)]
+
+    def missed(self, seq: int) -> bool:
+        """A client that processed events up to `seq` lacks some the log no longer holds."""
+        return seq < self.trimmed_seq
+
+    def start_of(self, run_id: str) -> int:
+        """Where a new client of `run_id` begins: before the newest segment that is that
+        run's, else after everything held (the run has not streamed yet)."""
+        for i in (self.segment, 0):
+            if i < len(self.log) and self.log[i].run_id == run_id:
+                return self.seqs[i] - 1
+        return self.last_seq
 
     async def wait(self, seen_seq: int, timeout: float) -> None:
         """Return as soon as an event came after `seen_seq`, the tail's `last_seq` when the
@@ -127,30 +179,18 @@ class ThreadTail:
             self._timer = None
 
 
-TIMER_SLACK_S = 0.01  # deadlines this close together fire together
-
-
-def stream_seq(msg: Any) -> int:
-    """A delivery's stream sequence, read from its reply subject: nats-py's `msg.metadata`
-    builds a frozen dataclass and a datetime per message for it.
-
-    `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`;
-    any other form (a server with domains) goes through nats-py's parser.
-    """
-    tokens: list[str] = msg.reply.split(".") if msg.reply else []
-    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        return int(tokens[5])
-    return int(msg.metadata.sequence.stream)
-
-
 class TailHub:
-    """The pod's tails, by thread: created on the first attach, closed after the last leaves."""
+    """The pod's tails, by thread: created on the first attach, closed `linger_s` after the
+    last client leaves, however it leaves (a client that hangs up mid-attach included)."""
 
-    def __init__(self, source: TailSource, *, linger_s: float) -> None:
+    def __init__(
+        self, source: TailSource, *, linger_s: float, liveness: Liveness | None = None
+    ) -> None:
         self.source = source
         self.linger_s = linger_s
+        self.liveness = liveness
         self.tails: dict[str, ThreadTail] = {}
-        self._starting: dict[str, asyncio.Task[ThreadTail]] = {}
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def attached(self) -> int:
@@ -158,40 +198,52 @@ class TailHub:
 
     @contextlib.asynccontextmanager
     async def attach(self, thread_id: str) -> AsyncIterator[ThreadTail]:
-        tail = await self._get(thread_id)
+        tail = await self.acquire(thread_id)
+        try:
+            yield tail
+        finally:
+            self.release(tail)
+
+    async def acquire(self, thread_id: str) -> ThreadTail:
+        """The thread's tail, started if need be, with this caller counted as a client. The
+        caller is counted before anything is awaited: it is released if cancelled here."""
+        tail = self.tails.get(thread_id)
+        if tail is None:
+            tail = ThreadTail(thread_id)
+            self.tails[thread_id] = tail
+            tail.started = asyncio.ensure_future(self._start(tail))
         tail.clients += 1
         if tail.close_handle is not None:
             tail.close_handle.cancel()
             tail.close_handle = None
         try:
-            yield tail
-        finally:
-            tail.clients -= 1
-            if tail.clients == 0:
-                loop = asyncio.get_running_loop()
-                tail.close_handle = loop.call_later(
-                    self.linger_s, lambda: asyncio.ensure_future(self._close_idle(tail))
-                )
-
-    async def _get(self, thread_id: str) -> ThreadTail:
-        tail = self.tails.get(thread_id)
-        if tail is not None:
-            return tail
-        task = self._starting.get(thread_id)
-        if task is None:
-            task = asyncio.ensure_future(self._start(thread_id))
-            self._starting[thread_id] = task
-            task.add_done_callback(lambda _: self._starting.pop(thread_id, None))
-        return await asyncio.shield(task)
-
-    async def _start(self, thread_id: str) -> ThreadTail:
-        tail = ThreadTail(thread_id)
-        tail._target_seq = await self.source.last_sequence(thread_id)
-        if tail._target_seq == 0:
-            tail.caught_up.set()
-        tail.sub = await self._subscribe(tail)
-        self.tails[thread_id] = tail
+            assert tail.started is not None
+            await asyncio.shield(tail.started)
+        except BaseException:
+            self.release(tail)
+            raise
         return tail
+
+    def release(self, tail: ThreadTail) -> None:
+        tail.clients -= 1
+        if tail.clients == 0:
+            loop = asyncio.get_running_loop()
+            tail.close_handle = loop.call_later(
+                self.linger_s, lambda: asyncio.ensure_future(self._close_idle(tail))
+            )
+
+    async def _start(self, tail: ThreadTail) -> None:
+        try:
+            tail._target_seq = await self.source.last_sequence(tail.thread_id)
+            if tail._target_seq == 0:
+                tail.caught_up.set()
+            tail.sub = await self._subscribe(tail)
+        except BaseException:
+            if self.tails.get(tail.thread_id) is tail:
+                del self.tails[tail.thread_id]
+            raise
+        if self.liveness is not None and self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_stalls(), name="tail-watchdog")
 
     async def _subscribe(self, tail: ThreadTail) -> Any:
         """An ordered consumer from the tail's next sequence (everything, for a new tail)."""
@@ -206,6 +258,38 @@ class TailHub:
 
         start = tail.last_seq + 1 if tail.last_seq else 0
         return await self.source.ordered_subscribe(tail.thread_id, start, on_msg)
+
+    async def _watch_stalls(self) -> None:
+        """Mark tails whose run's executor died (its fencing claim is free) as stalled: their
+        clients hear it at once instead of watching a silent stream until the replay."""
+        assert self.liveness is not None
+        while True:
+            await asyncio.sleep(STALL_CHECK_S)
+            now = asyncio.get_running_loop().time()
+            silent: dict[str, list[tuple[ThreadTail, Event]]] = {}
+            for tail in self.tails.values():
+                started = tail.in_flight
+                if (
+                    started is not None
+                    and started.executor
+                    and tail.stalled is None
+                    and now - tail.last_event_at >= STALL_CHECK_S
+                ):
+                    silent.setdefault(started.executor, []).append((tail, started))
+            if not silent:
+                continue
+            try:
+                alive = await self.liveness(sorted(silent))
+            except Exception as exc:
+                logger.debug("stall check failed: %r", exc)
+                continue
+            for executor, tails in silent.items():
+                if executor in alive:
+                    continue
+                for tail, started in tails:
+                    if tail.in_flight is started:
+                        tail.stalled = (started.run_id, started.attempt, executor)
+                        tail.wake()
 
     async def resubscribe_all(self) -> None:
         """After NATS comes back its consumers may be gone: continue every tail where it was."""
@@ -240,9 +324,14 @@ class TailHub:
         del self.tails[tail.thread_id]
         tail.close()
         with contextlib.suppress(Exception):
+            if tail.started is not None and not tail.started.done():
+                await tail.started
+        with contextlib.suppress(Exception):
             await tail.sub.unsubscribe()
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for tail in list(self.tails.values()):
             if tail.close_handle is not None:
                 tail.close_handle.cancel()

@@ -203,8 +203,9 @@ class Runner:
         finally:
             self._sweeping = False
 
-    async def cancel(self, thread_id: str, run_id: str) -> Run:
-        run = await self.store.get_run(thread_id, run_id)
+    async def cancel(self, thread_id: str, run_id: str, *, writer: str | None = None) -> Run:
+        """Cancel a queued or running run of a thread `writer` owns (None: anyone's)."""
+        run = await self.store.get_run(thread_id, run_id, reader=writer)
         if run is None:
             raise RunNotFound()
         if run.status in TERMINAL:

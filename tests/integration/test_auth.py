@@ -31,9 +31,17 @@ def client(pod: Pod, name: str) -> AsyncClient:
     return AsyncClient(pod.url, token=KEYS[name])
 
 
-async def post(pod: Pod, thread: str, who: str, chunks: int = 3, **kw: Any) -> httpx.Response:
-    body = {"input": f"hi from {who}", "model_options": {"chunks": chunks, **kw}}
-    return await pod.http.post(f"/threads/{thread}/runs", json=body, headers=key(who))
+async def post(
+    pod: Pod,
+    thread: str,
+    who: str,
+    chunks: int = 3,
+    idempotency_key: str | None = None,
+    **options: Any,
+) -> httpx.Response:
+    body = {"input": f"hi from {who}", "model_options": {"chunks": chunks, **options}}
+    headers = key(who) | ({"Idempotency-Key": idempotency_key} if idempotency_key else {})
+    return await pod.http.post(f"/threads/{thread}/runs", json=body, headers=headers)
 
 
 async def attach_events(
@@ -154,7 +162,8 @@ async def test_someone_elses_thread_is_404(pod: Pod, auth_on: None) -> None:
         assert runs[0]["status"] in ("pending", "running")
         await alice.cancel(thread, run_id, wait=True)
     # A thread that does not exist reads as empty: it is free to be created.
-    assert (await pod.http.get(f"/threads/{missing}/attach", headers=bob)).status_code == 204
+    empty = await pod.http.get(f"/threads/{missing}/attach?wait=false", headers=bob)
+    assert empty.status_code == 204
     assert (await pod.http.get(f"/threads/{missing}/runs", headers=bob)).json()["runs"] == []
 
 

@@ -130,11 +130,12 @@ async def test_strategies(pod: Pod) -> None:
 
 
 async def test_a_regenerated_reply_is_printed_after_a_marker(pod: Pod) -> None:
-    """A transient failure at chunk 3 retries the run as attempt 2, which regenerates it (with
-    `vary`, different text). The CLI attaches right after its POST, long before the failure."""
+    """A transient failure at chunk 3 retries the run; the source refuses to continue, so
+    attempt 3 regenerates it (with `vary`, different text). The CLI attaches right after its
+    POST, long before the failure."""
     thread = unique()
     options = ["chunks=6", "delay_ms=100", "fail=transient", "fail_at=3", "fail_attempts=1"]
-    args = [a for o in [*options, "vary=true"] for a in ("-o", o)]
+    args = [a for o in [*options, "vary=true", "refuse_continue=true"] for a in ("-o", o)]
     r = await tg(pod, "post", thread, "hi", *args, "--attach")
     assert r.code == cli.OK, r
     assert RESTARTED in r.out, r.out
@@ -142,3 +143,15 @@ async def test_a_regenerated_reply_is_printed_after_a_marker(pod: Pod) -> None:
     stored = [m["content"] for m in await pod.client.messages(thread) if m["role"] == "assistant"]
     assert after == stored[0] + "\n"
     assert before.startswith("chunk-0") and len(before.split()) <= 3
+
+
+async def test_a_continued_reply_prints_on_seamlessly(pod: Pod) -> None:
+    """The same failure, with a source that continues: attempt 1's chunks, then attempt 2's,
+    each printed once, no marker."""
+    thread = unique()
+    options = ["chunks=6", "delay_ms=50", "fail=transient", "fail_at=3", "fail_attempts=1"]
+    args = [a for o in [*options, "vary=true"] for a in ("-o", o)]
+    r = await tg(pod, "post", thread, "hi", *args, "--attach")
+    assert r.code == cli.OK, r
+    assert RESTARTED not in r.out
+    assert r.out == "chunk-0.1 chunk-1.1 chunk-2.1 chunk-3.2 chunk-4.2 chunk-5.2 \n"

@@ -150,17 +150,41 @@ async def test_permanent_error_ends_the_run_and_the_thread_goes_on(pod: Pod) -> 
     assert [m["role"] for m in await pod.client.messages(thread)] == ["user", "user", "assistant"]
 
 
-async def test_transient_errors_retry_as_new_attempts_with_reset(pod: Pod) -> None:
+async def test_transient_errors_retry_as_attempts_that_continue_the_reply(pod: Pod) -> None:
+    """Attempts 1 and 2 fail at chunk 3 (after backoff); attempt 3 continues after the three
+    chunks attempt 1 stored: no `reset`, each chunk once, the text says who wrote it."""
     thread = unique()
-    run = await pod.client.post(
-        thread,
-        "x",
-        model_options={"chunks": 6, "fail": "transient", "fail_at": 3, "fail_attempts": 2},
-    )
+    options = {"chunks": 6, "fail": "transient", "fail_at": 3, "fail_attempts": 2, "vary": True}
+    run = await pod.client.post(thread, "x", model_options=options)
     reply = await pod.client.reply(thread)
-    assert reply.text == mock_reply(6) and reply.status == "success"
+    stored = mock_reply(6, {0: 1, 3: 3})
+    assert reply.text == stored and reply.status == "success"
+    resets = [e for e in reply.events if e.event == "reset"]
+    assert resets == [] and reply.resets == 0 and reply.duplicates == 0
+    starts = [e.data for e in reply.events if e.event == "run_started"]
+    assert [(s["attempt"], s.get("resume_from")) for s in starts] == [(1, None), (2, 3), (3, 3)]
     final = await pod.client.run(thread, run["run_id"])
-    assert final["attempt"] == 3
+    assert final["attempt"] == 3 and final["output"] == stored
+    assert [a["kind"] for a in final["attempts"]] == ["first", "retry", "retry"]
+
+
+async def test_a_regenerated_retry_resets_clients_exactly_once(pod: Pod) -> None:
+    """With a source that cannot continue, the retry regenerates: one `reset` per new
+    attempt that replaced parts the client held."""
+    thread = unique()
+    options = {
+        "chunks": 6,
+        "fail": "transient",
+        "fail_at": 3,
+        "fail_attempts": 1,
+        "vary": True,
+        "refuse_continue": True,
+    }
+    await pod.client.post(thread, "x", model_options=options)
+    reply = await pod.client.reply(thread)
+    # attempt 2 is refused the continuation; attempt 3 regenerates the whole reply
+    assert reply.text == mock_reply(6, {0: 3}) and reply.status == "success"
+    assert [e.data["attempt"] for e in reply.events if e.event == "reset"] == [3]
 
 
 async def test_exhausted_retries_end_with_error(pod: Pod) -> None:

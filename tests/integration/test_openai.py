@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 from threadgate.devstack import free_port
 from threadgate.errors import PermanentModelError, TransientModelError
-from threadgate.models import Prompt
-from threadgate.models.openai import OpenAIChunkSource
+from threadgate.models.openai import OpenAISource
 from threadgate.settings import load_settings
+from threadgate.sources import Prompt
 
 from tests.fakes.openai_server import FakeOpenAI, reply_text, serve_fake
 
@@ -22,8 +22,8 @@ async def fake() -> AsyncIterator[tuple[FakeOpenAI, str]]:
         yield served
 
 
-def source(base_url: str, timeout: float = 5.0) -> OpenAIChunkSource:
-    return OpenAIChunkSource(
+def source(base_url: str, timeout: float = 5.0) -> OpenAISource:
+    return OpenAISource(
         load_settings(
             openai_base_url=base_url,
             openai_api_key="sk-test",
@@ -33,7 +33,7 @@ def source(base_url: str, timeout: float = 5.0) -> OpenAIChunkSource:
     )
 
 
-async def collect(src: OpenAIChunkSource, text: str) -> list[str]:
+async def collect(src: OpenAISource, text: str) -> list[str]:
     prompt = Prompt(messages=[{"role": "user", "content": text}])
     return [c async for c in src.stream(prompt)]
 

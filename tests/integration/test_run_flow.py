@@ -44,9 +44,37 @@ async def test_attach_after_done_replays_the_finished_run(pod: Pod) -> None:
     assert [e.id for e in again.events] == [e.id for e in first.events]
 
 
-async def test_attach_with_no_run_is_204(pod: Pod) -> None:
-    resp = await pod.http.get(f"/threads/{unique()}/attach")
+async def test_attach_with_no_run_is_204_when_asked_not_to_wait(pod: Pod) -> None:
+    resp = await pod.http.get(f"/threads/{unique()}/attach", params={"wait": "false"})
     assert resp.status_code == 204
+
+
+async def test_attach_before_the_first_run_waits_for_it(pod: Pod) -> None:
+    """The README's quick start attaches first, then posts: the attach waits (keepalives)."""
+    thread = unique()
+    waiting = asyncio.create_task(pod.client.reply(thread))
+    # Attached and waiting: the pod counts the client on the thread's tail.
+    while pod.runtime.hub is None or thread not in pod.runtime.hub.tails:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # polls the pod's own state: attach has no event to await
+    run = await pod.client.post(thread, "hello", model_options={"chunks": 4})
+    reply = await asyncio.wait_for(waiting, 30)
+    assert reply.run_id == run["run_id"] and reply.text == mock_reply(4)
+
+
+async def test_resuming_after_a_runs_done_answers_204(pod: Pod) -> None:
+    """An EventSource reconnects after a stream ends; at or past `done` it must stop: 204."""
+    thread = unique()
+    await pod.client.post(thread, "hi", model_options={"chunks": 2})
+    reply = await pod.client.reply(thread)
+    done_id = reply.events[-1].id
+    assert reply.events[-1].event == "done" and done_id
+    for last in (done_id, str(int(done_id) + 5)):
+        resp = await pod.http.get(f"/threads/{thread}/attach", headers={"Last-Event-ID": last})
+        assert resp.status_code == 204
+    earlier = await pod.http.get(
+        f"/threads/{thread}/attach", headers={"Last-Event-ID": reply.events[-2].id or ""}
+    )
+    assert earlier.status_code == 200 and "event: done" in earlier.text
 
 
 async def test_two_runs_on_one_thread_run_one_after_the_other(pod: Pod) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import psycopg
 import pytest
 from threadgate.client import AsyncClient
 from threadgate.models.mock import mock_reply
@@ -77,9 +78,8 @@ async def test_a_run_longer_than_the_drain_is_finished_by_the_restart(cluster: C
     thread = unique()
     chunks = 100  # 4 s of reply, the drain gives it 2 s
     async with cluster.client() as client:
-        run_id = (await client.post(thread, "x", model_options={"chunks": chunks, "delay_ms": 40}))[
-            "run_id"
-        ]
+        options = {"chunks": chunks, "delay_ms": 40, "vary": True}
+        run_id = (await client.post(thread, "x", model_options=options))["run_id"]
         x = await running_on(client, cluster, thread, run_id)
         other = cluster.others(x.name)[0]
         watcher = Attacher([other.url], thread).start()
@@ -103,7 +103,15 @@ async def test_a_run_longer_than_the_drain_is_finished_by_the_restart(cluster: C
         await x.restart()
         run = await wait_run(client, thread, run_id)
         assert (run["status"], run["attempt"]) == ("success", 2)
+        # The restart continues the reply after what the drained pod stored; a hand-off is no
+        # crash (it does not count towards THREADGATE_MAX_REPLAYS).
+        kept = run["attempts"][1]["resume_from"]
+        assert kept >= 3 and run["attempts"][1]["kind"] == "replay"
         reply = await watcher.result()
+    stored = mock_reply(chunks, {0: 1, kept: 2})
     assert code == 0
-    assert reply.text == mock_reply(chunks) and reply.resets == 1
-    assert await assistant_messages(x, thread) == [(run_id, mock_reply(chunks))]
+    assert reply.text == stored and reply.resets == 0 and reply.duplicates == 0
+    assert await assistant_messages(x, thread) == [(run_id, stored)]
+    async with await psycopg.AsyncConnection.connect(cluster.env["THREADGATE_DATABASE_URL"]) as db:
+        cur = await db.execute("SELECT replays FROM threadgate.runs WHERE run_id = %s", (run_id,))
+        assert await cur.fetchone() == (0,)

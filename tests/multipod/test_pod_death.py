@@ -1,30 +1,55 @@
-"""SIGKILL of the pod running a reply: the run is replayed, clients see the reply exactly once."""
+"""SIGKILL of the pod running a reply: the run continues where it stopped, every client ends
+with exactly one copy of the stored reply.
+
+Every reply here is the mock's `vary` reply (chunk i of attempt a reads `chunk-{i}.{a} `), so
+any mix of two attempts, a duplicate or a gap shows in the text itself.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from threadgate.client import AsyncClient, SseEvent
+from threadgate.client import AsyncClient, Reply, SseEvent
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
-from tests.multipod.cluster import Attacher, Cluster, final_attempt, running_on, wait_run
+from tests.multipod.cluster import Attacher, Cluster, running_on, wait_run
 
 pytestmark = pytest.mark.multipod
 
 CHUNKS = 40
-LONG = {"chunks": CHUNKS, "delay_ms": 50}  # 2 s of reply: time to kill it in the middle
+LONG = {"chunks": CHUNKS, "delay_ms": 50, "vary": True}  # 2 s of reply: time to kill it
 
 
-def assert_one_clean_attempt(events: list[SseEvent], attempt: int) -> None:
-    """run_started, chunk-0..chunk-39 once each, in order, then done: all of one attempt."""
-    assert [e.event for e in events] == ["run_started"] + ["chunk"] * CHUNKS + ["done"]
-    assert {e.data["attempt"] for e in events} == {attempt}
-    chunks = [e for e in events if e.event == "chunk"]
-    assert [c.data["index"] for c in chunks] == list(range(CHUNKS))
-    assert "".join(c.data["text"] for c in chunks) == mock_reply(CHUNKS)
-    assert events[-1].data["status"] == "success"
+def continued(run: dict[str, Any]) -> dict[int, int]:
+    """Which attempt wrote which chunks of the stored reply: {first index: attempt}."""
+    starts = {0: 1}
+    for a in run["attempts"][1:]:
+        starts[a.get("resume_from") or 0] = a["attempt"]
+    return starts
+
+
+def assert_exact(reply: Reply, stored: str) -> None:
+    """The client reconstructed exactly the stored reply, each part once."""
+    assert reply.status == "success"
+    assert reply.text == stored
+    assert reply.duplicates == 0
+
+
+def assert_continued_stream(events: list[SseEvent], run: dict[str, Any]) -> None:
+    """What a late attacher reads: each attempt's `run_started` (later ones with
+    `resume_from`), every chunk index once in order, then `done`; never a `reset`."""
+    kinds = [e.event for e in events]
+    assert "reset" not in kinds and kinds[-1] == "done"
+    starts = [e.data for e in events if e.event == "run_started"]
+    assert [s["attempt"] for s in starts] == [a["attempt"] for a in run["attempts"]]
+    assert [s.get("resume_from") for s in starts[1:]] == [
+        a.get("resume_from") for a in run["attempts"][1:]
+    ]
+    chunks = [e.data["index"] for e in events if e.event == "chunk"]
+    assert chunks == list(range(CHUNKS))
     ids = [int(e.id) for e in events if e.id]
     assert ids == sorted(set(ids)) and len(ids) == len(events)
 
@@ -37,34 +62,7 @@ async def assistant_messages(client: AsyncClient, thread: str, run_id: str) -> l
     ]
 
 
-async def test_killed_mid_reply_then_a_late_attacher_sees_only_the_final_attempt(
-    cluster: Cluster,
-) -> None:
-    thread = unique()
-    async with cluster.client() as client:
-        run_id = (await client.post(thread, "long", model_options=LONG))["run_id"]
-        victim = await running_on(client, cluster, thread, run_id)
-        watcher = Attacher([cluster.others(victim.name)[0].url], thread).start()
-        await watcher.wait_chunk(10)
-        await victim.kill()
-        await victim.restart()
-        run = await wait_run(client, thread, run_id)
-        assert run["status"] == "success"
-        assert run["attempt"] >= 2
-        assert run["output"] == mock_reply(CHUNKS)
-        assert (await watcher.result()).text == mock_reply(CHUNKS)
-
-        late = await asyncio.gather(
-            *(Attacher([p.url], thread).start().result() for p in cluster.pods)
-        )
-        for reply in late:
-            assert reply.resets == 0
-            assert_one_clean_attempt(reply.events, run["attempt"])
-            assert reply.text == mock_reply(CHUNKS)
-        assert await assistant_messages(client, thread, run_id) == [mock_reply(CHUNKS)]
-
-
-async def test_attachers_in_flight_get_a_reset_then_the_full_reply(cluster: Cluster) -> None:
+async def test_killed_mid_reply_the_reply_continues_for_every_client(cluster: Cluster) -> None:
     thread = unique()
     async with cluster.client() as client:
         run_id = (await client.post(thread, "long", model_options=LONG))["run_id"]
@@ -78,22 +76,83 @@ async def test_attachers_in_flight_get_a_reset_then_the_full_reply(cluster: Clus
         everyone = [*on_survivors, on_victim]
         await asyncio.gather(*(a.wait_chunk(10) for a in everyone))
         await victim.kill()
+        # While the executor is gone, attachers hear it (once), before the replay.
+        stall = await on_survivors[0].wait_for(lambda e: e.event == "stalled", timeout=30)
+        assert stall.data["executor"] == victim.name
         await victim.restart()
         replies = await asyncio.gather(*(a.result() for a in everyone))
         run = await wait_run(client, thread, run_id)
-        assert run["status"] == "success" and run["attempt"] >= 2
-        assert await assistant_messages(client, thread, run_id) == [mock_reply(CHUNKS)]
+        assert run["status"] == "success" and run["attempt"] == 2
+        resume_from = run["attempts"][1]["resume_from"]
+        assert resume_from >= 10  # the chunks stored before the kill were kept
+        stored = mock_reply(CHUNKS, {0: 1, resume_from: 2})
+        assert run["output"] == stored
+        assert await assistant_messages(client, thread, run_id) == [stored]
 
-    for attacher, reply in zip(everyone, replies, strict=True):
-        assert reply.text == mock_reply(CHUNKS)
-        assert reply.status == "success"
-        resets = [e for e in attacher.events if e.event == "reset"]
-        assert [r.data["attempt"] for r in resets] == [run["attempt"]]
-        after_reset = attacher.events[attacher.events.index(resets[0]) + 1 :]
-        assert after_reset == final_attempt(attacher.events)
-        assert_one_clean_attempt(after_reset, run["attempt"])
-        before = attacher.events[: attacher.events.index(resets[0])]
-        assert before and all(e.data["attempt"] < run["attempt"] for e in before)
+        for attacher, reply in zip(everyone, replies, strict=True):
+            assert_exact(reply, stored)
+            assert reply.resets == 0 and "reset" not in [e.event for e in attacher.events]
+        assert [e.event for e in on_survivors[0].events].count("stalled") == 1
+
+        late = await asyncio.gather(
+            *(Attacher([p.url], thread).start().result() for p in cluster.pods)
+        )
+        for reply in late:
+            assert_exact(reply, stored)
+            assert_continued_stream(reply.events, run)
+
+
+async def test_two_crashes_in_one_run_continue_twice(cluster: Cluster) -> None:
+    thread = unique()
+    async with cluster.client() as client:
+        run_id = (await client.post(thread, "long", model_options=LONG))["run_id"]
+        watcher = Attacher(cluster.urls, thread, reconnects=20).start()
+        for at_least in (8, 20):
+            victim = await running_on(client, cluster, thread, run_id)
+            await watcher.wait_chunk(at_least)
+            await victim.kill()
+            await victim.restart()
+        run = await wait_run(client, thread, run_id)
+        assert run["status"] == "success" and run["attempt"] == 3
+        stored = mock_reply(CHUNKS, continued(run))
+        assert len(continued(run)) == 3 and run["output"] == stored
+        reply = await watcher.result()
+        assert_exact(reply, stored)
+        assert reply.resets == 0
+        late = await Attacher([cluster.pods[0].url], thread).start().result()
+        assert_exact(late, stored)
+        assert_continued_stream(late.events, run)
+
+
+async def test_a_source_that_cannot_continue_regenerates_with_a_reset(cluster: Cluster) -> None:
+    """The fallback: the source refuses to continue, the run regenerates (purge, `reset`), and
+    every client ends with the regenerated reply alone."""
+    thread = unique()
+    options = {**LONG, "refuse_continue": True}
+    async with cluster.client() as client:
+        run_id = (await client.post(thread, "long", model_options=options))["run_id"]
+        victim = await running_on(client, cluster, thread, run_id)
+        survivor = cluster.others(victim.name)[0]
+        watcher = Attacher([survivor.url], thread).start()
+        await watcher.wait_chunk(10)
+        await victim.kill()
+        await victim.restart()
+        reply = await watcher.result()
+        run = await wait_run(client, thread, run_id)
+    assert run["status"] == "success"
+    # attempt 2 asked to continue and was refused; attempt 3 regenerated the whole reply
+    assert run["attempt"] == 3 and run["attempts"][1]["resume_from"] >= 10
+    assert "resume_from" not in run["attempts"][2]
+    stored = mock_reply(CHUNKS, {0: 3})
+    assert run["output"] == stored
+    assert_exact(reply, stored)
+    resets = [e for e in watcher.events if e.event == "reset"]
+    assert [r.data["attempt"] for r in resets] == [3]
+    before = watcher.events[: watcher.events.index(resets[0])]
+    assert [e.data["index"] for e in before if e.event == "chunk"][:10] == list(range(10))
+    late = await Attacher([survivor.url], thread).start().result()
+    assert_exact(late, stored)
+    assert late.resets == 0
 
 
 async def test_a_crashed_run_holds_its_thread_until_its_pod_returns(cluster: Cluster) -> None:
@@ -126,12 +185,12 @@ async def test_a_crashed_run_holds_its_thread_until_its_pod_returns(cluster: Clu
         run_a = await wait_run(client, thread, first)
         run_b = await wait_run(client, thread, second)
         assert run_a["status"] == run_b["status"] == "success"
-        assert run_a["attempt"] >= 2 and run_b["attempt"] == 1
+        assert run_a["attempt"] == 2 and run_b["attempt"] == 1
         assert run_a["finished_at"] <= run_b["started_at"]
         messages = [(m["role"], m["run_id"], m["content"]) for m in await client.messages(thread)]
         assert messages == [
             ("user", first, "first"),
-            ("assistant", first, mock_reply(CHUNKS)),
+            ("assistant", first, mock_reply(CHUNKS, continued(run_a))),
             ("user", second, "second"),
             ("assistant", second, mock_reply(5)),
         ]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from threadgate.streams.events import Event, chunk, done, run_started
-from threadgate.streams.relay import Cursor, step
+from threadgate.streams.relay import Cursor, resumed_cursor, step
 from threadgate.streams.tail import ThreadTail
 
 pytestmark = pytest.mark.unit
@@ -17,38 +17,77 @@ def feed(tail: ThreadTail, *events: Event) -> None:
         tail.add(ev.with_seq(i))
 
 
+def label(e: Event) -> str:
+    extra = e.index if e.index is not None else e.resume_from if e.resume_from is not None else ""
+    return f"{e.type}:{e.attempt}:{extra}"
+
+
 def play(cursor: Cursor, tail: ThreadTail, run_id: str) -> list[str]:
     out: list[str] = []
     for ev in tail.after(cursor.seq):
-        sent, finished = step(cursor, run_id, ev)
-        out += [f"{e.type}:{e.attempt}:{e.index if e.index is not None else ''}" for e in sent]
-        if finished:
+        sent = step(cursor, run_id, ev)
+        out += [label(e) for e in sent]
+        if any(e.type == "done" for e in sent):
             break
     return out
 
 
-async def test_new_attempt_trims_the_log_and_resets_a_client_that_saw_chunks() -> None:
+def fresh(tail: ThreadTail, run_id: str) -> Cursor:
+    return Cursor(seq=tail.start_of(run_id))
+
+
+async def test_a_regenerating_attempt_starts_a_segment_and_resets_a_client_that_saw_chunks() -> (
+    None
+):
     tail = ThreadTail("t")
     feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
-    c = Cursor()
+    c = fresh(tail, "r")
     assert play(c, tail, "r") == ["run_started:1:", "chunk:1:0", "chunk:1:1"]
     feed(tail, run_started("r", 2), chunk("r", 2, 0, "a"))
-    assert [e.attempt for e in tail.log] == [2, 2]
     assert play(c, tail, "r") == ["reset:2:", "run_started:2:", "chunk:2:0"]
     # a late attacher sees only the new attempt, without a reset
-    assert play(Cursor(), tail, "r") == ["run_started:2:", "chunk:2:0"]
+    assert play(fresh(tail, "r"), tail, "r") == ["run_started:2:", "chunk:2:0"]
 
 
-async def test_stragglers_of_a_dead_attempt_are_dropped() -> None:
+async def test_a_continued_attempt_goes_on_without_a_reset() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
+    c = fresh(tail, "r")
+    assert play(c, tail, "r") == ["run_started:1:", "chunk:1:0", "chunk:1:1"]
+    feed(tail, run_started("r", 2, resume_from=2), chunk("r", 2, 2, "c"), done("r", 2, "success"))
+    assert play(c, tail, "r") == ["run_started:2:2", "chunk:2:2", "done:2:"]
+    # a late attacher gets one coherent reply: attempt 1's parts, then attempt 2's
+    late = play(fresh(tail, "r"), tail, "r")
+    assert late == [
+        "run_started:1:",
+        "chunk:1:0",
+        "chunk:1:1",
+        "run_started:2:2",
+        "chunk:2:2",
+        "done:2:",
+    ]
+
+
+async def test_the_far_side_of_a_gap_is_never_sent() -> None:
+    tail = ThreadTail("t")
+    # attempt 1 lost part 1 but stored part 2; attempt 2 continues after part 0
+    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 2, "x"))
+    c = fresh(tail, "r")
+    assert play(c, tail, "r") == ["run_started:1:", "chunk:1:0"]
+    feed(tail, run_started("r", 2, resume_from=1), chunk("r", 2, 1, "b"), chunk("r", 2, 2, "c"))
+    assert play(c, tail, "r") == ["run_started:2:1", "chunk:2:1", "chunk:2:2"]
+
+
+async def test_stragglers_of_a_dead_attempt_are_not_sent() -> None:
     tail = ThreadTail("t")
     feed(tail, run_started("r", 2), chunk("r", 1, 7, "old"), chunk("r", 2, 0, "new"))
-    assert [(e.attempt, e.index) for e in tail.log] == [(2, None), (2, 0)]
+    assert play(fresh(tail, "r"), tail, "r") == ["run_started:2:", "chunk:2:0"]
 
 
 async def test_earlier_runs_events_are_skipped_and_done_ends() -> None:
     tail = ThreadTail("t")
     feed(tail, run_started("old", 1), chunk("old", 1, 0, "x"), done("old", 1, "success"))
-    c = Cursor()
+    c = fresh(tail, "new")
     assert play(c, tail, "new") == []
     feed(tail, run_started("new", 1), chunk("new", 1, 0, "y"), done("new", 1, "success"))
     assert play(c, tail, "new") == ["run_started:1:", "chunk:1:0", "done:1:"]
@@ -57,7 +96,7 @@ async def test_earlier_runs_events_are_skipped_and_done_ends() -> None:
 async def test_resume_mid_attempt_continues_without_reset() -> None:
     tail = ThreadTail("t")
     feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
-    c = Cursor(seq=2, resumed=True)
+    c = resumed_cursor(tail, "r", 2)
     assert play(c, tail, "r") == ["chunk:1:1"]
 
 
@@ -65,14 +104,23 @@ async def test_resume_from_a_dead_attempt_gets_a_reset() -> None:
     tail = ThreadTail("t")
     feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
     feed(tail, run_started("r", 2), chunk("r", 2, 0, "a"))
-    c = Cursor(seq=2, resumed=True)  # the client last saw attempt 1's chunk 0
-    assert play(c, tail, "r") == ["reset:2:", "run_started:2:", "chunk:2:0"]
+    c = resumed_cursor(tail, "r", 2)  # the client last saw attempt 1's chunk 0
+    assert play(c, tail, "r") == ["chunk:1:1", "reset:2:", "run_started:2:", "chunk:2:0"]
 
 
-async def test_done_without_chunks_of_a_later_run_replaces_the_log() -> None:
+async def test_a_client_behind_the_log_gets_a_reset_when_it_may_hold_anything() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("a", 1), chunk("a", 1, 0, "x"), done("a", 1, "success"))
+    feed(tail, run_started("b", 1), done("b", 1, "success"))
+    feed(tail, run_started("c", 1), chunk("c", 1, 0, "z"))
+    assert tail.missed(2) and not tail.missed(tail.trimmed_seq)
+    assert [e.run_id for e in tail.log] == ["b", "b", "c", "c"]  # a's segment is gone
+
+
+async def test_a_done_without_chunks_of_a_later_run_starts_a_segment() -> None:
     tail = ThreadTail("t")
     feed(tail, run_started("a", 1), done("a", 1, "success"), done("b", 1, "cancelled"))
-    assert [e.run_id for e in tail.log] == ["b"]
+    assert play(fresh(tail, "b"), tail, "b") == ["done:1:"]
 
 
 async def test_a_wait_returns_at_once_when_the_log_changed_since_the_client_looked() -> None:
@@ -110,7 +158,7 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
 
 def test_stream_seq_reads_the_reply_subject_like_nats_py() -> None:
     from nats.aio.msg import Msg
-    from threadgate.streams.tail import stream_seq
+    from threadgate.streams.buffer import stream_seq
 
     v1 = "$JS.ACK.threadgate.ordered.1.4242.17.1700000000000000000.3"
     v2 = "$JS.ACK.dom.acchash.threadgate.ordered.1.4242.17.1700000000000000000.3.rnd"

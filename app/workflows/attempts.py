@@ -1,0 +1,316 @@
+"""The attempts of one run's reply: begin, continue or regenerate, stream, stop, retry.
+
+An attempt is the unit of retry. Its number comes from a crash-proof counter in PostgreSQL and
+goes into every message id. A later attempt (a replay after a crash, a retry after a transient
+failure) reads the parts already in the thread's subject and continues after them when the
+source can (`run_started.resume_from`); otherwise, or when they cannot be read, it purges and
+regenerates (clients that saw parts get a `reset`). A run whose attempts keep killing their
+pods ends `crashed_repeatedly` after `max_replays` replays, without calling the model again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from ..errors import ModelError, PermanentModelError, StreamUnavailable
+from ..sources import ContinuationRefused, Data, Part, Prompt, continues, reads_history
+from ..store.runs import Run
+from ..streams.events import Event, chunk, data, run_started
+from ..streams.reply import fold, stored_parts
+from .stops import Watch
+from .thread_run import Outcome, RunDeps, error, fault, is_transient, log_fields
+
+logger = logging.getLogger(__name__)
+
+DATA_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+async def reply(d: RunDeps, thread_id: str, run_id: str) -> Outcome:
+    """Attempts until one ends the run (success, error, a stop, the time budget)."""
+    watch = d.stops.watch(run_id)
+    try:
+        return await _attempts(d, thread_id, run_id, watch)
+    finally:
+        d.stops.forget(run_id)
+
+
+async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Outcome:
+    s = d.settings
+    kind = "first"  # of this execution of the step
+    model_retries = outage_retries = 0
+    may_continue = continues(d.model)
+    while True:
+        try:
+            run = await d.store.begin_attempt(
+                run_id, s.pod_name, kind=kind, timeout_s=s.run_timeout_s
+            )
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            outage_retries += 1
+            delay = _backoff(d, outage_retries)
+            logger.warning(
+                "cannot begin an attempt, retrying in %.1fs: %r",
+                delay,
+                exc,
+                extra=log_fields(run_id, thread_id, 0),
+            )
+            if await d.stops.wait(run_id, delay):
+                return Outcome(status=watch.reason or "cancelled", attempt=0, text="", error=None)
+            continue
+        replayed = kind == "first" and run is not None and run.attempt > 1
+        kind = "retry"
+        if run is None:
+            logger.error("run row missing", extra=log_fields(run_id, thread_id, 0))
+            return Outcome(status="error", attempt=0, text="", error=error("orphan", "no run row"))
+        attempt = run.attempt
+        log = log_fields(run_id, thread_id, attempt)
+        logger.info(
+            "run attempt %s",
+            "started" if attempt == 1 else "replayed" if replayed else "retried",
+            extra=log,
+        )
+        if d.metrics is not None:
+            d.metrics.attempt(attempt, retry=not replayed and attempt > 1)
+        if replayed and run.replays > s.max_replays:
+            logger.error("run replayed %d times after crashes: ending it", run.replays, extra=log)
+            return Outcome(
+                status="error",
+                attempt=attempt,
+                text="",
+                error=error(
+                    "crashed_repeatedly",
+                    f"the run's pod died {run.replays} times while running it",
+                ),
+            )
+        if run.stop_requested:
+            return Outcome(status=run.stop_requested, attempt=attempt, text="", error=None)
+        remaining = run.remaining_s if run.remaining_s is not None else s.run_timeout_s
+        if remaining <= 0:
+            return _timed_out(d, run, attempt)
+        try:
+            async with asyncio.timeout(remaining) as budget, _polling(d, run, attempt, watch):
+                return await _stream_attempt(d, run, attempt, may_continue, watch)
+        except TimeoutError:
+            if not budget.expired():
+                raise
+            logger.warning("run timed out", extra=log)
+            return _timed_out(d, run, attempt)
+        except ContinuationRefused as exc:
+            logger.warning("source refused to continue, regenerating: %s", exc.message, extra=log)
+            may_continue = False
+            continue
+        except ModelError as exc:
+            if not exc.transient:
+                logger.warning("model failed permanently: %s", exc.message, extra=log)
+                return Outcome(
+                    status="error", attempt=attempt, text="", error=error(exc.code, exc.message)
+                )
+            model_retries += 1
+            if model_retries > s.max_retries:
+                logger.warning("retries exhausted: %s", exc.message, extra=log)
+                return Outcome(
+                    status="error",
+                    attempt=attempt,
+                    text="",
+                    error=error("retries_exhausted", exc.message),
+                )
+            delay = _backoff(d, model_retries)
+            cause: Exception = exc
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # PostgreSQL or NATS away: waited out within the run's time budget, not counted
+            # against the model's retries.
+            outage_retries += 1
+            delay = _backoff(d, outage_retries)
+            cause = exc
+        logger.warning("attempt failed, next in %.1fs: %r", delay, cause, extra=log)
+        if await d.stops.wait(run_id, delay):
+            return Outcome(status=watch.reason or "cancelled", attempt=attempt, text="", error=None)
+
+
+def _backoff(d: RunDeps, n: int) -> float:
+    return float(min(d.settings.retry_base_s * 2 ** min(n - 1, 30), d.settings.retry_cap_s))
+
+
+def _timed_out(d: RunDeps, run: Run, attempt: int) -> Outcome:
+    limit = run.timeout_s or d.settings.run_timeout_s
+    return Outcome(
+        status="error",
+        attempt=attempt,
+        text="",
+        error=error("timeout", f"the run exceeded {limit:.0f}s"),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _polling(d: RunDeps, run: Run, attempt: int, watch: Watch) -> AsyncIterator[None]:
+    """Now and then read the run's row: a stop whose control message was missed, or a newer
+    attempt begun by another process (after a database outage a survivor may have adopted
+    this pod's runs): then this execution stops at once, recording nothing."""
+    task = asyncio.current_task()
+    s = d.settings
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(s.stop_poll_s)
+            try:
+                reason, newest, _ = await d.store.run_state(run.run_id, s.run_timeout_s)
+            except Exception:
+                continue  # the database is away: the attempt goes on, the next poll retries
+            if newest > attempt:
+                logger.error(
+                    "attempt %d began elsewhere: this execution stops",
+                    newest,
+                    extra=log_fields(run.run_id, run.thread_id, attempt),
+                )
+                watch.superseded = True
+                if task is not None:
+                    task.cancel()
+                return
+            if reason:
+                d.stops.request(run.run_id, reason)
+
+    poller = asyncio.create_task(poll())
+    try:
+        yield
+    finally:
+        poller.cancel()
+
+
+async def _read_prefix(d: RunDeps, run: Run) -> list[Event]:
+    try:
+        events = await d.buffer.read_subject(run.thread_id)
+    except StreamUnavailable as exc:
+        logger.warning(
+            "the reply's parts cannot be read, regenerating: %s",
+            exc.message,
+            extra=log_fields(run.run_id, run.thread_id, run.attempt),
+        )
+        return []
+    return fold(run.run_id, events).parts
+
+
+def _part_of(ev: Event) -> Part:
+    return ev.text or "" if ev.type == "chunk" else Data(ev.name or "", ev.data)
+
+
+async def _stream_attempt(
+    d: RunDeps, run: Run, attempt: int, may_continue: bool, watch: Watch
+) -> Outcome:
+    s = d.settings
+    thread_id, run_id = run.thread_id, run.run_id
+    history = await d.store.history(thread_id, run.seq) if reads_history(d.model) else []
+    prefix = await _read_prefix(d, run) if attempt > 1 and may_continue else []
+    resume_from = len(prefix) or None  # nothing to keep: regenerate from the start
+    if resume_from is None:
+        fault(d, "before_purge", thread_id)
+        await d.buffer.purge(thread_id)
+    else:
+        await d.store.record_resume(run_id, attempt, resume_from)
+    prompt = Prompt(
+        messages=[{"role": m.role, "content": m.content} for m in history]
+        + [{"role": "user", "content": run.input}],
+        options=run.model_options,
+        attempt=attempt,
+        prefix_parts=tuple(_part_of(e) for e in prefix),
+    )
+    pub = d.buffer.publisher(thread_id, run_id, attempt)
+    await pub.publish(run_started(run_id, attempt, resume_from, s.pod_name), "start")
+    if s.fault_point:
+        await pub.flush()
+        fault(d, "after_start", thread_id)
+    parts = list(prefix)
+    index = len(parts)
+    stop: str | None = None
+    task = asyncio.current_task()
+    stream = d.model.stream(prompt)
+    items = aiter(stream)
+    try:
+        while True:
+            watch.waiting = task  # a stop cancels the wait for the source's next part
+            try:
+                item = await anext(items)
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                if watch.woke and task is not None and task.uncancel() == 0:
+                    watch.woke = False
+                    stop = watch.reason
+                    break
+                raise
+            except ModelError:
+                raise
+            except Exception as exc:
+                # A plug-in's own failure: permanent, and only its class reaches clients.
+                logger.exception(
+                    "reply source failed", extra=log_fields(run_id, thread_id, attempt)
+                )
+                raise PermanentModelError(f"the reply source failed: {type(exc).__name__}") from exc
+            finally:
+                watch.waiting = None
+            ev = _event(d, run_id, attempt, index, item)
+            await pub.publish(ev, index)
+            parts.append(ev)
+            if d.metrics is not None:
+                d.metrics.chunk()
+                if index == 0 and attempt == 1:
+                    d.metrics.first_chunk.observe(
+                        (datetime.now(UTC) - run.created_at).total_seconds()
+                    )
+            if s.fault_point:
+                await _faults(d, pub, thread_id, index, index - len(prefix))
+            index += 1
+            stop = watch.reason
+            if stop:
+                break
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+    await pub.flush()
+    fault(d, "after_chunks", thread_id)
+    text = "".join(p.text or "" for p in parts if p.type == "chunk")
+    if stop:
+        logger.info("run stopped: %s", stop, extra=log_fields(run_id, thread_id, attempt))
+    return Outcome(
+        status=stop or "success",
+        attempt=attempt,
+        text=text,
+        error=None,
+        parts=stored_parts(parts),
+    )
+
+
+def _event(d: RunDeps, run_id: str, attempt: int, index: int, item: Part) -> Event:
+    if isinstance(item, str):
+        return chunk(run_id, attempt, index, item)
+    if not isinstance(item, Data) or not isinstance(item.name, str):
+        raise PermanentModelError(f"the reply source yielded a {type(item).__name__}")
+    if not DATA_NAME.fullmatch(item.name):
+        raise PermanentModelError("a data event's name must match ^[A-Za-z0-9_.:-]{1,64}$")
+    try:
+        size = len(json.dumps(item.payload, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise PermanentModelError(f"a data event's payload is not JSON: {exc}") from None
+    if size > d.settings.max_data_bytes:
+        raise PermanentModelError(f"a data event is larger than {d.settings.max_data_bytes} bytes")
+    return data(run_id, attempt, index, item.name, item.payload)
+
+
+async def _faults(d: RunDeps, pub: Any, thread_id: str, index: int, own: int) -> None:
+    """The crash tests' points inside the reply: `chunk:<i>` (the reply's part i) and
+    `attempt_chunk:<n>` (this attempt's n-th part: every attempt dies, a poison run)."""
+    s = d.settings
+    if s.fault_point in (f"chunk:{index}", f"attempt_chunk:{own}"):
+        await pub.flush()
+        fault(d, s.fault_point, thread_id)
