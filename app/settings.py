@@ -124,8 +124,9 @@ class Settings(BaseSettings):
     jwt_leeway_s: float = Field(default=30.0, ge=0)
 
     # Fault injection for the crash tests: the process dies (os._exit(137), like SIGKILL) when
-    # a run reaches this point. Points: before_purge, after_start, chunk:<i>, after_chunks,
-    # after_store, after_done. Empty (the default) in every real deployment.
+    # a run reaches this point. Points: before_begin, before_purge, after_start, chunk:<i>,
+    # attempt_chunk:<n>, after_chunks, after_store, after_done. Empty (the default) in every
+    # real deployment.
     fault_point: str = ""
     fault_thread: str = ""  # only runs of this thread die at the fault point (a poison run)
 

@@ -124,7 +124,7 @@ async def relay(
             # Slowed by its socket, the client fell behind what the log holds: the run's end
             # is in the database once it has one (the next run purged the subject).
             run = await lookup()
-            if run is not None and run.status in TERMINAL and not _run_in_log(tail, run_id):
+            if run is not None and run.status in TERMINAL and not _done_in_log(tail, run_id):
                 yield _stored_ending(cursor, run)
                 return
             cursor = Cursor(seq=tail.trimmed_seq, attempt=cursor.attempt, unsure=True)
@@ -156,10 +156,14 @@ async def relay(
             continue  # the rest is already in the log: no waiting
         now = loop.time()
         shown = cursor.parts > 0 or cursor.attempt > 0
-        if not shown and tail.caught_up.is_set() and now >= next_check:
-            # Nothing of the run is in the stream: if it has ended, its events are gone.
+        head = tail.head
+        # The thread moved on to a later run while this one's `done` never reached the log
+        # (a resubscription after NATS came back started past the purge that removed it).
+        moved_on = head is not None and head.run_id != run_id and cursor.seq >= head.seq
+        if (not shown or moved_on) and tail.caught_up.is_set() and now >= next_check:
+            # Nothing (more) of the run is in the stream: if it has ended, its end is stored.
             run = await lookup()
-            if run is not None and run.status in TERMINAL and not _run_in_log(tail, run_id):
+            if run is not None and run.status in TERMINAL and not _done_in_log(tail, run_id):
                 yield _stored_ending(cursor, run)
                 return
             check_every = min(check_every * 2, keepalive_s)
@@ -168,7 +172,7 @@ async def relay(
             yield []
             last_write = now
         deadline = last_write + keepalive_s
-        if not shown:
+        if not shown or moved_on:
             deadline = min(deadline, next_check)
         await tail.wait(seen, max(deadline - loop.time(), 0.001))
 
@@ -182,5 +186,5 @@ def _stored_ending(cursor: Cursor, run: Run) -> list[Event]:
     return events
 
 
-def _run_in_log(tail: ThreadTail, run_id: str) -> bool:
-    return any(ev.run_id == run_id for ev in tail.log)
+def _done_in_log(tail: ThreadTail, run_id: str) -> bool:
+    return any(ev.type == "done" and ev.run_id == run_id for ev in tail.log)

@@ -128,7 +128,7 @@ class Adoption:
         self.healthy_since: float | None = None  # loop time of the first beat of this streak
 
     async def heartbeat(self) -> None:
-        async with self.db.pool.connection() as conn:
+        async with self.db.pool.connection(timeout=max(self.settings.heartbeat_s, 1.0)) as conn:
             await conn.execute(
                 """INSERT INTO threadgate.executors (name, app_version, last_seen)
                    VALUES (%s, %s, now())
@@ -290,11 +290,17 @@ class Adoption:
         """The pod's background loop: heartbeat, then now and then the checks above."""
         loop = asyncio.get_running_loop()
         next_check = 0.0
+        last_beat: float | None = None
+        gap = max(2 * self.settings.heartbeat_s, 1.0)
         while True:
             try:
                 await self.heartbeat()
-                if self.healthy_since is None:
-                    self.healthy_since = loop.time()
+                now = loop.time()
+                # A beat that waited out an outage (a pool wait, not an error) breaks the
+                # streak as a failed one does: every other pod's beat is as old as ours.
+                if self.healthy_since is None or last_beat is None or now - last_beat > gap:
+                    self.healthy_since = now
+                last_beat = now
             except Exception as exc:  # the database may be away: try again next beat
                 self.healthy_since = None
                 logger.warning("heartbeat failed: %r", exc)

@@ -34,6 +34,7 @@ DATA_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 async def reply(d: RunDeps, thread_id: str, run_id: str) -> Outcome:
     """Attempts until one ends the run (success, error, a stop, the time budget)."""
+    fault(d, "before_begin", thread_id)
     watch = d.stops.watch(run_id)
     try:
         return await _attempts(d, thread_id, run_id, watch)

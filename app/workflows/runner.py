@@ -26,7 +26,7 @@ from ..ids import new_run_id
 from ..settings import Settings
 from ..store.runs import TERMINAL, NewRun, PgRunStore, Run
 from .internals import claim_and_start
-from .stops import StopSignals
+from .stops import STOP_REASONS, StopSignals
 from .thread_run import QUEUE_NAME, thread_run
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,11 @@ class Runner:
         async def on_msg(msg: Any) -> None:
             with contextlib.suppress(Exception):
                 body = json.loads(msg.data)
-                self.stops.request(str(body["stop"]), str(body["reason"]))
+                reason = str(body["reason"])
+                # The reason becomes the run's final status: only ours are heard (anyone who
+                # can publish on NATS could otherwise write any status; see docs/security.md).
+                if reason in STOP_REASONS:
+                    self.stops.request(str(body["stop"]), reason)
 
         self._sub = await self.nc.subscribe(self.settings.control_subject, cb=on_msg)
 

@@ -256,3 +256,25 @@ async def test_an_accepted_run_without_workflow_is_enqueued(pod: Pod) -> None:
     reply = await pod.client.reply(thread)
     assert reply.run_id == run.run_id and reply.text == mock_reply(2)
     assert await rt.adoption.reconcile() == []
+
+
+async def test_the_control_subject_takes_only_known_stop_reasons(pod: Pod) -> None:
+    """Anyone who can publish on NATS reaches the control subject: a made-up reason (it would
+    become the run's status) is ignored, and stops for runs not executing here are not kept."""
+    import json
+
+    thread = unique()
+    run = await pod.client.post(thread, "x", model_options={"chunks": 30, "delay_ms": 10})
+    await wait_status(pod.client, thread, run["run_id"], "running")
+    nc = pod.runtime.nc
+    assert nc is not None
+    subject = pod.settings.control_subject
+    await nc.publish(subject, json.dumps({"stop": run["run_id"], "reason": "pwned"}).encode())
+    for i in range(2000):
+        await nc.publish(
+            subject, json.dumps({"stop": f"nobody-{i}", "reason": "cancelled"}).encode()
+        )
+    await nc.flush()
+    final = await wait_status(pod.client, thread, run["run_id"], "success", "error", "cancelled")
+    assert final["status"] == "success"
+    assert len(pod.runtime.stops) <= 1  # at most a run executing right now

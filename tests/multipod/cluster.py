@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -248,6 +248,18 @@ class Cluster:
     async def stop(self) -> None:
         await asyncio.gather(*(p.kill() for p in self.all_pods if p.alive))
 
+    @contextlib.asynccontextmanager
+    async def supervised(self, backoff_s: float = 0.2) -> AsyncIterator[Supervisor]:
+        """Restart any member that dies, under its name, as a StatefulSet does."""
+        sup = Supervisor(self, backoff_s)
+        task = asyncio.create_task(sup.run())
+        try:
+            yield sup
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     def logs(self, lines: int = 40) -> str:
         parts = []
         for pod in self.all_pods:
@@ -257,6 +269,27 @@ class Cluster:
                 f"{pod.log_path} =====\n{pod.log_tail(lines)}"
             )
         return "\n".join(parts)
+
+
+@dataclass
+class Supervisor:
+    """Watches a cluster's members; each one that exits is started again (its exit codes
+    are kept). `hold(pod)` keeps one down, as a deleted pod or a scale-down would."""
+
+    cluster: Cluster
+    backoff_s: float
+    exits: list[tuple[str, int]] = field(default_factory=list)
+    held: set[str] = field(default_factory=set)
+
+    async def run(self) -> None:
+        while True:
+            for pod in self.cluster.pods:
+                if pod.name in self.held or pod.proc is None or pod.alive:
+                    continue
+                self.exits.append((pod.name, pod.returncode or 0))
+                await asyncio.sleep(self.backoff_s)  # a kubelet's restart delay
+                pod.spawn()
+            await asyncio.sleep(0.05)  # paces polling the children's exit status
 
 
 def at(timestamp: str) -> datetime:

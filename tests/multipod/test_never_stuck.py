@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
+from threadgate.models.mock import mock_reply
 
-from tests.conftest import unique
-from tests.multipod.cluster import TERMINAL, Cluster, wait_run
+from tests.conftest import Stack, unique
+from tests.multipod.cluster import (
+    FAULT_EXIT,
+    TERMINAL,
+    Attacher,
+    Cluster,
+    Pod,
+    running_on,
+    wait_run,
+)
+from tests.multipod.conftest import StartCluster
 
 pytestmark = pytest.mark.multipod
 
@@ -66,3 +77,165 @@ async def test_interrupt_is_accepted_when_the_active_run_ends_meanwhile(cluster:
                 http, pod.url, thread, multitask_strategy="interrupt", model_options={"chunks": 1}
             )
             assert second.status_code == 202, second.text
+
+
+async def test_a_poison_run_ends_instead_of_crashing_the_fleet(
+    start_cluster: StartCluster,
+) -> None:
+    """Every attempt of one run kills the pod that runs it (a fault point on its thread, on
+    every pod; each pod restarted when it dies). It used to crash-loop the fleet (101 crashes
+    in 3 minutes, the run `running` for good). Now: after THREADGATE_MAX_REPLAYS replays the run
+    ends `error/crashed_repeatedly` with `done`, without calling the model again, and the
+    thread takes new runs."""
+    poison = unique("poison")
+    cluster = await start_cluster(
+        size=3,
+        fault_point="attempt_chunk:2",
+        fault_thread=poison,
+        max_replays=2,
+        mock_delay_ms=20,
+    )
+    bystander = unique()
+    async with cluster.supervised() as sup, cluster.client() as client:
+        ok = await client.post(bystander, "fine", model_options={"chunks": 150, "vary": True})
+        bad = await client.post(poison, "poison", model_options={"chunks": 40, "vary": True})
+        watcher = Attacher(cluster.urls, poison, reconnects=100).start()
+        run = await wait_run(client, poison, bad["run_id"], timeout=120)
+        reply = await watcher.result(60)
+        assert run["status"] == "error" and run["error"]["code"] == "crashed_repeatedly"
+        assert reply.status == "error" and reply.error == run["error"]
+        # first attempt + 2 replays died; the third replay ended it without the model
+        assert [n for n, code in sup.exits if code == FAULT_EXIT].__len__() == 3
+        assert run["attempt"] == 4 and run["output"] is None
+        fine = await wait_run(client, bystander, ok["run_id"], timeout=120)
+        assert fine["status"] == "success"
+        assert fine["output"] == mock_reply(150, continued_from(fine))
+        # The thread is free: `reject` does not answer thread_busy.
+        after = await client.post(poison, "next", strategy="reject", model_options={"chunks": 1})
+        assert (await wait_run(client, poison, after["run_id"]))["status"] == "success"
+
+
+def continued_from(run: dict[str, Any]) -> dict[int, int]:
+    starts = {0: 1}
+    for a in run["attempts"][1:]:
+        starts[a.get("resume_from") or 0] = a["attempt"]
+    return starts
+
+
+async def test_a_run_dbos_dead_letters_is_finished_with_done(start_cluster: StartCluster) -> None:
+    """A run whose pod dies before it even begins an attempt, every time: DBOS dead-letters
+    its workflow (MAX_RECOVERY_ATTEMPTS_EXCEEDED). Its row used to stay `running` (no `done`,
+    `reject` answered thread_busy for ever); the reconciler finishes it."""
+    poison = unique("poison")
+    cluster = await start_cluster(
+        size=2,
+        fault_point="before_begin",
+        fault_thread=poison,
+        max_replays=1,
+        adopt_check_s=0.5,
+        heartbeat_s=0.5,
+    )
+    async with cluster.supervised() as sup, cluster.client() as client:
+        bad = await client.post(poison, "poison", model_options={"chunks": 3})
+        watcher = Attacher(cluster.urls, poison, reconnects=100).start()
+        run = await wait_run(client, poison, bad["run_id"], timeout=120)
+        assert run["status"] == "error" and run["error"]["code"] == "crashed_repeatedly"
+        assert run["attempt"] == 0  # no attempt ever began
+        reply = await watcher.result(30)
+        assert reply.status == "error"
+        # DBOS's bound (max_recovery_attempts = max_replays + 2) allows max_replays + 3
+        # dispatches: every one died.
+        assert len(sup.exits) == 1 + 3
+        after = await client.post(poison, "next", strategy="reject", model_options={"chunks": 1})
+        assert after["status"] == "pending"
+
+
+async def test_a_model_that_stalls_before_its_first_chunk_is_cancelled_at_once(
+    cluster: Cluster,
+) -> None:
+    """The stop used to be checked between chunks only: a source stalled on its first chunk
+    (here 60 s away) kept a cancel and an interrupt waiting for it. Now the stop cancels the
+    wait itself, from any pod (the executing pod hears it on the control subject)."""
+    async with cluster.client() as client:
+        for how in ("cancel", "interrupt"):
+            thread = unique()
+            run = await client.post(thread, "slow", model_options={"chunks": 2, "delay_ms": 60_000})
+            executor = await running_on(client, cluster, thread, run["run_id"])
+            other = cluster.others(executor.name)[0]
+            async with cluster.client([other]) as elsewhere:
+                if how == "cancel":
+                    await elsewhere.cancel(thread, run["run_id"], wait=True)
+                else:
+                    await elsewhere.post(
+                        thread, "now", strategy="interrupt", model_options={"chunks": 1}
+                    )
+            final = await wait_run(client, thread, run["run_id"], timeout=30)
+            assert final["status"] == ("cancelled" if how == "cancel" else "interrupted")
+            assert final["attempt"] == 1
+
+
+async def test_outages_longer_than_the_retry_budgets_are_waited_out(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """PostgreSQL away for 70 s. Run A is in its backoff after a transient model failure: its
+    next attempt cannot begin (the pool gives up after 30 s) — that used to end it
+    `error/internal`. Run B finishes streaming during the outage: storing it fails — finish_run
+    used to give up after 8 tries (~64 s), leaving the row `running` with no `done`. Both are
+    now waited out, and both end with exact replies."""
+    cluster = await start_cluster(size=1, retry_base_s=2, mock_delay_ms=50)
+    pod = cluster.pods[0]
+    a_thread, b_thread = unique(), unique()
+    async with cluster.client() as client:
+        failing = {"chunks": 6, "fail": "transient", "fail_at": 3, "fail_attempts": 1}
+        a = await client.post(a_thread, "a", model_options={**failing, "vary": True})
+        b = await client.post(b_thread, "b", model_options={"chunks": 60, "vary": True})
+        watchers = [Attacher(cluster.urls, t, reconnects=200).start() for t in (a_thread, b_thread)]
+        await wait_logged(pod, "attempt failed, next in")  # A backs off for 2 s
+        await watchers[1].wait_chunk(5)  # B streams for 3 s more
+        stack.pg.stop()
+        try:
+            await asyncio.sleep(70)  # the outage itself: longer than both old budgets
+        finally:
+            stack.pg.start()
+        final_a = await wait_run(client, a_thread, a["run_id"], timeout=90)
+        final_b = await wait_run(client, b_thread, b["run_id"], timeout=90)
+    assert final_a["status"] == final_b["status"] == "success"
+    assert final_a["output"] == mock_reply(6, {0: 1, 3: final_a["attempt"]})
+    assert final_b["output"] == mock_reply(60, {0: 1}) and final_b["attempt"] == 1
+    for watcher, final in zip(watchers, (final_a, final_b), strict=True):
+        reply = await watcher.result(30)
+        assert reply.text == final["output"] and reply.resets == 0 and reply.duplicates == 0
+    log = pod.log_text()
+    assert "cannot begin an attempt" in log and "finishing failed, retrying" in log
+
+
+async def wait_logged(pod: Pod, text: str, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while text not in pod.log_text():
+        assert loop.time() < deadline, f"{pod.name} never logged {text!r}"
+        await asyncio.sleep(0.05)  # paces reading another process's log
+
+
+@pytest.mark.cluster(size=2, adopt_after_s=2, adopt_check_s=0.3, heartbeat_s=0.3)
+async def test_a_database_outage_longer_than_the_adoption_window_adopts_nothing(
+    cluster: Cluster, stack: Stack
+) -> None:
+    """A PostgreSQL restart drops every advisory lock and every heartbeat looks stale: the
+    first survivor back could adopt a live pod's runs (two executions of one run). Adoption
+    now waits until the adopter itself has heartbeated for a whole window."""
+    thread = unique()
+    async with cluster.client() as client:
+        run = await client.post(thread, "x", model_options={"chunks": 200, "delay_ms": 40})
+        executor = await running_on(client, cluster, thread, run["run_id"])
+        watcher = Attacher([cluster.others(executor.name)[0].url], thread).start()
+        await watcher.wait_chunk(3)
+        stack.pg.stop()
+        await asyncio.sleep(3.0)  # the outage: longer than adopt_after_s
+        stack.pg.start()
+        final = await wait_run(client, thread, run["run_id"], timeout=60)
+        assert final["status"] == "success" and final["attempt"] == 1
+        assert final["executor"] == executor.name
+        reply = await watcher.result(30)
+        assert reply.text == mock_reply(200) and reply.resets == 0 and reply.duplicates == 0
+    assert not any("adopted" in p.log_text() for p in cluster.pods)

@@ -50,3 +50,42 @@ def test_recovery_bound_is_a_field_of_the_workflow_info() -> None:
         assert info.max_recovery_attempts == 7
     finally:
         info.max_recovery_attempts = before
+
+
+def test_fast_start_starts_each_claimed_run_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure reading the claimed runs' statuses, or starting one of them, used to strand
+    every run of the claim (PENDING under this pod until its next restart)."""
+    from types import SimpleNamespace
+
+    import dbos._core
+
+    started: list[str] = []
+    back: list[str] = []
+
+    class SysDb:
+        def get_queue(self, name: str) -> object:
+            return object()
+
+        def start_queued_partitioned_workflows(self, *args: object, **kw: object) -> list[str]:
+            return ["a", "b", "c"]
+
+        def get_workflow_statuses(self, ids: list[str]) -> list[dict[str, str]]:
+            raise RuntimeError("the batch read failed")
+
+        def get_workflow_status(self, workflow_id: str) -> dict[str, str]:
+            return {"workflow_uuid": workflow_id}
+
+        def reenqueue_for_recovery(self, workflow_id: str, executors: list[str], q: str) -> bool:
+            back.append(workflow_id)
+            return True
+
+    def execute(dbos: object, status: dict[str, str], owner_xid: str) -> None:
+        if status["workflow_uuid"] == "b":
+            raise RuntimeError("b failed to start")
+        started.append(status["workflow_uuid"])
+
+    fake = SimpleNamespace(_launched=True, _destroyed=False, _sys_db=SysDb())
+    monkeypatch.setattr(internals, "dbos_instance", lambda: fake)
+    monkeypatch.setattr(dbos._core, "execute_dequeued_workflow", execute)
+    assert internals.claim_and_start("thread_runs") == ["a", "b", "c"]
+    assert started == ["a", "c"] and back == ["b"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
+from threadgate.store.runs import Run
 from threadgate.streams.events import Event, chunk, done, run_started
-from threadgate.streams.relay import Cursor, resumed_cursor, step
+from threadgate.streams.relay import Cursor, relay, resumed_cursor, step
 from threadgate.streams.tail import ThreadTail
 
 pytestmark = pytest.mark.unit
@@ -165,3 +168,86 @@ def test_stream_seq_reads_the_reply_subject_like_nats_py() -> None:
     for reply in (v1, v2):
         msg = Msg(None, subject="s", reply=reply)  # type: ignore[arg-type]
         assert stream_seq(msg) == msg.metadata.sequence.stream == 4242
+
+
+def stored_run(run_id: str, output: str) -> Run:
+    now = datetime.now(UTC)
+    return Run(
+        run_id=run_id,
+        thread_id="t",
+        seq=1,
+        status="success",
+        attempt=1,
+        executor="p",
+        accepted_by="p",
+        input="x",
+        model_options={},
+        multitask_strategy="enqueue",
+        idempotency_key=None,
+        request_hash=None,
+        stop_requested=None,
+        timeout_s=None,
+        error=None,
+        created_at=now,
+        started_at=now,
+        finished_at=now,
+        output=output,
+    )
+
+
+async def relay_labels(
+    tail: ThreadTail, run_id: str, output: str, after: Callable[[], None]
+) -> list[str]:
+    """Relay `run_id` to a client that reads one batch, then stops reading while `after`
+    changes the tail (its socket is full), then reads to the end."""
+
+    async def lookup() -> Run:
+        return stored_run(run_id, output)
+
+    gen = relay(tail, run_id, lookup, last_event_id=None, keepalive_s=5, recheck_s=0.01)
+    got = [label(e) for e in await anext(gen)]
+    after()
+    async with asyncio.timeout(5):
+        async for batch in gen:
+            got += [label(e) for e in batch]
+    return got
+
+
+async def test_a_slow_client_finds_its_runs_end_after_the_next_run_began() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("r1", 1), chunk("r1", 1, 0, "a"))
+
+    def later() -> None:
+        feed(tail, chunk("r1", 1, 1, "b"), done("r1", 1, "success"))
+        feed(tail, run_started("r2", 1), chunk("r2", 1, 0, "z"), done("r2", 1, "success"))
+
+    got = await relay_labels(tail, "r1", "ab", later)
+    assert got == ["run_started:1:", "chunk:1:0", "chunk:1:1", "done:1:"]
+
+
+async def test_a_slow_client_two_runs_behind_gets_a_reset_and_the_stored_reply() -> None:
+    tail = ThreadTail("t")
+    feed(tail, run_started("r1", 1), chunk("r1", 1, 0, "a"))
+
+    def later() -> None:
+        feed(tail, chunk("r1", 1, 1, "b"), done("r1", 1, "success"))
+        feed(tail, run_started("r2", 1), done("r2", 1, "success"))
+        feed(tail, run_started("r3", 1), done("r3", 1, "success"))
+
+    got = await relay_labels(tail, "r1", "ab", later)
+    assert got[:2] == ["run_started:1:", "chunk:1:0"]
+    assert got[2:] == ["reset:1:", "run_started:1:", "chunk:1:0", "done:1:"]
+
+
+async def test_a_run_whose_done_never_reached_the_tail_ends_from_the_store() -> None:
+    """After NATS came back, the tail resubscribed past the purge that removed the run's
+    `done`: the next run's events arrive, the client's run has ended in the database."""
+    tail = ThreadTail("t")
+    feed(tail, run_started("r1", 1), chunk("r1", 1, 0, "a"))
+
+    def later() -> None:
+        feed(tail, run_started("r2", 1), chunk("r2", 1, 0, "z"))
+
+    got = await relay_labels(tail, "r1", "ab", later)
+    assert got[:2] == ["run_started:1:", "chunk:1:0"]
+    assert got[2:] == ["reset:1:", "run_started:1:", "chunk:1:0", "done:1:"]
