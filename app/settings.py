@@ -28,6 +28,7 @@ POD_NAME_HELP = (
 )
 
 SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def default_dev_pod_name() -> str:
@@ -161,6 +162,8 @@ class Settings(BaseSettings):
                 "THREADGATE_JWT_PUBLIC_KEY_FILE or THREADGATE_JWT_JWKS_FILE "
                 "(or THREADGATE_AUTH=off to run without authentication)"
             )
+        if self.auth_enabled:
+            _ = self.api_key_digests  # malformed or ambiguous keys fail the start
         if self.workers != 1:
             raise ConfigError(
                 f"THREADGATE_WORKERS={self.workers}: a pod runs exactly one worker process. "
@@ -217,9 +220,23 @@ class Settings(BaseSettings):
             if not sep or not principal or not key:
                 raise ConfigError("THREADGATE_API_KEYS entries must be principal:key")
             if key.startswith("sha256:"):
-                digest = key.removeprefix("sha256:").lower()
+                digest = key.removeprefix("sha256:")
+                if not SHA256_HEX.fullmatch(digest):
+                    # It would be accepted and never match: a key that works for nobody.
+                    raise ConfigError(
+                        f"THREADGATE_API_KEYS: the key of {principal!r} is given as sha256: but"
+                        " is not 64 hex digits"
+                    )
+                digest = digest.lower()
             else:
                 digest = hashlib.sha256(key.encode()).hexdigest()
+            other = digests.get(digest)
+            if other is not None and other != principal:
+                # The last one would win silently: the key would log in as someone else.
+                raise ConfigError(
+                    f"THREADGATE_API_KEYS: one key is given to more than one principal"
+                    f" ({other!r} and {principal!r})"
+                )
             digests[digest] = principal
         return digests
 

@@ -72,3 +72,35 @@ def test_kubernetes_service_links_do_not_shadow_ports(
     assert (s.port, s.metrics_port) == (8000, 0)
     monkeypatch.setenv(name, "8100")
     assert 8100 in (load_settings().port, load_settings().metrics_port)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        "alice:k1,bob:k1",  # one key, two principals: it would log in as the last one
+        f"alice:k1,bob:sha256:{hashlib.sha256(b'k1').hexdigest()}",  # the same key, hashed
+        f"alice:sha256:{'ab' * 32},bob:sha256:{'AB' * 32}",  # hex is case-insensitive
+    ],
+)
+def test_one_key_for_two_principals_is_refused(keys: str) -> None:
+    with pytest.raises(ConfigError, match="more than one principal") as caught:
+        _ = load_settings(api_keys=keys).api_key_digests
+    assert "k1" not in caught.value.message  # the message names principals, never keys
+    # ...and the pod refuses to start with it (auth on).
+    with pytest.raises(ConfigError, match="more than one principal"):
+        load_settings(auth="on", api_keys=keys)
+
+
+def test_the_same_key_twice_for_one_principal_is_fine() -> None:
+    s = load_settings(api_keys=f"alice:k1,alice:sha256:{hashlib.sha256(b'k1').hexdigest()}")
+    assert s.api_key_digests == {hashlib.sha256(b"k1").hexdigest(): "alice"}
+
+
+@pytest.mark.parametrize(
+    "digest", ["NOTHEX", "", "ab" * 31, "ab" * 33, "g" * 64, " " + "ab" * 32, "ab" * 31 + "a\u0663"]
+)
+def test_a_sha256_key_must_be_64_hex_digits(digest: str) -> None:
+    """`sha256:NOTHEX` used to be accepted and never matched: a key that silently works for
+    nobody."""
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        load_settings(auth="on", api_keys=f"ops:sha256:{digest}")
