@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -52,7 +53,8 @@ MAX_JSON_DEPTH = 32
 
 
 def check_storable_json(value: Any, where: str) -> None:
-    """Refuse what PostgreSQL jsonb cannot hold (NUL, lone surrogates) or nests absurdly deep.
+    """Refuse what PostgreSQL jsonb cannot hold (NUL, lone surrogates, NaN and Infinity, which
+    Python's JSON parser takes, as it turns 1e400 into inf) or nests absurdly deep.
 
     Iterative, so a deep document cannot exhaust Python's recursion either.
     """
@@ -69,6 +71,8 @@ def check_storable_json(value: Any, where: str) -> None:
             stack.extend((child, depth + 1) for child in item)
         elif isinstance(item, str):
             _check_text(item, where)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} must hold finite numbers only (no NaN, no Infinity)")
 
 
 def _check_text(text: str, where: str) -> None:

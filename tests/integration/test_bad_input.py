@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.integration.conftest import Pod
+
+
+class AnyOptions:
+    """A plug-in reply source without an option check (threadgate.sources allows that)."""
+
+    async def stream(self, prompt: Any) -> AsyncIterator[str]:
+        yield "unused"
+
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +129,29 @@ async def test_json_with_a_charset_is_json(pod: Pod) -> None:
         headers={"content-type": "application/json; charset=utf-8"},
     )
     assert resp.status_code == 202, resp.text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"input": "x", "model_options": {"t": NaN}}',
+        b'{"input": "x", "model_options": {"t": Infinity}}',
+        b'{"input": "x", "model_options": {"t": -Infinity}}',
+        b'{"input": "x", "model_options": {"t": 1e400}}',  # a float that overflows to inf
+        b'{"input": "x", "model_options": {"a": [1, {"b": -1e999}]}}',
+        b'{"input": "x", "timeout_s": NaN}',
+        b'{"input": "x", "timeout_s": Infinity}',
+    ],
+    ids=["nan", "inf", "-inf", "1e400", "nested", "timeout-nan", "timeout-inf"],
+)
+async def test_non_finite_numbers_are_400(
+    pod: Pod, raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's JSON parser takes NaN and Infinity (and 1e400 becomes inf); PostgreSQL's jsonb
+    refuses them: these were 500s. The mock checks its own options; a plug-in source may take
+    any (as this one does), so the API refuses what cannot be stored whatever the source."""
+    monkeypatch.setattr(pod.runtime, "source", AnyOptions())
+    resp = await pod.http.post(
+        f"/threads/{unique()}/runs", content=raw, headers={"content-type": "application/json"}
+    )
+    assert_error(resp, 400, "invalid_request")
