@@ -330,7 +330,7 @@ export function sseParser(onEvent) {
 
 // Reads one attach response with fetch (node, or a browser asked for it). Resolves to
 // {done} once the run's `done` came, {empty} for a 204, {ended} when the stream stopped early.
-async function fetchStream(base, thread, { token, lastEventId, signal, idleMs }, onEvent, onOpen) {
+async function fetchStream(base, thread, { token, lastEventId, signal, idleMs, wait }, onEvent, onOpen) {
   const ctrl = new AbortController();
   const stop = () => ctrl.abort(abortError(signal));
   if (signal) signal.addEventListener("abort", stop, { once: true });
@@ -345,7 +345,8 @@ async function fetchStream(base, thread, { token, lastEventId, signal, idleMs },
     if (token) headers.Authorization = `Bearer ${token}`;
     if (lastEventId) headers["Last-Event-ID"] = String(lastEventId);
     arm();
-    const resp = await fetch(`${base}/threads/${thread}/attach`, { headers, signal: ctrl.signal, cache: "no-store" });
+    const q = wait ? "" : "?wait=false";
+    const resp = await fetch(`${base}/threads/${thread}/attach${q}`, { headers, signal: ctrl.signal, cache: "no-store" });
     if (resp.status === 204) return { empty: true };
     if (!resp.ok) throw await errorOf(resp);
     onOpen();
@@ -376,9 +377,10 @@ async function fetchStream(base, thread, { token, lastEventId, signal, idleMs },
 // Reads one attach response with EventSource (browsers: it cannot send headers, so the token
 // and the resume point go in the query). The browser's own reconnect is not used: a failed
 // connection is closed and the caller decides where to go next.
-function eventSourceStream(base, thread, { token, lastEventId, signal }, onEvent, onOpen) {
+function eventSourceStream(base, thread, { token, lastEventId, signal, wait }, onEvent, onOpen) {
   return new Promise((resolve, reject) => {
     const q = new URLSearchParams();
+    if (!wait) q.set("wait", "false");
     if (token) q.set("access_token", token);
     if (lastEventId) q.set("last_event_id", String(lastEventId));
     const qs = q.toString();
@@ -430,7 +432,8 @@ const sleep = (ms, signal) =>
  * concatenated `onText` deltas since the last `onReset` are always the reply's text;
  * `onStatus(status)` with `{connection, run, attempt, notice, runId}` whenever one changes;
  * `onUpdate(state, event)` after every event applied. `lastEventId` resumes after that event.
- * `transport`: "eventsource" (default where EventSource exists) or "fetch".
+ * `transport`: "eventsource" (default where EventSource exists) or "fetch". `wait`: on a
+ * thread with no run yet, wait for its first one (servers that can) instead of resolving null.
  */
 export async function attach(url, thread, opts = {}) {
   const urls = urlsOf(url);
@@ -496,7 +499,7 @@ export async function attach(url, thread, opts = {}) {
   for (;;) {
     if (signal && signal.aborted) throw abortError(signal);
     const base = urls[pod % urls.length];
-    const args = { token, lastEventId, signal, idleMs };
+    const args = { token, lastEventId, signal, idleMs, wait: Boolean(opts.wait) };
     let outcome;
     const before = lastEventId;
     try {
@@ -517,19 +520,41 @@ export async function attach(url, thread, opts = {}) {
       report();
       return replyOf(state);
     }
-    if (outcome.empty && state.runId === null) {
-      connection = "closed";
+    if (outcome.empty && state.runId === null && !lastEventId) {
+      connection = "closed"; // 204: the thread has no run
       report();
       return null;
+    }
+    if (outcome.empty) {
+      // 204 for a resume point at or after the run's `done`: final once the run says so.
+      try {
+        const info = state.runId && (await run(base, thread, state.runId, { token, signal }));
+        if (info && TERMINAL.includes(info.status)) {
+          state = { ...state, done: true, status: info.status, error: info.error || null, notice: null };
+          connection = "closed";
+          report();
+          return replyOf(state);
+        }
+      } catch (err) {
+        if (isAbort(err, signal)) throw abortError(signal);
+      }
     }
     if (outcome.unknown) {
       // EventSource hides the status: ask the pod with a plain request what it was.
       try {
         const latest = await request(base, "GET", `/threads/${thread}/runs`, { token, signal, query: { limit: 1 } });
-        if (state.runId === null && latest && latest.runs && latest.runs.length === 0) {
-          connection = "closed";
+        const last = latest && latest.runs && latest.runs[0];
+        if (state.runId === null && !last && !opts.wait) {
+          connection = "closed"; // a 204: the thread has no run
           report();
           return null;
+        }
+        if (last && last.run_id === state.runId && TERMINAL.includes(last.status) && lastEventId && lastEventId === before) {
+          // A 204 for a resume point at or after the run's `done`: nothing more will come.
+          state = { ...state, done: true, status: last.status, error: last.error || null, notice: null };
+          connection = "closed";
+          report();
+          return replyOf(state);
         }
       } catch (err) {
         if (isAbort(err, signal)) throw abortError(signal);

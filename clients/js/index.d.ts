@@ -168,6 +168,8 @@ export interface AttachOptions extends CallOptions {
   /** Resume after this event id (an `id:` an earlier attach saw); pass its `state` along. */
   lastEventId?: string | number;
   state?: ReplyState;
+  /** On a thread with no run yet, wait for its first run (false: resolve null at once). */
+  wait?: boolean;
   /** "eventsource" (the default where EventSource exists: browsers) or "fetch" (node). */
   transport?: "eventsource" | "fetch";
   /** Consecutive failed connections before giving up (60). */

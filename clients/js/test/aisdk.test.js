@@ -9,6 +9,8 @@ import { DefaultChatTransport, readUIMessageStream } from "ai";
 import { threadgateFetch } from "../ai-sdk.js";
 import { mockReply, serverVaries, startStack, unique, waitRun } from "./stack.js";
 
+const LIMIT = 180_000; // a hang fails the test instead of the whole run
+
 let stack;
 let VARY = false;
 
@@ -60,7 +62,7 @@ function send(transport, thread, text, body = {}) {
   });
 }
 
-test("useChat's transport sends a message and reads the reply: the stored reply, message id = run id", async () => {
+test("useChat's transport sends a message and reads the reply: the stored reply, message id = run id", { timeout: LIMIT }, async () => {
   const thread = unique("ai");
   const transport = new DefaultChatTransport({ api: `${stack.urls[0]}/ai-sdk/chat` });
   const stream = await send(transport, thread, "hello ai sdk", { model_options: { chunks: 15, delay_ms: 5 } });
@@ -87,7 +89,7 @@ test("useChat's transport sends a message and reads the reply: the stored reply,
   );
 });
 
-test("resume: reconnectToStream replays the active run from its start on any pod; 204 once it ended", async () => {
+test("resume: reconnectToStream replays the active run from its start on any pod; 204 once it ended", { timeout: LIMIT }, async () => {
   const thread = unique("ai");
   const post = await fetch(`${stack.urls[0]}/threads/${thread}/runs`, {
     method: "POST",
@@ -107,7 +109,7 @@ test("resume: reconnectToStream replays the active run from its start on any pod
   assert.equal(await transport.reconnectToStream({ chatId: thread }), null);
 });
 
-test("errors are the native routes' JSON: a bad thread id is 400 before any run", async () => {
+test("errors are the native routes' JSON: a bad thread id is 400 before any run", { timeout: LIMIT }, async () => {
   const transport = new DefaultChatTransport({ api: `${stack.urls[0]}/ai-sdk/chat` });
   await assert.rejects(send(transport, "bad.id", "x"), (err) => /invalid_thread_id|thread id/.test(err.message));
   const resp = await fetch(`${stack.urls[0]}/ai-sdk/chat`, {
@@ -163,7 +165,7 @@ async function killMidReply({ clientOn, modelOptions, wrapped }) {
   return { message, chunks, stored, requests, urls };
 }
 
-test("pod SIGKILLed mid-reply, reader on the survivor: the message is exactly the stored reply", async () => {
+test("pod SIGKILLed mid-reply, reader on the survivor: the message is exactly the stored reply", { timeout: LIMIT }, async () => {
   const { message, chunks } = await killMidReply({
     clientOn: "survivor",
     modelOptions: { chunks: 60, delay_ms: 40 },
@@ -175,7 +177,7 @@ test("pod SIGKILLed mid-reply, reader on the survivor: the message is exactly th
   assert.ok(regenerated || continued, "the reader saw the replay");
 });
 
-test("pod SIGKILLed mid-reply, reader on the dying pod: threadgateFetch resumes on the other pod", async () => {
+test("pod SIGKILLed mid-reply, reader on the dying pod: threadgateFetch resumes on the other pod", { timeout: LIMIT }, async () => {
   const { message, requests, urls } = await killMidReply({
     clientOn: "executor",
     modelOptions: { chunks: 60, delay_ms: 40 },
@@ -193,7 +195,7 @@ test("pod SIGKILLed mid-reply, reader on the dying pod: threadgateFetch resumes 
 for (const clientOn of ["survivor", "executor"]) {
   test(
     `[contract v2] pod SIGKILLed mid-reply with vary, reader on the ${clientOn}: exactly the stored mix of attempts`,
-    { skip: !VARY && "contract v2 pending: the server's mock has no `vary` yet" },
+    { timeout: LIMIT, skip: !VARY && "contract v2 pending: the server's mock has no `vary` yet" },
     async () => {
       const { message, stored } = await killMidReply({
         clientOn,

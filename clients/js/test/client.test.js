@@ -6,6 +6,8 @@ import { after, before, test } from "node:test";
 import { attach, cancel, messages, post, run, runs, ThreadgateError } from "../index.js";
 import { mockReply, serverVaries, startStack, unique, waitRun } from "./stack.js";
 
+const LIMIT = 180_000; // a hang fails the test instead of the whole run
+
 let stack;
 let VARY = false;
 
@@ -54,7 +56,7 @@ function assertEachIndexOnce(events, n) {
   assert.deepEqual([...held.keys()].sort((a, b) => a - b), Array.from({ length: n }, (_, i) => i));
 }
 
-test("a plain reply: post, attach, and the stored conversation agree", async () => {
+test("a plain reply: post, attach, and the stored conversation agree", { timeout: LIMIT }, async () => {
   const thread = unique();
   const accepted = await post(stack.urls, thread, "hello from node", { modelOptions: { chunks: 12, delay_ms: 5 } });
   assert.equal(accepted.thread_id, thread);
@@ -86,7 +88,7 @@ test("a plain reply: post, attach, and the stored conversation agree", async () 
   );
 });
 
-test("a retried POST with the same Idempotency-Key makes one run; a dead first URL is skipped", async () => {
+test("a retried POST with the same Idempotency-Key makes one run; a dead first URL is skipped", { timeout: LIMIT }, async () => {
   const thread = unique();
   const urls = ["http://127.0.0.1:9", ...stack.urls];
   const key = `k-${thread}`;
@@ -101,7 +103,7 @@ test("a retried POST with the same Idempotency-Key makes one run; a dead first U
   assert.equal((await runs(urls, thread)).runs.length, 1);
 });
 
-test("attach on a thread with no run resolves to null; cancel stops a run", async () => {
+test("attach on a thread with no run resolves to null; cancel stops a run", { timeout: LIMIT }, async () => {
   const thread = unique();
   assert.equal(await attach(stack.urls, thread, { transport: "fetch" }), null);
   const accepted = await post(stack.urls, thread, "long", { modelOptions: { chunks: 400, delay_ms: 20 } });
@@ -119,7 +121,32 @@ test("attach on a thread with no run resolves to null; cancel stops a run", asyn
   assert.ok(mockReply(400).startsWith(reply.text));
 });
 
-test("Last-Event-ID: a second attach continues after the first one's last event, no gap, no duplicate", async () => {
+// Does the server wait for a new thread's first run (GET attach?wait=true)? An old one says 204.
+async function serverWaits(url) {
+  const ctrl = new AbortController();
+  const t = setTimeout(() => ctrl.abort(), 500);
+  try {
+    const resp = await fetch(`${url}/threads/${unique("probe")}/attach?wait=true`, { signal: ctrl.signal });
+    return resp.status === 200;
+  } catch {
+    return true; // still waiting when aborted
+  } finally {
+    clearTimeout(t);
+    ctrl.abort();
+  }
+}
+
+test("wait: an attach opened before the thread's first run follows it", { timeout: LIMIT }, async (t) => {
+  if (!(await serverWaits(stack.urls[0]))) return t.skip("the server answers 204 at once (no wait)");
+  const thread = unique();
+  const attached = attach(stack.urls, thread, { transport: "fetch", wait: true });
+  const accepted = await post(stack.urls, thread, "first", { modelOptions: { chunks: 5, delay_ms: 5 } });
+  const reply = await attached;
+  assert.equal(reply.runId, accepted.run_id);
+  assert.equal(reply.text, mockReply(5));
+});
+
+test("Last-Event-ID: a second attach continues after the first one's last event, no gap, no duplicate", { timeout: LIMIT }, async () => {
   const thread = unique();
   const n = 40;
   const accepted = await post(stack.urls, thread, "resume me", { modelOptions: { chunks: n, delay_ms: 20 } });
@@ -192,7 +219,7 @@ async function killMidReply({ clientOn, modelOptions, n }) {
 }
 
 for (const clientOn of ["survivor", "executor"]) {
-  test(`pod SIGKILLed mid-reply, client on the ${clientOn}: the stored reply, each chunk once`, async () => {
+  test(`pod SIGKILLed mid-reply, client on the ${clientOn}: the stored reply, each chunk once`, { timeout: LIMIT }, async () => {
     const n = 60;
     const { reply } = await killMidReply({ clientOn, modelOptions: { chunks: n, delay_ms: 40 }, n });
     assert.equal(reply.text, mockReply(n));
@@ -203,7 +230,7 @@ for (const clientOn of ["survivor", "executor"]) {
 for (const clientOn of ["survivor", "executor"]) {
   test(
     `[contract v2] pod SIGKILLed mid-reply with vary, client on the ${clientOn}: continued or regenerated, exactly the stored reply`,
-    { skip: !VARY && "contract v2 pending: the server's mock has no `vary` yet" },
+    { timeout: LIMIT, skip: !VARY && "contract v2 pending: the server's mock has no `vary` yet" },
     async () => {
       const n = 60;
       const { rec, reply } = await killMidReply({ clientOn, modelOptions: { chunks: n, delay_ms: 40, vary: true }, n });
