@@ -65,6 +65,7 @@ class UiMessageStream:
         self.text_id: str | None = None  # the open text part
         self.opened = False
         self.finished = False
+        self.anchored = False  # an event of the stream (seq > 0) was seen
         self._out: list[dict[str, Any]] = []
 
     # ---- the wire -------------------------------------------------------------------------
@@ -81,6 +82,15 @@ class UiMessageStream:
             self._flush(frames, silent=self.after > 0)
         last_seq = 0
         for i, ev in enumerate(batch):
+            if ev.seq:
+                self.anchored = True
+            elif self.after and not self.anchored and ev.type != "reset":
+                # Rebuilt from the store (the run's events left the stream): the log cannot
+                # say what this resumed reader holds, so it starts the step over.
+                self.anchored = True
+                self._end_text()
+                self._emit({"type": "reset-step"})
+                self.parts.clear()
             self._apply(ev)
             seq = ev.seq or _next_seq(batch, i)  # a reset is sent with the event it precedes
             self._flush(frames, silent=0 < seq <= self.after)

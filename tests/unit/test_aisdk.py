@@ -291,3 +291,15 @@ def test_a_resumed_client_after_a_purge_converges_on_the_new_attempt() -> None:
     msg = fold(chunks(seen) + chunks(resumed))
     assert msg["text"] == vary(2, 0, 6)
     assert msg["finish"]["finishReason"] == "stop"
+
+
+def test_a_resumed_reader_of_a_run_rebuilt_from_the_store_starts_the_step_over() -> None:
+    """The run's events left the stream: the relay rebuilds it from the row (no sequences)."""
+    first = seq([run_started(R, 1), *cs(1, 0, 3)])
+    enc = UiMessageStream(T, R)
+    seen = enc.encode(first)
+    stored = [run_started(R, 1), chunk(R, 1, 0, vary(1, 0, 5)), done(R, 1, "success")]
+    resumed = chunks(encode_all(stored, after=4))
+    assert resumed[0] == {"type": "reset-step"}
+    msg = fold(chunks(seen) + resumed)
+    assert msg["text"] == vary(1, 0, 5)
