@@ -152,7 +152,8 @@ function appendData(li, part) {
   const caption = document.createElement("figcaption");
   caption.textContent = part.name;
   const pre = document.createElement("pre");
-  pre.textContent = JSON.stringify(part.payload, null, 2);
+  const flat = JSON.stringify(part.payload) ?? "null";
+  pre.textContent = flat.length <= 72 ? flat : JSON.stringify(part.payload, null, 2);
   figure.append(caption, pre);
   li.querySelector(".text").append(figure);
 }
