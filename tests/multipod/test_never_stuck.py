@@ -174,39 +174,56 @@ async def test_a_model_that_stalls_before_its_first_chunk_is_cancelled_at_once(
             assert final["attempt"] == 1
 
 
-async def test_outages_longer_than_the_retry_budgets_are_waited_out(
+async def test_a_database_outage_while_a_run_backs_off_is_waited_out(
     start_cluster: StartCluster, stack: Stack
 ) -> None:
-    """PostgreSQL away for 70 s. Run A is in its backoff after a transient model failure: its
-    next attempt cannot begin (the pool gives up after 30 s) — that used to end it
-    `error/internal`. Run B finishes streaming during the outage: storing it fails — finish_run
-    used to give up after 8 tries (~64 s), leaving the row `running` with no `done`. Both are
-    now waited out, and both end with exact replies."""
+    """A transient model failure, then PostgreSQL goes away for longer than the pool's 30 s
+    wait: the run's next attempt cannot begin. The PoolTimeout used to escape the step and end
+    the run `error/internal`; now the attempt waits the outage out and continues the reply."""
     cluster = await start_cluster(size=1, retry_base_s=2, mock_delay_ms=50)
     pod = cluster.pods[0]
-    a_thread, b_thread = unique(), unique()
+    thread = unique()
     async with cluster.client() as client:
         failing = {"chunks": 6, "fail": "transient", "fail_at": 3, "fail_attempts": 1}
-        a = await client.post(a_thread, "a", model_options={**failing, "vary": True})
-        b = await client.post(b_thread, "b", model_options={"chunks": 60, "vary": True})
-        watchers = [Attacher(cluster.urls, t, reconnects=200).start() for t in (a_thread, b_thread)]
-        await wait_logged(pod, "attempt failed, next in")  # A backs off for 2 s
-        await watchers[1].wait_chunk(5)  # B streams for 3 s more
+        run = await client.post(thread, "a", model_options={**failing, "vary": True})
+        watcher = Attacher(cluster.urls, thread, reconnects=200).start()
+        await wait_logged(pod, "attempt failed, next in")  # it backs off for 2 s
         stack.pg.stop()
         try:
-            await asyncio.sleep(70)  # the outage itself: longer than both old budgets
+            await wait_logged(pod, "cannot begin an attempt", timeout=60)
         finally:
             stack.pg.start()
-        final_a = await wait_run(client, a_thread, a["run_id"], timeout=90)
-        final_b = await wait_run(client, b_thread, b["run_id"], timeout=90)
-    assert final_a["status"] == final_b["status"] == "success"
-    assert final_a["output"] == mock_reply(6, {0: 1, 3: final_a["attempt"]})
-    assert final_b["output"] == mock_reply(60, {0: 1}) and final_b["attempt"] == 1
-    for watcher, final in zip(watchers, (final_a, final_b), strict=True):
+        final = await wait_run(client, thread, run["run_id"], timeout=90)
         reply = await watcher.result(30)
-        assert reply.text == final["output"] and reply.resets == 0 and reply.duplicates == 0
-    log = pod.log_text()
-    assert "cannot begin an attempt" in log and "finishing failed, retrying" in log
+    assert final["status"] == "success"
+    assert final["output"] == mock_reply(6, {0: 1, 3: 2}) and final["attempt"] == 2
+    assert reply.text == final["output"] and reply.resets == 0 and reply.duplicates == 0
+
+
+async def test_finishing_waits_out_a_nats_outage_longer_than_its_old_budget(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """NATS goes away right after a run's last chunk: its `done` cannot be published.
+    finish_run used to give up after 8 tries (~72 s with a 1 s outage limit per try), ending
+    the workflow ERROR with the row `running` and no `done`. Now it retries until NATS is
+    back, and the attached client gets its `done`."""
+    cluster = await start_cluster(size=2, nats_outage_limit_s=1, mock_delay_ms=50)
+    thread = unique()
+    async with cluster.client() as client:
+        run = await client.post(thread, "b", model_options={"chunks": 20, "vary": True})
+        executor = await running_on(client, cluster, thread, run["run_id"])
+        watcher = Attacher([cluster.others(executor.name)[0].url], thread).start()
+        await watcher.wait_chunk(19)
+        stack.nats.stop()
+        try:
+            await wait_logged(executor, "finishing failed, retrying")
+            await asyncio.sleep(75)  # the outage itself, longer than the old budget
+        finally:
+            stack.nats.start()
+        final = await wait_run(client, thread, run["run_id"], timeout=60)
+        reply = await watcher.result(60)
+    assert final["status"] == "success" and final["attempt"] == 1
+    assert reply.status == "success" and reply.text == final["output"] == mock_reply(20, {0: 1})
 
 
 async def wait_logged(pod: Pod, text: str, timeout: float = 30) -> None:
