@@ -4,6 +4,14 @@ Behaviour is chosen per request by the last user message: `stream` (default) str
 `word-i ` deltas; `stall` stops sending mid-stream; `drop` closes the connection mid-stream;
 `429`, `500`, `400` answer that status; `flaky:N` fails with 500 on the first N requests
 carrying that text, then streams. Every request body is recorded in `requests`.
+
+Tool calls: a request that offers `tools` and whose last message is the user's asking for one
+(`weather in Paris` → get_weather {"city": "Paris"}, `calc: 2+3` → calculate {"expression":
+"2+3"}, both in one message → two calls) streams the calls as OpenAI does (`delta.tool_calls`
+with index, id, function name, then the arguments in fragments; finish_reason "tool_calls").
+A request whose last message is a `tool` result streams `tool_answer(results)`: the tool
+messages after the last assistant message, in order. As OpenAI, it refuses (400) tool
+messages that do not answer each tool call of the assistant message before them exactly once.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +38,28 @@ def reply_text(words: int = WORDS) -> str:
     return "".join(f"word-{i} " for i in range(words))
 
 
+# What a user message asks of the tools a request offers: (pattern, tool, its arguments).
+TOOL_ASKS = [
+    (re.compile(r"weather in ([A-Z][a-z]+)"), "get_weather", lambda m: {"city": m[1]}),
+    (re.compile(r"calc: ([0-9+\-*/(). ]+)"), "calculate", lambda m: {"expression": m[1].strip()}),
+]
+
+
+def tool_calls_for(text: str, offered: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The tool calls the fake makes for a user message, given the tools' names offered."""
+    calls = []
+    for pattern, name, arguments in TOOL_ASKS:
+        match = pattern.search(text)
+        if match and name in offered:
+            calls.append((name, arguments(match)))
+    return calls
+
+
+def tool_answer(results: list[str]) -> str:
+    """The final text the fake streams once it has the tools' results (their contents)."""
+    return f"The tools said: {'; '.join(results)}."
+
+
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
@@ -38,6 +69,10 @@ class FakeOpenAI:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append({"body": body, "auth": request.headers.get("authorization")})
+        if body.get("tools"):
+            answer = self._tools(body)
+            if answer is not None:
+                return answer
         mode = body["messages"][-1]["content"]
         self.seen[mode] += 1
         if mode in ("429", "500", "400"):
@@ -56,6 +91,65 @@ class FakeOpenAI:
             yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
         yield b"data: [DONE]\n\n"
+
+    def _tools(self, body: dict[str, Any]) -> Response | None:
+        """A tool round (see the module docstring), or None: the request streams as usual."""
+        messages = body["messages"]
+        last = messages[-1]
+        if last.get("role") == "tool":
+            turn = max(
+                (i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=0
+            )
+            called = {c["id"] for c in messages[turn].get("tool_calls") or []}
+            results = messages[turn + 1 :]
+            answered = [m.get("tool_call_id") for m in results if m.get("role") == "tool"]
+            if not called or len(answered) != len(results) or sorted(answered) != sorted(called):
+                error = {"message": "each tool call needs one tool message, and nothing else"}
+                return JSONResponse({"error": error}, status_code=400)
+            return StreamingResponse(
+                _text_events(tool_answer([m["content"] for m in results])),
+                media_type="text/event-stream",
+            )
+        if last.get("role") != "user":
+            return None
+        offered = {t["function"]["name"] for t in body["tools"]}
+        calls = tool_calls_for(last["content"], offered)
+        if not calls:
+            return None
+        ids = [f"call_{len(self.requests)}_{i}" for i in range(len(calls))]
+        return StreamingResponse(
+            _tool_call_events(list(zip(ids, calls, strict=True))), media_type="text/event-stream"
+        )
+
+
+def _event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+async def _text_events(text: str) -> AsyncIterator[bytes]:
+    yield _event({"role": "assistant", "content": ""})
+    for word in re.findall(r"\S+\s*", text):
+        yield _event({"content": word})
+    yield _event({}, "stop")
+    yield b"data: [DONE]\n\n"
+
+
+async def _tool_call_events(
+    calls: list[tuple[str, tuple[str, dict[str, Any]]]],
+) -> AsyncIterator[bytes]:
+    """As OpenAI streams tool calls: per call its id and name first, then its arguments (a
+    JSON string) in fragments, all keyed by the call's index."""
+    yield _event({"role": "assistant", "content": None})
+    for index, (call_id, (name, arguments)) in enumerate(calls):
+        head = {"index": index, "id": call_id, "type": "function"}
+        yield _event({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]})
+        text = json.dumps(arguments)
+        for at in range(0, len(text), 7):
+            fragment = {"index": index, "function": {"arguments": text[at : at + 7]}}
+            yield _event({"tool_calls": [fragment]})
+    yield _event({}, "tool_calls")
+    yield b"data: [DONE]\n\n"
 
 
 @contextlib.asynccontextmanager
