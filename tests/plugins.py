@@ -1,0 +1,60 @@
+"""Reply sources the tests load by import path: THREADGATE_MODEL=tests.plugins:<factory>."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from threadgate.settings import Settings
+from threadgate.sources import Data, Part, Prompt
+
+SECRET = "secret-token-123"
+
+
+class Scripted:
+    """The run's input picks what it does, as the fake OpenAI server's does:
+    `secret`: a chunk, then ValueError(SECRET) (a plug-in's own failure, whose message must
+    not reach clients); `big`: a chunk, then a data event over THREADGATE_MAX_DATA_BYTES;
+    `bad name`: a data event whose name breaks the rules; anything else: text with two
+    `step` data events between (`reply()`). Options: `delay_ms`; `color` is refused."""
+
+    reads_history = False
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_data_bytes = settings.max_data_bytes
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        if "color" in options:
+            raise ValueError("the scripted source has no colors")
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[Part]:
+        said = prompt.messages[-1]["content"]
+        delay = float(prompt.options.get("delay_ms", 0)) / 1000
+        if said == "secret":
+            yield "a "
+            raise ValueError(SECRET)
+        if said == "big":
+            yield "a "
+            yield Data("blob", "x" * self.max_data_bytes)  # its JSON has 2 more bytes: quotes
+        if said == "bad name":
+            yield Data("bad name", 1)
+        for part in reply():
+            await asyncio.sleep(delay)  # the source's pace, like a model's
+            yield part
+
+
+def reply() -> list[Part]:
+    return ["a ", Data("step", {"n": 1}), "b ", "c ", Data("step", {"n": 2}), "d "]
+
+
+def scripted(settings: Settings) -> Scripted:
+    return Scripted(settings)
+
+
+def no_stream(settings: Settings) -> object:
+    return object()
+
+
+def failing_factory(settings: Settings) -> Scripted:
+    raise RuntimeError("the plug-in has no credentials")
