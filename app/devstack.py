@@ -29,6 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 PG_USER = "threadgate-pg"  # PostgreSQL refuses to run as root
@@ -203,11 +204,13 @@ class Postgres:
         fast: bool = False,
         max_connections: int = 300,
         bin_dir: str | None = None,
+        conf: Mapping[str, str] | None = None,
     ) -> None:
         asked = Path(data_dir).absolute()
         self.port = port or free_port()
         self.fast = fast
         self.max_connections = max_connections
+        self.conf = dict(conf or {})  # more server settings, as `-c name=value`
         self.account = _pg_account()
         self.bin = pg_bin_dir(bin_dir)
         if self.account is not None and not reachable(self.bin / "postgres", self.account):
@@ -303,6 +306,8 @@ class Postgres:
                 "-c",
                 "full_page_writes=off",
             ]
+        for name, value in self.conf.items():
+            args += ["-c", f"{name}={value}"]
         self.log.touch()
         self._own(self.log)
         log = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
@@ -342,9 +347,49 @@ class Postgres:
         import psycopg
 
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
+                return  # a standby: read-only, its primary's databases arrive by replication
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname='threadgate'").fetchone():
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                     conn.execute("CREATE DATABASE threadgate")
+
+    def clone_from(self, primary: Postgres) -> None:
+        """Make this (not yet initialized) server a streaming standby of `primary`:
+        `pg_basebackup -R` writes its primary_conninfo and standby.signal."""
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
+        self._own(self.data_dir)
+        subprocess.run(
+            [
+                str(self.bin / "pg_basebackup"),
+                *("-D", str(self.data_dir), "-R", "-X", "stream", "--no-sync"),
+                *("-d", f"host=127.0.0.1 port={primary.port} user=postgres"),
+            ],
+            check=True,
+            capture_output=True,
+            cwd="/",
+            **self._as_user(),  # type: ignore[call-overload]
+        )
+
+    def promote(self, timeout: float = 30.0) -> None:
+        """A standby becomes a primary (`pg_ctl promote`, which waits until it accepts writes)."""
+        subprocess.run(
+            [
+                str(self.bin / "pg_ctl"),
+                "promote",
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "-D",
+                str(self.data_dir),
+            ],
+            check=True,
+            capture_output=True,
+            cwd="/",
+            **self._as_user(),  # type: ignore[call-overload]
+        )
 
     def stop(self, *, kill: bool = False, timeout: float = 30.0) -> None:
         """SIGINT (fast shutdown) or SIGKILL; waits for the process to be gone."""
@@ -367,9 +412,12 @@ class Postgres:
 class NatsServer:
     """One nats-server with JetStream on 127.0.0.1:`port`, storing in `store_dir`."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, *, args: Sequence[str] = ()
+    ) -> None:
         self.store_dir = Path(store_dir).resolve()
         self.port = port or free_port()
+        self.args = list(args)  # more options (a cluster member's: tests/multipod/ha.py)
         self.log = self.store_dir.parent / f"{self.store_dir.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -391,6 +439,7 @@ class NatsServer:
                 "127.0.0.1",
                 "-p",
                 str(self.port),
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -15,12 +15,16 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from ..errors import StreamUnavailable
+from ..errors import ConfigError, StreamUnavailable
 from ..ids import message_id
 from ..settings import Settings
 from .events import Event
 
 logger = logging.getLogger(__name__)
+
+# A tail's consumer sends a heartbeat this often when idle; two missed ones and nats-py
+# recreates it where the last delivery left off (a server that died took it along).
+TAIL_HEARTBEAT_S = 1.0
 
 
 class RunPublisher(Protocol):
@@ -39,9 +43,10 @@ class StreamBuffer(Protocol):
 async def connect_nats(
     settings: Settings, name: str, on_reconnect: Callable[[], Awaitable[None]] | None = None
 ) -> NATS:
-    """A connection that reconnects forever; callers bound their own waits."""
+    """A connection that reconnects forever, to any server of the list; callers bound their
+    own waits."""
     options: dict[str, Any] = {
-        "servers": [settings.nats_url],
+        "servers": nats_servers(settings.nats_url),
         "name": f"{settings.pod_name}/{name}",
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
@@ -76,6 +81,15 @@ async def connect_nats(
         disconnected_cb=disconnected_cb,
         reconnected_cb=reconnected_cb,
     )
+
+
+def nats_servers(url: str) -> list[str]:
+    """THREADGATE_NATS_URL may list a cluster's servers, comma-separated (nats-py takes one
+    URL per list item: a comma inside one is refused as an invalid URL)."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise ConfigError("THREADGATE_NATS_URL names no server")
+    return servers
 
 
 class JetStreamBuffer:
@@ -149,12 +163,21 @@ class JetStreamBuffer:
         return JetStreamPublisher(self, self.subject(thread_id), run_id, attempt)
 
     async def last_sequence(self, thread_id: str) -> int:
-        """The sequence of the newest message on a thread's subject, 0 when it has none."""
-        try:
-            msg = await self.js.get_last_msg(self.stream, self.subject(thread_id))
-        except NotFoundError:
-            return 0
-        return int(msg.seq or 0)
+        """The sequence of the newest message on a thread's subject, 0 when it has none.
+
+        Waited out across a stream leader election (no leader answers for a few seconds),
+        then StreamUnavailable (503): an attach must not fail with a 500 meanwhile.
+        """
+
+        async def last() -> int:
+            try:
+                msg = await self.js.get_last_msg(self.stream, self.subject(thread_id))
+            except NotFoundError:
+                return 0
+            return int(msg.seq or 0)
+
+        seq: int = await _with_retry(last, self.settings.nats_outage_limit_s, "read")
+        return seq
 
     async def read_subject(self, thread_id: str, timeout_s: float = 10.0) -> list[Event]:
         """Every event on a thread's subject now, in stream order (what a continuing attempt
@@ -188,25 +211,30 @@ class JetStreamBuffer:
     async def ordered_subscribe(
         self, thread_id: str, start_seq: int, cb: Callable[[Any], Awaitable[None]]
     ) -> Any:
-        """An ordered consumer of a thread's subject: from `start_seq`, or all when 0."""
-        if start_seq > 0:
+        """An ordered consumer of a thread's subject: from `start_seq`, or all when 0.
+
+        Its creation is retried across a leader election. Once it runs, nats-py recreates it
+        from the last sequence delivered when its heartbeats stop for two intervals: the
+        consumer (one replica, in memory) lives on one server, and a SIGKILLed server takes
+        it along without the client's connection noticing anything.
+        """
+        subject = self.subject(thread_id)
+
+        async def subscribe() -> Any:
+            start = start_seq > 0
             return await self.js.subscribe(
-                self.subject(thread_id),
+                subject,
                 cb=cb,
+                stream=self.stream,  # else nats-py asks the server which stream, every time
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                config=_start_at(start_seq),
+                idle_heartbeat=TAIL_HEARTBEAT_S,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
+                config=_start_at(start_seq) if start else None,  # nats-py fills it in: anew
                 pending_msgs_limit=1_000_000,
                 pending_bytes_limit=512 * 1024 * 1024,
             )
-        return await self.js.subscribe(
-            self.subject(thread_id),
-            cb=cb,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-            pending_msgs_limit=1_000_000,
-            pending_bytes_limit=512 * 1024 * 1024,
-        )
+
+        return await _with_retry(subscribe, self.settings.nats_outage_limit_s, "subscribe")
 
 
 def stream_seq(msg: Any) -> int:

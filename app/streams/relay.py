@@ -114,6 +114,15 @@ async def relay(
     """
     loop = asyncio.get_running_loop()
     if last_event_id:
+        # A tail just started on this pod may not hold what the client already has yet: read
+        # from it now, the client would look as if it held nothing, and every later part would
+        # be dropped as the far side of a gap (seen: a client back on another pod got only
+        # `done`). Wait until the log reaches the client's event, keepalives meanwhile.
+        while not (tail.caught_up.is_set() or tail.last_seq >= last_event_id):
+            seen = tail.last_seq
+            await tail.wait(seen, keepalive_s)
+            if tail.last_seq == seen and not tail.caught_up.is_set():
+                yield []
         cursor = resumed_cursor(tail, run_id, last_event_id)
     else:
         cursor = Cursor(seq=tail.start_of(run_id))

@@ -251,3 +251,27 @@ async def test_a_run_whose_done_never_reached_the_tail_ends_from_the_store() -> 
     got = await relay_labels(tail, "r1", "ab", later)
     assert got[:2] == ["run_started:1:", "chunk:1:0"]
     assert got[2:] == ["reset:1:", "run_started:1:", "chunk:1:0", "done:1:"]
+
+
+async def test_a_client_back_on_a_tail_still_catching_up_gets_the_rest() -> None:
+    """Back with Last-Event-ID on a pod whose tail of the thread has just started: the log
+    does not reach the client's event yet. Read from it then, the client looked as if it
+    held nothing and every later part was dropped as the far side of a gap (only `done`)."""
+    tail = ThreadTail("t")
+    tail._target_seq = 6  # the subject's last sequence when the tail started
+    events = [run_started("r", 1)] + [chunk("r", 1, i, f"c{i} ") for i in range(4)]
+    events.append(done("r", 1, "success"))
+
+    async def lookup() -> Run:
+        return stored_run("r", "c0 c1 c2 c3 ")
+
+    # the client holds run_started and chunks 0 and 1 (sequences 1-3)
+    gen = relay(tail, "r", lookup, last_event_id=3, keepalive_s=5, recheck_s=0.01)
+    first = asyncio.ensure_future(anext(gen))
+    await asyncio.sleep(0)  # the relay waits for the log to reach sequence 3
+    feed(tail, *events)
+    got = [label(e) for e in await first]
+    async with asyncio.timeout(5):
+        async for batch in gen:
+            got += [label(e) for e in batch]
+    assert got == ["chunk:1:2", "chunk:1:3", "done:1:"]

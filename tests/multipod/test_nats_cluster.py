@@ -1,0 +1,211 @@
+"""Pods on a three-node JetStream cluster (stream R3): the stream leader and the quorum die.
+
+Real processes: three nats-servers clustered over routes (tests/multipod/ha.py), three pods
+connected to all three (THREADGATE_NATS_URL lists them), replies with `vary` so any mix of
+attempts shows. The stream leader is found from stream info and SIGKILLed mid-reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from threadgate.client import AsyncClient, Reply, parse_sse
+
+from tests.conftest import Stack, unique
+from tests.multipod.cluster import Attacher, Cluster, pod_env, unique_names, wait_run
+from tests.multipod.ha import NatsCluster
+
+pytestmark = pytest.mark.multipod
+
+VARY = re.compile(r"chunk-(\d+)\.(\d+) ")
+
+
+@pytest.fixture
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsCluster]:
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
+    cluster.start()
+    try:
+        yield cluster  # type: ignore[misc]
+    finally:
+        cluster.stop()
+
+
+async def start_pods(
+    stack: Stack, nats_cluster: NatsCluster, log_dir: Path, **knobs: Any
+) -> tuple[Cluster, str]:
+    stream, prefix = unique_names()
+    env = pod_env(
+        database_url=stack.new_database("ha"),
+        nats_url=nats_cluster.url,
+        stream=stream,
+        prefix=prefix,
+        stream_replicas=3,
+        **knobs,
+    )
+    pods = Cluster(env, log_dir, 3)
+    await pods.start()
+    return pods, stream
+
+
+async def stream_leader(nats_cluster: NatsCluster, stream: str) -> str:
+    """The server leading the stream now (asked of any live member)."""
+    urls = [nats_cluster.servers[n].url for n in nats_cluster.alive()]
+    nc = await nats.connect(urls, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream(timeout=5)
+        for _ in range(200):
+            with contextlib.suppress(Exception):
+                info = await js.stream_info(stream)
+                if info.cluster is not None and info.cluster.leader:
+                    return str(info.cluster.leader)
+            await asyncio.sleep(0.1)  # an election under way: ask again
+        raise AssertionError(f"stream {stream} has no leader")
+    finally:
+        await nc.close()
+
+
+async def wait_replicas_current(nats_cluster: NatsCluster, stream: str) -> None:
+    """Until the stream has a leader and every other member is a current replica again."""
+    urls = [nats_cluster.servers[n].url for n in nats_cluster.alive()]
+    nc = await nats.connect(urls, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=5)
+        async with asyncio.timeout(60):
+            while True:
+                with contextlib.suppress(Exception):
+                    info = await js.stream_info(stream)
+                    c = info.cluster
+                    if (
+                        c is not None
+                        and c.leader
+                        and len(c.replicas or []) == len(nats_cluster.names) - 1
+                        and all(r.current and not r.offline for r in c.replicas or [])
+                    ):
+                        return
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+def vary_attempts(text: str) -> list[int]:
+    """The attempt of each chunk of a `vary` reply, checking chunk i is at place i."""
+    found = VARY.findall(text)
+    assert "".join(f"chunk-{i}.{a} " for i, a in found) == text, text[:200]
+    assert [int(i) for i, _ in found] == list(range(len(found))), text[:200]
+    return [int(a) for _, a in found]
+
+
+async def resume_elsewhere(urls: list[str], thread: str, stop_at: int) -> Reply:
+    """A client that reads until chunk `stop_at`, hangs up, and comes back on the next pod
+    with Last-Event-ID (then on others, whenever a connection breaks)."""
+    reply = Reply()
+    last_id: str | None = None
+    pod = 0
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None)) as http:
+        for _ in range(30):
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            url = f"{urls[pod % len(urls)]}/threads/{thread}/attach"
+            pod += 1
+            try:
+                async with http.stream("GET", url, headers=headers) as resp:
+                    if resp.status_code == 204:
+                        return reply
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        await asyncio.sleep(0.2)
+                        continue
+                    async for ev in parse_sse(resp.aiter_lines()):
+                        if ev.id:
+                            last_id = ev.id
+                        reply.apply(ev)
+                        if ev.event == "done":
+                            return reply
+                        if stop_at >= 0 and ev.event == "chunk" and ev.data["index"] >= stop_at:
+                            stop_at = -1
+                            break  # hang up: come back elsewhere with Last-Event-ID
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                await asyncio.sleep(0.2)
+    raise AssertionError(f"{thread}: no done after 30 connections")
+
+
+async def check_run(
+    client: AsyncClient, thread: str, run_id: str, replies: dict[str, Reply]
+) -> int:
+    """Success, one stored reply equal to what every client ended with; its attempts."""
+    final = await wait_run(client, thread, run_id, timeout=90)
+    assert final["status"] == "success", final
+    messages = [m for m in await client.messages(thread) if m["run_id"] == run_id]
+    assert [m["role"] for m in messages] == ["user", "assistant"], messages
+    stored = messages[1]["content"]
+    vary_attempts(stored)
+    for who, reply in replies.items():
+        assert reply.status == "success", (who, reply.events[-3:])
+        got = [(e.event, e.id, e.data.get("index"), e.data.get("attempt")) for e in reply.events]
+        assert reply.text == stored, f"{thread}: the {who} client's reply differs: {got}"
+    return int(final["attempt"])
+
+
+# The slowest of the multipod suite with test_pg_failover (about a minute each).
+async def test_stream_leader_killed_mid_reply(
+    stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pods, stream = await start_pods(
+        stack, nats_cluster, tmp_path_factory.mktemp("pods"), mock_delay_ms=25
+    )
+    client = pods.client()
+    urls = pods.urls
+    figures: list[str] = []
+    try:
+        # Kill points: as runs start, early in the replies, in their middle.
+        for round_no, kill_at in enumerate((0, 8, 40)):
+            chunks = 100
+            threads = [unique(f"r{round_no}") for _ in range(4)]
+            runs = {}
+            for t in threads:
+                opts = {"chunks": chunks, "vary": True}
+                runs[t] = (await client.post(t, "through a leader change", model_options=opts))[
+                    "run_id"
+                ]
+            rotate = [urls[i:] + urls[:i] for i in range(3)]
+            live = {
+                t: Attacher(rotate[i % 3], t, reconnects=20).start() for i, t in enumerate(threads)
+            }
+            resumers = {
+                t: asyncio.create_task(resume_elsewhere(rotate[(i + 1) % 3], t, kill_at + 5))
+                for i, t in enumerate(threads)
+            }
+            if kill_at:
+                await asyncio.gather(*(live[t].wait_chunk(kill_at, 60) for t in threads))
+            leader = await stream_leader(nats_cluster, stream)
+            nats_cluster.kill(leader)
+            late = {
+                t: Attacher(rotate[(i + 2) % 3], t, reconnects=20).start()
+                for i, t in enumerate(threads)
+            }
+            nats_cluster.restart(leader)
+            attempts = {}
+            for t in threads:
+                replies = {
+                    "in-flight": await live[t].result(90),
+                    "late": await late[t].result(90),
+                    "reconnecting": await asyncio.wait_for(resumers[t], 90),
+                    # attached once the run has ended
+                    "after": await AsyncClient(urls[round_no % 3]).reply(t),
+                }
+                attempts[t] = await check_run(client, t, runs[t], replies)
+            await wait_replicas_current(nats_cluster, stream)
+            figures.append(
+                f"kill of leader {leader} at chunk {kill_at}: attempts per run "
+                f"{sorted(attempts.values())}"
+            )
+    finally:
+        print("\n" + "\n".join(figures))
+        await pods.stop()
