@@ -24,7 +24,12 @@ from .streams.buffer import JetStreamBuffer, connect_nats
 from .streams.tail import TailHub
 from .workflows import thread_run as wf
 from .workflows.adoption import Adoption, report_stranded
-from .workflows.internals import active_workflow_ids, stop_background_threads
+from .workflows.internals import (
+    active_workflow_ids,
+    quiet_background,
+    reenqueue,
+    stop_background_threads,
+)
 from .workflows.runner import Runner, register_queue
 from .workflows.stops import StopSignals
 
@@ -67,11 +72,13 @@ async def start(rt: Runtime) -> None:
             model=rt.source,
             stops=rt.stops,
             metrics=rt.metrics,
+            run_ended=rt.runner.run_ended,
         )
     )
     recovering = await recoverable_runs(rt)
     DBOS(config=dbos_config(s))
     adopt_dbos_logger()
+    quiet_background(s.background_polling_s)
     DBOS.launch()
     adopt_dbos_logger()
     rt.launched = True
@@ -84,10 +91,16 @@ async def start(rt: Runtime) -> None:
             extra={"runs": recovering},
         )
     await register_queue(s)
-    rt.adoption = Adoption(s, rt.db, rt.metrics, rt.buffer)
+    rt.adoption = Adoption(s, rt.db, rt.metrics, rt.buffer, started=rt.runner.start_soon)
+    rt.runner.on_left = rt.adoption.move_queued
     await rt.adoption.heartbeat()  # this name's row says this version before the checks read it
     await rt.adoption.move_queued()
     await report_stranded(rt.adoption)
+    # DBOS re-enqueues the runs it recovers in a thread of its own: do it here (the same
+    # conditional step, so whichever comes first wins), then claim them at once.
+    for run_id in recovering:
+        await asyncio.to_thread(reenqueue, run_id, s.pod_name)
+    rt.runner.start_soon()
     rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
@@ -151,10 +164,14 @@ async def stop(rt: Runtime) -> None:
         await rt.runner.close()
     if rt.hub is not None:
         await rt.hub.close()
+    await rt.claim.release()
+    if rt.runner is not None:
+        # This name is free now: pods of another version may take over its version's queued
+        # runs if it was the last of it, and claim what it left startable.
+        await rt.runner.kick(left=rt.settings.app_version)
     if rt.nc is not None:
         with contextlib.suppress(Exception):
             await rt.nc.drain()
-    await rt.claim.release()
     await rt.db.close()
     logger.info("pod stopped")
 
@@ -169,12 +186,14 @@ async def begin_drain(rt: Runtime) -> None:
 
 
 async def drain(rt: Runtime) -> None:
-    """Stop dequeuing, then give this pod's runs up to `drain_timeout_s` to finish.
+    """Stop claiming, then give this pod's runs up to `drain_timeout_s` to finish.
 
     What is still running after that stays PENDING and is recovered when the name returns.
     DBOS.destroy(workflow_completion_timeout_sec=...) would block the event loop the runs
     need, so we stop DBOS's background threads (queue workers included) and wait here.
     """
+    if rt.runner is not None:
+        rt.runner.draining = True
     stop_background_threads()
     loop = asyncio.get_running_loop()
     # SIGTERM drains, then uvicorn's shutdown calls stop(), which drains again: both share one

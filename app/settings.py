@@ -65,6 +65,10 @@ class Settings(BaseSettings):
 
     stream_name: str = "THREADGATE"
     subject_prefix: str = "threadgate"
+    control_subject_name: str = Field(
+        default="",
+        validation_alias=AliasChoices("THREADGATE_CONTROL_SUBJECT", "control_subject_name"),
+    )  # stops and start requests between pods; default <prefix>.control
     stream_max_age_s: float = Field(default=24 * 3600, gt=0)
     duplicate_window_s: float = Field(default=600, gt=0)
     stream_replicas: int = Field(default=1, ge=1, le=5)
@@ -82,8 +86,11 @@ class Settings(BaseSettings):
     run_timeout_s: float = Field(default=600.0, gt=0)
     stop_poll_s: float = Field(default=1.0, gt=0)
 
-    queue_polling_s: float = Field(default=0.05, gt=0)
-    fast_start: bool = False  # opt-in: claim a new run at once on the accepting pod (dispatch.py)
+    # Runs start on events (app/workflows/runner.py); DBOS's queue poll is the safety net for
+    # a lost one, and what the idle pod costs: keep it slow.
+    queue_polling_s: float = Field(default=2.0, gt=0)
+    fast_start: bool = True  # false: runs start at the queue poll only (for comparisons)
+    background_polling_s: float = Field(default=30.0, gt=0)  # DBOS internals we do not use
     claim_timeout_s: float = Field(default=30.0, ge=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
     adopt_after_s: float = Field(default=60.0, gt=0)
@@ -180,7 +187,7 @@ class Settings(BaseSettings):
 
     @property
     def control_subject(self) -> str:
-        return f"{self.subject_prefix}.control"
+        return self.control_subject_name or f"{self.subject_prefix}.control"
 
     @property
     def json_logs(self) -> bool:

@@ -40,6 +40,7 @@ from .deps import (
     RuntimeDep,
     StreamPrincipalDep,
     ThreadId,
+    reader_of,
     require_reader,
 )
 from .schemas import RunCreate, Strategy, error_responses
@@ -175,13 +176,18 @@ async def resume(
 ) -> Response:
     """The thread's active run (or `run_id`) as a UI message stream, from its start."""
     after = _event_id(last_event_id_header, last_event_id)
-    await require_reader(rt, principal, thread_id, ThreadNotFound)
+    # The owner check and the read are one statement (`reader`): checked first and read
+    # after, a thread created meanwhile by someone else was read as theirs.
+    reader = reader_of(principal)
     if run_id is not None:
-        run = await rt.store.get_run(thread_id, check_run_id(run_id))
+        run = await rt.store.get_run(thread_id, check_run_id(run_id), reader=reader)
         if run is None:
+            await require_reader(rt, principal, thread_id, ThreadNotFound)
             raise RunNotFound()
     else:
-        run = await rt.store.latest_run(thread_id)
+        run = await rt.store.latest_run(thread_id, reader=reader)
+        if run is None:
+            await require_reader(rt, principal, thread_id, ThreadNotFound)
         if run is None or not run.active:
             return Response(status_code=204)
     slot = limiter.acquire(

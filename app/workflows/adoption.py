@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,11 +120,13 @@ class Adoption:
         db: Database,
         metrics: Any = None,
         buffer: StreamBuffer | None = None,
+        started: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.metrics = metrics
         self.buffer = buffer
+        self.started = started  # claim now what was just made startable
         self.store = PgRunStore(db)
         self.healthy_since: float | None = None  # loop time of the first beat of this streak
 
@@ -212,6 +215,8 @@ class Adoption:
         adopted: list[str] = []
         for name in await self.departed():
             adopted += await self.adopt(name)
+        if adopted:
+            self._startable()
         return adopted
 
     async def reconcile(self) -> list[str]:
@@ -228,6 +233,8 @@ class Adoption:
                 "enqueued an accepted run that had no workflow",
                 extra={"thread_id": run.thread_id, "run_id": run.run_id},
             )
+        if orphans:
+            self._startable()
         return [r.run_id for r in orphans]
 
     async def move_queued(self) -> list[str]:
@@ -243,7 +250,12 @@ class Adoption:
                 len(ids),
                 extra={"runs": ids},
             )
+            self._startable()
         return ids
+
+    def _startable(self) -> None:
+        if self.started is not None:
+            self.started()
 
     async def finish_ended(self) -> list[str]:
         """Finish run rows whose workflow DBOS ended without our finish step (one pod at a
@@ -343,6 +355,7 @@ class Adoption:
             refused += [i for i in run_ids if i not in known]
         adopted = [r.run_id for r in movable if await self._move(r)]
         if adopted:
+            self._startable()
             logger.warning(
                 "adopted %d stranded runs into version %s",
                 len(adopted),

@@ -2,8 +2,8 @@
 
 DBOS's public API has no call for these: stopping its background threads without blocking the
 event loop (drain), listing the workflows this process executes, re-enqueuing chosen PENDING
-workflows (adoption), claiming a queue's startable workflows now (fast start), and a
-workflow's recovery bound set from settings. dbos is pinned; tests/unit/test_dbos_internals.py
+workflows (adoption), claiming a queue's startable workflows now (event-driven start), a
+workflow's recovery bound set from settings, and slower polling of what we do not use. dbos is pinned; tests/unit/test_dbos_internals.py
 fails loudly when an upgrade moves one of them.
 """
 
@@ -14,6 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+def quiet_background(seconds: float) -> None:
+    """Before launch: DBOS's internal queue (its scheduler and `resume_workflow` use it; our
+    runs never do) and its background jobs (DELAYED workflows and DBOS's own workflow
+    timeouts, neither of which threadgate uses) poll every `seconds`, not every second: an
+    idle pod should cost next to nothing."""
+    from dbos import _workflow_commands
+
+    _workflow_commands._BACKGROUND_JOBS_INTERVAL_SEC = seconds
+    dbos_instance()._registry.get_internal_queue()._polling_interval_sec = seconds
 
 
 def dbos_instance() -> Any:

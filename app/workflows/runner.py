@@ -1,4 +1,11 @@
-"""Submitting runs to the thread queue and stopping them, from any pod."""
+"""Submitting runs to the thread queue, starting them on events, and stopping them.
+
+Runs start on events, not on a poll: the accepting pod claims a new run at once; a pod that
+finishes a run claims what became startable (the thread's next run); a pod that cannot (it
+drains, or leaves) asks the others on the NATS control subject. Every claim is DBOS's own
+partitioned claim, so one run per thread holds whoever claims; DBOS's queue poll
+(THREADGATE_QUEUE_POLLING_S) is only the safety net for a lost event.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +96,9 @@ class Runner:
         self._sweeping = False  # a fast-start sweep is under way
         self._sweep_again = False  # a run was accepted during it
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # thread -> (lock, users)
+        self.draining = False
+        # A pod of another version left: its queued runs may be ours now (adoption's move).
+        self.on_left: Callable[[], Awaitable[object]] | None = None
 
     @contextlib.asynccontextmanager
     async def _local_lock(self, thread_id: str) -> AsyncIterator[None]:
@@ -171,33 +181,52 @@ class Runner:
             "run accepted",
             extra={"thread_id": thread_id, "run_id": run.run_id, "status": run.status},
         )
-        if self.settings.fast_start:
-            self._start_soon(thread_id)
+        self.start_soon()
         return run, True
 
-    def _start_soon(self, thread_id: str) -> None:
-        """Claim the thread's next run now rather than at the next queue poll (dispatch.py).
+    def start_soon(self) -> None:
+        """Claim the queue's startable runs now rather than at the next queue poll.
 
-        Sweeps are coalesced: one at a time, and any number of accepts during a sweep cause
+        Sweeps are coalesced: one at a time, and any number of events during a sweep cause
         one more. A burst of POSTs costs a sweep or two, not one each (each sweep claims every
-        startable run of the queue).
+        startable run of the queue). A draining pod claims nothing.
         """
+        if self.draining or not self.settings.fast_start:
+            return
         if self._sweeping:
             self._sweep_again = True
             return
         self._sweeping = True
-        task = asyncio.create_task(self._sweep(thread_id))
+        task = asyncio.create_task(self._sweep())
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)
 
-    async def _sweep(self, thread_id: str) -> None:
+    def run_ended(self) -> None:
+        """A run executing here ended: its thread's next run may start now. A draining pod
+        leaves it to the others (a kick on the control subject)."""
+        if self.draining:
+            task = asyncio.create_task(self.kick())
+            self._kicks.add(task)
+            task.add_done_callback(self._kicks.discard)
+        else:
+            self.start_soon()
+
+    async def kick(self, **why: str) -> None:
+        """Ask every pod to claim startable runs (`left`: a pod of that version left)."""
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(
+                    self.settings.control_subject, json.dumps({"kick": 1, **why}).encode()
+                )
+
+    async def _sweep(self) -> None:
         try:
             while True:
                 self._sweep_again = False
                 try:
                     await asyncio.to_thread(claim_and_start, QUEUE_NAME)
                 except Exception as exc:  # the queue worker's next poll does it instead
-                    logger.debug("fast start skipped: %r", exc, extra={"thread_id": thread_id})
+                    logger.debug("claiming startable runs failed: %r", exc)
                 if not self._sweep_again:
                     return
         finally:
@@ -233,13 +262,18 @@ class Runner:
                 )
 
     async def listen(self) -> None:
-        """Hear stop requests made on other pods."""
+        """Hear stop requests made on other pods, and their requests to claim runs."""
         if self.nc is None:
             return
 
         async def on_msg(msg: Any) -> None:
             with contextlib.suppress(Exception):
                 body = json.loads(msg.data)
+                if "kick" in body:
+                    if body.get("left") and self.on_left is not None:
+                        await self.on_left()
+                    self.start_soon()
+                    return
                 reason = str(body["reason"])
                 # The reason becomes the run's final status: only ours are heard (anyone who
                 # can publish on NATS could otherwise write any status; see docs/security.md).

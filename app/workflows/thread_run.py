@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -51,6 +52,7 @@ class RunDeps:
     model: ReplySource
     stops: StopSignals
     metrics: Any = None
+    run_ended: Callable[[], None] | None = None  # the thread's next run may start now
 
 
 _deps: RunDeps | None = None
@@ -84,6 +86,8 @@ async def thread_run(thread_id: str, run_id: str) -> str:
     if task is not None:
         _running.add(task)
         task.add_done_callback(_running.discard)
+        # Once the task is done DBOS has recorded the outcome and freed the partition.
+        task.add_done_callback(_ended)
     try:
         outcome = await stream_reply(thread_id, run_id)
     except Exception as exc:
@@ -94,6 +98,11 @@ async def thread_run(thread_id: str, run_id: str) -> str:
         )
     await finish_run(thread_id, run_id, outcome)
     return outcome["status"]
+
+
+def _ended(task: asyncio.Task[Any]) -> None:
+    if _deps is not None and _deps.run_ended is not None:
+        _deps.run_ended()
 
 
 def log_fields(run_id: str, thread_id: str, attempt: int) -> dict[str, Any]:

@@ -39,7 +39,6 @@ async def pod(stack: Stack) -> AsyncIterator[Pod]:
         nats_url=stack.nats.url,
         stream_name="ITEST",
         subject_prefix="itest",
-        queue_polling_s=0.02,
         mock_delay_ms=5,
         keepalive_s=1.0,
         retry_base_s=0.05,

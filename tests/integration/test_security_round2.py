@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.integration.conftest import Pod
+from tests.integration.knobs import AUTH_ON, key, pod_settings
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +107,99 @@ async def test_a_forged_event_type_never_becomes_an_sse_line(pod: Pod) -> None:
     assert events.count("done") == 1 and "reset" not in events and "stalled" not in events
     reply = await pod.client.reply(thread)
     assert reply.text == mock_reply(40)
+
+
+# --- 1. reads racing the first POST of a thread ---------------------------------------------
+
+RACE_THREADS = 300
+RACE_AT_ONCE = 10  # threads raced at the same time
+
+
+@pytest.fixture
+def auth_on(pod: Pod) -> Iterator[None]:
+    with pod_settings(pod, **AUTH_ON):
+        yield
+
+
+async def test_reads_racing_a_threads_first_post_never_leak(pod: Pod, auth_on: None) -> None:
+    """bob polls a thread's messages, runs, attach (at once and waiting for the first run)
+    and the AI SDK resume route, each on its own connection, while alice makes the thread's
+    first POST. The owner check and the read used to be two statements: bob read alice's
+    messages, runs and reply stream in the window between them."""
+    leaks: Counter[str] = Counter()  # reads that showed bob something of alice's
+    leaked_threads: set[str] = set()
+    reads: Counter[str] = Counter()
+    bob = key("bob")
+    limits = httpx.Limits(max_connections=1)
+    clients = [
+        httpx.AsyncClient(base_url=pod.url, timeout=30, limits=limits, headers=bob)
+        for _ in range(5 * RACE_AT_ONCE)
+    ]
+
+    async def poll(
+        http: httpx.AsyncClient, thread: str, path: str, kind: str, posted: asyncio.Event
+    ) -> None:
+        rounds_after = 0
+        while rounds_after < 2:  # keep reading through the POST and a little after it
+            if posted.is_set():
+                rounds_after += 1
+            reads[kind] += 1
+            resp = await http.get(path)
+            if kind in ("messages", "runs"):
+                body = resp.json()
+                if resp.status_code == 200 and (body.get("messages") or body.get("runs")):
+                    leaks[kind] += 1
+                    leaked_threads.add(thread)
+            elif resp.status_code not in (204, 404):
+                leaks[kind] += 1  # a stream (or anything but "none" and "not yours")
+                leaked_threads.add(thread)
+
+    async def wait_attach(http: httpx.AsyncClient, thread: str) -> None:
+        reads["attach-wait"] += 1
+        async with asyncio.timeout(20):
+            async with http.stream("GET", f"/threads/{thread}/attach") as resp:
+                text = (await resp.aread()).decode()
+        if resp.status_code not in (200, 404) or "event:" in text:
+            leaks["attach-wait"] += 1
+            leaked_threads.add(thread)
+
+    async def race(thread: str, mine: list[httpx.AsyncClient]) -> None:
+        posted = asyncio.Event()
+        waiting = asyncio.create_task(wait_attach(mine[4], thread))
+        pollers = [
+            asyncio.create_task(poll(http, thread, path, kind, posted))
+            for http, (path, kind) in zip(
+                mine[:4],
+                [
+                    (f"/threads/{thread}/messages", "messages"),
+                    (f"/threads/{thread}/runs", "runs"),
+                    (f"/threads/{thread}/attach?wait=false", "attach"),
+                    (f"/ai-sdk/chat/{thread}/stream", "ai-sdk-resume"),
+                ],
+                strict=True,
+            )
+        ]
+        await asyncio.sleep(0)  # let the pollers send their first requests
+        resp = await pod.http.post(
+            f"/threads/{thread}/runs",
+            json={"input": "alice's secret", "model_options": {"chunks": 2}},
+            headers=key("alice"),
+        )
+        assert resp.status_code == 202, resp.text
+        posted.set()
+        await asyncio.gather(*pollers, waiting)
+
+    try:
+        for batch in range(RACE_THREADS // RACE_AT_ONCE):
+            threads = [unique(f"race{batch}") for _ in range(RACE_AT_ONCE)]
+            await asyncio.gather(
+                *(race(t, clients[5 * i : 5 * i + 5]) for i, t in enumerate(threads))
+            )
+    finally:
+        for http in clients:
+            await http.aclose()
+    print(
+        f"\n{RACE_THREADS} threads raced; bob's reads: {dict(reads)};"
+        f" reads that leaked: {dict(leaks)}; threads leaked: {len(leaked_threads)}"
+    )
+    assert sum(leaks.values()) == 0, dict(leaks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,12 @@ class NatsCluster:
     def kill(self, name: str) -> None:
         """SIGKILL, like an OOM kill: no leadership handed over, no goodbye to the routes."""
         self.servers[name].stop(kill=True)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP: its connections stay open and swallow what is sent to it (a frozen node)."""
+        proc = self.servers[name].proc
+        assert proc is not None and proc.poll() is None
+        proc.send_signal(signal.SIGSTOP)
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         self.servers[name].start()

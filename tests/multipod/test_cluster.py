@@ -79,11 +79,11 @@ async def test_runs_posted_at_once_to_three_pods_take_turns_on_their_thread(
     assert [(m["role"], m["run_id"], m["content"]) for m in messages] == expected
 
 
-async def test_fast_start_keeps_runs_of_a_thread_from_overlapping(
+async def test_runs_keep_turns_when_they_start_at_the_queue_poll_only(
     start_cluster: StartCluster,
 ) -> None:
-    """THREADGATE_FAST_START claims on the accepting pod too: turns must still hold."""
-    cluster = await start_cluster(fast_start="true")
+    """With event-driven start off (runs start at DBOS's queue poll alone), turns hold too."""
+    cluster = await start_cluster(fast_start="false", queue_polling_s=0.05)
     for _ in range(3):
         await test_runs_posted_at_once_to_three_pods_take_turns_on_their_thread(cluster)
 

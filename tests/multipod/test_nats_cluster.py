@@ -209,3 +209,102 @@ async def test_stream_leader_killed_mid_reply(
     finally:
         print("\n" + "\n".join(figures))
         await pods.stop()
+
+
+async def test_quorum_lost_then_back(
+    stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two of three servers die mid-reply: no stream leader can be elected. Publishing waits
+    THREADGATE_NATS_OUTAGE_LIMIT_S, then the attempt fails as transient and the run waits
+    within its time budget; once a quorum is back the run goes on. Nothing is lost."""
+    pods, stream = await start_pods(
+        stack,
+        nats_cluster,
+        tmp_path_factory.mktemp("pods"),
+        mock_delay_ms=25,
+        nats_outage_limit_s=3,
+        retry_base_s=0.5,
+        retry_cap_s=2,
+    )
+    client = pods.client()
+    urls = pods.urls
+    try:
+        threads = [unique("q") for _ in range(3)]
+        runs = {}
+        for t in threads:
+            opts = {"chunks": 80, "vary": True}
+            runs[t] = (await client.post(t, "through a quorum loss", model_options=opts))["run_id"]
+        rotate = [urls[i:] + urls[:i] for i in range(3)]
+        live = {t: Attacher(rotate[i], t, reconnects=40).start() for i, t in enumerate(threads)}
+        await asyncio.gather(*(live[t].wait_chunk(10, 60) for t in threads))
+        leader = await stream_leader(nats_cluster, stream)
+        other = next(n for n in nats_cluster.names if n != leader)
+        nats_cluster.kill(leader)
+        nats_cluster.kill(other)
+        # The documented outage behaviour: each run's attempt gives up past the limit.
+        failed = re.compile(r'"msg": "attempt failed, next in [^"]*StreamUnavailable')
+
+        def gave_up() -> int:
+            return sum(len(failed.findall(p.log_text())) for p in pods.pods)
+
+        async with asyncio.timeout(60):
+            while gave_up() < len(threads):  # noqa: ASYNC110 - reading other processes' logs
+                await asyncio.sleep(0.1)
+        nats_cluster.restart(leader)  # two of three: a quorum again
+        late = {
+            t: Attacher(rotate[(i + 1) % 3], t, reconnects=40).start()
+            for i, t in enumerate(threads)
+        }
+        nats_cluster.restart(other)
+        attempts = {}
+        for t in threads:
+            replies = {
+                "in-flight": await live[t].result(120),
+                "late": await late[t].result(120),
+                "after": await AsyncClient(urls[0]).reply(t),
+            }
+            attempts[t] = await check_run(client, t, runs[t], replies)
+        print(f"\nquorum lost mid-reply: attempts per run {sorted(attempts.values())}")
+    finally:
+        await pods.stop()
+
+
+async def test_publishes_lost_with_their_leader_are_stored_again_in_order(
+    stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The leader freezes, swallowing the publishes in flight to it, then dies. A new leader
+    stores the publishes that follow the election before the swallowed ones time out (a
+    publish timeout longer than the election, a window wider than the outage): their acks
+    come back below the sequence of the republished ones. Before, that broke the attempt
+    (AttemptBroken: a new attempt); now the stragglers are published again after them."""
+    pods, stream = await start_pods(
+        stack,
+        nats_cluster,
+        tmp_path_factory.mktemp("pods"),
+        mock_delay_ms=50,
+        publish_timeout_s=12,
+        publish_window=1000,
+    )
+    client = pods.client()
+    try:
+        thread = unique("order")
+        run = await client.post(thread, "x", model_options={"chunks": 400, "vary": True})
+        live = Attacher(pods.urls, thread, reconnects=20).start()
+        await live.wait_chunk(5)
+        leader = await stream_leader(nats_cluster, stream)
+        nats_cluster.pause(leader)
+        seen = len(live.events)
+        # publishes go on meanwhile, into the frozen leader's route: lost with it
+        await asyncio.sleep(0.5)  # noqa: ASYNC110 - the length of the freeze is the fault
+        assert len(live.events) == seen, "the frozen leader stored something"
+        nats_cluster.kill(leader)
+        nats_cluster.restart(leader)
+        reply = await live.result(120)
+        attempts = await check_run(
+            client, thread, run["run_id"], {"in-flight": reply, "after": await client.reply(thread)}
+        )
+        republished = sum(p.log_text().count("stored out of order") for p in pods.pods)
+        print(f"\nattempts {attempts}; parts published again after their successors: {republished}")
+        assert attempts == 1
+    finally:
+        await pods.stop()

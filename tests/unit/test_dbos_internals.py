@@ -41,6 +41,18 @@ def test_process_state_is_where_we_read_it() -> None:
     assert INTERNAL_QUEUE_NAME and callable(generate_uuid) and hasattr(GlobalParams, "executor_id")
 
 
+def test_what_quiet_background_slows_is_where_it_sets_it() -> None:
+    import dbos._workflow_commands as commands
+    from dbos._queue import Queue
+
+    assert isinstance(commands._BACKGROUND_JOBS_INTERVAL_SEC, float)
+    assert "_BACKGROUND_JOBS_INTERVAL_SEC" in inspect.getsource(commands.background_jobs_thread)
+    assert "_polling_interval_sec" in inspect.getsource(Queue.__init__)
+    from dbos._dbos import DBOSRegistry
+
+    assert callable(DBOSRegistry.get_internal_queue)
+
+
 def test_recovery_bound_is_a_field_of_the_workflow_info() -> None:
     info = get_func_info(thread_run)
     assert isinstance(info, DBOSFuncInfo)
