@@ -260,10 +260,12 @@ class JetStreamPublisher:
     """Publishes one attempt's events in order with up to `publish_window` acks in flight.
 
     The connection keeps our order; acks are settled in order. A message whose ack does not
-    come is published again with the same id, so JetStream drops it if it was stored. Every
-    ack's stream sequence must exceed the previous one: if a retry stored a message after a
-    later one, the attempt's order is broken and `AttemptBroken` tells the caller to start a
-    new attempt (which purges and begins again).
+    come is published again with the same id, so JetStream drops it if it was stored, and so
+    is every message after it. When a stream leader dies with publishes in flight, the next
+    leader may store later messages before the lost ones come again: their acks then show a
+    sequence below the last one settled. Such a message is published once more, under a new
+    id, so that it is stored after its predecessors; readers take a part only when it is the
+    next index, so its first copy is skipped as the far side of a gap. The attempt goes on.
     """
 
     def __init__(self, buffer: JetStreamBuffer, subject: str, run_id: str, attempt: int) -> None:
@@ -273,6 +275,7 @@ class JetStreamPublisher:
         self.attempt = attempt
         self.last_seq = 0
         self.inflight: deque[tuple[asyncio.Future[Any], bytes, dict[str, str]]] = deque()
+        self.repairs = 0  # messages stored again after their predecessors
 
     async def publish(self, event: Event, part: str | int) -> None:
         data = event.to_bytes()
@@ -282,7 +285,7 @@ class JetStreamPublisher:
         if not self.buffer.nc.is_connected:
             # During an outage queue nothing more in the client: settle and go one by one.
             await self.flush()
-            self._accept(await self._publish_sync(data, headers))
+            await self._store_in_order(data, headers)
             return
         fut = await self.buffer.js.publish_async(self.subject, data, headers=headers)
         self.inflight.append((fut, data, headers))
@@ -318,7 +321,25 @@ class JetStreamPublisher:
             f.cancel()
         self.inflight.clear()
         for d, h in pending:
-            self._accept(await self._publish_sync(d, h))
+            await self._store_in_order(d, h)
+
+    async def _store_in_order(self, data: bytes, headers: dict[str, str]) -> None:
+        """Publish and wait for the ack; store the message again if it landed before its
+        predecessors (see the class docstring)."""
+        ack = await self._publish_sync(data, headers)
+        while ack.seq <= self.last_seq:
+            self.repairs += 1
+            msg_id = headers["Nats-Msg-Id"]
+            logger.warning(
+                "message %s stored out of order (seq %d after %d): publishing it again",
+                msg_id,
+                ack.seq,
+                self.last_seq,
+                extra={"run_id": self.run_id, "attempt": self.attempt},
+            )
+            headers = {"Nats-Msg-Id": f"{msg_id}:r{self.repairs}"}  # the old id is a duplicate
+            ack = await self._publish_sync(data, headers)
+        self.last_seq = ack.seq
 
     async def _publish_sync(self, data: bytes, headers: dict[str, str]) -> Any:
         js = self.buffer.js
@@ -341,7 +362,11 @@ async def _with_retry(
     what: str,
     on_retry: Callable[[], None] | None = None,
 ) -> Any:
-    """Retry with exponential backoff (0.1 s → 2 s) until `limit_s` has passed."""
+    """Retry with exponential backoff (0.1 s → 0.5 s) until `limit_s` has passed.
+
+    A short cap: a stream leader election answers "no responders" at once for a few seconds,
+    and a retry that comes a second late is a second the reply stands still.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
     delay = 0.1
@@ -354,6 +379,6 @@ async def _with_retry(
                     f"JetStream {what} failed for {limit_s:.0f}s: {exc!r}"
                 ) from exc
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, 0.5)
             if on_retry is not None:
                 on_retry()
