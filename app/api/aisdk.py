@@ -25,11 +25,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..auth import Principal
 from ..errors import InvalidRequest, RunNotFound, ThreadNotFound
 from ..ids import check_run_id, check_thread_id
+from ..store.runs import Run
 from ..streams.aisdk import DONE, HEADERS, UiMessageStream
-from ..streams.events import Event
 from ..streams.relay import relay
+from ..streams.tail import TailHub, ThreadTail
 from . import runs
 from .attach import SseResponse, _event_id
 from .deps import (
@@ -43,6 +45,7 @@ from .deps import (
     reader_of,
     require_reader,
 )
+from .limits import AttachLimiter, AttachSlot
 from .schemas import RunCreate, Strategy, error_responses
 
 router = APIRouter(prefix="/ai-sdk", tags=["ai-sdk"])
@@ -128,29 +131,16 @@ async def chat(
         problems = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
         raise InvalidRequest("the message cannot be a run", problems=problems) from None
     # The stream's slot first: a run accepted and then refused a stream would run unseen.
-    slot = limiter.acquire(
-        principal.name,
-        per_principal=rt.settings.max_attach_per_principal,
-        per_pod=rt.settings.max_attach_per_pod,
-    )
+    slot = _slot(rt, limiter, principal)
     try:
         accepted = await runs.create_run(
             principal, thread_id, create, runner, rt, Response(), idempotency_key
         )
+        tail = await hub.acquire(thread_id)
     except BaseException:
         slot.release()
         raise
-    headers = {
-        **HEADERS,
-        "x-threadgate-thread-id": thread_id,
-        "x-threadgate-run-id": accepted.run_id,
-    }
-    return SseResponse(
-        _ui_stream(rt, hub, thread_id, accepted.run_id, None),
-        slot=slot,
-        media_type="text/event-stream",
-        headers=headers,
-    )
+    return _respond(rt, hub, tail, slot, thread_id, accepted.run_id, reader_of(principal), None)
 
 
 @router.get(
@@ -176,40 +166,76 @@ async def resume(
 ) -> Response:
     """The thread's active run (or `run_id`) as a UI message stream, from its start."""
     after = _event_id(last_event_id_header, last_event_id)
-    # The owner check and the read are one statement (`reader`): checked first and read
-    # after, a thread created meanwhile by someone else was read as theirs.
     reader = reader_of(principal)
+    # Reads filtered by the reader in the statement that reads (no check-then-read window).
+    run: Run | None
     if run_id is not None:
         run = await rt.store.get_run(thread_id, check_run_id(run_id), reader=reader)
         if run is None:
-            await require_reader(rt, principal, thread_id, ThreadNotFound)
             raise RunNotFound()
     else:
         run = await rt.store.latest_run(thread_id, reader=reader)
         if run is None:
+            # Someone else's thread is 404; one with no run yet has nothing to resume.
             await require_reader(rt, principal, thread_id, ThreadNotFound)
-        if run is None or not run.active:
             return Response(status_code=204)
-    slot = limiter.acquire(
+        if not run.active:
+            return Response(status_code=204)
+    slot = _slot(rt, limiter, principal)
+    try:
+        tail = await hub.acquire(thread_id)
+    except BaseException:
+        slot.release()
+        raise
+    return _respond(rt, hub, tail, slot, thread_id, run.run_id, reader, after)
+
+
+def _slot(rt: RuntimeDep, limiter: AttachLimiter, principal: Principal) -> AttachSlot:
+    return limiter.acquire(
         principal.name,
         per_principal=rt.settings.max_attach_per_principal,
         per_pod=rt.settings.max_attach_per_pod,
     )
-    headers = {**HEADERS, "x-threadgate-thread-id": thread_id, "x-threadgate-run-id": run.run_id}
+
+
+def _respond(
+    rt: RuntimeDep,
+    hub: TailHub,
+    tail: ThreadTail,
+    slot: AttachSlot,
+    thread_id: str,
+    run_id: str,
+    reader: str | None,
+    after: int | None,
+) -> SseResponse:
+    """The stream; its slot and its tail are held until it ends, however it ends."""
+    headers = {**HEADERS, "x-threadgate-thread-id": thread_id, "x-threadgate-run-id": run_id}
     return SseResponse(
-        _ui_stream(rt, hub, thread_id, run.run_id, after),
+        _ui_stream(rt, tail, thread_id, run_id, reader, after),
         slot=slot,
+        release=lambda: hub.release(tail),
         media_type="text/event-stream",
         headers=headers,
     )
 
 
 async def _ui_stream(
-    rt: RuntimeDep, hub: HubDep, thread_id: str, run_id: str, after: int | None
+    rt: RuntimeDep,
+    tail: ThreadTail,
+    thread_id: str,
+    run_id: str,
+    reader: str | None,
+    after: int | None,
 ) -> AsyncIterator[bytes]:
-    # Always from the run's first event: the encoder folds in silently what the client had.
+    """The run from its first event (what api/attach.py's _stream relays), encoded; the
+    encoder folds in silently what a resuming client had."""
+
+    async def lookup() -> Run | None:
+        return await rt.store.get_run(thread_id, run_id, reader=reader)
+
     encoder = UiMessageStream(thread_id, run_id, after=after)
-    async for batch in _batches(rt, hub, thread_id, run_id):
+    batches = relay(tail, run_id, lookup, last_event_id=None, keepalive_s=rt.settings.keepalive_s)
+    async for batch in batches:
         out = encoder.encode(batch)
         if out:
             yield out
@@ -217,18 +243,3 @@ async def _ui_stream(
             break
     if encoder.finished:
         yield DONE  # a stream cut before `done` ends without it: the client reconnects
-
-
-async def _batches(
-    rt: RuntimeDep, hub: HubDep, thread_id: str, run_id: str
-) -> AsyncIterator[list[Event]]:
-    """The relay of one run, from its first event (what api/attach.py's _stream encodes)."""
-
-    async def lookup() -> Any:
-        return await rt.store.get_run(thread_id, run_id)
-
-    async with hub.attach(thread_id) as tail:
-        async for batch in relay(
-            tail, run_id, lookup, last_event_id=None, keepalive_s=rt.settings.keepalive_s
-        ):
-            yield batch
