@@ -7,16 +7,14 @@ import { after, before, test } from "node:test";
 import { DefaultChatTransport, readUIMessageStream } from "ai";
 
 import { threadgateFetch } from "../ai-sdk.js";
-import { mockReply, serverVaries, startStack, unique, waitRun } from "./stack.js";
+import { mockReply, startStack, unique, waitRun } from "./stack.js";
 
 const LIMIT = 180_000; // a hang fails the test instead of the whole run
 
 let stack;
-let VARY = false;
 
 before(async () => {
   stack = await startStack({ pods: 2 });
-  VARY = await serverVaries(stack.urls[0]);
 });
 
 after(async () => {
@@ -157,7 +155,6 @@ async function killMidReply({ clientOn, modelOptions, wrapped }) {
   await killed;
   const stored = await waitRun(stack.urls, thread, runId, (r) => FINISHED.includes(r.status));
   assert.equal(stored.status, "success");
-  assert.equal(stored.attempt, 2);
   assert.deepEqual(errors, []);
   assert.equal(message.id, runId);
   assert.equal(textOf(message), stored.output);
@@ -166,11 +163,12 @@ async function killMidReply({ clientOn, modelOptions, wrapped }) {
 }
 
 test("pod SIGKILLed mid-reply, reader on the survivor: the message is exactly the stored reply", { timeout: LIMIT }, async () => {
-  const { message, chunks } = await killMidReply({
+  const { message, chunks, stored } = await killMidReply({
     clientOn: "survivor",
     modelOptions: { chunks: 60, delay_ms: 40 },
     wrapped: false,
   });
+  assert.equal(stored.attempt, 2);
   assert.equal(textOf(message), mockReply(60));
   const regenerated = chunks.some((c) => c.type === "reset-step");
   const continued = chunks.some((c) => c.type === "data-threadgate-attempt" && c.data.resume_from !== undefined);
@@ -178,11 +176,12 @@ test("pod SIGKILLed mid-reply, reader on the survivor: the message is exactly th
 });
 
 test("pod SIGKILLed mid-reply, reader on the dying pod: threadgateFetch resumes on the other pod", { timeout: LIMIT }, async () => {
-  const { message, requests, urls } = await killMidReply({
+  const { message, requests, urls, stored } = await killMidReply({
     clientOn: "executor",
     modelOptions: { chunks: 60, delay_ms: 40 },
     wrapped: true,
   });
+  assert.equal(stored.attempt, 2);
   assert.equal(textOf(message), mockReply(60));
   // The first request went to the pod that died; the stream went on from the other one.
   assert.ok(requests[0].startsWith(urls[0]));
@@ -192,18 +191,27 @@ test("pod SIGKILLed mid-reply, reader on the dying pod: threadgateFetch resumes 
   );
 });
 
-for (const clientOn of ["survivor", "executor"]) {
-  test(
-    `[contract v2] pod SIGKILLed mid-reply with vary, reader on the ${clientOn}: exactly the stored mix of attempts`,
-    { timeout: LIMIT, skip: !VARY && "contract v2 pending: the server's mock has no `vary` yet" },
-    async () => {
-      const { message, stored } = await killMidReply({
+for (const mode of ["continued", "regenerated"]) {
+  for (const clientOn of ["survivor", "executor"]) {
+    test(`pod SIGKILLed mid-reply with vary, ${mode}, reader on the ${clientOn}: exactly the stored mix of attempts`, { timeout: LIMIT }, async () => {
+      const { message, chunks, stored } = await killMidReply({
         clientOn,
-        modelOptions: { chunks: 60, delay_ms: 40, vary: true },
+        modelOptions: { chunks: 60, delay_ms: 40, vary: true, refuse_continue: mode === "regenerated" },
         wrapped: true,
       });
-      assert.match(stored.output, /\.2 $/);
       assert.equal(textOf(message), stored.output);
-    },
-  );
+      assert.ok(!chunks.some((c) => c.type === "error"), "a replay is not an error");
+      if (mode === "continued") {
+        assert.equal(stored.attempt, 2);
+        assert.match(stored.output, /^chunk-0\.1 .*chunk-59\.2 $/);
+        const attempt = chunks.find((c) => c.type === "data-threadgate-attempt" && c.data.attempt === 2);
+        assert.ok(Number.isInteger(attempt.data.resume_from));
+      } else {
+        assert.equal(stored.attempt, 3); // the refused continuation cost attempt 2
+        assert.match(stored.output, /^(chunk-\d+\.3 ){60}$/);
+        assert.ok(chunks.some((c) => c.type === "reset-step"), "the reader dropped attempt 1's text");
+        assert.ok(chunks.some((c) => c.type === "data-threadgate-reset" && c.transient));
+      }
+    });
+  }
 }

@@ -4,16 +4,14 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
 import { attach, cancel, messages, post, run, runs, ThreadgateError } from "../index.js";
-import { mockReply, serverVaries, startStack, unique, waitRun } from "./stack.js";
+import { mockReply, startStack, unique, waitRun } from "./stack.js";
 
 const LIMIT = 180_000; // a hang fails the test instead of the whole run
 
 let stack;
-let VARY = false;
 
 before(async () => {
   stack = await startStack({ pods: 2 });
-  VARY = await serverVaries(stack.urls[0]);
 });
 
 after(async () => {
@@ -207,7 +205,6 @@ async function killMidReply({ clientOn, modelOptions, n }) {
   await killed;
   const stored = await waitRun(stack.urls, thread, accepted.run_id, (r) => FINISHED.includes(r.status));
   assert.equal(stored.status, "success");
-  assert.equal(stored.attempt, 2, "one replay after one kill");
   assert.equal(reply.status, "success");
   assert.equal(reply.text, stored.output);
   assert.equal(rec.shown, reply.text, "what the callbacks gave since the last onReset is the reply");
@@ -221,33 +218,41 @@ async function killMidReply({ clientOn, modelOptions, n }) {
 for (const clientOn of ["survivor", "executor"]) {
   test(`pod SIGKILLed mid-reply, client on the ${clientOn}: the stored reply, each chunk once`, { timeout: LIMIT }, async () => {
     const n = 60;
-    const { reply } = await killMidReply({ clientOn, modelOptions: { chunks: n, delay_ms: 40 }, n });
+    const { reply, stored } = await killMidReply({ clientOn, modelOptions: { chunks: n, delay_ms: 40 }, n });
+    assert.equal(stored.attempt, 2, "one replay after one kill");
     assert.equal(reply.text, mockReply(n));
   });
 }
 
-// Contract v2: with `vary`, any mix of attempts is visible in the text.
-for (const clientOn of ["survivor", "executor"]) {
-  test(
-    `[contract v2] pod SIGKILLed mid-reply with vary, client on the ${clientOn}: continued or regenerated, exactly the stored reply`,
-    { timeout: LIMIT, skip: !VARY && "contract v2 pending: the server's mock has no `vary` yet" },
-    async () => {
+// With `vary` any mix of attempts shows in the text. The mock continues a reply (resume_from);
+// with `refuse_continue` the replay regenerates it (a reset, then all of attempt 2).
+for (const mode of ["continued", "regenerated"]) {
+  for (const clientOn of ["survivor", "executor"]) {
+    test(`pod SIGKILLed mid-reply with vary, ${mode}, client on the ${clientOn}: exactly the stored reply`, { timeout: LIMIT }, async () => {
       const n = 60;
-      const { rec, reply } = await killMidReply({ clientOn, modelOptions: { chunks: n, delay_ms: 40, vary: true }, n });
-      const second = rec.events.find((e) => e.type === "run_started" && e.data.attempt === 2);
+      const modelOptions = { chunks: n, delay_ms: 40, vary: true, refuse_continue: mode === "regenerated" };
+      const { rec, reply, stored } = await killMidReply({ clientOn, modelOptions, n });
+      // A regenerating replay first tries to continue: the refusal costs attempt 2.
+      assert.equal(stored.attempt, mode === "continued" ? 2 : 3);
+      const second = rec.events.find((e) => e.type === "run_started" && e.data.attempt === stored.attempt);
       assert.ok(second, "the client saw the replay start");
-      const words = reply.text.trim().split(" ");
-      assert.equal(words.length, n);
-      if (Number.isInteger(second.data.resume_from)) {
-        // Continued: attempt-1 chunks then attempt-2 chunks, once each, no reset.
+      const shownBefore = rec.events.filter((e) => e.type === "chunk" && e.data.attempt === 1).length;
+      assert.ok(shownBefore >= 8, "the client held attempt-1 chunks when the pod died");
+      if (mode === "continued") {
+        // Attempt-1 chunks then attempt-2 chunks, each index once, no reset.
         const k = second.data.resume_from;
+        assert.ok(Number.isInteger(k) && k > 0, `a continuation: ${JSON.stringify(second.data)}`);
         assert.equal(reply.text, [...Array(n).keys()].map((i) => `chunk-${i}.${i < k ? 1 : 2} `).join(""));
         assert.ok(!rec.events.some((e) => e.type === "reset"), "a continuation sends no reset");
+        assert.equal(rec.resets, 0, "nothing shown was taken back");
       } else {
-        // Regenerated: a reset, then the whole attempt-2 reply.
-        assert.ok(rec.events.some((e) => e.type === "reset"));
-        assert.equal(reply.text, [...Array(n).keys()].map((i) => `chunk-${i}.2 `).join(""));
+        // A reset, then the whole attempt-2 reply.
+        assert.equal(second.data.resume_from, undefined);
+        assert.equal(rec.events.filter((e) => e.type === "reset").length, 1);
+        assert.equal(rec.resets, 1);
+        assert.equal(reply.text, [...Array(n).keys()].map((i) => `chunk-${i}.${stored.attempt} `).join(""));
       }
-    },
-  );
+      assert.equal(stored.output, reply.text);
+    });
+  }
 }

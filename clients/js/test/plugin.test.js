@@ -1,4 +1,4 @@
-// [contract v2] A plug-in reply source with data events (tests/js_stack.py: demo_source) on
+// A plug-in reply source with data events (tests/js_stack.py: demo_source) on
 // real pods: the JS client and the AI SDK reader get text and data parts in order, and the
 // stored message has the same parts.
 import assert from "node:assert/strict";
@@ -7,16 +7,14 @@ import { after, before, test } from "node:test";
 import { DefaultChatTransport, readUIMessageStream } from "ai";
 
 import { attach, messages, post } from "../index.js";
-import { pluginsLanded, startStack, unique } from "./stack.js";
+import { startStack, unique } from "./stack.js";
 
 const LIMIT = 180_000; // a hang fails the test instead of the whole run
 
-const LANDED = pluginsLanded();
-const skip = !LANDED && "contract v2 pending: no plug-in reply sources (threadgate.sources) yet";
 let stack;
 
 before(async () => {
-  if (LANDED) stack = await startStack({ pods: 1, knobs: { model: "tests.js_stack:demo_source" } });
+  stack = await startStack({ pods: 1, knobs: { model: "tests.js_stack:demo_source" } });
 });
 
 after(async () => {
@@ -35,7 +33,7 @@ const EXPECTED = [
 ];
 const TEXT = EXPECTED.filter((p) => p.type === "text").map((p) => p.text).join("");
 
-test("[contract v2] the JS client gets text and data parts in index order", { skip, timeout: LIMIT }, async () => {
+test("the JS client gets text and data parts in index order", { timeout: LIMIT }, async () => {
   const thread = unique("plug");
   await post(stack.urls, thread, "with data", { modelOptions: { chunks: 7, delay_ms: 10 } });
   const order = [];
@@ -65,7 +63,7 @@ test("[contract v2] the JS client gets text and data parts in index order", { sk
   );
 });
 
-test("[contract v2] the AI SDK reader gets data-<name> parts between text parts", { skip, timeout: LIMIT }, async () => {
+test("the AI SDK reader gets data-<name> parts between text parts", { timeout: LIMIT }, async () => {
   const thread = unique("plug");
   const transport = new DefaultChatTransport({ api: `${stack.urls[0]}/ai-sdk/chat` });
   const stream = await transport.sendMessages({

@@ -1,6 +1,6 @@
 // Real pods for the node tests: spawns `python -m tests.js_stack` (PostgreSQL, nats-server and
 // N `threadgate serve` pods) and drives it over stdin: kill and restart a pod by name.
-import { spawn, spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -91,25 +91,3 @@ export const unique = (prefix = "js") => `${prefix}-${Math.random().toString(16)
 
 export const mockReply = (n) => Array.from({ length: n }, (_, i) => `chunk-${i} `).join("");
 
-/** Does the server's mock know `vary` (contract v2)? One tiny run tells. */
-export async function serverVaries(url) {
-  const thread = unique("probe");
-  const resp = await fetch(`${url}/threads/${thread}/runs`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ input: "probe", model_options: { chunks: 1, delay_ms: 0, vary: true } }),
-  });
-  if (!resp.ok) return false;
-  const { run_id } = await resp.json();
-  const run = await waitRun([url], thread, run_id, (r) => ["success", "error", "cancelled", "interrupted"].includes(r.status));
-  return run.output === "chunk-0.1 ";
-}
-
-/** Contract v2: plug-in reply sources (THREADGATE_MODEL=module:factory, threadgate.sources)? */
-export function pluginsLanded() {
-  const check =
-    "from threadgate.settings import load_settings\n" +
-    "load_settings(model='tests.js_stack:demo_source')\n" +
-    "import threadgate.sources\n";
-  return spawnSync(python(), ["-c", check], { cwd: REPO, stdio: "ignore" }).status === 0;
-}
