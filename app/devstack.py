@@ -29,7 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 PG_USER = "threadgate-pg"  # PostgreSQL refuses to run as root
@@ -204,13 +204,11 @@ class Postgres:
         fast: bool = False,
         max_connections: int = 300,
         bin_dir: str | None = None,
-        conf: Mapping[str, str] | None = None,
     ) -> None:
         asked = Path(data_dir).absolute()
         self.port = port or free_port()
         self.fast = fast
         self.max_connections = max_connections
-        self.conf = dict(conf or {})  # more server settings, as `-c name=value`
         self.account = _pg_account()
         self.bin = pg_bin_dir(bin_dir)
         if self.account is not None and not reachable(self.bin / "postgres", self.account):
@@ -306,8 +304,6 @@ class Postgres:
                 "-c",
                 "full_page_writes=off",
             ]
-        for name, value in self.conf.items():
-            args += ["-c", f"{name}={value}"]
         self.log.touch()
         self._own(self.log)
         log = open(self.log, "ab")  # noqa: SIM115 - the child keeps it

@@ -18,7 +18,7 @@ from .metrics import Metrics
 from .runtime import Runtime
 from .settings import Settings
 from .sources import load_source
-from .store.db import Database
+from .store.db import Database, dbos_url
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats
 from .streams.tail import TailHub
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 def dbos_config(settings: Settings) -> DBOSConfig:
     return DBOSConfig(
         name=settings.app_name,
-        system_database_url=settings.database_url.get_secret_value(),
+        system_database_url=dbos_url(settings.database_url.get_secret_value()),
         application_version=settings.app_version,
         executor_id=settings.pod_name,
         log_level=settings.log_level.upper(),

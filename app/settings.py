@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     adopt_after_s: float = Field(default=60.0, gt=0)
     adopt_check_s: float = Field(default=10.0, gt=0)
     orphan_after_s: float = Field(default=30.0, gt=0)
+    # Runs stranded by a version change whose recorded steps match this version's workflow
+    # are adopted by the adoption checks (false: only `threadgate adopt` moves them).
+    auto_adopt: bool = True
     drain_timeout_s: float = Field(default=25.0, ge=0)
     keepalive_s: float = Field(default=15.0, gt=0)
     tail_linger_s: float = Field(default=30.0, ge=0)

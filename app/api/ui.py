@@ -3,9 +3,9 @@ and /docs, Swagger UI served from the pod's own files.
 
 The page's client logic is threadgate-client (static/threadgate-client.js, a copy of
 clients/js/index.js that a test keeps identical). It takes demo/testing query parameters:
-`chunks`, `delay_ms`, `fail`, `fail_at`, `fail_attempts` and `vary` are sent as
-`model_options` with every message (the mock model honours them), and `thread` opens that
-thread: `/?thread=demo&chunks=40&delay_ms=50`.
+`chunks`, `delay_ms`, `fail`, `fail_at`, `fail_attempts`, `vary`, `data_every` and
+`refuse_continue` are sent as `model_options` with every message (the mock model honours
+them), and `thread` opens that thread: `/?thread=demo&chunks=40&delay_ms=50&vary=1`.
 """
 
 from __future__ import annotations

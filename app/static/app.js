@@ -7,9 +7,10 @@
 // then gives the parts it still holds again. The history from /messages is merged into those
 // elements, never appended beside them.
 //
-// Demo and testing: `chunks`, `delay_ms`, `fail`, `fail_at`, `fail_attempts` and `vary` in the
-// page's query string are sent as `model_options` with every message (the mock model honours
-// them), e.g. /?chunks=40&delay_ms=50; `thread` opens that thread.
+// Demo and testing: `chunks`, `delay_ms`, `fail`, `fail_at`, `fail_attempts`, `vary`,
+// `data_every` and `refuse_continue` in the page's query string are sent as `model_options`
+// with every message (the mock model honours them), e.g. /?chunks=40&delay_ms=50&vary=1;
+// `thread` opens that thread.
 import {
   attach,
   cancel as cancelRun,
@@ -56,14 +57,14 @@ const state = {
 
 function readModelOptions(p) {
   const out = {};
-  for (const key of ["chunks", "delay_ms", "fail_at", "fail_attempts"]) {
+  for (const key of ["chunks", "delay_ms", "fail_at", "fail_attempts", "data_every"]) {
     const value = p.get(key);
     if (value !== null && value.trim() !== "" && Number.isFinite(Number(value))) {
       out[key] = Number(value);
     }
   }
   if (p.get("fail")) out.fail = p.get("fail");
-  if (["1", "true"].includes(p.get("vary"))) out.vary = true;
+  for (const flag of ["vary", "refuse_continue"]) if (["1", "true"].includes(p.get(flag))) out[flag] = true;
   return out;
 }
 

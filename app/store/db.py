@@ -10,10 +10,51 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from ..errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Pods starting together would race on CREATE ... IF NOT EXISTS: one migrates at a time.
 _MIGRATION_LOCK = 0x7467_6D69  # "tgmi"
+
+
+def dbos_url(url: str) -> str:
+    """The database URL in the form DBOS can take (it parses URLs with SQLAlchemy).
+
+    libpq's multi-host form, `postgresql://u@h1:5432,h2:5432/db?target_session_attrs=
+    read-write` (a primary and its standbys: connect to whichever is writable), works as such
+    for psycopg (the app's pool, the fencing claim), but SQLAlchemy 2.1's URL parser reads
+    `5432,h2:5432` as a port and fails. SQLAlchemy's own spelling of the same thing is one
+    `host=h:port` query parameter per host, which its psycopg dialect turns back into libpq's
+    lists. Single-host URLs are returned unchanged.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy import URL
+
+    params = conninfo_to_dict(url)
+    hosts = str(params.pop("host", "")).split(",")
+    if len(hosts) < 2:
+        return url
+    ports = str(params.pop("port", "")).split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)  # libpq: one port for every host
+    if len(ports) != len(hosts):
+        raise ConfigError("THREADGATE_DATABASE_URL: give one port, or one port per host")
+    user, password, dbname = (
+        params.pop("user", None),
+        params.pop("password", None),
+        params.pop("dbname", None),
+    )
+    query: dict[str, str | list[str]] = {k: str(v) for k, v in params.items()}
+    query["host"] = [f"{h}:{p or 5432}" for h, p in zip(hosts, ports, strict=True)]
+    sa_url = URL.create(
+        "postgresql",
+        username=str(user) if user is not None else None,
+        password=str(password) if password is not None else None,
+        database=str(dbname) if dbname is not None else None,
+        query=query,
+    )
+    return sa_url.render_as_string(hide_password=False)
 
 
 class Database:

@@ -11,8 +11,9 @@ application version launches, and a queue worker claims only its own version's r
 - runs queued under a version no live pod runs (a rolling deploy drained the old pods): nothing
   of theirs ran, so any live pod moves them to its own version, at start and every check.
 - runs that did run under such a version (stranded: a name came back on a new version, or left
-  during a deploy): listed (GET /admin/stranded, a metric, the log) and moved by an operator
-  (`threadgate adopt`) when the workflow's steps are unchanged.
+  during a deploy): listed (GET /admin/stranded, a metric, the log) and moved to this version
+  when the workflow's steps are unchanged — by the checks (THREADGATE_AUTO_ADOPT) or by an
+  operator (`threadgate adopt`); runs whose steps differ wait for `threadgate adopt --force`.
 - run rows still pending/running whose workflow DBOS already ended (dead-lettered after
   repeated crashes, failed, cancelled by an operator): finished with their error and `done`,
   by one pod of the cluster at a time.
@@ -296,7 +297,9 @@ class Adoption:
         await self.adopt_departed(now)
         await self.reconcile()
         await self.finish_ended()
-        await self.stranded()
+        stranded = await self.stranded()
+        if self.settings.auto_adopt and any(r.compatible for r in stranded):
+            await self.adopt_stranded()
 
     async def run(self) -> None:
         """The pod's background loop: heartbeat, then now and then the checks above."""

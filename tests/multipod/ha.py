@@ -108,19 +108,16 @@ class NatsCluster:
 class PgPair:
     """A PostgreSQL primary and a synchronous streaming standby made with `pg_basebackup -R`.
 
-    `synchronous_commit=on` and `synchronous_standby_names='*'`: a commit returns once the
-    standby has flushed it, so a promoted standby holds every commit a client saw succeed. Only
-    the primary is given the synchronous setting: once promoted, the standby must not wait for
-    a standby of its own it does not have.
+    `synchronous_standby_names = '*'` (set on the primary once its standby runs, by ALTER
+    SYSTEM: the standby's copy of the configuration does not have it) and the default
+    `synchronous_commit = on`: a commit returns once the standby has flushed it, so a promoted
+    standby holds every commit a client saw succeed. Once promoted, the former standby has no
+    standby of its own and does not wait for one.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.primary = Postgres(
-            self.root / "pg-a",
-            conf={"synchronous_commit": "on", "synchronous_standby_names": "'*'"},
-            max_connections=200,
-        )
+        self.primary = Postgres(self.root / "pg-a", max_connections=200)
         self.standby = Postgres(self.root / "pg-b", max_connections=200)
 
     def url(self, database: str) -> str:
@@ -131,9 +128,14 @@ class PgPair:
         )
 
     def start(self, timeout: float = 60.0) -> None:
+        import psycopg
+
         self.primary.start()
         self.standby.clone_from(self.primary)
         self.standby.start()
+        with psycopg.connect(self.primary.url("postgres"), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
         wait_for(self._synchronous, timeout, "synchronous standby")
 
     def _synchronous(self) -> bool:

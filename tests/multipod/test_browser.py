@@ -24,7 +24,7 @@ import pytest
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
-from tests.multipod.cluster import REPO, Cluster, Pod, running_on, wait_run
+from tests.multipod.cluster import REPO, Cluster, Pod, running_on
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -203,15 +203,6 @@ def console_errors(driver: Any) -> list[dict[str, Any]]:
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-async def server_varies(cluster: Cluster) -> bool:
-    """Contract v2: does the pods' mock know `vary` (chunk i of attempt a is `chunk-i.a `)?"""
-    async with cluster.client() as client:
-        thread = unique("probe")
-        run = await client.post(thread, "probe", model_options={"chunks": 1, "vary": True})
-        done = await wait_run(client, thread, run["run_id"])
-    return done.get("output") == "chunk-0.1 "
-
-
 @pytest.mark.cluster(size=2)
 async def test_page_sends_a_message_and_shows_the_reply(cluster: Cluster, browser: Any) -> None:
     from selenium.webdriver.common.by import By
@@ -279,29 +270,36 @@ async def test_page_shows_the_reply_once_when_the_executor_is_killed(
 
 
 @pytest.mark.cluster(size=2)
+@pytest.mark.parametrize("mode", ["continued", "regenerated"])
 @pytest.mark.parametrize("page_on", ["executor", "survivor"])
 async def test_page_shows_exactly_the_stored_reply_with_vary_text(
-    cluster: Cluster, browser: Any, page_on: str
+    cluster: Cluster, browser: Any, page_on: str, mode: str
 ) -> None:
-    """[contract v2] With `vary`, any mix of attempts is visible: the page ends showing exactly
-    the stored reply — attempt-1 chunks then attempt-2 chunks when the run continued, all of
-    attempt 2 (after a visible reset) when it regenerated."""
-    if not await server_varies(cluster):
-        pytest.skip("contract v2 pending: the pods' mock has no `vary` yet")
+    """With `vary` any mix of attempts shows: the page ends showing exactly the stored reply —
+    attempt-1 chunks then attempt-2 chunks when the run continues (nothing shown is taken
+    back), all of the last attempt after one visible reset when it regenerates."""
     thread = unique("web")
-    run_id, _ = await kill_mid_reply(cluster, browser, thread, page_on, {**SLOW, "vary": 1})
+    options: dict[str, Any] = {**SLOW, "vary": 1}
+    if mode == "regenerated":
+        options["refuse_continue"] = 1
+    run_id, _ = await kill_mid_reply(cluster, browser, thread, page_on, options)
     reply = await final_reply(browser, run_id)
     async with cluster.client() as client:
         run = await client.run(thread, run_id)
-    assert run["status"] == "success" and run["attempt"] == 2
+    assert run["status"] == "success"
     assert reply["text"] == run["output"]
     assert_shown_once(browser, run_id, run["output"])
-    assert len(run["output"].split()) == CHUNKS
-    if ".1 " in run["output"]:  # continued: a prefix of attempt 1, the rest of attempt 2
-        assert re.fullmatch(r"(chunk-\d+\.1 )+(chunk-\d+\.2 )+", run["output"])
-    else:  # regenerated: the page dropped what it showed of attempt 1
-        seen = browser.execute_script("return window.__seen")
-        assert seen["shrinks"] >= 1, "the page never applied the replay's reset"
+    seen = browser.execute_script("return window.__seen")
+    if mode == "continued":
+        assert run["attempt"] == 2
+        assert re.fullmatch(r"(chunk-\d+\.1 )+(chunk-\d+\.2 )+", run["output"]), run["output"]
+        assert run["output"].startswith("chunk-0.1 chunk-1.1 chunk-2.1 ")
+        assert seen["shrinks"] == 0, "a continuation took back text the page showed"
+    else:
+        assert run["attempt"] == 3  # the refused continuation costs attempt 2
+        assert re.fullmatch(r"(chunk-\d+\.3 ){60}", run["output"]), run["output"]
+        assert seen["shrinks"] == 1, "the page applied the regenerating attempt's reset once"
+    assert reply["attempt"] == str(run["attempt"])
 
 
 async def kill_mid_reply(
@@ -357,24 +355,10 @@ async def assert_recovery_is_visible(cluster: Cluster, victim: Pod, run_id: str)
     assert sum(m.get(finished, 0) for m in scraped.values()) == 1
 
 
-def plugin_sources_landed() -> bool:
-    """Contract v2: plug-in reply sources (`THREADGATE_MODEL=module:factory`, threadgate.sources)."""
-    try:
-        from threadgate.settings import load_settings
-
-        load_settings(model="tests.js_stack:demo_source")
-    except Exception:
-        return False
-    return importlib.util.find_spec("threadgate.sources") is not None
-
-
-@pytest.mark.skipif(
-    not plugin_sources_landed(), reason="contract v2 pending: no threadgate.sources (plug-ins)"
-)
 @pytest.mark.cluster(size=1, model="tests.js_stack:demo_source")
 async def test_page_renders_data_events_in_order(cluster: Cluster, browser: Any) -> None:
-    """[contract v2] A plug-in source's data events show as labelled blocks among the text, in
-    the stream and again from the stored history."""
+    """A plug-in source's data events show as labelled blocks among the text, in the stream
+    and again from the stored history."""
     thread = unique("web")
     await open_page(browser, cluster.pods[0], thread, chunks=7, delay_ms=20)
     run_id = await send(browser, "with data")
@@ -398,12 +382,11 @@ async def test_page_renders_data_events_in_order(cluster: Cluster, browser: Any)
     )
 
 
-@pytest.mark.skip(reason="contract v2 pending: the server does not send `stalled` yet")
 @pytest.mark.cluster(size=2)
 async def test_page_says_the_executor_went_away_until_the_replay_starts(
     cluster: Cluster, browser: Any
 ) -> None:
-    """[contract v2] While the executor is dead the page says so; the next run_started clears it."""
+    """While the executor is dead the page says so; the next run_started clears it."""
     thread = unique("web")
     page_pod = cluster.pods[0]
     await open_page(browser, page_pod, thread, **SLOW)

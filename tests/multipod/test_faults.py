@@ -151,7 +151,7 @@ async def test_a_live_but_silent_name_is_never_adopted(cluster: Cluster) -> None
 
 
 async def test_stranded_version_is_reported_and_adopted(start_cluster: StartCluster) -> None:
-    cluster = await start_cluster(size=1, app_version="1.0.0", mock_delay_ms=30)
+    cluster = await start_cluster(size=1, app_version="1.0.0", mock_delay_ms=30, auto_adopt="false")
     pod = cluster.pods[0]
     client = cluster.client()
     thread = unique()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.multipod.cluster import Attacher, running_on, wait_run
@@ -38,7 +39,7 @@ async def test_runs_queued_under_the_old_version_run_after_a_deploy(
 async def test_adopt_takes_only_the_stranded_runs(start_cluster: StartCluster) -> None:
     """A pod back on v2 with a run stranded under v1 and a live v2 run streaming: adopting used
     to recover every PENDING run under the name, live ones included (attempt 2, a reset)."""
-    cluster = await start_cluster(size=1, app_version="v1", mock_delay_ms=20)
+    cluster = await start_cluster(size=1, app_version="v1", mock_delay_ms=20, auto_adopt="false")
     pod = cluster.pods[0]
     stranded_thread, live_thread = unique(), unique()
     async with cluster.client() as client:
@@ -83,3 +84,25 @@ async def test_a_threads_waiting_runs_share_one_version_mid_rollout(
     assert one["status"] == two["status"] == "success"
     assert two["executor"] == old.name  # queued under v1: only the v1 pod runs it
     assert one["finished_at"] <= two["started_at"]
+
+
+async def test_a_run_stranded_by_a_version_change_is_adopted_by_itself(
+    start_cluster: StartCluster,
+) -> None:
+    """A pod SIGKILLed mid-reply on v1 comes back on v2: DBOS's recovery takes only v2's runs.
+    The run's steps are today's, so the adoption checks move it to v2 and it continues."""
+    cluster = await start_cluster(size=1, app_version="v1", mock_delay_ms=20, adopt_check_s=0.5)
+    pod = cluster.pods[0]
+    thread = unique()
+    async with cluster.client() as client:
+        run = await client.post(thread, "x", model_options={"chunks": 60, "vary": True})
+        watcher = Attacher([pod.url], thread, reconnects=50).start()
+        await watcher.wait_chunk(5)
+        await pod.kill()
+        await pod.restart({"THREADGATE_APP_VERSION": "v2"})
+        final = await wait_run(client, thread, run["run_id"], timeout=60)
+        reply = await watcher.result(30)
+    assert final["status"] == "success" and final["attempt"] == 2
+    kept = final["attempts"][1]["resume_from"]
+    assert final["output"] == mock_reply(60, {0: 1, kept: 2}) == reply.text
+    assert reply.resets == 0 and "adopted 1 stranded runs into version v2" in pod.log_text()
