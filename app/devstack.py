@@ -360,7 +360,7 @@ class Postgres:
         subprocess.run(
             [
                 str(self.bin / "pg_basebackup"),
-                *("-D", str(self.data_dir), "-R", "-X", "stream", "--no-sync"),
+                *("-D", str(self.data_dir), "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"),
                 *("-d", f"host=127.0.0.1 port={primary.port} user=postgres"),
             ],
             check=True,
