@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     max_data_bytes: int = Field(default=64 * 1024, ge=1)  # one data event's JSON payload
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_queued_runs_per_thread: int = Field(default=20, ge=1)
+    # Runs pending or running: a principal's across the cluster, and those this pod accepted.
+    max_active_runs_per_principal: int = Field(default=50, ge=1)
+    max_active_runs_per_pod: int = Field(default=500, ge=1)
     max_attach_per_principal: int = Field(default=50, ge=1)
     max_attach_per_pod: int = Field(default=5000, ge=1)
 

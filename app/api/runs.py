@@ -65,6 +65,12 @@ async def create_run(
     """Accept a message and reply to it as a durable run; attach to watch the reply stream."""
     if len(body.input) > rt.settings.max_input_chars:
         raise InvalidRequest(f"input is longer than {rt.settings.max_input_chars} characters")
+    if body.timeout_s is not None and body.timeout_s > rt.settings.run_timeout_s:
+        # Refused, not clamped: a client that asks for longer learns the server's bound.
+        raise InvalidRequest(
+            f"timeout_s must be at most {rt.settings.run_timeout_s:g}"
+            " (the server's THREADGATE_RUN_TIMEOUT_S)"
+        )
     if idempotency_key is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
     check_options(rt.source, body.model_options)  # each source checks its own options

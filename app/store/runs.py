@@ -134,6 +134,34 @@ class PgRunStore:
                     (_thread_lock_key(thread_id),),
                 )
 
+    @contextlib.asynccontextmanager
+    async def principal_lock(self, conn: AsyncConnection[Any], owner: str) -> AsyncIterator[None]:
+        """Serialize counting and accepting one principal's runs across pods, on the
+        connection of a thread lock (always taken after it: no lock-order cycle)."""
+        key = f"threadgate.principal:{owner}"
+        await conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+        try:
+            yield
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+
+    async def count_active(
+        self, conn: AsyncConnection[Any], *, owner: str | None, accepted_by: str
+    ) -> tuple[int, int]:
+        """Pending and running runs: those of `owner`'s threads (0 for None) and those
+        `accepted_by` accepted. One pass over the active runs (runs_active): the limits keep
+        them few, whatever the number of threads."""
+        cur = await conn.execute(
+            """SELECT count(*) FILTER (WHERE t.owner = %s) AS owner,
+                      count(*) FILTER (WHERE r.accepted_by = %s) AS pod
+               FROM threadgate.runs r JOIN threadgate.threads t ON t.thread_id = r.thread_id
+               WHERE r.status IN ('pending', 'running')""",
+            (owner, accepted_by),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row["owner"]), int(row["pod"])
+
     async def insert_run(self, conn: AsyncConnection[Any], new: NewRun) -> Run:
         """Record an accepted run and its user message: one statement, so one transaction
         and one round trip (foreign keys are checked at the statement's end)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 from nats.aio.client import Client as NATS
+from psycopg import AsyncConnection
 
 from ..errors import (
     IdempotencyMismatch,
@@ -63,7 +64,7 @@ class RunRequest:
 async def register_queue(settings: Settings) -> None:
     await DBOS.register_queue_async(
         QUEUE_NAME,
-        partition_concurrency=1,
+        partition_concurrency=2,
         polling_interval_sec=settings.queue_polling_s,
         on_conflict="always_update",
     )
@@ -96,6 +97,7 @@ class Runner:
         self._sweeping = False  # a fast-start sweep is under way
         self._sweep_again = False  # a run was accepted during it
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # thread -> (lock, users)
+        self._accept_lock = asyncio.Lock()  # counting and inserting, for the pod's limit
         self.draining = False
         # A pod of another version left: its queued runs may be ours now (adoption's move).
         self.on_left: Callable[[], Awaitable[object]] | None = None
@@ -153,21 +155,23 @@ class Runner:
             if request.multitask_strategy == "enqueue" and len(active) >= limit:
                 # `interrupt` is exempt: it stops the queued runs instead of adding to them.
                 raise TooManyRequests(f"the thread already has {limit} queued or running runs")
-            run = await self.store.insert_run(
-                conn,
-                NewRun(
-                    run_id=new_run_id(),
-                    thread_id=thread_id,
-                    input=request.input,
-                    model_options=request.model_options or {},
-                    multitask_strategy=request.multitask_strategy,
-                    idempotency_key=idempotency_key,
-                    request_hash=digest,
-                    accepted_by=self.settings.pod_name,
-                    owner=owner or "",
-                    timeout_s=request.timeout_s,
-                ),
-            )
+            replaced = active if request.multitask_strategy == "interrupt" else []
+            async with self._active_limits(conn, owner, replaced):
+                run = await self.store.insert_run(
+                    conn,
+                    NewRun(
+                        run_id=new_run_id(),
+                        thread_id=thread_id,
+                        input=request.input,
+                        model_options=request.model_options or {},
+                        multitask_strategy=request.multitask_strategy,
+                        idempotency_key=idempotency_key,
+                        request_hash=digest,
+                        accepted_by=self.settings.pod_name,
+                        owner=owner or "",
+                        timeout_s=request.timeout_s,
+                    ),
+                )
             # Behind the thread's active runs, in their version (see enqueue).
             await enqueue(run, active[-1].version if active else None)
             if request.multitask_strategy == "interrupt":
@@ -183,6 +187,31 @@ class Runner:
         )
         self.start_soon()
         return run, True
+
+    @contextlib.asynccontextmanager
+    async def _active_limits(
+        self, conn: AsyncConnection[Any], owner: str | None, replaced: list[Run]
+    ) -> AsyncIterator[None]:
+        """Accept (the body: the insert) only within the active-run limits, else 429: a
+        principal's runs across the cluster (counted under the principal's lock, so pods
+        accepting at once cannot overshoot) and the runs this pod accepted (counted under a
+        lock of this process). Runs an `interrupt` replaces do not count."""
+        s = self.settings
+        principal = self.store.principal_lock(conn, owner) if owner else contextlib.nullcontext()
+        async with principal, self._accept_lock:
+            mine, here = await self.store.count_active(conn, owner=owner, accepted_by=s.pod_name)
+            mine -= len(replaced)
+            here -= sum(1 for r in replaced if r.accepted_by == s.pod_name)
+            if owner and mine >= s.max_active_runs_per_principal:
+                raise TooManyRequests(
+                    f"at most {s.max_active_runs_per_principal} runs per principal may be"
+                    " pending or running"
+                )
+            if here >= s.max_active_runs_per_pod:
+                raise TooManyRequests(
+                    f"this pod already has {s.max_active_runs_per_pod} runs pending or running"
+                )
+            yield
 
     def start_soon(self) -> None:
         """Claim the queue's startable runs now rather than at the next queue poll.

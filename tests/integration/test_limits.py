@@ -37,12 +37,16 @@ def _limiter() -> AttachLimiter:
     return found[0]
 
 
-async def cancel_all(pod: Pod, thread: str, headers: dict[str, str] | None = None) -> None:
+async def cancel_all(
+    pod: Pod, thread: str, headers: dict[str, str] | None = None, *, wait: bool = False
+) -> None:
     runs = (await pod.http.get(f"/threads/{thread}/runs", headers=headers or {})).json()["runs"]
     for run in runs:
         if run["status"] in ("pending", "running"):
             await pod.http.post(
-                f"/threads/{thread}/runs/{run['run_id']}/cancel", headers=headers or {}
+                f"/threads/{thread}/runs/{run['run_id']}/cancel",
+                headers=headers or {},
+                params={"wait": "true"} if wait else {},
             )
 
 
@@ -218,3 +222,114 @@ async def test_attach_slot_released_when_run_ends(pod: Pod) -> None:
     reply = await pod.client.reply(thread)
     assert reply.status == "success"
     await wait_released(lim, base)
+
+
+# --- active runs per principal and per pod (issue 20, item 3) ----------------------------
+
+
+async def post_run(
+    pod: Pod, thread: str, headers: dict[str, str] | None = None, **body: Any
+) -> httpx.Response:
+    payload = {"input": "x", "model_options": SLOW, **body}
+    return await pod.http.post(f"/threads/{thread}/runs", json=payload, headers=headers or {})
+
+
+async def active_accepted_here(pod: Pod) -> int:
+    """Runs this pod accepted that are still pending or running (earlier tests' included)."""
+    async with pod.runtime.db.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM threadgate.runs"
+            " WHERE accepted_by = %s AND status IN ('pending', 'running')",
+            (pod.settings.pod_name,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_active_runs_per_principal_is_429(pod: Pod) -> None:
+    """One principal cannot start without bound: 300 slow runs used to be accepted at once."""
+    threads = [unique("p") for _ in range(4)]
+    bobs = unique("b")
+    with pod_settings(pod, **AUTH_ON, max_active_runs_per_principal=3):
+        try:
+            for t in threads[:3]:
+                assert (await post_run(pod, t, key("alice"))).status_code == 202
+            over = await post_run(pod, threads[3], key("alice"))
+            assert_error(over, 429, "too_many_requests")
+            assert over.headers["retry-after"] == "1"
+            assert "3" in over.json()["error"]["message"]
+            # Whatever the thread: an existing one of hers is no way around it.
+            assert_error(await post_run(pod, threads[0], key("alice")), 429, "too_many_requests")
+            # Someone else has an allowance of their own.
+            assert (await post_run(pod, bobs, key("bob"))).status_code == 202
+            # `interrupt` replaces a thread's active runs rather than adding to them.
+            swap = await post_run(pod, threads[0], key("alice"), multitask_strategy="interrupt")
+            assert swap.status_code == 202, swap.text
+            # A run that ends gives its place back.
+            await cancel_all(pod, threads[1], key("alice"), wait=True)
+            resp = await post_run(pod, threads[3], key("alice"))
+            assert resp.status_code == 202, resp.text
+        finally:
+            for t in threads:
+                await cancel_all(pod, t, key("alice"))
+            await cancel_all(pod, bobs, key("bob"))
+
+
+async def test_active_runs_per_principal_hold_under_a_burst(pod: Pod) -> None:
+    """Concurrent first POSTs on different threads (possibly on different pods) are counted
+    under one lock per principal: exactly the limit is accepted."""
+    threads = [unique("burst") for _ in range(30)]
+    with pod_settings(pod, **AUTH_ON, max_active_runs_per_principal=5):
+        try:
+            answers = await asyncio.gather(*(post_run(pod, t, key("alice")) for t in threads))
+            codes = sorted(r.status_code for r in answers)
+            assert codes == [202] * 5 + [429] * 25, codes
+        finally:
+            for t in threads:
+                await cancel_all(pod, t, key("alice"))
+
+
+async def test_active_runs_per_pod_is_429(pod: Pod) -> None:
+    """Runs this pod accepted that are still active: the bound with auth off too (one
+    anonymous caller), and on everyone at once."""
+    threads = [unique("pod") for _ in range(12)]
+    try:
+        with pod_settings(pod, max_active_runs_per_pod=await active_accepted_here(pod) + 3):
+            answers = await asyncio.gather(*(post_run(pod, t) for t in threads[:10]))
+            codes = sorted(r.status_code for r in answers)
+            assert codes == [202] * 3 + [429] * 7, codes
+            over = await post_run(pod, threads[10])
+            assert_error(over, 429, "too_many_requests")
+            assert over.headers["retry-after"] == "1"
+            for t in threads[:10]:
+                await cancel_all(pod, t, wait=True)
+            assert (await post_run(pod, threads[11])).status_code == 202
+    finally:
+        for t in threads:
+            await cancel_all(pod, t)
+
+
+# --- a run's own timeout is capped by the server's ---------------------------------------
+
+
+async def test_timeout_beyond_the_servers_is_400(pod: Pod) -> None:
+    with pod_settings(pod, run_timeout_s=120):
+        too_long = await post_run(pod, unique(), timeout_s=86_400, model_options={"chunks": 1})
+        body = assert_error(too_long, 400, "invalid_request")
+        assert "120" in body["error"]["message"]
+        ok = await post_run(pod, unique(), timeout_s=120, model_options={"chunks": 1})
+        assert ok.status_code == 202, ok.text
+        shorter = await post_run(pod, unique(), timeout_s=0.5, model_options={"chunks": 1})
+        assert shorter.status_code == 202, shorter.text
+
+
+# --- the stream is bounded in bytes ------------------------------------------------------
+
+
+async def test_the_stream_is_bounded_in_bytes(pod: Pod) -> None:
+    assert pod.runtime.buffer is not None
+    info = await pod.runtime.buffer.js.stream_info(pod.settings.stream_name)
+    assert pod.settings.stream_max_bytes > 0
+    assert info.config.max_bytes == pod.settings.stream_max_bytes
+    assert info.config.max_age == pod.settings.stream_max_age_s
