@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -202,13 +203,25 @@ async def test_stream_leader_killed_mid_reply(
                 }
                 attempts[t] = await check_run(client, t, runs[t], replies)
             await wait_replicas_current(nats_cluster, stream)
+            stall = max(longest_silence(live[t]) for t in threads)
             figures.append(
                 f"kill of leader {leader} at chunk {kill_at}: attempts per run "
-                f"{sorted(attempts.values())}"
+                f"{sorted(attempts.values())}; longest an in-flight client went without a "
+                f"chunk: {stall:.1f}s"
             )
+            # A leader's death is waited out inside the attempt: no new attempt, no reset.
+            assert set(attempts.values()) == {1}, attempts
     finally:
         print("\n" + "\n".join(figures))
         await pods.stop()
+
+
+def longest_silence(attacher: Attacher) -> float:
+    """The longest gap between two chunks a client received (the mock sends one per 25 ms)."""
+    times = [
+        t for t, e in zip(attacher.arrived, attacher.events, strict=True) if e.event == "chunk"
+    ]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 async def test_quorum_lost_then_back(
