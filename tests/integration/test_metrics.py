@@ -94,10 +94,37 @@ async def test_a_transient_failure_counts_as_a_retry_not_a_recovery(pod: Pod) ->
     assert delta("threadgate_runs_finished_total", status="success") == 1
 
 
+GAUGES = (
+    "threadgate_active_attachers",
+    "threadgate_thread_tails",
+    "threadgate_runs_in_flight",
+    "threadgate_queue_depth",
+)
+
+
+async def steady_gauges(pod: Pod, timeout: float = 30.0) -> dict[str, float]:
+    """The gauges once they have held still for longer than a tail lingers: the session's pod
+    may still be finishing what earlier tests left (a run ending, a tail closing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    hold = pod.settings.tail_linger_s + 0.5
+    last: dict[str, float] = {}
+    since = loop.time()
+    while True:
+        samples = await scrape(pod)
+        now = {name: value(samples, name) for name in GAUGES}
+        if now != last:
+            last, since = now, loop.time()
+        elif loop.time() - since >= hold:
+            return now
+        assert loop.time() < deadline, f"the gauges never settle: {now}"
+        await asyncio.sleep(0.1)  # a gauge has no event to wait on: scrape again
+
+
 async def test_gauges_while_runs_stream_and_wait(pod: Pod) -> None:
-    """A run streaming to an attached client, a second one queued behind it on its thread."""
-    # The pod is shared by the session: other tests may have left runs or clients behind.
-    baseline = await scrape(pod)
+    """A run streaming to an attached client, a second one queued behind it on its thread:
+    each gauge is exactly one above what the pod showed before, and back afterwards."""
+    baseline = await steady_gauges(pod)
     thread = unique("metrics")
     first = await pod.client.post(thread, "one", model_options={"chunks": 40, "delay_ms": 25})
     first_event = asyncio.Event()
@@ -110,21 +137,17 @@ async def test_gauges_while_runs_stream_and_wait(pod: Pod) -> None:
     await asyncio.wait_for(first_event.wait(), 10)
     second = await pod.client.post(thread, "two", model_options={"chunks": 2})
     during = await scrape(pod)
-    assert value(during, "threadgate_active_attachers") >= 1
-    assert value(during, "threadgate_thread_tails") >= 1
-    assert value(during, "threadgate_runs_in_flight") >= 1
-    assert value(during, "threadgate_queue_depth") >= 1  # `two` waits for `one`'s partition
+    for name in GAUGES:
+        # One client on one tail, one run executing, one (`two`) waiting for its partition.
+        assert value(during, name) == baseline[name] + 1, (name, baseline[name])
 
     await asyncio.wait_for(attacher, 30)
     await wait_run(pod.client, thread, first["run_id"])
     await wait_run(pod.client, thread, second["run_id"])
     # The run row says success a moment before the workflow itself returns: poll briefly.
-    for name in (
-        "threadgate_runs_in_flight",
-        "threadgate_active_attachers",
-        "threadgate_queue_depth",
-    ):
-        await settles(pod, name, at_most=value(baseline, name))
+    for name in ("threadgate_runs_in_flight", "threadgate_active_attachers"):
+        await settles(pod, name, at_most=baseline[name])
+    await settles(pod, "threadgate_queue_depth", at_most=baseline["threadgate_queue_depth"])
 
 
 async def settles(pod: Pod, name: str, at_most: float, timeout: float = 5.0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import pytest
 from threadgate.client import Reply
@@ -10,6 +11,7 @@ from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.integration.conftest import Pod
+from tests.multipod.cluster import wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -84,10 +86,14 @@ async def test_two_runs_on_one_thread_run_one_after_the_other(pod: Pod) -> None:
     reply_b = await pod.client.reply(thread)  # attach follows the latest run
     assert reply_b.run_id == b["run_id"]
     assert reply_b.text == mock_reply(3)
-    run_a = await pod.client.run(thread, a["run_id"])
-    run_b = await pod.client.run(thread, b["run_id"])
+    run_a = await wait_run(pod.client, thread, a["run_id"])
+    run_b = await wait_run(pod.client, thread, b["run_id"])
     assert run_a["status"] == run_b["status"] == "success"
-    assert run_a["finished_at"] <= run_b["started_at"]
+    # Parsed, not compared as text: an offset or a fraction of a second written differently
+    # would order the strings wrongly.
+    a_finished, b_started = at(run_a["finished_at"]), at(run_b["started_at"])
+    assert at(run_a["created_at"]) <= at(run_a["started_at"]) <= a_finished <= b_started
+    assert b_started <= at(run_b["finished_at"])
     roles = [(m["role"], m["run_id"]) for m in await pod.client.messages(thread)]
     assert roles == [
         ("user", a["run_id"]),
@@ -95,6 +101,13 @@ async def test_two_runs_on_one_thread_run_one_after_the_other(pod: Pod) -> None:
         ("user", b["run_id"]),
         ("assistant", b["run_id"]),
     ]
+
+
+def at(timestamp: str) -> datetime:
+    """An API timestamp: ISO 8601 with its UTC offset (a naive one would compare wrongly)."""
+    parsed = datetime.fromisoformat(timestamp)
+    assert parsed.utcoffset() is not None, timestamp
+    return parsed
 
 
 async def test_last_event_id_resumes_without_gap_or_duplicate(pod: Pod) -> None:

@@ -44,3 +44,14 @@ def test_run_ids() -> None:
 
 def test_message_id_carries_the_attempt() -> None:
     assert message_id("r", 2, "done") != message_id("r", 3, "done")
+
+
+def test_the_same_message_gets_the_same_id() -> None:
+    """JetStream drops a republished message only if its id is the one it stored: a publish
+    retried after a lost ack (or a NATS restart) must carry exactly the same id."""
+    run = new_run_id()
+    for part in ("start", 0, 7, "done"):
+        assert message_id(run, 2, part) == message_id(run, 2, part)
+    ids = {message_id(run, a, p) for a in (1, 2) for p in ("start", 0, 1, "done")}
+    assert len(ids) == 8  # and different parts or attempts never collide
+    assert message_id(run, 1, 0) != message_id(new_run_id(), 1, 0)
