@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -31,16 +32,6 @@ async def wait_status(
         await asyncio.sleep(0.02)
 
 
-async def first_chunk(client: AsyncClient, thread: str) -> Reply:
-    """Attach and return once a chunk has arrived (the run is mid-reply)."""
-    reply = Reply()
-    async for ev in client.events(thread):
-        reply.apply(ev)
-        if ev.event == "chunk":
-            return reply
-    raise AssertionError("run ended before its first chunk")
-
-
 async def test_reject_while_busy_then_accept_when_idle(pod: Pod) -> None:
     thread = unique()
     await pod.client.post(thread, "long", model_options=SLOW)
@@ -55,17 +46,50 @@ async def test_reject_while_busy_then_accept_when_idle(pod: Pod) -> None:
     assert (await pod.client.reply(thread)).run_id == ok["run_id"]
 
 
+# One chunk every 100 ms: a stop "within a chunk" leaves room for one more chunk at most (the
+# one being made when the stop lands) and one whose publish raced the client's count.
+PACED = {"chunks": 200, "delay_ms": 100}
+
+
+@dataclass
+class Follower:
+    """A client attached in the background; `seen` is set once it holds `after` chunks."""
+
+    reply: Reply = field(default_factory=Reply)
+    seen: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+def follow(client: AsyncClient, thread: str, after: int = 3) -> Follower:
+    f = Follower()
+
+    async def run() -> None:
+        async for ev in client.events(thread):
+            f.reply.apply(ev)
+            if len(f.reply.chunks) >= after:
+                f.seen.set()
+
+    f.task = asyncio.create_task(run())
+    return f
+
+
 async def test_interrupt_stops_the_active_run_and_stores_the_partial_reply(pod: Pod) -> None:
     thread = unique()
-    first = await pod.client.post(thread, "long", model_options=SLOW)
-    await first_chunk(pod.client, thread)
+    first = await pod.client.post(thread, "long", model_options=PACED)
+    live = follow(pod.client, thread)
+    await asyncio.wait_for(live.seen.wait(), 30)
+    held = len(live.reply.chunks)  # what the user saw when they sent the interrupting message
     second = await pod.client.post(thread, "now", strategy="interrupt", model_options={"chunks": 3})
+    assert live.task is not None
+    await asyncio.wait_for(live.task, 30)  # the interrupted run's `done` ends the attach
+    assert live.reply.status == "interrupted" and live.reply.run_id == first["run_id"]
+    assert held <= len(live.reply.chunks) <= held + 2
     reply = await pod.client.reply(thread)
     assert reply.run_id == second["run_id"] and reply.text == mock_reply(3)
     old = await pod.client.run(thread, first["run_id"])
     assert old["status"] == "interrupted"
-    assert old["output"] and mock_reply(200).startswith(old["output"])
-    assert len(old["output"]) < len(mock_reply(200))
+    # The partial reply kept is exactly what was streamed before the stop.
+    assert old["output"] == live.reply.text == mock_reply(len(live.reply.chunks))
     messages = await pod.client.messages(thread)
     statuses = [(m["role"], m["status"]) for m in messages]
     assert statuses == [
@@ -78,14 +102,17 @@ async def test_interrupt_stops_the_active_run_and_stores_the_partial_reply(pod: 
 
 async def test_cancel_running_run_stops_within_a_chunk(pod: Pod) -> None:
     thread = unique()
-    run = await pod.client.post(thread, "long", model_options=SLOW)
-    seen = await first_chunk(pod.client, thread)
-    assert seen.chunks
+    run = await pod.client.post(thread, "long", model_options=PACED)
+    live = follow(pod.client, thread)
+    await asyncio.wait_for(live.seen.wait(), 30)
+    held = len(live.reply.chunks)  # what the client had when it asked to cancel
     cancelled = await pod.client.cancel(thread, run["run_id"], wait=True)
     assert cancelled["status"] == "cancelled"
-    reply = await pod.client.reply(thread)
-    assert reply.status == "cancelled"
-    assert len(reply.chunks) < 200
+    assert live.task is not None
+    await asyncio.wait_for(live.task, 30)
+    assert live.reply.status == "cancelled"
+    assert held <= len(live.reply.chunks) <= held + 2
+    assert (await pod.client.run(thread, run["run_id"]))["output"] is None
     # cancelled twice: 409; the thread takes its next run at once
     resp = await pod.http.post(f"/threads/{thread}/runs/{run['run_id']}/cancel")
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "run_finished"
