@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from threadgate.api.limits import AttachLimiter
+from threadgate.client import SseEvent, parse_sse
 
 from tests.conftest import unique
 from tests.integration.conftest import Pod
@@ -215,13 +216,24 @@ async def test_attach_per_pod_is_429(pod: Pod) -> None:
 
 
 async def test_attach_slot_released_when_run_ends(pod: Pod) -> None:
+    """The stream holds a slot while it is open; the server ends it after `done` (the client
+    never hangs up) and gives the slot back while the client still holds its end."""
     lim = _limiter()
     base = lim.total
     thread = unique()
-    await pod.client.post(thread, "hi", model_options={"chunks": 3})
-    reply = await pod.client.reply(thread)
-    assert reply.status == "success"
-    await wait_released(lim, base)
+    await pod.client.post(thread, "hi", model_options={"chunks": 10, "delay_ms": 20})
+    events: list[SseEvent] = []
+    async with asyncio.timeout(30), open_attach(pod, thread) as resp:
+        assert resp.status_code == 200
+        async for ev in parse_sse(resp.aiter_lines()):
+            if not events:
+                assert lim.total == base + 1  # taken for as long as the stream is open
+            events.append(ev)
+        # The body ended by itself (its last chunk came from the server) while this side is
+        # still inside its `async with`: the server closed the stream, after `done`.
+        assert resp.is_stream_consumed
+        assert [e.event for e in events][-1] == "done" and events[-1].data["status"] == "success"
+        await wait_released(lim, base)
 
 
 # --- active runs per principal and per pod (issue 20, item 3) ----------------------------
