@@ -76,7 +76,9 @@ async def test_schemathesis(pod: Pod, tmp_path: Path) -> None:
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-15000:]
     assert "generated" in text and "passed" in text, text[-3000:]
-    assert elapsed < 90, f"schemathesis took {elapsed:.0f}s\n{text[-2000:]}"
+    # A figure, not a bound (a busy 2-core machine stretches it): the wait_for above is what
+    # stops a hang.
+    print(f"\nschemathesis: {MAX_EXAMPLES} examples per operation in {elapsed:.0f}s")
 
 
 async def cancel_fuzz_runs(pod: Pod) -> None:

@@ -86,16 +86,26 @@ async def test_a_run_longer_than_the_drain_is_finished_by_the_restart(cluster: C
         await watcher.wait_chunk(3)
 
         t0 = time.monotonic()
-        code = await x.term(30)
+        code = await x.term(60)  # a bound on a hang only: the figures are printed below
         took = time.monotonic() - t0
-        assert "drain timeout: 1 runs left to recovery" in x.log_text()
-        records = x.log_records()
-        began = next(at(r["ts"]) for r in records if r["msg"].startswith("draining"))
-        stopped = next(at(r["ts"]) for r in records if r["msg"] == "pod stopped")
-        # The run gets the drain timeout once, not again when uvicorn's shutdown stops the app.
-        assert (stopped - began).total_seconds() < DRAIN_S + 1.5
-        # And the run left over is stopped before the connections close: no hang at exit.
-        assert took < DRAIN_S + 5
+        msgs = [r["msg"] for r in x.log_records()]
+        ts = [at(r["ts"]) for r in x.log_records()]
+        began = next(i for i, m in enumerate(msgs) if m.startswith("draining"))
+        timeouts = [i for i, m in enumerate(msgs) if m.startswith("drain timeout")]
+        stopped = msgs.index("pod stopped")
+        # In this order, once each: the run gets the drain timeout once (uvicorn's shutdown
+        # does not start another), it waits the whole timeout, then the pod stops.
+        assert len(timeouts) == 1 and began < timeouts[0] < stopped
+        assert msgs[timeouts[0]] == f"drain timeout: 1 runs left to recovery when {x.name} returns"
+        waited = (ts[timeouts[0]] - ts[began]).total_seconds()
+        assert waited >= DRAIN_S - 0.1
+        # The run left over was stopped while the connections were open: nothing left hanging.
+        assert not any("did not stop when cancelled" in m for m in msgs)
+        assert not any(m.startswith("run finished") for m in msgs)
+        print(
+            f"\nSIGTERM → drain timeout {waited:.2f}s (drain {DRAIN_S}s) → pod stopped"
+            f" {(ts[stopped] - ts[timeouts[0]]).total_seconds():.2f}s later; exit after {took:.2f}s"
+        )
         async with cluster.client([other]) as on_other:
             left = await on_other.run(thread, run_id)
         assert (left["status"], left["attempt"], left["executor"]) == ("running", 1, x.name)

@@ -13,7 +13,7 @@ from tests.multipod.cluster import Attacher, Cluster, at, running_on, wait_run
 pytestmark = pytest.mark.multipod
 
 CLAIM_TIMEOUT_S = 3  # THREADGATE_CLAIM_TIMEOUT_S of the cluster fixture's pods
-START_MARGIN_S = 10  # interpreter start and imports on a busy 2-core machine
+HANG_S = 60  # only a process that hangs takes this long, however busy the machine
 CHUNKS = 30
 
 
@@ -24,7 +24,9 @@ async def test_a_second_process_under_a_live_name_exits_without_executing(
     thread = unique()
     async with cluster.client() as client:
         run_id = (
-            await client.post(thread, "long", model_options={"chunks": CHUNKS, "delay_ms": 40})
+            await client.post(
+                thread, "long", model_options={"chunks": CHUNKS, "delay_ms": 40, "vary": True}
+            )
         )["run_id"]
         holder = await running_on(client, cluster, thread, run_id)
         other = cluster.others(holder.name)[0]
@@ -36,14 +38,18 @@ async def test_a_second_process_under_a_live_name_exits_without_executing(
 
         rogue = cluster.rogue(holder.name)
         rogue.spawn()
-        code = await rogue.wait_exit(CLAIM_TIMEOUT_S + START_MARGIN_S)
+        code = await rogue.wait_exit(HANG_S)
         assert code != 0
         records = rogue.log_records()
         waits = [r for r in records if "is held by" in r["msg"]]
         failed = [r for r in records if "startup failed" in r["msg"]]
-        assert waits and failed
+        assert len(waits) >= 2 and failed  # it asked again and again, then gave up
+        assert records.index(waits[-1]) < records.index(failed[0])
         waited = (at(failed[0]["ts"]) - at(waits[0]["ts"])).total_seconds()
-        assert CLAIM_TIMEOUT_S - 0.3 <= waited <= CLAIM_TIMEOUT_S + 2  # the whole claim timeout
+        # It waits out the whole claim timeout before giving up (a busy machine only makes
+        # that longer: no upper bound; the figure is printed).
+        assert waited >= CLAIM_TIMEOUT_S - 0.3
+        print(f"\nrogue waited {waited:.2f}s for the claim (THREADGATE_CLAIM_TIMEOUT_S=3)")
         log = rogue.log_text()
         assert f"{holder.name!r} is held by another live process" in log
         assert f"threadgate {holder.name} pid={holder.pid} " in log  # names the holder
@@ -55,16 +61,29 @@ async def test_a_second_process_under_a_live_name_exits_without_executing(
 
         await holder.kill()
         t0 = time.monotonic()
-        await holder.restart()
+        await holder.restart(timeout=HANG_S)
         took = time.monotonic() - t0
-        restart_log = holder.log_text(start=2)
-        assert "executor claim acquired" in restart_log
-        assert "is held by" not in restart_log  # the dead holder's lock went with it: no wait
-        assert took < CLAIM_TIMEOUT_S + START_MARGIN_S
+        restart = holder.log_records(start=2)
+        msgs = [r["msg"] for r in restart]
+        # The dead holder's lock went with it: the claim is taken at the first try, before
+        # DBOS launches (no wait in between).
+        assert not any("is held by" in m for m in msgs)
+        assert msgs.index("executor claim acquired") < next(
+            i for i, m in enumerate(msgs) if m.startswith("recovering 1 runs")
+        )
+        print(f"restart under the freed name ready in {took:.2f}s")
 
         run = await wait_run(client, thread, run_id)
-        # Attempt 1 by the holder, 2 by its restart: the rogue never ran the step.
+        # Attempt 1 by the holder, 2 by its restart: the rogue never ran the step. The
+        # restart continues after what the holder stored; the text says who wrote each chunk.
         assert (run["status"], run["attempt"]) == ("success", 2)
-        assert (await watcher.result()).text == mock_reply(CHUNKS)
+        assert [(a["attempt"], a["executor"]) for a in run["attempts"]] == [
+            (1, holder.name),
+            (2, holder.name),
+        ]
+        stored = mock_reply(CHUNKS, {0: 1, run["attempts"][1]["resume_from"]: 2})
+        assert run["output"] == stored
+        reply = await watcher.result()
+        assert reply.text == stored and reply.resets == 0 and reply.duplicates == 0
         messages = [m for m in await client.messages(thread) if m["role"] == "assistant"]
-        assert [m["content"] for m in messages] == [mock_reply(CHUNKS)]
+        assert [m["content"] for m in messages] == [stored]
