@@ -60,14 +60,25 @@ BUILDS = {
     "dev": "overlays/dev",
     "prod": "overlays/prod",
     "prod-bundled": "overlays/prod-bundled",
+    "prod-ha": "overlays/prod-ha",
     "base": "base",
     "optional": "overlays/optional",
 }
 OPTIONAL_COMPONENTS = ("monitoring", "keda")
-EXPECTED_REPLICAS = {"k8s": 1, "dev": 1, "prod": 3, "prod-bundled": 3, "optional": 3}
+EXPECTED_REPLICAS = {
+    "k8s": 1,
+    "dev": 1,
+    "prod": 3,
+    "prod-bundled": 3,
+    "prod-ha": 3,
+    "optional": 3,
+}
 WITH_BUNDLED_DEPS = {"k8s", "dev", "prod-bundled"}
-PRODUCTION = ("prod", "prod-bundled", "optional")  # never a development credential
-STREAM_REPLICAS = {"k8s": 1, "dev": 1, "prod": 3, "prod-bundled": 1, "optional": 3}
+# components/nats-cluster (a 3-node JetStream cluster) and components/cnpg (CloudNativePG)
+WITH_NATS_CLUSTER = {"prod-ha"}
+WITH_CNPG = {"prod-ha"}
+PRODUCTION = ("prod", "prod-bundled", "prod-ha", "optional")  # never a development credential
+STREAM_REPLICAS = {"k8s": 1, "dev": 1, "prod": 3, "prod-bundled": 1, "prod-ha": 3, "optional": 3}
 # The oldest Kubernetes we claim to support, and the newest schemas the package ships.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 # What the app needs after its drain to stop and close (measured by test_kubelet.py,
@@ -464,9 +475,38 @@ def link_variables(objs: tuple[dict[str, Any], ...]) -> set[str]:
 
 
 def container_env(objs: tuple[dict[str, Any], ...], workload: str = THREADGATE) -> dict[str, str]:
-    """The container's environment, with the operator's Secret where the build has none."""
+    """The container's environment, with the operator's Secret where the build has none and
+    the Secrets that operators in the cluster generate (CloudNativePG's app credentials)."""
     secret = find(objs, "Secret", "threadgate-secrets")
-    return kubelet_env(objs, workload=workload, extra=() if secret else (operator_secret(),))
+    extra = (*(() if secret else (operator_secret(),)), *cnpg_app_secrets(objs))
+    return kubelet_env(objs, workload=workload, extra=extra)
+
+
+def cnpg_app_secrets(objs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    """What CloudNativePG makes for each Cluster: `<name>-app` with the owner's credentials
+    (keys as pkg/specs/secrets.go writes them; its passwords are letters and digits)."""
+    out = []
+    for cluster in (o for o in objs if o["kind"] == "Cluster"):
+        name = cluster["metadata"]["name"]
+        initdb = cluster["spec"]["bootstrap"]["initdb"]
+        owner, db, password = initdb["owner"], initdb["database"], "a1B2c3D4e5F6g7H8"
+        data = {
+            "username": owner,
+            "password": password,
+            "dbname": db,
+            "host": f"{name}-rw",
+            "port": "5432",
+            "uri": f"postgresql://{owner}:{password}@{name}-rw.threadgate:5432/{db}",
+        }
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": f"{name}-app"},
+                "stringData": data,
+            }
+        )
+    return out
 
 
 @pytest.fixture
@@ -533,14 +573,14 @@ def test_rendered_objects_match_kubernetes_schemas(
     objs = rendered(clone_k8s, build)
     assert objs
     for obj in objs:
-        if obj["kind"] not in CR_SCHEMAS:  # custom resources: test_custom_resources
+        if obj["kind"] not in CUSTOM_KINDS:  # custom resources: test_custom_resources
             kubernetes_validate.validate(obj, version, strict=True)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_raw_objects_and_secret_example_match_kubernetes_schemas(version: str) -> None:
     for obj in (*raw_objects(), secret_example()):
-        if obj["kind"] not in CR_SCHEMAS:  # custom resources: test_custom_resources
+        if obj["kind"] not in CUSTOM_KINDS:  # custom resources: test_custom_resources
             kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -799,12 +839,16 @@ def test_overlays(build: str, clone_k8s: Path) -> None:
     env = container_env(objs)
     assert env["THREADGATE_STREAM_REPLICAS"] == str(STREAM_REPLICAS[build])
     bundled = build in WITH_BUNDLED_DEPS
-    for dep in ("nats", "postgres"):
-        assert (find(objs, "StatefulSet", dep) is not None) is bundled, dep
+    in_cluster = {"nats": bundled or build in WITH_NATS_CLUSTER, "postgres": bundled}
+    for dep, expected in in_cluster.items():
+        assert (find(objs, "StatefulSet", dep) is not None) is expected, dep
+    assert (find(objs, "Cluster", "threadgate-pg") is not None) is (build in WITH_CNPG)
     # Generated only by the dev overlay; anywhere else it is the operator's.
     assert (find(objs, "Secret", "threadgate-secrets") is not None) is (build in ("k8s", "dev"))
     if bundled:
         assert env["THREADGATE_NATS_URL"] == "nats://nats:4222"
+    elif build in WITH_NATS_CLUSTER:
+        assert len(env["THREADGATE_NATS_URL"].split(",")) == 3, "every member of the cluster"
     else:
         assert "THREADGATE_NATS_URL" in env, "without bundled-deps, set THREADGATE_NATS_URL"
     if build in PRODUCTION:
@@ -1076,6 +1120,171 @@ def test_custom_resources(clone_k8s: Path) -> None:
         assert set(re.findall(r"\bthreadgate_[a-z_]+", trigger["metadata"]["query"])) == {
             "threadgate_queue_depth"
         }
+
+
+# ---------------------------------------------------------------------------- HA dependencies
+# components/nats-cluster (a 3-node JetStream cluster) and components/cnpg (a CloudNativePG
+# Cluster), composed by overlays/prod-ha. Offline: the rendered objects against the Kubernetes
+# schemas (above), the NATS configuration by nats-server itself (-t), how the members find
+# each other and how threadgate finds them, and the CloudNativePG Cluster's fields against
+# the names of its CRD (postgresql.cnpg.io/v1, copied by hand from cloudnative-pg's
+# config/crd/bases/postgresql.cnpg.io_clusters.yaml, v1.30: an unknown or misspelt field
+# fails). Not offline: the CRD's full schema, and what the operator does (its Services and
+# Secret are stood in for by their documented names and keys: cnpg_app_secrets).
+
+NATS_CLUSTER_CONF = K8S / "components" / "nats-cluster" / "nats.conf"
+QUANTITY = {"type": ["string", "integer"]}
+CNPG_CLUSTER = strict(
+    {
+        "instances": INT,
+        "imageName": STR,
+        "postgresql": strict(
+            {
+                "synchronous": strict(
+                    {
+                        "method": {"enum": ["any", "first"]},
+                        "number": {"type": "integer", "minimum": 1},
+                        "dataDurability": {"enum": ["required", "preferred"]},
+                    },
+                    ("method", "number"),
+                ),
+                "parameters": {"type": "object", "additionalProperties": STR},
+            }
+        ),
+        "bootstrap": strict({"initdb": strict({"database": STR, "owner": STR})}),
+        "storage": strict({"size": STR, "storageClass": STR}),
+        "affinity": strict(
+            {
+                "enablePodAntiAffinity": {"type": "boolean"},
+                "podAntiAffinityType": {"enum": ["preferred", "required"]},
+                "topologyKey": STR,
+            }
+        ),
+        "resources": strict(
+            {
+                "requests": {"type": "object", "additionalProperties": QUANTITY},
+                "limits": {"type": "object", "additionalProperties": QUANTITY},
+            }
+        ),
+    },
+    ("instances",),
+)
+CUSTOM_KINDS = {*CR_SCHEMAS, "Cluster"}
+
+
+def nats_conf_routes(conf: str) -> list[str]:
+    block = re.search(r"routes:\s*\[(.*?)\]", conf, re.S)
+    assert block, "cluster.routes"
+    return re.findall(r"nats://[^\s,\]]+", block.group(1))
+
+
+@pytest.mark.parametrize("build", sorted(WITH_NATS_CLUSTER))
+def test_nats_cluster(build: str, clone_k8s: Path) -> None:
+    objs = rendered(clone_k8s, build)
+    sts = get(objs, "StatefulSet", "nats")
+    size = sts["spec"]["replicas"]
+    assert size == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["volumeClaimTemplates"], "each member's file store on its own volume"
+    headless = get(objs, "Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True  # members find each other
+    container = container_of(objs, "nats")
+    ports = container_ports(container)
+    args = [*container.get("command", []), *container.get("args", [])]
+    conf_path = args[args.index("--config") + 1]
+    (mount,) = [m for m in container["volumeMounts"] if conf_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod_spec(objs, "nats")["volumes"] if v["name"] == mount["name"]]
+    conf = object_data(get(objs, "ConfigMap", volume["configMap"]["name"]))[Path(conf_path).name]
+    assert conf == NATS_CLUSTER_CONF.read_text()
+
+    # Each member by its stable name, on the route port; its server name is its pod name.
+    members = [f"{sts['metadata']['name']}-{i}.{headless['metadata']['name']}" for i in range(size)]
+    port = re.search(r"cluster\s*\{[^}]*?port:\s*(\d+)", conf, re.S)
+    assert port, "cluster.port"
+    cluster_port = int(port.group(1))
+    assert cluster_port == ports["cluster"]
+    assert nats_conf_routes(conf) == [f"nats://{m}:{cluster_port}" for m in members]
+    assert re.search(r"^server_name:\s*\$POD_NAME\s*$", conf, re.M)
+    (pod_name,) = [v for v in container["env"] if v["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    store = re.search(r'store_dir:\s*"?([^"\s]+)', conf)
+    assert store and any(m["mountPath"] == store.group(1) for m in container["volumeMounts"])
+    assert {p["name"] for p in headless["spec"]["ports"]} >= {"client", "cluster"}
+
+    # threadgate connects to every member and keeps three replicas of its stream.
+    env = container_env(objs)
+    assert env["THREADGATE_NATS_URL"].split(",") == [
+        f"nats://{m}:{ports['client']}" for m in members
+    ]
+    assert env["THREADGATE_STREAM_REPLICAS"] == str(size)
+
+    # One member per node, one at a time in a voluntary disruption: a quorum stays.
+    spread = {c["topologyKey"]: c for c in pod_spec(objs, "nats")["topologySpreadConstraints"]}
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    assert spread["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+    pdb = get(objs, "PodDisruptionBudget", "nats")
+    assert pdb["spec"]["maxUnavailable"] == 1 < size // 2 + 1
+    assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+
+    # Clients from threadgate pods, routes from the members only.
+    policy = get(objs, "NetworkPolicy", "nats")
+    allowed = {}
+    for rule in policy["spec"]["ingress"]:
+        (peer,) = rule["from"]
+        who = peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        for port in rule["ports"]:
+            allowed[ports.get(port["port"], port["port"])] = who
+    assert allowed == {ports["client"]: THREADGATE, ports["cluster"]: "nats"}
+
+
+def test_nats_cluster_config_is_valid(tmp_path: Path) -> None:
+    """nats-server itself checks the cluster member's configuration (`-t`), with the pod name
+    its environment gives it."""
+    from threadgate.devstack import nats_server_bin
+
+    proc = subprocess.run(
+        [str(nats_server_bin()), "-t", "-c", str(NATS_CLUSTER_CONF)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "POD_NAME": "nats-1"},
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("build", sorted(WITH_CNPG))
+def test_cnpg_cluster(build: str, clone_k8s: Path) -> None:
+    objs = rendered(clone_k8s, build)
+    cluster = get(objs, "Cluster", "threadgate-pg")
+    assert cluster["apiVersion"] == "postgresql.cnpg.io/v1"
+    core_valid(cluster["metadata"], "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta")
+    jsonschema.validate(cluster["spec"], CNPG_CLUSTER)
+    spec = cluster["spec"]
+    assert spec["instances"] == 3
+    # Synchronous: a commit is on a standby before it is acknowledged (docs/deploy.md).
+    sync = spec["postgresql"]["synchronous"]
+    assert 1 <= sync["number"] < spec["instances"]
+    assert sync["dataDurability"] == "required"
+    assert spec["affinity"]["podAntiAffinityType"] == "required"
+    assert spec["affinity"]["topologyKey"] == "kubernetes.io/hostname"
+    params = spec["postgresql"]["parameters"]
+    assert int(params["tcp_keepalives_idle"]) <= 60  # a dead node's claims are dropped soon
+    assert int(params["max_connections"]) >= 20 * (EXPECTED_REPLICAS[build] + 1)
+    res = spec["resources"]
+    assert "cpu" not in res["limits"] and res["requests"]["memory"] == res["limits"]["memory"]
+
+    # threadgate reaches the primary through the operator's read-write Service, as the
+    # database's owner, with the password of the Secret the operator generates.
+    name, initdb = cluster["metadata"]["name"], spec["bootstrap"]["initdb"]
+    url = urlsplit(container_env(objs)["THREADGATE_DATABASE_URL"])
+    assert (url.hostname, url.port) == (f"{name}-rw", 5432)
+    assert (url.username, url.path.lstrip("/")) == (initdb["owner"], initdb["database"])
+    (app,) = cnpg_app_secrets(objs)
+    assert url.password == app["stringData"]["password"]
+    assert "sslmode=require" in url.query
+    with pytest.raises(CreateContainerConfigError, match=f"{name}-app"):
+        kubelet_env(objs, extra=(operator_secret(),))  # no Cluster yet: no pod starts
 
 
 # ---------------------------------------------------------------------------- compose
