@@ -49,9 +49,13 @@ function proxy(req, res) {
   const up = send(target, { method: req.method, headers }, (answer) => {
     res.writeHead(answer.statusCode, answer.headers);
     answer.pipe(res); // streamed as it comes: SSE needs no buffering here
+    // A pod that dies mid-stream must break the browser's stream too (pipe would leave it
+    // open forever): the client then resumes where it was.
+    answer.on("close", () => answer.complete || res.destroy());
   });
   up.on("error", () => {
-    if (!res.headersSent) res.writeHead(502, { "content-type": "application/json" });
+    if (res.headersSent) return res.destroy();
+    res.writeHead(502, { "content-type": "application/json" });
     res.end(JSON.stringify({ error: { code: "bad_gateway", message: "threadgate is unreachable" } }));
   });
   res.on("close", () => up.destroy()); // the browser left: so does the upstream stream

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.multipod.cluster import REPO, Cluster, running_on, wait_run
-from tests.multipod.test_browser import browser, until  # noqa: F401 (the browser fixture)
+from tests.multipod.test_browser import browser  # noqa: F401 (the browser fixture)
 
 pytestmark = pytest.mark.multipod
 
@@ -83,6 +84,23 @@ async def example_server(upstream: str) -> AsyncIterator[str]:
         if proc.returncode is None:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 10)
+
+
+async def until(driver: Any, script: str, *args: Any, timeout: float = 30.0) -> Any:
+    """Evaluate `script` in the example page until it returns something truthy; that value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = driver.execute_script(script, *args)
+        if value:
+            return value
+        if loop.time() > deadline:
+            state = driver.execute_script(
+                "return {status: document.getElementById('status')?.textContent,"
+                " log: document.getElementById('messages')?.innerText}"
+            )
+            raise TimeoutError(f"page never satisfied {script!r}: {state}")
+        await asyncio.sleep(0.05)  # the page has no event to wait on from here: poll it
 
 
 MESSAGE = """
@@ -182,26 +200,40 @@ async def test_example_page_sends_resumes_and_stops(cluster: Cluster, browser: A
 
 
 @pytest.mark.cluster(size=2)
+@pytest.mark.parametrize("behind", ["executor", "survivor"])
 async def test_example_page_survives_the_executor_being_killed(
     cluster: Cluster,
     browser: Any,  # noqa: F811
+    behind: str,
 ) -> None:
-    async with example_server(cluster.pods[0].url) as url:
-        thread = unique("ai")
-        browser.get(f"{url}/?chat={thread}&chunks=60&delay_ms=50")
+    """SIGKILL the pod running the reply, restart it: the page ends with the stored reply.
+    `executor`: the example's server talks to the dying pod (the stream breaks, threadgateFetch
+    resumes it with Last-Event-ID once the pod is back); `survivor`: the stream goes on."""
+    thread = unique("ai")
+    page = f"?chat={thread}&chunks=60&delay_ms=50&vary=1"
+    async with contextlib.AsyncExitStack() as servers:
+        url = await servers.enter_async_context(example_server(cluster.pods[0].url))
+        browser.get(f"{url}/{page}")
         await until(browser, "return document.getElementById('chat-id').textContent")
         await send(browser, "survive this")
         run_id = await latest_run(cluster, thread)
         async with cluster.client() as client:
             victim = await running_on(client, cluster, thread, run_id)
+        want = victim if behind == "executor" else cluster.others(victim.name)[0]
+        if want is not cluster.pods[0]:
+            # We cannot choose the executor: put the page behind the wanted pod (a reload,
+            # which resumes the run).
+            url = await servers.enter_async_context(example_server(want.url))
+            browser.get(f"{url}/{page}")
         await until(
             browser,
-            f"const m = (() => {{ {MESSAGE} }})(); return m && m.text.includes('chunk-10 ');",
+            f"const m = (() => {{ {MESSAGE} }})(); return m && m.text.includes('chunk-10.1 ');",
         )
         await victim.kill()
         await victim.restart()
         reply = await page_reply(browser, run_id)
-        async with cluster.client() as client:
-            run = await wait_run(client, thread, run_id)
-        assert run["status"] == "success" and run["attempt"] == 2
-        assert reply["text"] == run["output"]
+    async with cluster.client() as client:
+        run = await wait_run(client, thread, run_id)
+    assert run["status"] == "success" and run["attempt"] == 2
+    assert re.fullmatch(r"(chunk-\d+\.1 )+(chunk-\d+\.2 )+", run["output"]), run["output"]
+    assert reply["text"] == run["output"]
