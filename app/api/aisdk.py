@@ -140,7 +140,9 @@ async def chat(
     except BaseException:
         slot.release()
         raise
-    return _respond(rt, hub, tail, slot, thread_id, accepted.run_id, reader_of(principal), None)
+    return ui_stream_response(
+        rt, hub, tail, slot, thread_id, accepted.run_id, reader_of(principal), None
+    )
 
 
 @router.get(
@@ -187,7 +189,7 @@ async def resume(
     except BaseException:
         slot.release()
         raise
-    return _respond(rt, hub, tail, slot, thread_id, run.run_id, reader, after)
+    return ui_stream_response(rt, hub, tail, slot, thread_id, run.run_id, reader, after)
 
 
 def _slot(rt: RuntimeDep, limiter: AttachLimiter, principal: Principal) -> AttachSlot:
@@ -198,7 +200,7 @@ def _slot(rt: RuntimeDep, limiter: AttachLimiter, principal: Principal) -> Attac
     )
 
 
-def _respond(
+def ui_stream_response(
     rt: RuntimeDep,
     hub: TailHub,
     tail: ThreadTail,
@@ -208,7 +210,9 @@ def _respond(
     reader: str | None,
     after: int | None,
 ) -> SseResponse:
-    """The stream; its slot and its tail are held until it ends, however it ends."""
+    """A run as a UI message stream, from its first event (after `after`: the frames a
+    reader had are folded in, not sent). Its slot and its tail, both acquired by the caller,
+    are held until it ends, however it ends."""
     headers = {**HEADERS, "x-threadgate-thread-id": thread_id, "x-threadgate-run-id": run_id}
     return SseResponse(
         _ui_stream(rt, tail, thread_id, run_id, reader, after),
