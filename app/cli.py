@@ -66,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .logs import setup_logging
     from .main import begin_drain, create_app
+    from .server import guarded_http
     from .settings import load_settings
 
     try:
@@ -114,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=2,
         timeout_keep_alive=75,
+        http=guarded_http(settings),  # deadlines for a request's head and body (app/server.py)
     )
     server = PodServer(config)
     server.run()

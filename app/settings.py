@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(default=32_000, ge=1)
     max_data_bytes: int = Field(default=64 * 1024, ge=1)  # one data event's JSON payload
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # A request's head must arrive within header_timeout_s of its first byte (of the
+    # connection, for the first request); its body within body_timeout_s of the head: 408, or
+    # the connection is closed (docs/security.md, "Slow clients").
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
     max_queued_runs_per_thread: int = Field(default=20, ge=1)
     # Runs pending or running: a principal's across the cluster, and those this pod accepted.
     max_active_runs_per_principal: int = Field(default=50, ge=1)

@@ -63,9 +63,9 @@ def install(app: FastAPI) -> None:
 
 def _install_limits(app: FastAPI) -> None:
     from ..auth import check_config
-    from .limits import AttachLimiter, BodySizeLimit
+    from .limits import AttachLimiter, RequestGuard
 
     check_config(app.state.runtime.settings)  # bad key files fail the start, not a request
     app.state.attach_limiter = AttachLimiter()
     # Settings are read per request (tests flip them on a running pod).
-    app.add_middleware(BodySizeLimit, max_bytes=lambda: app.state.runtime.settings.max_body_bytes)
+    app.add_middleware(RequestGuard, settings=lambda: app.state.runtime.settings)

@@ -1,7 +1,9 @@
-"""Request limits: body size (an ASGI middleware, before any parsing) and concurrent attaches."""
+"""Request limits: credential, size and arrival time of a body (an ASGI middleware, before any
+parsing), and concurrent attaches."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -9,7 +11,9 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import PayloadTooLarge, TooManyRequests
+from ..auth import authenticate
+from ..errors import PayloadTooLarge, ThreadgateError, TooManyRequests, Unauthorized
+from ..settings import Settings
 
 
 @dataclass(slots=True)
@@ -54,44 +58,77 @@ class AttachLimiter:
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class BodySizeLimit:
-    """413 before the app parses anything: by Content-Length, or by counting streamed bytes.
+class RequestGuard:
+    """What a request must pass before the app reads its body: its credential (401, when
+    authentication is on: every route that takes a body needs a bearer token), its size (413,
+    by Content-Length or by counting streamed bytes) and the time it takes to arrive (408
+    after THREADGATE_BODY_TIMEOUT_S).
 
-    A body within the limit is read here and handed to the app whole; the limit is small
-    (THREADGATE_MAX_BODY_BYTES) and the app would buffer the JSON body anyway.
+    A body within the limits is read here and handed to the app whole; the limit is small
+    (THREADGATE_MAX_BODY_BYTES) and the app would buffer the JSON body anyway. Settings are
+    read per request (tests change them on a running pod).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, settings: Callable[[], Settings]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in _NO_BODY:
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes()
+        settings = self.settings()
+        if settings.auth_enabled and authenticate(settings, _header(scope), None) is None:
+            # Before a byte of the body is read: a client without a credential can no longer
+            # hold a connection by trickling one. The same answer as every other 401; the
+            # connection is closed rather than kept for a body nobody will read.
+            await _answer(send, Unauthorized("a valid bearer token is required"), close=True)
+            return
+        limit = settings.max_body_bytes
         length = _content_length(scope)
         if length is not None and length > limit:
             await _too_large(send, limit)
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                # The client left before sending its body: let the app see the disconnect.
-                await self.app(scope, _replay([message], receive), send)
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                await _too_large(send, limit)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        # The client left before sending its body: let the app see it.
+                        await self.app(scope, _replay([message], receive), send)
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    if size > limit:
+                        await _too_large(send, limit)
+                        return
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            err = RequestTimeout(
+                f"the request body did not arrive within {settings.body_timeout_s:g} s"
+            )
+            await _answer(send, err, close=True)
+            return
         whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([whole], receive), send)
+
+
+class RequestTimeout(ThreadgateError):
+    """The request took too long to arrive."""
+
+    code = "request_timeout"
+    status = 408
+
+
+def _header(scope: Scope, name: bytes = b"authorization") -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -114,18 +151,22 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    err = PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    # No `connection: close`: closing with the client's bytes unread resets the connection,
+    # and the client may lose this answer. uvicorn discards the rest (and the server's body
+    # deadline, app/server.py, closes a connection whose body never ends).
+    await _answer(send, PayloadTooLarge(f"the request body is larger than {limit} bytes"))
+
+
+async def _answer(send: Send, err: ThreadgateError, *, close: bool = False) -> None:
+    """The JSON error body, as the app's exception handlers write it."""
     body = json.dumps(err.body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                # No `connection: close`: closing with the client's bytes unread resets the
-                # connection, and the client may lose this answer. uvicorn discards the rest.
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
