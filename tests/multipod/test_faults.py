@@ -3,30 +3,66 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
+import nats
 import pytest
+from nats.js.api import DeliverPolicy
 from threadgate.client import AsyncClient
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import Stack, unique
-from tests.multipod.cluster import Attacher, Cluster, running_on, wait_run
+from tests.multipod.cluster import Attacher, Cluster, Pod, at, running_on, wait_run
 from tests.multipod.conftest import StartCluster
 
 pytestmark = pytest.mark.multipod
 
 
-async def assert_one_reply(client: AsyncClient, thread: str, run_id: str, chunks: int) -> None:
+async def assert_one_reply(client: AsyncClient, thread: str, run_id: str, stored: str) -> None:
+    """The conversation holds the run's user message and exactly one assistant message."""
     messages = [m for m in await client.messages(thread) if m["run_id"] == run_id]
     assert [(m["role"], m["content"]) for m in messages] == [
         ("user", messages[0]["content"]),
-        ("assistant", mock_reply(chunks)),
+        ("assistant", stored),
     ]
+
+
+def continued(run: dict[str, Any]) -> dict[int, int]:
+    """Which attempt wrote which chunks of a `vary` reply: {first index: attempt}, from the
+    run's attempts (a continued attempt starts at its resume_from, a regenerated one at 0)."""
+    starts = {0: 1}
+    for a in run["attempts"][1:]:
+        starts[a.get("resume_from") or 0] = a["attempt"]
+    return starts
+
+
+async def stored_events(cluster: Cluster, thread: str) -> list[dict[str, Any]]:
+    """Every message JetStream holds on the thread's subject, read by a consumer of our own:
+    as many as the stream's own count for the subject says."""
+    env = cluster.env
+    stream = env["THREADGATE_STREAM_NAME"]
+    subject = f"{env['THREADGATE_SUBJECT_PREFIX']}.thread.{thread}"
+    nc = await nats.connect(env["THREADGATE_NATS_URL"])
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        sub = await js.subscribe(
+            subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            return [json.loads((await sub.next_msg(timeout=10)).data) for _ in range(count)]
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
 
 
 async def readyz(url: str) -> str:
@@ -49,62 +85,111 @@ async def wait_readyz(url: str, status: str, timeout: float = 30) -> float:
 
 
 async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack) -> None:
+    """nats-server stops and starts mid-reply, for less than THREADGATE_NATS_OUTAGE_LIMIT_S
+    (30 s): the attempt waits the outage out (its publishes are retried under the same
+    message ids, and JetStream drops what it already stored), so the run keeps attempt 1, no
+    client gets a `reset` and the subject holds each chunk once. The pods' tails resubscribe:
+    the clients attached to them never reconnect. A chunk every 2 ms, so that publishes are in
+    flight when the server stops (the log shows "publish ack missing, republishing")."""
+    chunks = 1500
     cluster = await start_cluster(size=2, mock_delay_ms=40)
     client = cluster.client()
     thread = unique()
-    run = await client.post(thread, "through a NATS restart", model_options={"chunks": 60})
-    # Attached on both pods; neither client reconnects: the pods' tails must resubscribe.
+    options = {"chunks": chunks, "vary": True, "delay_ms": 2}
+    run = await client.post(thread, "through a NATS restart", model_options=options)
     attachers = [Attacher([p.url], thread).start() for p in cluster.pods]
-    await attachers[0].wait_chunk(10)
+    await attachers[0].wait_chunk(300)
     stack.nats.stop()
     await wait_readyz(cluster.pods[0].url, "degraded")
     stack.nats.start()
     back = time.monotonic()
-    seen = len(attachers[0].reply.chunks)
-    await attachers[0].wait_for(
-        lambda e: (
-            (e.event == "chunk" and len(attachers[0].reply.chunks) > seen) or e.event == "reset"
-        )
-    )
-    flowing = time.monotonic() - back
+
+    final = await wait_run(client, thread, run["run_id"], timeout=60)
+    stored = mock_reply(chunks, {0: 1})
+    assert final["status"] == "success" and final["output"] == stored
+    assert final["attempts"] == [{"attempt": 1, "executor": final["executor"], "kind": "first"}]
     for a in attachers:
         reply = await a.result(60)
-        assert reply.status == "success"
-        assert reply.text == mock_reply(60)
-    final = await wait_run(client, thread, run["run_id"])
-    assert final["status"] == "success"
-    await assert_one_reply(client, thread, run["run_id"], 60)
+        assert reply.status == "success" and reply.text == stored
+        assert (reply.resets, reply.resumes, reply.duplicates) == (0, 0, 0)
+        assert "reset" not in [e.event for e in a.events]
+    events = await stored_events(cluster, thread)
+    assert [e["type"] for e in events] == ["run_started"] + ["chunk"] * chunks + ["done"]
+    assert [e["index"] for e in events if e["type"] == "chunk"] == list(range(chunks))
+    await assert_one_reply(client, thread, run["run_id"], stored)
+    # How long after NATS was back the first chunk reached a client (none can arrive while it
+    # is down). Generous: the attempt itself would give up at the 30 s outage limit.
+    ahead = attachers[0]
+    flowing = next(
+        t - back
+        for e, t in zip(ahead.events, ahead.arrived, strict=True)
+        if e.event == "chunk" and t >= back
+    )
+    assert flowing < 30
     print(f"\nNATS back → chunks flowing again at an attacher: {flowing:.2f}s")
 
 
 async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: Stack) -> None:
+    """PostgreSQL goes away mid-reply and stays away until the reply's last chunk is out.
+    Chunks go to JetStream only: the reply step keeps streaming to the client through the
+    outage. Its end waits for the database: DBOS checkpoints the step before it begins the
+    finish step, and retries that checkpoint until PostgreSQL answers, so the finish step
+    itself never meets the outage (it begins once the database is back; its own retry is for
+    an outage that begins inside it). The pods take their fencing claims again, and the run
+    ends in its first attempt: no `reset`, no second attempt."""
+    chunks = 40
     cluster = await start_cluster(size=2, mock_delay_ms=40)
     client = cluster.client()
     thread = unique()
-    run = await client.post(thread, "through a Postgres restart", model_options={"chunks": 60})
-    attacher = Attacher(cluster.urls, thread, reconnects=5).start()
+    options = {"chunks": chunks, "vary": True}
+    run = await client.post(thread, "through a Postgres restart", model_options=options)
+    executor = await running_on(client, cluster, thread, run["run_id"])
+    other = cluster.others(executor.name)[0]
+    attacher = Attacher([other.url], thread).start()  # no reconnect: the stream must hold
     await attacher.wait_chunk(5)
     stack.pg.stop()
-    await wait_readyz(cluster.pods[0].url, "degraded")
-    stack.pg.start()
-    took = await wait_readyz(cluster.pods[0].url, "ready", timeout=60)
-    await wait_readyz(cluster.pods[1].url, "ready", timeout=60)
-    reply = await attacher.result(90)
-    assert reply.status == "success" and reply.text == mock_reply(60)
+    try:
+        await wait_readyz(executor.url, "degraded")
+        await attacher.wait_chunk(chunks - 1)  # the whole reply, with the database away
+        last_chunk = time.time()
+        await wait_logged(executor, "Database connection failed")  # the workflow waits
+    finally:
+        stack.pg.start()
+    took = await wait_readyz(executor.url, "ready", timeout=60)
+    await wait_readyz(other.url, "ready", timeout=60)
+
     final = await wait_run(client, thread, run["run_id"], timeout=60)
-    assert final["status"] == "success"
-    await assert_one_reply(client, thread, run["run_id"], 60)
+    stored = mock_reply(chunks, {0: 1})
+    assert final["status"] == "success" and final["output"] == stored
+    assert final["attempts"] == [{"attempt": 1, "executor": executor.name, "kind": "first"}]
+    assert at(final["finished_at"]).timestamp() > last_chunk  # finished after the outage
+    reply = await attacher.result(60)
+    assert reply.status == "success" and reply.text == stored
+    assert (reply.resets, reply.resumes, reply.duplicates) == (0, 0, 0)
+    await assert_one_reply(client, thread, run["run_id"], stored)
+    for pod in cluster.pods:
+        # The claim's connection died with the server; the watcher took the claim back.
+        await wait_logged(pod, "executor claim re-acquired")
+        assert "executor claim taken by" not in pod.log_text()
     # The thread goes on afterwards.
     nxt = await client.post(thread, "after", model_options={"chunks": 3})
     assert (await client.reply(thread)).run_id == nxt["run_id"]
     print(f"\nPostgreSQL back → /readyz green: {took:.2f}s")
 
 
+async def wait_logged(pod: Pod, text: str, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while text not in pod.log_text():
+        assert loop.time() < deadline, f"{pod.name} never logged {text!r}"
+        await asyncio.sleep(0.05)  # paces reading another process's log
+
+
 @pytest.mark.cluster(size=3, adopt_after_s=2, adopt_check_s=0.5, heartbeat_s=0.5, mock_delay_ms=30)
 async def test_departed_name_is_adopted_once(cluster: Cluster) -> None:
     client = cluster.client()
     thread = unique()
-    run = await client.post(thread, "orphan me", model_options={"chunks": 40})
+    run = await client.post(thread, "orphan me", model_options={"chunks": 40, "vary": True})
     victim = await running_on(client, cluster, thread, run["run_id"])
     attacher = Attacher([p.url for p in cluster.others(victim.name)], thread).start()
     await attacher.wait_chunk(3)
@@ -116,9 +201,13 @@ async def test_departed_name_is_adopted_once(cluster: Cluster) -> None:
     took = time.monotonic() - t0
     assert final["status"] == "success"
     assert final["executor"] != victim.name and final["attempt"] == 2
+    adopted = final["attempts"][1]
+    assert adopted["kind"] == "replay" and adopted["resume_from"] >= 3  # it continues
+    stored = mock_reply(40, continued(final))
+    assert final["output"] == stored
     reply = await attacher.result(30)
-    assert reply.text == mock_reply(40)
-    await assert_one_reply(survivors, thread, run["run_id"], 40)
+    assert reply.text == stored and reply.resets == 0 and reply.duplicates == 0
+    await assert_one_reply(survivors, thread, run["run_id"], stored)
     second = await wait_run(survivors, thread, queued["run_id"], timeout=30)
     assert second["status"] == "success"
     adoptions = sum(p.log_text().count("adopted 1 runs of departed pod") for p in cluster.pods)
@@ -130,7 +219,7 @@ async def test_departed_name_is_adopted_once(cluster: Cluster) -> None:
 async def test_a_live_but_silent_name_is_never_adopted(cluster: Cluster) -> None:
     client = cluster.client()
     thread = unique()
-    run = await client.post(thread, "frozen", model_options={"chunks": 30})
+    run = await client.post(thread, "frozen", model_options={"chunks": 30, "vary": True})
     victim = await running_on(client, cluster, thread, run["run_id"])
     other = cluster.others(victim.name)[0]
     assert victim.pid is not None
@@ -147,7 +236,7 @@ async def test_a_live_but_silent_name_is_never_adopted(cluster: Cluster) -> None
         os.kill(victim.pid, signal.SIGCONT)
     final = await wait_run(client, thread, run["run_id"], timeout=60)
     assert final["status"] == "success" and final["attempt"] == 1
-    await assert_one_reply(client, thread, run["run_id"], 30)
+    await assert_one_reply(client, thread, run["run_id"], mock_reply(30, {0: 1}))
 
 
 async def test_stranded_version_is_reported_and_adopted(start_cluster: StartCluster) -> None:
@@ -155,7 +244,7 @@ async def test_stranded_version_is_reported_and_adopted(start_cluster: StartClus
     pod = cluster.pods[0]
     client = cluster.client()
     thread = unique()
-    run = await client.post(thread, "deploy me", model_options={"chunks": 30})
+    run = await client.post(thread, "deploy me", model_options={"chunks": 30, "vary": True})
     await running_on(client, cluster, thread, run["run_id"])
     await pod.kill()
     await pod.restart({"THREADGATE_APP_VERSION": "1.1.0"})
@@ -179,4 +268,5 @@ async def test_stranded_version_is_reported_and_adopted(start_cluster: StartClus
     assert "adopted 1" in out.stdout
     final = await wait_run(client, thread, run["run_id"], timeout=60)
     assert final["status"] == "success" and final["attempt"] == 2
-    await assert_one_reply(client, thread, run["run_id"], 30)
+    assert final["attempts"][1]["kind"] == "replay"
+    await assert_one_reply(client, thread, run["run_id"], mock_reply(30, continued(final)))
