@@ -31,10 +31,14 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.objid = (k.key & 4294967295)::oid
 """
 
-# Pods alive now: those whose fencing claim is held (name and the version they heartbeat).
+# Pods that may be alive (name and the version they heartbeat): their fencing claim is held,
+# or they heartbeated within %(fresh_s)s. A database restart drops every claim at once, so
+# a claim alone would declare the whole fleet dead until each pod takes its own back; a pod
+# that stops cleanly deletes its row, so only a crashed one needs the heartbeat to age.
 LIVE_EXECUTORS_SQL = """
 SELECT e.name, e.app_version FROM threadgate.executors e
-WHERE EXISTS (
+WHERE e.last_seen > now() - make_interval(secs => %(fresh_s)s)
+   OR EXISTS (
   SELECT 1 FROM pg_locks l
   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
     AND l.classid = ((hashtextextended('threadgate.executor:' || e.name, 0) >> 32)
@@ -78,7 +82,7 @@ class ExecutorClaim:
         pod_name: str,
         *,
         on_lost: Callable[[str], None] | None = None,
-        check_every_s: float = 2.0,
+        check_every_s: float = 5.0,
     ) -> None:
         self.url = url
         self.pod_name = pod_name

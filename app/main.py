@@ -44,6 +44,10 @@ def dbos_config(settings: Settings) -> DBOSConfig:
         executor_id=settings.pod_name,
         log_level=settings.log_level.upper(),
         sys_db_pool_size=settings.dbos_pool_size,
+        # No ping before every query DBOS makes (one more round trip and transaction each,
+        # half of an idle pod's): a connection a database restart broke fails its query, is
+        # dropped by SQLAlchemy, and DBOS retries the operation (its db_retry).
+        db_engine_kwargs={"pool_pre_ping": False},
     )
 
 
@@ -164,6 +168,9 @@ async def stop(rt: Runtime) -> None:
         await rt.runner.close()
     if rt.hub is not None:
         await rt.hub.close()
+    if rt.adoption is not None:
+        with contextlib.suppress(Exception):
+            await rt.adoption.leave()
     await rt.claim.release()
     if rt.runner is not None:
         # This name is free now: pods of another version may take over its version's queued

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +130,9 @@ class Adoption:
         self.buffer = buffer
         self.started = started  # claim now what was just made startable
         self.store = PgRunStore(db)
-        self.healthy_since: float | None = None  # loop time of the first beat of this streak
+        # Loop time of the first beat of the current streak; a pod that just started has no
+        # outage behind it: its view of the others is fresh (-inf: steady from the start).
+        self.healthy_since: float | None = -math.inf
 
     async def heartbeat(self) -> None:
         async with self.db.pool.connection(timeout=max(self.settings.heartbeat_s, 1.0)) as conn:
@@ -142,8 +145,24 @@ class Adoption:
             )
 
     def steady_for(self, now: float) -> float:
-        """Seconds this pod has heartbeated without a break."""
+        """Seconds this pod has heartbeated without a break (since its start: for ever)."""
         return 0.0 if self.healthy_since is None else now - self.healthy_since
+
+    def steady(self) -> bool:
+        """Whether this pod's view of the others' heartbeats can be trusted: after its own
+        outage every other pod's heartbeat is as old as the outage, and each is still
+        taking its claim back. Deaths are inferred only after a whole window of beats."""
+        now = asyncio.get_running_loop().time()
+        return self.steady_for(now) >= self.settings.adopt_after_s
+
+    async def leave(self) -> None:
+        """A clean stop: this name's row goes, so its version stops counting as live at once
+        (queued runs of a version whose last pod left move without waiting for it to age)."""
+        async with self.db.pool.connection(timeout=2.0) as conn:
+            await conn.execute(
+                "DELETE FROM threadgate.executors WHERE name = %s AND app_version = %s",
+                (self.settings.pod_name, self.settings.app_version),
+            )
 
     async def departed(self) -> list[str]:
         """Executors with PENDING runs of this version whose heartbeat stopped long ago."""
@@ -211,7 +230,7 @@ class Adoption:
         return ids
 
     async def adopt_departed(self, now: float) -> list[str]:
-        if self.steady_for(now) < self.settings.adopt_after_s:
+        if not self.steady():
             return []  # after our own outage every heartbeat looks old: wait a full window
         adopted: list[str] = []
         for name in await self.departed():
@@ -242,7 +261,12 @@ class Adoption:
         """Take over queued runs of versions no live pod runs (nothing of theirs ran)."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                MOVE_QUEUED_SQL, {"me": self.settings.app_version, "name": WORKFLOW_NAME}
+                MOVE_QUEUED_SQL,
+                {
+                    "me": self.settings.app_version,
+                    "name": WORKFLOW_NAME,
+                    "fresh_s": self.settings.adopt_after_s,
+                },
             )
             ids = [r["run_id"] for r in await cur.fetchall()]
         if ids:
@@ -298,14 +322,14 @@ class Adoption:
         await self.reconcile()
         await self.finish_ended()
         stranded = await self.stranded()
-        if self.settings.auto_adopt and any(r.compatible for r in stranded):
+        if self.settings.auto_adopt and self.steady() and any(r.compatible for r in stranded):
             await self.adopt_stranded()
 
     async def run(self) -> None:
         """The pod's background loop: heartbeat, then now and then the checks above."""
         loop = asyncio.get_running_loop()
         next_check = 0.0
-        last_beat: float | None = None
+        last_beat: float | None = loop.time() if self.healthy_since is not None else None
         gap = max(2 * self.settings.heartbeat_s, 1.0)
         while True:
             try:
@@ -330,7 +354,9 @@ class Adoption:
     async def stranded(self) -> list[StrandedRun]:
         """Runs of the cluster that no live pod will run as things stand, oldest first."""
         async with self.db.pool.connection() as conn:
-            cur = await conn.execute(STRANDED_SQL, {"name": WORKFLOW_NAME})
+            cur = await conn.execute(
+                STRANDED_SQL, {"name": WORKFLOW_NAME, "fresh_s": self.settings.adopt_after_s}
+            )
             rows = await cur.fetchall()
         runs = [
             StrandedRun(r["run_id"], r["executor"], r["app_version"], r["status"], list(r["steps"]))

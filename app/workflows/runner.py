@@ -64,7 +64,7 @@ class RunRequest:
 async def register_queue(settings: Settings) -> None:
     await DBOS.register_queue_async(
         QUEUE_NAME,
-        partition_concurrency=2,
+        partition_concurrency=1,
         polling_interval_sec=settings.queue_polling_s,
         on_conflict="always_update",
     )
