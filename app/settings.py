@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     claim_timeout_s: float = Field(default=30.0, ge=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
     adopt_after_s: float = Field(default=60.0, gt=0)
-    adopt_check_s: float = Field(default=10.0, gt=0)
+    adopt_check_s: float = Field(default=30.0, gt=0)  # adoption, reconciling, moving versions
     orphan_after_s: float = Field(default=30.0, gt=0)
     # Runs stranded by a version change whose recorded steps match this version's workflow
     # are adopted by the adoption checks (false: only `threadgate adopt` moves them).
