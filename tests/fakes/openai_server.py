@@ -5,6 +5,14 @@ Behaviour is chosen per request by the last user message: `stream` (default) str
 `429`, `500`, `400` answer that status; `flaky:N` fails with 500 on the first N requests
 carrying that text, then streams. Every request body is recorded in `requests`.
 
+Long replies that continue: a last user message `long:N:DELAY_MS[:refuse]` streams N words
+`w{i}.{r} ` (r: the how-manieth stream of that message, as a real model differs between two
+tries), one every DELAY_MS. A request that ends with an assistant message (the reply's prefix:
+vLLM's `continue_final_message`, DeepSeek's `prefix`, llama.cpp's prefill) continues after the
+prefix's words; with `refuse` it answers 400 instead, as a server without continuation would.
+`generated[message]` counts the words streamed across requests; `continuations` records the
+form of each continuation request.
+
 Tool calls: a request that offers `tools` and whose last message is the user's asking for one
 (`weather in Paris` → get_weather {"city": "Paris"}, `calc: 2+3` → calculate {"expression":
 "2+3"}, both in one message → two calls) streams the calls as OpenAI does (`delta.tool_calls`
@@ -64,6 +72,9 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.seen: Counter[str] = Counter()
+        self.generated: Counter[str] = Counter()  # long replies: words streamed, all requests
+        self.streams: Counter[str] = Counter()  # long replies: streams begun
+        self.continuations: list[dict[str, Any]] = []
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
 
     async def chat(self, request: Request) -> Response:
@@ -73,6 +84,11 @@ class FakeOpenAI:
             answer = self._tools(body)
             if answer is not None:
                 return answer
+        user = next(
+            (m["content"] for m in reversed(body["messages"]) if m.get("role") == "user"), ""
+        )
+        if isinstance(user, str) and user.startswith("long:"):
+            return self._long(body, user)
         mode = body["messages"][-1]["content"]
         self.seen[mode] += 1
         if mode in ("429", "500", "400"):
@@ -90,6 +106,40 @@ class FakeOpenAI:
             chunk = {"choices": [{"index": 0, "delta": {"content": f"word-{i} "}}]}
             yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        yield b"data: [DONE]\n\n"
+
+    def _long(self, body: dict[str, Any], user: str) -> Response:
+        _, words, delay_ms, *flags = user.split(":")
+        last = body["messages"][-1]
+        start = 0
+        if last.get("role") == "assistant":
+            self.continuations.append(
+                {
+                    "prefix_flag": last.get("prefix") is True,
+                    "continue_final_message": body.get("continue_final_message") is True,
+                    "add_generation_prompt": body.get("add_generation_prompt"),
+                }
+            )
+            if "refuse" in flags:
+                error = {"message": "this server cannot continue a message"}
+                return JSONResponse({"error": error}, status_code=400)
+            start = len(re.findall(r"\S+\s*", str(last["content"])))
+        self.streams[user] += 1
+        return StreamingResponse(
+            self._long_events(user, start, int(words), float(delay_ms) / 1000),
+            media_type="text/event-stream",
+        )
+
+    async def _long_events(
+        self, user: str, start: int, words: int, delay: float
+    ) -> AsyncIterator[bytes]:
+        tag = self.streams[user]
+        yield _event({"role": "assistant", "content": ""})
+        for i in range(start, words):
+            await asyncio.sleep(delay)  # a model's pace
+            self.generated[user] += 1
+            yield _event({"content": f"w{i}.{tag} "})
+        yield _event({}, "stop")
         yield b"data: [DONE]\n\n"
 
     def _tools(self, body: dict[str, Any]) -> Response | None:
