@@ -141,6 +141,12 @@ class PermanentModelError(ModelError):
     code = "model_permanent"
 
 
+class InvalidDataEvent(PermanentModelError):
+    """The reply source sent a data event that breaks the contract (name, JSON, size)."""
+
+    code = "invalid_data_event"
+
+
 class StreamUnavailable(ThreadgateError):
     """JetStream did not acknowledge in time."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
@@ -81,6 +81,10 @@ async def attach(
             " meanwhile); false: answer 204 at once"
         ),
     ] = True,
+    format: Annotated[
+        Literal["sse", "ai-sdk"],
+        Query(description="ai-sdk: the Vercel AI SDK's UI message stream (docs/clients.md)"),
+    ] = "sse",
 ) -> Response:
     """Replay the thread's latest run from its first event, follow it live, end after `done`."""
     after = _event_id(last_event_id_header, last_event_id)
@@ -89,7 +93,7 @@ async def attach(
     if run is None:
         # Someone else's thread is 404; one that does not exist yet has no run.
         await require_reader(rt, principal, thread_id, ThreadNotFound)
-        if not wait:
+        if not wait or format == "ai-sdk":
             return Response(status_code=204)
     slot = limiter.acquire(
         principal.name,
@@ -101,6 +105,10 @@ async def attach(
     except BaseException:
         slot.release()
         raise
+    if format == "ai-sdk" and run is not None:
+        from .aisdk import ui_stream_response  # aisdk imports this module
+
+        return ui_stream_response(rt, hub, tail, slot, thread_id, run.run_id, reader, after)
     if run is not None and after is not None and finished_in_log(tail, run.run_id, after):
         hub.release(tail)
         slot.release()

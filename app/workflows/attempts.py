@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import ModelError, PermanentModelError, StreamUnavailable
+from ..errors import InvalidDataEvent, ModelError, PermanentModelError, StreamUnavailable
 from ..sources import ContinuationRefused, Data, Part, Prompt, continues, reads_history
 from ..store.runs import Run
 from ..streams.events import Event, chunk, data, run_started
@@ -233,7 +233,7 @@ async def _stream_attempt(
     index = len(parts)
     stop: str | None = None
     task = asyncio.current_task()
-    stream = d.model.stream(prompt)
+    stream = _open(d, prompt)
     items = aiter(stream)
     try:
         while True:
@@ -259,17 +259,21 @@ async def _stream_attempt(
             finally:
                 watch.waiting = None
             ev = _event(d, run_id, attempt, index, item)
-            await pub.publish(ev, index)
-            parts.append(ev)
+            # Under load the publisher merges a text delta into the chunk it holds back
+            # (streams/publisher.py, coalescing): that chunk, already in `parts`, grows; the
+            # delta takes no index of its own.
+            merged = await pub.part(ev)
             if d.metrics is not None:
                 d.metrics.chunk()
-                if index == 0 and attempt == 1:
+                if index == 0 and attempt == 1 and not merged:
                     d.metrics.first_chunk.observe(
                         (datetime.now(UTC) - run.created_at).total_seconds()
                     )
-            if s.fault_point:
-                await _faults(d, pub, thread_id, index, index - len(prefix))
-            index += 1
+            if not merged:
+                parts.append(ev)
+                if s.fault_point:
+                    await _faults(d, pub, thread_id, index, index - len(prefix))
+                index += 1
             stop = watch.reason
             if stop:
                 break
@@ -292,19 +296,32 @@ async def _stream_attempt(
     )
 
 
+def _open(d: RunDeps, prompt: Prompt) -> AsyncIterator[Part]:
+    """The source's stream for this prompt: a source that fails to give one fails as it
+    would mid-stream (permanent, its class name only)."""
+    try:
+        stream = d.model.stream(prompt)
+        aiter(stream)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise PermanentModelError(f"the reply source failed: {type(exc).__name__}") from exc
+    return stream
+
+
 def _event(d: RunDeps, run_id: str, attempt: int, index: int, item: Part) -> Event:
     if isinstance(item, str):
         return chunk(run_id, attempt, index, item)
     if not isinstance(item, Data) or not isinstance(item.name, str):
-        raise PermanentModelError(f"the reply source yielded a {type(item).__name__}")
+        raise InvalidDataEvent(f"the reply source yielded a {type(item).__name__}")
     if not DATA_NAME.fullmatch(item.name):
-        raise PermanentModelError("a data event's name must match ^[A-Za-z0-9_.:-]{1,64}$")
+        raise InvalidDataEvent("a data event's name must match ^[A-Za-z0-9_.:-]{1,64}$")
     try:
         size = len(json.dumps(item.payload, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise PermanentModelError(f"a data event's payload is not JSON: {exc}") from None
+        raise InvalidDataEvent(f"a data event's payload is not JSON: {exc}") from None
     if size > d.settings.max_data_bytes:
-        raise PermanentModelError(f"a data event is larger than {d.settings.max_data_bytes} bytes")
+        raise InvalidDataEvent(f"a data event is larger than {d.settings.max_data_bytes} bytes")
     return data(run_id, attempt, index, item.name, item.payload)
 
 

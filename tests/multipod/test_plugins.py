@@ -164,7 +164,7 @@ async def test_a_data_event_that_breaks_the_rules_ends_the_run(
         await client.post(thread, said)
         got = await client.reply(thread)
     assert got.status == "error"
-    assert got.error == {"code": "model_permanent", "message": message}
+    assert got.error == {"code": "invalid_data_event", "message": message}
     assert not got.data  # the event was refused, not streamed
 
 
