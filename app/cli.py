@@ -56,7 +56,7 @@ def _set_title(pod_name: str) -> None:
     """`ps` shows `threadgate serve <pod>`: how `threadgate dev kill` and people find a pod."""
     from setproctitle import setproctitle
 
-    from .devstack import POD_TITLE
+    from .supervisor import POD_TITLE
 
     setproctitle(POD_TITLE.format(name=pod_name))
 
@@ -127,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from .devstack import DevError, DevStack, clean_state, find_pod
+    from .supervisor import DevError, DevStack, clean_state, find_pod
 
     state = Path(args.state_dir)
     try:

@@ -27,8 +27,9 @@ import httpx
 import psycopg
 import pytest
 from threadgate.client import AsyncClient
-from threadgate.devstack import DevError, Postgres, clean_state
+from threadgate.devstack import Postgres
 from threadgate.models.mock import mock_reply
+from threadgate.supervisor import DevError, clean_state
 
 from tests.multipod.cluster import Attacher, wait_run
 

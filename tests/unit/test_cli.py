@@ -131,7 +131,7 @@ def test_exit_statuses_are_listed_in_the_help(capsys: pytest.CaptureFixture[str]
 
 
 def test_a_crash_loop_backs_off_and_a_healthy_minute_resets_it() -> None:
-    from threadgate.devstack import restart_delay
+    from threadgate.supervisor import restart_delay
 
     delays, previous = [], 0.0
     for _ in range(8):
