@@ -1,7 +1,12 @@
-"""Recovery time after a pod's SIGKILL: from the restarted process's start to the first chunk
-of the run's new attempt at a client attached to a surviving pod.
+"""Recovery after a pod's SIGKILL: from the restarted process's start to the next chunk of the
+run (its continued attempt's first) at a client attached to a surviving pod, and the model work
+each crash wasted (chunks the model streamed that are not in the stored reply).
 
     .venv/bin/python bench/recovery.py [--samples 10] [--pods 3]
+
+The model is the tests' fake OpenAI-compatible server (tests/fakes/openai_server.py) with the
+pods on THREADGATE_OPENAI_CONTINUE=prefill: it streams a word every --delay-ms and counts every
+word it streams across requests, so the waste is counted where a provider would bill it.
 
 Starts its own PostgreSQL and nats-server (app.devstack, state in a fresh /tmp directory) and
 its pods as `python -m threadgate.cli serve` processes, through the multipod tests' harness
@@ -26,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: app/, tests/
 
 from threadgate.devstack import NatsServer, Postgres, make_state_dir
-from threadgate.models.mock import mock_reply
 
+from tests.fakes.openai_server import FakeOpenAI, serve_fake
 from tests.multipod.cluster import (
     Attacher,
     Cluster,
@@ -54,6 +59,8 @@ class Sample:
     ready: float  # → /readyz 200
     run_started: float  # → run_started of the new attempt at the attached client
     first_chunk: float  # → first chunk of the new attempt at the attached client
+    resume_from: int  # the parts the new attempt kept
+    wasted: int  # words the model streamed that are not in the stored reply
     load: float  # 1-minute load average when the sample ended (the machine may be shared)
 
 
@@ -65,11 +72,14 @@ def log_offset(pod: Pod, start: int, text: str) -> float:
     return float("nan")
 
 
-async def one_sample(cluster: Cluster, i: int, chunks: int, delay_ms: int, kill_at: int) -> Sample:
+async def one_sample(
+    cluster: Cluster, fake: FakeOpenAI, i: int, chunks: int, delay_ms: int, kill_at: int
+) -> Sample:
     thread = f"recovery-{i}-{unique_names()[1]}"
+    ask = f"long:{chunks}:{delay_ms}"
     async with cluster.client() as client:
-        opts = {"chunks": chunks, "delay_ms": delay_ms}
-        run_id = (await client.post(thread, f"sample {i}", model_options=opts))["run_id"]
+        before = fake.generated[ask]
+        run_id = (await client.post(thread, ask))["run_id"]
         victim = await running_on(client, cluster, thread, run_id)
         watcher = Attacher([cluster.others(victim.name)[0].url], thread).start()
         await watcher.wait_chunk(kill_at)
@@ -82,7 +92,8 @@ async def one_sample(cluster: Cluster, i: int, chunks: int, delay_ms: int, kill_
         )
         reply = await watcher.result()
         run = await wait_run(client, thread, run_id)
-    assert run["status"] == "success" and reply.text == mock_reply(chunks), (run, reply.text)
+    assert run["status"] == "success" and reply.text == run["output"], (run, reply.text)
+    assert reply.resets == 0, "the reply did not continue"
 
     def since_spawn(ev: object) -> float:
         return watcher.arrived[watcher.events.index(ev)] - victim.spawned_at  # type: ignore[arg-type]
@@ -96,6 +107,8 @@ async def one_sample(cluster: Cluster, i: int, chunks: int, delay_ms: int, kill_
         ready=ready,
         run_started=since_spawn(new),
         first_chunk=since_spawn(first),
+        resume_from=int(new.data.get("resume_from") or 0),
+        wasted=fake.generated[ask] - before - chunks,
         load=os.getloadavg()[0],
     )
 
@@ -104,17 +117,17 @@ def table(samples: list[Sample]) -> str:
     cols = ("started", "recovering", "ready", "run_started", "first_chunk")
     lines = [
         "| sample | killed | new attempt on | attempt | process up | DBOS recovery | /readyz 200 "
-        "| run_started seen | **first chunk seen** | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run_started seen | **next chunk seen** | kept | wasted | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, s in enumerate(samples, 1):
         values = " | ".join(f"{getattr(s, c):.2f} s" for c in cols[:-1])
         lines.append(
             f"| {n} | {s.victim} | {s.recovered_by} | {s.attempt} | {values} "
-            f"| **{s.first_chunk:.2f} s** | {s.load:.1f} |"
+            f"| **{s.first_chunk:.2f} s** | {s.resume_from} | {s.wasted} | {s.load:.1f} |"
         )
     med = " | ".join(f"{statistics.median(getattr(s, c) for s in samples):.2f} s" for c in cols)
-    lines.append(f"| median | | | | {med} | |")
+    lines.append(f"| median | | | | {med} | | | |")
     return "\n".join(lines)
 
 
@@ -122,6 +135,18 @@ async def main(args: argparse.Namespace) -> None:
     root = make_state_dir(Path(tempfile.mkdtemp(prefix="threadgate-bench-recovery-", dir="/tmp")))
     pg = Postgres(root / "pg", fast=True)
     nats = NatsServer(root / "nats")
+    async with serve_fake() as (fake, url):
+        await run_samples(args, root, pg, nats, fake, url)
+
+
+async def run_samples(
+    args: argparse.Namespace,
+    root: Path,
+    pg: Postgres,
+    nats: NatsServer,
+    fake: FakeOpenAI,
+    url: str,
+) -> None:
     cluster: Cluster | None = None
     try:
         t0 = time.monotonic()
@@ -133,7 +158,9 @@ async def main(args: argparse.Namespace) -> None:
             nats_url=nats.url,
             stream=stream,
             prefix=prefix,
-            queue_polling_s=args.polling,
+            model="openai",
+            openai_base_url=url,
+            openai_continue="prefill",
         )
         logs = root / "logs"
         logs.mkdir()
@@ -142,19 +169,22 @@ async def main(args: argparse.Namespace) -> None:
         say(f"stack and {args.pods} pods up in {time.monotonic() - t0:.1f}s ({root})")
         samples = []
         for i in range(args.samples):
-            sample = await one_sample(cluster, i, args.chunks, args.delay_ms, args.kill_at)
+            sample = await one_sample(cluster, fake, i, args.chunks, args.delay_ms, args.kill_at)
             say(f"sample {i + 1}: {sample}")
             samples.append(sample)
         print(
-            f"\nRecovery after SIGKILL, {args.pods} pods, queue polling {args.polling}s, "
-            f"run of {args.chunks} chunks x {args.delay_ms} ms killed after chunk {args.kill_at}; "
-            f"seconds from the restarted process's start (2 cores, shared with its stack):\n"
+            f"\nRecovery after SIGKILL, {args.pods} pods (product defaults), a reply of "
+            f"{args.chunks} words x {args.delay_ms} ms from an OpenAI-compatible server that "
+            f"continues (prefill), killed after word {args.kill_at}; seconds from the "
+            f"restarted process's start (2 cores, shared with its stack):\n"
         )
         print(table(samples))
         firsts = ", ".join(f"{s.first_chunk:.2f}" for s in samples)
         print(
-            f"\nfirst chunk of the new attempt: median "
-            f"{statistics.median(s.first_chunk for s in samples):.2f} s (samples: {firsts})"
+            f"\nnext chunk at the client after the restart: median "
+            f"{statistics.median(s.first_chunk for s in samples):.2f} s (samples: {firsts}); "
+            f"model chunks wasted per crash: max {max(s.wasted for s in samples)}, "
+            f"mean {statistics.mean(s.wasted for s in samples):.2f}"
         )
     finally:
         if cluster is not None:
@@ -174,7 +204,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=40)
     p.add_argument("--delay-ms", type=int, default=50)
     p.add_argument("--kill-at", type=int, default=10, help="kill after the client saw this chunk")
-    p.add_argument("--polling", type=float, default=0.05, help="THREADGATE_QUEUE_POLLING_S")
     p.add_argument("--keep", action="store_true", default=bool(os.environ.get("BENCH_KEEP_STATE")))
     return p.parse_args()
 
