@@ -86,7 +86,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 SHUTDOWN_MARGIN_S = 10
 DRAIN_S = 120
 # Published development credentials: the dev overlay (and compose) only.
-DEV_CREDENTIALS = ("dev-token", "threadgate-dev")
+DEV_CREDENTIALS = ("dev-token", "threadgate-dev", "nats-dev-password")
 
 THREADGATE = "threadgate"
 TG_POD = "threadgate-0"  # the value POD_NAME gets from the downward API in these checks
@@ -932,6 +932,29 @@ def test_bundled_deps(build: str, clone_k8s: Path) -> None:
             assert peer["podSelector"]["matchLabels"].items() <= tg_labels.items()
 
 
+@pytest.mark.parametrize("build", sorted(WITH_BUNDLED_DEPS | WITH_NATS_CLUSTER))
+def test_in_cluster_nats_requires_the_apps_credentials(build: str, clone_k8s: Path) -> None:
+    """Anyone who can publish on threadgate's subjects could stop its runs or write events
+    into replies (docs/security.md): the bundled NATS takes one user, whose password is the
+    Secret's, and threadgate logs in as that user with that password."""
+    objs = rendered(clone_k8s, build)
+    nats_c = container_of(objs, "nats")
+    args = [*nats_c.get("command", []), *nats_c.get("args", [])]
+    conf_path = args[args.index("--config") + 1]
+    (mount,) = [m for m in nats_c["volumeMounts"] if conf_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod_spec(objs, "nats")["volumes"] if v["name"] == mount["name"]]
+    conf = object_data(get(objs, "ConfigMap", volume["configMap"]["name"]))[Path(conf_path).name]
+    block = re.search(r"authorization\s*\{([^}]*)\}", conf)
+    assert block, "nats.conf requires clients to log in"
+    user = re.search(r"user:\s*(\S+)", block.group(1))
+    assert user and re.search(r"password:\s*\$NATS_PASSWORD\b", block.group(1))
+    nats_env = container_env(objs, "nats")
+    app_env = container_env(objs)
+    assert nats_env["NATS_PASSWORD"]
+    assert app_env["THREADGATE_NATS_USER"] == user.group(1)
+    assert app_env["THREADGATE_NATS_PASSWORD"] == nats_env["NATS_PASSWORD"]
+
+
 def test_bundled_nats_config_is_valid(tmp_path: Path) -> None:
     """nats-server itself checks the bundled configuration (`-t`: parse and validate)."""
     from threadgate.devstack import nats_server_bin
@@ -943,6 +966,7 @@ def test_bundled_nats_config_is_valid(tmp_path: Path) -> None:
         text=True,
         timeout=30,
         cwd=tmp_path,
+        env={**os.environ, "NATS_PASSWORD": "from-the-secret"},  # as the container gets it
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
 
@@ -1248,7 +1272,7 @@ def test_nats_cluster_config_is_valid(tmp_path: Path) -> None:
         text=True,
         timeout=30,
         cwd=tmp_path,
-        env={**os.environ, "POD_NAME": "nats-1"},
+        env={**os.environ, "POD_NAME": "nats-1", "NATS_PASSWORD": "from-the-secret"},
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
 
