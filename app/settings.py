@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     publish_window: int = Field(default=64, ge=1)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     nats_outage_limit_s: float = Field(default=30.0, gt=0)
+    # Under load, text deltas that come while a run's previous message awaits its ack are
+    # merged into one message (one part), for at most this long and this many characters;
+    # an idle pod's acks come first, so nothing is held then. 0 ms: every delta alone.
+    coalesce_ms: float = Field(default=50.0, ge=0)
+    coalesce_bytes: int = Field(default=16 * 1024, ge=1)
 
     max_retries: int = Field(default=5, ge=0)
     # Crash replays a run may have (attempts begun after a pod died mid-reply) before it ends

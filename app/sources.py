@@ -37,7 +37,7 @@ name reaches clients: an exception's message may hold secrets.
         async def stream(self, prompt: Prompt):
             if not prompt.prefix_parts:
                 yield Data("tool_call", {"name": "echo"})
-            said = sum(isinstance(p, str) for p in prompt.prefix_parts)
+            said = len(prompt.prefix.split())  # parts may hold several words
             for word in prompt.messages[-1]["content"].split()[said:]:
                 yield word + " "
 
@@ -96,7 +96,9 @@ class Prompt:
 
     `messages`: `{"role": "user" | "assistant", "content": ...}` dicts, this run's input last.
     `prefix_parts`: the reply's parts already streamed, when this attempt continues a reply
-    (empty otherwise); `prefix` is their text. Continue right after them.
+    (empty otherwise); `prefix` is their text. Continue right after them. Under load a pod
+    merges adjacent text deltas into one part (coalescing): count what was said in the text,
+    not in the number of parts.
     """
 
     messages: list[dict[str, str]]

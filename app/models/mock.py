@@ -47,6 +47,12 @@ def _count(options: dict[str, Any], key: str) -> None:
         raise ValueError(f"{key} must be a non-negative integer")
 
 
+def _streamed(prompt: Prompt) -> int:
+    """How many of its items the mock had streamed when the reply was cut: counted in the
+    text, since under load several chunks travel as one part (coalescing)."""
+    return prompt.prefix.count("chunk-") + sum(isinstance(p, Data) for p in prompt.prefix_parts)
+
+
 class MockSource:
     """Options: `chunks`, `delay_ms`; `fail` ("transient"|"permanent") fails at chunk `fail_at`
     (default 0) on the first `fail_attempts` attempts (default: every attempt); `vary`;
@@ -100,7 +106,7 @@ class MockSource:
         )
         tag = f".{prompt.attempt}" if opts.get("vary") else ""
         every = int(opts.get("data_every") or 0)
-        for i in range(len(prompt.prefix_parts), chunks):
+        for i in range(_streamed(prompt), chunks):
             if failing and i == fail_at:
                 if fail == "permanent":
                     raise PermanentModelError("mock model: permanent failure requested")

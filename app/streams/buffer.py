@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol
 
 import nats
@@ -16,9 +15,9 @@ from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageTy
 from nats.js.errors import NotFoundError
 
 from ..errors import ConfigError, StreamUnavailable
-from ..ids import message_id
 from ..settings import Settings
 from .events import Event
+from .publisher import Acks, AttemptBroken, JetStreamPublisher, with_retry
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +26,12 @@ logger = logging.getLogger(__name__)
 TAIL_HEARTBEAT_S = 1.0
 
 
+__all__ = ["AttemptBroken", "JetStreamBuffer", "JetStreamPublisher", "connect_nats"]
+
+
 class RunPublisher(Protocol):
     async def publish(self, event: Event, part: str | int) -> None: ...
+    async def part(self, event: Event) -> bool: ...
     async def flush(self) -> None: ...
 
 
@@ -105,6 +108,7 @@ class JetStreamBuffer:
         self.nc = nc
         self.on_republish = on_republish  # told how many messages each republish sends again
         self.js: JetStreamContext = nc.jetstream(timeout=settings.publish_timeout_s)
+        self.acks = Acks(nc)
 
     @property
     def stream(self) -> str:
@@ -114,11 +118,13 @@ class JetStreamBuffer:
         return self.settings.thread_subject(thread_id)
 
     async def ensure_stream(self) -> None:
-        """Create the stream, or bring the settings we own up to date.
+        """Ready the buffer: the publishers' ack inbox, and the stream, created or with the
+        settings we own brought up to date.
 
         Replicas only ever grow here: an operator who raised them by hand (`nats stream edit`)
         keeps them; lowering is theirs to do.
         """
+        await self.acks.start()
         config = StreamConfig(
             name=self.stream,
             subjects=[self.settings.stream_subjects],
@@ -153,14 +159,23 @@ class JetStreamBuffer:
             return False
 
     async def purge(self, thread_id: str) -> None:
-        await _with_retry(
+        await with_retry(
             lambda: self.js.purge_stream(self.stream, subject=self.subject(thread_id)),
             self.settings.nats_outage_limit_s,
             "purge",
         )
 
     def publisher(self, thread_id: str, run_id: str, attempt: int) -> JetStreamPublisher:
-        return JetStreamPublisher(self, self.subject(thread_id), run_id, attempt)
+        return JetStreamPublisher(
+            self.settings,
+            self.nc,
+            self.js,
+            self.acks,
+            self.subject(thread_id),
+            run_id,
+            attempt,
+            on_republish=self.on_republish,
+        )
 
     async def last_sequence(self, thread_id: str) -> int:
         """The sequence of the newest message on a thread's subject, 0 when it has none.
@@ -176,7 +191,7 @@ class JetStreamBuffer:
                 return 0
             return int(msg.seq or 0)
 
-        seq: int = await _with_retry(last, self.settings.nats_outage_limit_s, "read")
+        seq: int = await with_retry(last, self.settings.nats_outage_limit_s, "read")
         return seq
 
     async def read_subject(self, thread_id: str, timeout_s: float = 10.0) -> list[Event]:
@@ -208,6 +223,13 @@ class JetStreamBuffer:
         except Exception as exc:
             raise StreamUnavailable(f"reading {self.subject(thread_id)}: {exc!r}") from exc
 
+    def read_after(self, thread_id: str, after_seq: int) -> AsyncGenerator[list[Event], None]:
+        """A thread's events after `after_seq`, in pages (streams/history.py): what a tail
+        dropped from memory, for a client that needs it."""
+        from .history import read_after
+
+        return read_after(self.js, self.stream, self.subject(thread_id), after_seq)
+
     async def ordered_subscribe(
         self, thread_id: str, start_seq: int, cb: Callable[[Any], Awaitable[None]]
     ) -> Any:
@@ -234,7 +256,7 @@ class JetStreamBuffer:
                 pending_bytes_limit=512 * 1024 * 1024,
             )
 
-        return await _with_retry(subscribe, self.settings.nats_outage_limit_s, "subscribe")
+        return await with_retry(subscribe, self.settings.nats_outage_limit_s, "subscribe")
 
 
 def stream_seq(msg: Any) -> int:
@@ -254,131 +276,3 @@ def _start_at(seq: int) -> Any:
     from nats.js.api import ConsumerConfig
 
     return ConsumerConfig(opt_start_seq=seq, deliver_policy=DeliverPolicy.BY_START_SEQUENCE)
-
-
-class JetStreamPublisher:
-    """Publishes one attempt's events in order with up to `publish_window` acks in flight.
-
-    The connection keeps our order; acks are settled in order. A message whose ack does not
-    come is published again with the same id, so JetStream drops it if it was stored, and so
-    is every message after it. When a stream leader dies with publishes in flight, the next
-    leader may store later messages before the lost ones come again: their acks then show a
-    sequence below the last one settled. Such a message is published once more, under a new
-    id, so that it is stored after its predecessors; readers take a part only when it is the
-    next index, so its first copy is skipped as the far side of a gap. The attempt goes on.
-    """
-
-    def __init__(self, buffer: JetStreamBuffer, subject: str, run_id: str, attempt: int) -> None:
-        self.buffer = buffer
-        self.subject = subject
-        self.run_id = run_id
-        self.attempt = attempt
-        self.last_seq = 0
-        self.inflight: deque[tuple[asyncio.Future[Any], bytes, dict[str, str]]] = deque()
-        self.repairs = 0  # messages stored again after their predecessors
-
-    async def publish(self, event: Event, part: str | int) -> None:
-        data = event.to_bytes()
-        headers = {"Nats-Msg-Id": message_id(self.run_id, self.attempt, part)}
-        while len(self.inflight) >= self.buffer.settings.publish_window:
-            await self._settle_oldest()
-        if not self.buffer.nc.is_connected:
-            # During an outage queue nothing more in the client: settle and go one by one.
-            await self.flush()
-            await self._store_in_order(data, headers)
-            return
-        fut = await self.buffer.js.publish_async(self.subject, data, headers=headers)
-        self.inflight.append((fut, data, headers))
-
-    async def flush(self) -> None:
-        while self.inflight:
-            await self._settle_oldest()
-
-    def _accept(self, ack: Any) -> None:
-        if ack.seq <= self.last_seq:
-            raise AttemptBroken(f"stream order broken at seq {ack.seq} after {self.last_seq}")
-        self.last_seq = ack.seq
-
-    async def _settle_oldest(self) -> None:
-        fut, data, headers = self.inflight.popleft()
-        try:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._accept(fut.result())  # the usual case: no timer, no extra task step
-            else:
-                self._accept(await asyncio.wait_for(fut, self.buffer.settings.publish_timeout_s))
-            return
-        except AttemptBroken:
-            raise
-        except Exception as exc:
-            logger.warning(
-                "publish ack missing, republishing",
-                extra={"run_id": self.run_id, "attempt": self.attempt, "error": repr(exc)},
-            )
-        pending = [(data, headers)] + [(d, h) for _, d, h in self.inflight]
-        if self.buffer.on_republish is not None:
-            self.buffer.on_republish(len(pending))
-        for f, _, _ in self.inflight:
-            f.cancel()
-        self.inflight.clear()
-        for d, h in pending:
-            await self._store_in_order(d, h)
-
-    async def _store_in_order(self, data: bytes, headers: dict[str, str]) -> None:
-        """Publish and wait for the ack; store the message again if it landed before its
-        predecessors (see the class docstring)."""
-        ack = await self._publish_sync(data, headers)
-        while ack.seq <= self.last_seq:
-            self.repairs += 1
-            msg_id = headers["Nats-Msg-Id"]
-            logger.warning(
-                "message %s stored out of order (seq %d after %d): publishing it again",
-                msg_id,
-                ack.seq,
-                self.last_seq,
-                extra={"run_id": self.run_id, "attempt": self.attempt},
-            )
-            headers = {"Nats-Msg-Id": f"{msg_id}:r{self.repairs}"}  # the old id is a duplicate
-            ack = await self._publish_sync(data, headers)
-        self.last_seq = ack.seq
-
-    async def _publish_sync(self, data: bytes, headers: dict[str, str]) -> Any:
-        js = self.buffer.js
-        cb = self.buffer.on_republish
-        return await _with_retry(
-            lambda: js.publish(self.subject, data, headers=dict(headers)),
-            self.buffer.settings.nats_outage_limit_s,
-            "publish",
-            on_retry=(lambda: cb(1)) if cb is not None else None,
-        )
-
-
-class AttemptBroken(Exception):
-    """The attempt's events can no longer be published in order; start a new attempt."""
-
-
-async def _with_retry(
-    op: Callable[[], Awaitable[Any]],
-    limit_s: float,
-    what: str,
-    on_retry: Callable[[], None] | None = None,
-) -> Any:
-    """Retry with exponential backoff (0.1 s → 0.5 s) until `limit_s` has passed.
-
-    A short cap: a stream leader election answers "no responders" at once for a few seconds,
-    and a retry that comes a second late is a second the reply stands still.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_s
-    delay = 0.1
-    while True:
-        try:
-            return await op()
-        except Exception as exc:
-            if loop.time() + delay > deadline:
-                raise StreamUnavailable(
-                    f"JetStream {what} failed for {limit_s:.0f}s: {exc!r}"
-                ) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            if on_retry is not None:
-                on_retry()

@@ -45,6 +45,7 @@ async def pod(stack: Stack) -> AsyncIterator[Pod]:
         retry_cap_s=0.2,
         max_retries=3,
         tail_linger_s=1.0,
+        coalesce_ms=0,  # one part per mock chunk, as the suite counts them (no merging)
     )
     app = create_app(settings)
     server = uvicorn.Server(

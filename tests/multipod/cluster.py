@@ -51,6 +51,9 @@ def pod_env(
         THREADGATE_CLAIM_TIMEOUT_S="3",
         THREADGATE_DRAIN_TIMEOUT_S="15",
         THREADGATE_LOG_FORMAT="json",
+        # One part per mock chunk, as the suite's expected replies count them (coalescing
+        # merges chunks under load: tests/multipod/test_coalescing.py turns it back on).
+        THREADGATE_COALESCE_MS="0",
     )
     env.update({f"THREADGATE_{k.upper()}": str(v) for k, v in knobs.items()})
     return env

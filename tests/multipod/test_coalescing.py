@@ -1,0 +1,66 @@
+"""Coalescing under load keeps every guarantee: dedup ids, continuation, exact replies.
+
+A pod merges text deltas that come while a run's previous message awaits its ack into one
+part (streams/publisher.py). The mock at delay 0 outruns every ack, so its replies travel as
+far fewer parts than chunks. The pod is SIGKILLed (a fault point) after part 5, which then
+holds many chunks: the next attempt continues after the chunks those parts hold (the mock
+counts them in the prefix's text), and every client ends with the exact stored reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from threadgate.client import AsyncClient
+
+from tests.conftest import unique
+from tests.multipod.cluster import Attacher, Cluster, wait_run
+from tests.multipod.test_nats_cluster import resume_elsewhere, vary_attempts
+
+pytestmark = pytest.mark.multipod
+
+CHUNKS = 3000
+
+
+@pytest.mark.cluster(
+    size=2, coalesce_ms=50, coalesce_bytes=2048, fault_point="chunk:5", mock_delay_ms=0
+)
+async def test_merged_parts_continue_exactly_after_a_kill(cluster: Cluster) -> None:
+    urls = cluster.urls
+    async with cluster.supervised() as sup, AsyncClient(urls) as client:
+        threads = [unique("co") for _ in range(3)]
+        runs = {}
+        for t in threads:
+            opts = {"chunks": CHUNKS, "vary": True}
+            runs[t] = (await client.post(t, "merge me", model_options=opts))["run_id"]
+        live = {t: Attacher(urls, t, reconnects=30).start() for t in threads}
+        back = {t: asyncio.create_task(resume_elsewhere(urls[::-1], t, 3)) for t in threads}
+        figures = []
+        for t in threads:
+            final = await wait_run(client, t, runs[t], timeout=90)
+            assert final["status"] == "success", final
+            assert final["attempt"] == 2, final  # the kill after part 5, then continued
+            resume_from = final["attempts"][1]["resume_from"]
+            stored = next(
+                m["content"] for m in await client.messages(t) if m["role"] == "assistant"
+            )
+            attempts = vary_attempts(stored)
+            assert len(attempts) == CHUNKS
+            # attempt 1's chunks, then attempt 2's: it began right after what parts 0..k-1 held
+            reply = await live[t].result(60)
+            events = [e for e in reply.events if e.event == "chunk" and e.data["attempt"] == 1]
+            held = "".join(e.data["text"] for e in events if e.data["index"] < resume_from)
+            first = held.count("chunk-")
+            assert attempts == [1] * first + [2] * (CHUNKS - first)
+            for who, got in (
+                ("in-flight", reply),
+                ("reconnecting", await asyncio.wait_for(back[t], 60)),
+                ("after", await client.reply(t)),
+            ):
+                assert got.status == "success" and got.text == stored, who
+            parts = len(reply.chunks)
+            assert parts < CHUNKS, "nothing was merged: the test shows nothing"
+            figures.append(f"{CHUNKS} chunks in {parts} parts, resumed after {first} chunks")
+        assert sup.exits, "the fault point killed no pod"
+        print("\n" + "\n".join(figures))
