@@ -78,6 +78,7 @@ async def test_primary_killed_mid_reply_standby_promoted(
         stream=stream,
         prefix=prefix,
         mock_delay_ms=25,
+        coalesce_ms=50,  # the product's default (the suite pins it off): replies are checked whole
     )
     pods = Cluster(env, tmp_path_factory.mktemp("pods"), 3)
     await pods.start()
