@@ -65,7 +65,9 @@ async def start(rt: Runtime) -> None:
     rt.nc = await connect_nats(s, "pod", on_reconnect)
     rt.buffer = JetStreamBuffer(s, rt.nc, on_republish=rt.metrics.republished)
     await rt.buffer.ensure_stream()
-    rt.hub = TailHub(rt.buffer, linger_s=s.tail_linger_s, liveness=rt.alive)
+    rt.hub = TailHub(
+        rt.buffer, linger_s=s.tail_linger_s, liveness=rt.alive, max_bytes=s.tail_max_bytes
+    )
     rt.runner = Runner(s, rt.store, rt.stops, rt.nc)
     await rt.runner.listen()
     wf.bind(

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=25.0, ge=0)
     keepalive_s: float = Field(default=15.0, gt=0)
     tail_linger_s: float = Field(default=30.0, ge=0)
+    # What one thread's tail holds in memory, at most about (0: unbounded). A 100,000-chunk
+    # reply costs ~57 MB; beyond the bound the oldest events are dropped, and a client that
+    # needs them reads them from JetStream (streams/tail.py).
+    tail_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
 
     # mock | openai | package.module:factory (a plug-in reply source: app/sources.py)
     model: str = "mock"

@@ -11,13 +11,17 @@ holds a part past k when a continued attempt begins.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from ..store.runs import TERMINAL, Run
 from .events import Event, chunk, done, reset, run_started, stalled
 from .reply import fold
 from .tail import ThreadTail
+
+logger = logging.getLogger(__name__)
 
 RunLookup = Callable[[], Awaitable[Run | None]]
 # One write to a client at most (plus one frame): a slow reader catching up on a long log gets
@@ -31,6 +35,8 @@ class Cursor:
 
     `parts`: how many parts of the run the client holds (indexes 0..parts-1). `unsure`: it
     came back with a Last-Event-ID the log can no longer account for: it may hold anything.
+    `quiet_until`: it came back with a Last-Event-ID the tail no longer holds in memory: the
+    events up to it are read again from JetStream to know what it holds, and not sent.
     """
 
     seq: int = 0
@@ -38,6 +44,7 @@ class Cursor:
     parts: int = 0
     unsure: bool = False
     stalled_sent: int = 0  # the attempt whose `stalled` this client got
+    quiet_until: int = 0
 
 
 def step(cursor: Cursor, run_id: str, ev: Event) -> list[Event]:
@@ -87,8 +94,24 @@ def replay_from_store(run: Run) -> list[Event]:
 def resumed_cursor(tail: ThreadTail, run_id: str, last_event_id: int) -> Cursor:
     """The position of a client back with a Last-Event-ID: what it holds is what the log says
     it was sent, when the log still reaches back that far."""
+    head = tail.head
+    ours = head is not None and head.run_id == run_id
+    if ours and tail.spilled(last_event_id):
+        # The tail dropped that part of the run from memory: from the run's first event in
+        # JetStream, sending nothing up to the client's.
+        assert head is not None
+        return Cursor(seq=head.seq - 1, quiet_until=last_event_id)
     if tail.missed(last_event_id):
         return Cursor(seq=last_event_id, unsure=True)
+    if ours and head is not None and tail.trimmed_seq >= head.seq:
+        # The log begins inside the run: from where the reply stood at its beginning.
+        cursor = Cursor(
+            seq=tail.trimmed_seq, attempt=tail.spilled_attempt, parts=tail.spilled_parts
+        )
+        for ev in tail.upto(last_event_id):
+            step(cursor, run_id, ev)
+        cursor.seq = last_event_id
+        return cursor
     folded = fold(run_id, tail.upto(last_event_id))
     return Cursor(seq=last_event_id, attempt=folded.attempt, parts=len(folded.parts))
 
@@ -129,6 +152,23 @@ async def relay(
     last_write = loop.time()
     next_check, check_every = loop.time() + recheck_s, recheck_s
     while True:
+        if tail.spilled(cursor.seq):
+            # The tail dropped these events from memory (a huge reply): read from JetStream.
+            finished = False
+            try:
+                async with contextlib.aclosing(_backfill(tail, run_id, cursor)) as batches:
+                    async for spilled in batches:
+                        yield spilled
+                        last_write = loop.time()
+                        if any(e.type == "done" and e.run_id == run_id for e in spilled):
+                            finished = True
+                            break
+            except Exception as exc:  # NATS away: as for a log that lost them (below)
+                logger.warning("reading a reply's start from JetStream failed: %r", exc)
+                cursor = Cursor(seq=tail.trimmed_seq, attempt=cursor.attempt, unsure=True)
+            if finished:
+                return
+            continue  # the tail may have dropped more meanwhile
         if tail.missed(cursor.seq):
             # Slowed by its socket, the client fell behind what the log holds: the run's end
             # is in the database once it has one (the next run purged the subject).
@@ -184,6 +224,55 @@ async def relay(
         if not shown or moved_on:
             deadline = min(deadline, next_check)
         await tail.wait(seen, max(deadline - loop.time(), 0.001))
+
+
+async def _backfill(
+    tail: ThreadTail, run_id: str, cursor: Cursor
+) -> AsyncGenerator[list[Event], None]:
+    """The client's events that left the tail's memory, read from JetStream, stepped like the
+    log's, in batches of about MAX_WRITE_BYTES. The cursor ends where the log took over when
+    the reading stopped (the relay reads again if the tail dropped more meanwhile), or at the
+    run's `done`."""
+    assert tail.history is not None
+    head = tail.head
+    first = head is not None and cursor.seq == head.seq - 1  # the run's first event comes next
+    reached = 0  # every event of the subject up to here was read (or is lost)
+    batch: list[Event] = []
+    size = 0
+    async with contextlib.aclosing(tail.history(cursor.seq)) as pages:
+        async for page in pages:
+            for ev in page:
+                if ev.seq <= cursor.seq:
+                    continue
+                if first and head is not None and ev.seq != head.seq:
+                    # The stream lost the run's beginning (its limits): as a log that did.
+                    cursor.unsure = True
+                    reached = tail.trimmed_seq
+                    break
+                first = False
+                if ev.seq > tail.trimmed_seq:
+                    reached = tail.trimmed_seq  # the log holds the rest
+                    break
+                out = step(cursor, run_id, ev)
+                if ev.seq <= cursor.quiet_until:
+                    continue  # the client has it: only what it holds is counted
+                batch += out
+                size += sum(len(e.frame) or 64 for e in out)
+                if any(e.type == "done" for e in out):
+                    yield batch
+                    return
+                if size >= MAX_WRITE_BYTES:
+                    yield batch
+                    batch, size = [], 0
+            else:
+                continue  # the page is used up: the next one
+            break
+        else:
+            reached = tail.trimmed_seq  # the subject has nothing more now
+    # Set before the last yield: the tail may drop more while the client writes it.
+    cursor.seq = max(cursor.seq, reached)
+    if batch:
+        yield batch
 
 
 def _stored_ending(cursor: Cursor, run: Run) -> list[Event]:

@@ -5,6 +5,12 @@ attempt that regenerates the reply): a continued attempt appends to its run's se
 segment before it is kept too, so that a client slowed down by its socket still finds the end
 of its run after the next run began. Clients read the shared log by stream sequence: a client
 that stops reading costs nothing but its place in the log.
+
+A tail holds at most about `max_bytes` (THREADGATE_TAIL_MAX_BYTES) of events: beyond it the
+oldest are dropped, the previous segment's first. Events dropped from the current segment are
+still in JetStream (they were not purged): a client that needs them reads them from there
+(`history`), and the tail keeps where the reply stood after them (`spilled_*`), so a client
+resuming after them needs nothing read.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import bisect
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from .buffer import stream_seq
@@ -23,6 +29,11 @@ from .events import Event, sse_frame
 logger = logging.getLogger(__name__)
 
 TIMER_SLACK_S = 0.01  # deadlines this close together fire together
+# What an event held in the log costs besides its SSE frame (measured with tracemalloc: 568
+# bytes per 100,000-chunk reply event, 128 of them the frame): the Event, its strings (a
+# chunk's text is in the frame too), its sequence.
+EVENT_OVERHEAD = 440
+History = Callable[[int], AsyncGenerator[list[Event], None]]  # events after a seq, in pages
 STALL_CHECK_S = 1.0  # a tail silent this long mid-run asks whether the run's executor lives
 
 
@@ -37,13 +48,27 @@ Liveness = Callable[[list[str]], Awaitable[set[str]]]  # executors -> those aliv
 class ThreadTail:
     """The shared log of one thread's subject on this pod."""
 
-    def __init__(self, thread_id: str) -> None:
+    def __init__(
+        self, thread_id: str, *, max_bytes: int = 0, history: History | None = None
+    ) -> None:
         self.thread_id = thread_id
         self.log: list[Event] = []
         self.seqs: list[int] = []
         self.segment = 0  # index in `log` where the current segment begins
         self.last_seq = 0
         self.trimmed_seq = 0  # events up to this sequence are no longer held
+        # Bounded memory (0: unbounded). Only with `history` does the current segment lose
+        # events: its clients must be able to read them elsewhere.
+        self.max_bytes = max_bytes
+        self.history = history
+        self.held_bytes = 0
+        self._head: Event | None = None  # the current segment's first event, held or not
+        self._started: Event | None = None  # its newest run_started
+        self._done = False  # a `done` came after `_started`
+        # The reply of the current segment's run after its events dropped from memory (up to
+        # `trimmed_seq`): the newest attempt and how many parts (a relay Cursor's fields).
+        self.spilled_attempt = 0
+        self.spilled_parts = 0
         self.caught_up = asyncio.Event()
         self._target_seq = 0
         self._waiters: dict[asyncio.Future[None], float] = {}  # waiter -> deadline
@@ -59,20 +84,13 @@ class ThreadTail:
 
     @property
     def head(self) -> Event | None:
-        """The first event of the current segment."""
-        return self.log[self.segment] if self.segment < len(self.log) else None
+        """The first event of the current segment (held in the log or not)."""
+        return self._head
 
     @property
     def in_flight(self) -> Event | None:
         """The current segment's newest `run_started` when its run has not said `done`."""
-        started = None
-        for ev in reversed(self.log[self.segment :]):
-            if ev.type == "done":
-                return None
-            if ev.type == "run_started":
-                started = ev
-                break
-        return started
+        return None if self._done else self._started
 
     def add(self, ev: Event) -> None:
         """Take one event from the consumer, in stream order."""
@@ -88,10 +106,17 @@ class ThreadTail:
             or (ev.type == "run_started" and ev.resume_from is None)
         ):
             self._new_segment()
+            self._head = ev
         if ev.type == "run_started":
             self.stalled = None
+            self._started, self._done = ev, False
+        elif ev.type == "done":
+            self._done = True
         self.log.append(ev)
         self.seqs.append(ev.seq)
+        self.held_bytes += _cost(ev)
+        if self.max_bytes and self.held_bytes > self.max_bytes:
+            self._trim()
         self.last_event_at = asyncio.get_running_loop().time()
         if self.last_seq >= self._target_seq:
             self.caught_up.set()
@@ -100,10 +125,61 @@ class ThreadTail:
     def _new_segment(self) -> None:
         """A purge point: keep the segment that ends here, drop the one before it."""
         if self.segment:
-            self.trimmed_seq = self.seqs[self.segment - 1]
-            del self.log[: self.segment]
-            del self.seqs[: self.segment]
+            self._drop(self.segment)
         self.segment = len(self.log)
+        self._head, self._started, self._done = None, None, False
+        self.spilled_attempt = self.spilled_parts = 0
+
+    def _drop(self, n: int) -> None:
+        """Forget the log's `n` oldest events."""
+        self.trimmed_seq = self.seqs[n - 1]
+        self.held_bytes -= sum(_cost(ev) for ev in self.log[:n])
+        del self.log[:n]
+        del self.seqs[:n]
+        self.segment = max(self.segment - n, 0)
+
+    def _trim(self) -> None:
+        """Over `max_bytes`: drop the oldest events down to three quarters of it (in one go:
+        a list's front is costly to cut event by event). The previous segment goes first;
+        the current one only when its events can be read again (`history`), and never its
+        newest event."""
+        target = self.max_bytes * 3 // 4
+        limit = len(self.log) - 1 if self.history is not None else self.segment
+        freed, n = 0, 0
+        while n < limit and self.held_bytes - freed > target:
+            freed += _cost(self.log[n])
+            n += 1
+        if not n:
+            return
+        head = self._head
+        for ev in self.log[max(self.segment, 0) : n]:  # the current segment's, if any
+            self._spill(ev, head)
+        self._drop(n)
+
+    def _spill(self, ev: Event, head: Event | None) -> None:
+        """Fold an event of the current segment that leaves memory into `spilled_*`: the
+        reply rules of streams/reply.py, counting parts instead of keeping them."""
+        if head is None or ev.run_id != head.run_id or ev.attempt < self.spilled_attempt:
+            return
+        if ev.type == "run_started":
+            self.spilled_attempt = ev.attempt
+            k = ev.resume_from
+            self.spilled_parts = 0 if k is None else min(self.spilled_parts, k)
+        elif ev.part:
+            self.spilled_attempt = ev.attempt
+            if ev.index == self.spilled_parts:
+                self.spilled_parts += 1
+
+    def spilled(self, seq: int) -> bool:
+        """Events after `seq` (a client's position) up to `trimmed_seq` left memory but are
+        in JetStream: they are the current segment's (not purged), read with `history`."""
+        head = self._head
+        return (
+            self.history is not None
+            and head is not None
+            and head.seq - 1 <= seq < self.trimmed_seq
+            and self.trimmed_seq >= head.seq
+        )
 
     def wake(self) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -129,10 +205,12 @@ class ThreadTail:
 
     def start_of(self, run_id: str) -> int:
         """Where a new client of `run_id` begins: before the newest segment that is that
-        run's, else after everything held (the run has not streamed yet)."""
-        for i in (self.segment, 0):
-            if i < len(self.log) and self.log[i].run_id == run_id:
-                return self.seqs[i] - 1
+        run's, else after everything held (the run has not streamed yet). Before the current
+        segment's head even when it left memory: the client reads it from JetStream."""
+        if self._head is not None and self._head.run_id == run_id:
+            return self._head.seq - 1
+        if self.log and self.log[0].run_id == run_id:
+            return self.seqs[0] - 1
         return self.last_seq
 
     async def wait(self, seen_seq: int, timeout: float) -> None:
@@ -179,16 +257,26 @@ class ThreadTail:
             self._timer = None
 
 
+def _cost(ev: Event) -> int:
+    return len(ev.frame) + EVENT_OVERHEAD
+
+
 class TailHub:
     """The pod's tails, by thread: created on the first attach, closed `linger_s` after the
     last client leaves, however it leaves (a client that hangs up mid-attach included)."""
 
     def __init__(
-        self, source: TailSource, *, linger_s: float, liveness: Liveness | None = None
+        self,
+        source: TailSource,
+        *,
+        linger_s: float,
+        liveness: Liveness | None = None,
+        max_bytes: int = 0,
     ) -> None:
         self.source = source
         self.linger_s = linger_s
         self.liveness = liveness
+        self.max_bytes = max_bytes  # per tail (THREADGATE_TAIL_MAX_BYTES); 0: unbounded
         self.tails: dict[str, ThreadTail] = {}
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -209,7 +297,7 @@ class TailHub:
         caller is counted before anything is awaited: it is released if cancelled here."""
         tail = self.tails.get(thread_id)
         if tail is None:
-            tail = ThreadTail(thread_id)
+            tail = ThreadTail(thread_id, max_bytes=self.max_bytes, history=self._history(thread_id))
             self.tails[thread_id] = tail
             tail.started = asyncio.ensure_future(self._start(tail))
         tail.clients += 1
@@ -231,6 +319,23 @@ class TailHub:
             tail.close_handle = loop.call_later(
                 self.linger_s, lambda: asyncio.ensure_future(self._close_idle(tail))
             )
+
+    @property
+    def held_bytes(self) -> int:
+        """What the tails hold, by the estimate that bounds each."""
+        return sum(t.held_bytes for t in self.tails.values())
+
+    def _history(self, thread_id: str) -> History | None:
+        """A thread's events after a sequence, from JetStream, when the source can read them."""
+        read_after = getattr(self.source, "read_after", None)
+        if read_after is None:
+            return None
+
+        def history(after_seq: int) -> AsyncGenerator[list[Event], None]:
+            pages: AsyncGenerator[list[Event], None] = read_after(thread_id, after_seq)
+            return pages
+
+        return history
 
     async def _start(self, tail: ThreadTail) -> None:
         try:
@@ -262,34 +367,39 @@ class TailHub:
     async def _watch_stalls(self) -> None:
         """Mark tails whose run's executor died (its fencing claim is free) as stalled: their
         clients hear it at once instead of watching a silent stream until the replay."""
-        assert self.liveness is not None
         while True:
             await asyncio.sleep(STALL_CHECK_S)
-            now = asyncio.get_running_loop().time()
-            silent: dict[str, list[tuple[ThreadTail, Event]]] = {}
-            for tail in self.tails.values():
-                started = tail.in_flight
-                if (
-                    started is not None
-                    and started.executor
-                    and tail.stalled is None
-                    and now - tail.last_event_at >= STALL_CHECK_S
-                ):
-                    silent.setdefault(started.executor, []).append((tail, started))
-            if not silent:
+            # In a function of its own: its locals (a tail, a log) go when it returns, not
+            # when the next tail comes (a closed tail's log stayed alive until then).
+            await self._check_stalls()
+
+    async def _check_stalls(self) -> None:
+        assert self.liveness is not None
+        now = asyncio.get_running_loop().time()
+        silent: dict[str, list[tuple[ThreadTail, Event]]] = {}
+        for tail in self.tails.values():
+            started = tail.in_flight
+            if (
+                started is not None
+                and started.executor
+                and tail.stalled is None
+                and now - tail.last_event_at >= STALL_CHECK_S
+            ):
+                silent.setdefault(started.executor, []).append((tail, started))
+        if not silent:
+            return
+        try:
+            alive = await self.liveness(sorted(silent))
+        except Exception as exc:
+            logger.debug("stall check failed: %r", exc)
+            return
+        for executor, tails in silent.items():
+            if executor in alive:
                 continue
-            try:
-                alive = await self.liveness(sorted(silent))
-            except Exception as exc:
-                logger.debug("stall check failed: %r", exc)
-                continue
-            for executor, tails in silent.items():
-                if executor in alive:
-                    continue
-                for tail, started in tails:
-                    if tail.in_flight is started:
-                        tail.stalled = (started.run_id, started.attempt, executor)
-                        tail.wake()
+            for tail, started in tails:
+                if tail.in_flight is started:
+                    tail.stalled = (started.run_id, started.attempt, executor)
+                    tail.wake()
 
     async def resubscribe_all(self) -> None:
         """After NATS comes back its consumers may be gone: continue every tail where it was."""
