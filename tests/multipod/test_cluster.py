@@ -20,7 +20,8 @@ async def test_a_run_posted_to_one_pod_streams_identically_from_every_pod(cluste
     assert len(cluster.pods) == 3 and all(p.alive for p in cluster.pods)
     thread = unique()
     async with cluster.client(cluster.pods[:1]) as client:
-        accepted = await client.post(thread, "hello", model_options={"chunks": 12, "delay_ms": 20})
+        options = {"chunks": 12, "delay_ms": 20, "vary": True}
+        accepted = await client.post(thread, "hello", model_options=options)
         live = [Attacher([p.url], thread).start() for p in cluster.pods[1:]]
         replies = await asyncio.gather(*(a.result() for a in live))
         run = await wait_run(client, thread, accepted["run_id"])
@@ -28,7 +29,7 @@ async def test_a_run_posted_to_one_pod_streams_identically_from_every_pod(cluste
     assert run["executor"] in {p.name for p in cluster.pods}
     for reply in replies:
         assert reply.run_id == accepted["run_id"]
-        assert reply.text == mock_reply(12)
+        assert reply.text == run["output"] == mock_reply(12, {0: 1})  # attempt 1's, all of it
         assert reply.resets == 0 and reply.status == "success"
     streams = [[(e.id, e.event, e.data) for e in a.events] for a in live]
     assert streams[0] == streams[1]
