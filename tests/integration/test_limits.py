@@ -247,16 +247,22 @@ async def post_run(
 
 
 async def active_accepted_here(pod: Pod) -> int:
-    """Runs this pod accepted that are still pending or running (earlier tests' included)."""
-    async with pod.runtime.db.pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT count(*) AS n FROM threadgate.runs"
-            " WHERE accepted_by = %s AND status IN ('pending', 'running')",
-            (pod.settings.pod_name,),
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row["n"])
+    """Runs this pod accepted that are still pending or running (earlier tests' included),
+    once those being stopped have stopped (the count must not fall during a test)."""
+    async with asyncio.timeout(30):
+        while True:
+            async with pod.runtime.db.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT count(*) AS n, count(stop_requested) AS stopping"
+                    " FROM threadgate.runs"
+                    " WHERE accepted_by = %s AND status IN ('pending', 'running')",
+                    (pod.settings.pod_name,),
+                )
+                row = await cur.fetchone()
+            assert row is not None
+            if not row["stopping"]:
+                return int(row["n"])
+            await asyncio.sleep(0.05)  # paces polling the runs being stopped
 
 
 async def test_active_runs_per_principal_is_429(pod: Pod) -> None:
@@ -284,8 +290,8 @@ async def test_active_runs_per_principal_is_429(pod: Pod) -> None:
             assert resp.status_code == 202, resp.text
         finally:
             for t in threads:
-                await cancel_all(pod, t, key("alice"))
-            await cancel_all(pod, bobs, key("bob"))
+                await cancel_all(pod, t, key("alice"), wait=True)
+            await cancel_all(pod, bobs, key("bob"), wait=True)
 
 
 async def test_active_runs_per_principal_hold_under_a_burst(pod: Pod) -> None:
@@ -299,7 +305,7 @@ async def test_active_runs_per_principal_hold_under_a_burst(pod: Pod) -> None:
             assert codes == [202] * 5 + [429] * 25, codes
         finally:
             for t in threads:
-                await cancel_all(pod, t, key("alice"))
+                await cancel_all(pod, t, key("alice"), wait=True)
 
 
 async def test_active_runs_per_pod_is_429(pod: Pod) -> None:
@@ -319,7 +325,7 @@ async def test_active_runs_per_pod_is_429(pod: Pod) -> None:
             assert (await post_run(pod, threads[11])).status_code == 202
     finally:
         for t in threads:
-            await cancel_all(pod, t)
+            await cancel_all(pod, t, wait=True)
 
 
 # --- a run's own timeout is capped by the server's ---------------------------------------
