@@ -1,0 +1,418 @@
+"""Capacity: how many chats one pod streams at an LLM's pace before its clients fall behind.
+
+N runs at once on one pod, each streaming `--chunks` chunks at `--rate` chunks/s (400 at 40/s:
+a 10 s reply) from bench/paced_source.py, one SSE client attached to each. The runs start
+spread over `--stagger` seconds (new chats arriving), so all N stream together for the middle
+of the level. Every chunk carries the wall-clock time it was due at the source; a client
+stamps its arrival: lag = arrival - due, for every chunk, whether it came alone or merged
+with others into one event. N is raised level by level until the p99 lag passes 250 ms or a
+reply is incomplete; the largest passing N is the pod's capacity.
+
+Per level: lag p50/p99/max, the pod's CPU (cores) and RSS growth, per active run. `--base REV`
+runs a pod of an older revision (bench.harness.tree_at) side by side, level by level,
+interleaved. `--profile N` samples both pods with py-spy (bench/profile.py) during a level
+of N. The time to first chunk of a lone run on an idle pod is measured first (coalescing must
+not delay it). Figures only, no asserts.
+
+    python -m bench.capacity [--levels 50,100,...] [--base REV] [--profile N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.harness import (
+    Proc,
+    Stack,
+    machine,
+    pct,
+    pod,
+    pod_env,
+    run_async,
+    say,
+    table,
+    tree_at,
+)
+from bench.sse import HttpConn, attach
+
+LAG_LIMIT_MS = 250.0
+TOKEN = re.compile(r"(\d+)@([\d.]+) ")
+REPO = Path(__file__).resolve().parents[1]
+# No limit of the pod's may refuse a run or a client of the bench (each has a default that
+# a bench of hundreds of chats from one anonymous caller would hit).
+UNLIMITED = {
+    "max_active_runs_per_principal": 100_000,
+    "max_active_runs_per_pod": 100_000,
+    "max_attach_per_pod": 100_000,
+    "max_attach_per_principal": 100_000,
+    "max_queued_runs_per_thread": 1000,
+}
+
+
+@dataclass
+class Level:
+    n: int
+    lags: list[float] = field(default_factory=list)  # ms, every chunk of every run
+    full_lags: list[float] = field(default_factory=list)  # ms, chunks due while all N ran
+    complete: int = 0  # clients with every chunk once, in order, then a successful done
+    events: int = 0  # chunk events received (fewer than chunks when merged)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    pod_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    rss_before_kb: int = 0
+    rss_peak_kb: int = 0
+
+    @property
+    def p99(self) -> float:
+        return pct(self.lags, 99)
+
+    @property
+    def passed(self) -> bool:
+        return self.complete == self.n and not self.failures and self.p99 <= LAG_LIMIT_MS
+
+
+async def one_chat(
+    p: Proc, thread: str, chunks: int, rate: float, delay: float, level: Level, wall_off: float
+) -> tuple[float, float, list[tuple[float, float]]]:
+    """Post a run after `delay`, attach, check the reply; (start, end, [(due, lag ms)])."""
+    await asyncio.sleep(delay)
+    got: list[tuple[float, float]] = []
+    seen = 0
+    ok = True
+
+    def on_event(t: float, ev: str, data: bytes, eid: str | None) -> None:
+        nonlocal seen, ok
+        if ev == "chunk":
+            level.events += 1
+            arrived = (t + wall_off) * 1000
+            for i, due in TOKEN.findall(json.loads(data)["text"]):
+                ok = ok and int(i) == seen
+                seen += 1
+                got.append((float(due), arrived - float(due)))
+        elif ev in ("reset", "run_started") and seen:
+            ok = False  # a regenerated attempt: not what a capacity level should show
+
+    conn = await HttpConn.open(p.port)
+    try:
+        body = {"input": "go", "model_options": {"chunks": chunks, "rate": rate}}
+        resp = await conn.request("POST", f"/threads/{thread}/runs", body)
+        if resp.status not in (200, 202):
+            level.failures.append(f"POST {resp.status}: {resp.body[:200]!r}")
+            return 0.0, 0.0, got
+        stream, sconn = await attach(
+            p.port, f"/threads/{thread}/attach", keep=False, on_event=on_event
+        )
+        try:
+            assert stream.finished is not None
+            await asyncio.wait_for(stream.finished, chunks / rate + 120)
+        finally:
+            sconn.close()
+    except Exception as exc:
+        level.failures.append(f"{thread}: {exc!r}")
+        return 0.0, 0.0, got
+    finally:
+        conn.close()
+    if ok and seen == chunks:
+        level.complete += 1
+    else:
+        level.failures.append(f"{thread}: {seen} of {chunks} chunks, in order: {ok}")
+    return (got[0][0], got[-1][0], got) if got else (0.0, 0.0, got)
+
+
+async def run_level(p: Proc, n: int, chunks: int, rate: float, stagger_s: float, tag: str) -> Level:
+    level = Level(n)
+    wall_off = time.time() - time.perf_counter()
+    level.rss_before_kb = p.rss_kb()
+    peak = level.rss_before_kb
+    done = asyncio.Event()
+
+    async def watch_rss() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, p.rss_kb())
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch_rss())
+    cpu0, ccpu0, t0 = p.cpu_s(), time.process_time(), time.monotonic()
+    chats = [
+        one_chat(p, f"cap-{tag}-{n}-{i}", chunks, rate, stagger_s * i / n, level, wall_off)
+        for i in range(n)
+    ]
+    results = await asyncio.gather(*chats)
+    level.seconds = time.monotonic() - t0
+    level.pod_cpu_s = p.cpu_s() - cpu0
+    level.client_cpu_s = time.process_time() - ccpu0
+    done.set()
+    await watcher
+    level.rss_peak_kb = peak
+    starts = [s for s, _, got in results if got]
+    ends = [e for _, e, got in results if got]
+    full_from, full_to = (max(starts), min(ends)) if starts else (0.0, 0.0)
+    for _, _, got in results:
+        for due, lag in got:
+            level.lags.append(lag)
+            if full_from <= due <= full_to:
+                level.full_lags.append(lag)
+    return level
+
+
+async def idle_ttfc(p: Proc, runs: int = 10) -> list[float]:
+    """POST written → first chunk at a client attached once the POST returned, one run at a
+    time on an otherwise idle pod (seconds)."""
+    out = []
+    for i in range(runs):
+        thread = f"ttfc-{uuid.uuid4().hex[:8]}-{i}"
+        conn = await HttpConn.open(p.port)
+        try:
+            t0 = time.perf_counter()
+            body = {"input": "go", "model_options": {"chunks": 3, "rate": 40}}
+            resp = await conn.request("POST", f"/threads/{thread}/runs", body)
+            assert resp.status == 202, resp.body
+            stream, sconn = await attach(p.port, f"/threads/{thread}/attach")
+            assert stream.finished is not None
+            await asyncio.wait_for(stream.finished, 30)
+            sconn.close()
+            assert stream.first_chunk is not None
+            out.append(stream.first_chunk - t0)
+        finally:
+            conn.close()
+        await asyncio.sleep(0.2)  # idle between runs
+    return out
+
+
+def py_spy_available() -> bool:
+    from bench.profile import py_spy
+
+    try:
+        py_spy()
+        return True
+    except SystemExit:
+        return False
+
+
+def row(label: str, lv: Level) -> list[object]:
+    per_run_cpu = lv.pod_cpu_s / lv.seconds / lv.n * 100 if lv.seconds else 0.0
+    grown = max(lv.rss_peak_kb - lv.rss_before_kb, 0)
+    return [
+        label,
+        lv.n,
+        f"{lv.complete}/{lv.n}",
+        f"{lv.events / max(lv.complete * 1, 1):.0f}",
+        f"{pct(lv.lags, 50):.0f} / {lv.p99:.0f} / {max(lv.lags, default=float('nan')):.0f}",
+        f"{pct(lv.full_lags, 99):.0f}",
+        f"{lv.pod_cpu_s / lv.seconds:.2f}",
+        f"{per_run_cpu:.2f} %",
+        f"{lv.pod_cpu_s / max(len(lv.lags), 1) * 1e6:.0f} µs",
+        f"{lv.rss_peak_kb / 1024:.0f} MiB",
+        f"{grown / lv.n:.0f} KiB",
+        f"{lv.client_cpu_s / lv.seconds:.2f}",
+        "pass" if lv.passed else "FAIL" + (f" ({lv.failures[0][:60]})" if lv.failures else ""),
+    ]
+
+
+async def quiet(wait_s: float) -> None:
+    """Wait (up to `wait_s`) until the 1-minute load average is below 1: other work on the
+    two cores takes CPU from the pod and shows as lag."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        load = os.getloadavg()[0]
+        if load < 1.0:
+            return
+        say(f"waiting for an idle machine (load {load:.2f})")
+        await asyncio.sleep(15)
+
+
+async def main(args: argparse.Namespace) -> str:
+    await quiet(args.quiet_wait)
+    log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
+    log_dir.mkdir()
+    info = machine()
+    labels = ["this tree"]
+    trees: dict[str, Path | None] = {"this tree": None}
+    variants: dict[str, dict[str, str]] = {"this tree": {}}
+    for kv in args.env:
+        key, _, value = kv.partition("=")
+        label = f"this tree, {key.lower()}={value}"
+        labels.append(label)
+        trees[label], variants[label] = None, {f"THREADGATE_{key.upper()}": value}
+    if args.base:
+        sha, tree = tree_at(args.base)
+        labels.insert(0, f"base {sha}")
+        trees[labels[0]] = tree
+    levels = [int(x) for x in args.levels.split(",")]
+    results: dict[str, list[Level]] = {label: [] for label in labels}
+    ttfc: dict[str, list[float]] = {}
+    profiles: dict[str, tuple[str, str, int]] = {}
+    with Stack() as stack:
+        pods: dict[str, Proc] = {}
+        for i, label in enumerate(labels):
+            url = stack.new_database(f"cap_{i}_{uuid.uuid4().hex[:6]}")
+            env = pod_env(
+                url,
+                stack.nats.url,
+                model="bench.paced_source:make",
+                log_level="WARNING",
+                **UNLIMITED,
+            )
+            # The source is imported from this checkout, whichever tree runs the pod.
+            tree = trees[label]
+            env["PYTHONPATH"] = os.pathsep.join(str(x) for x in (tree, REPO) if x)
+            env.update(variants.get(label, {}))
+            pods[label] = pod(f"cap-{i}", env, log_dir, tree=tree)
+            pods[label].env["PYTHONPATH"] = env["PYTHONPATH"]
+        try:
+            for p in pods.values():
+                await p.start()
+                await run_level(p, 10, 20, 40, 0.5, "warm")
+            for label, p in pods.items():
+                ttfc[label] = await idle_ttfc(p)
+                say(
+                    f"[{label}] idle first chunk p50 {statistics.median(ttfc[label]) * 1000:.1f} ms"
+                )
+            ramping = set(labels)
+            for n in levels:
+                for label in labels:
+                    if label not in ramping:
+                        continue
+                    lv = await run_level(
+                        pods[label], n, args.chunks, args.rate, args.stagger, uuid.uuid4().hex[:6]
+                    )
+                    results[label].append(lv)
+                    say(f"[{label}] " + " | ".join(str(c) for c in row(label, lv)[1:]))
+                    if not lv.passed:
+                        ramping.discard(label)
+                if not ramping:
+                    break
+            if args.profile:
+                from bench.profile import record, summarize
+
+                if py_spy_available():
+                    for label, p in pods.items():
+                        raw = log_dir / f"pyspy-{p.name}.raw"
+                        seconds = args.chunks / args.rate
+                        level_task = asyncio.create_task(
+                            run_level(p, args.profile, args.chunks, args.rate, args.stagger, "prof")
+                        )
+                        await asyncio.sleep(args.stagger)  # all N streaming
+                        spy = await record(p.pid, seconds - args.stagger, raw)
+                        await asyncio.wait_for(spy.wait(), 120)
+                        await level_task
+                        comp, own, total = summarize(raw, 14)
+                        profiles[label] = (comp, own, total)
+                else:
+                    say("py-spy not installed: no profile (pip install py-spy)")
+        finally:
+            for p in pods.values():
+                await p.stop()
+    return report(args, info, labels, results, ttfc, profiles)
+
+
+def report(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    labels: list[str],
+    results: dict[str, list[Level]],
+    ttfc: dict[str, list[float]],
+    profiles: dict[str, tuple[str, str, int]],
+) -> str:
+    rows = []
+    for i in range(max(len(v) for v in results.values())):  # level by level, as they ran
+        rows += [row(label, results[label][i]) for label in labels if i < len(results[label])]
+    best = {label: max((lv.n for lv in results[label] if lv.passed), default=0) for label in labels}
+    capacity = [
+        [label, best[label], f"{statistics.median(ttfc[label]) * 1000:.1f} ms"] for label in labels
+    ]
+    out = [
+        f"## Capacity: concurrent chats per pod at {args.rate:.0f} chunks/s",
+        f"Each chat: {args.chunks} chunks at {args.rate:.0f}/s from bench/paced_source.py (an "
+        "LLM's pace on an absolute schedule), one SSE client attached; N chats start spread "
+        f"over {args.stagger:.0f} s. Lag = chunk due at the source → read by its client, every "
+        f"chunk; a level passes when every reply is complete and in order and p99 ≤ "
+        f"{LAG_LIMIT_MS:.0f} ms. 'all N' = chunks due while every chat of the level streamed. "
+        "CPU in cores (2 on this machine); the bench client shares them.",
+        table(
+            [
+                "pod",
+                "N",
+                "complete",
+                "events per reply",
+                "lag p50 / p99 / max ms",
+                "p99 all N ms",
+                "pod CPU",
+                "CPU per run",
+                "pod CPU per chunk",
+                "pod RSS peak",
+                "RSS per run",
+                "client CPU",
+                "",
+            ],
+            rows,
+        ),
+        table(["pod", "largest N passing", "first chunk, idle pod (p50 of 10)"], capacity),
+    ]
+    base = next((label for label in labels if label.startswith("base ")), None)
+    if base and best[base]:
+        out.append(
+            "; ".join(
+                f"{label}: {best[label] / best[base]:.1f}x the base's N"
+                for label in labels
+                if label != base
+            )
+            + "."
+        )
+    for label, (comp, own, total) in profiles.items():
+        out += [
+            f"Pod profile, {label}, N={args.profile} ({total} samples, py-spy --gil):",
+            comp,
+            own,
+        ]
+    out.append(
+        f"_Machine: {info['nproc']} cores ({info['cpu']}), {info['ram']}, {info['date']}, load "
+        f"before {info['load before']}. Command: `python -m bench.capacity --levels "
+        f"{args.levels}"
+        + (f" --base {args.base}" if args.base else "")
+        + "".join(f" --env {kv}" for kv in args.env)
+        + (f" --profile {args.profile}" if args.profile else "")
+        + "`._"
+    )
+    return "\n\n".join(out)
+
+
+def cli() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default="25,50,100,150,200,300,400,500,600,800,1000")
+    ap.add_argument("--chunks", type=int, default=400)
+    ap.add_argument("--rate", type=float, default=40.0)
+    ap.add_argument("--stagger", type=float, default=5.0)
+    ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a pod of this tree with THREADGATE_K=V too (repeatable: one pod per --env)",
+    )
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="py-spy at N chats")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0,
+        metavar="S",
+        help="first wait up to S seconds for the machine to be idle (1-min load below 1)",
+    )
+    args = ap.parse_args()
+    print(run_async(lambda: main(args)))
+
+
+if __name__ == "__main__":
+    cli()
