@@ -163,7 +163,8 @@ async def test_clients_hanging_up_during_attach_leak_no_tail(
     await nc.close()
     # Memory: Python keeps what it once allocated, so RSS does not fall back; but each round
     # opens the big replies' tails anew, and what closed tails held is used again: over the
-    # second half of the rounds RSS grows by less than one big tail (~11 MB) would hold.
+    # second half of the rounds RSS grows by less than the big replies' tails (4 x ~11 MB)
+    # would hold if one round's stayed.
     half = rss[len(rss) // 2 :]
-    assert max(half) - half[0] < 10, rss
+    assert max(half) - half[0] < 15, rss
     assert seen["nothing"] and seen["headers"] and seen["events"]
