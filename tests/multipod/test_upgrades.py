@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
 import httpx
+import psycopg
 import pytest
 from threadgate.models.mock import mock_reply
 
@@ -106,3 +111,101 @@ async def test_a_run_stranded_by_a_version_change_is_adopted_by_itself(
     kept = final["attempts"][1]["resume_from"]
     assert final["output"] == mock_reply(60, {0: 1, kept: 2}) == reply.text
     assert reply.resets == 0 and "adopted 1 stranded runs into version v2" in pod.log_text()
+
+
+async def adopt_cli(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`threadgate adopt` as an operator runs it."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "threadgate.cli", "adopt", "--url", url, *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_adopt_lists_with_dry_run_refuses_differing_steps_and_forces(
+    start_cluster: StartCluster,
+) -> None:
+    """Three runs stranded by a version change (auto-adoption off). `threadgate adopt
+    --dry-run` lists them and moves nothing; `POST /admin/stranded/adopt` moves exactly the
+    runs asked for; `threadgate adopt` moves the compatible one left and refuses a run whose
+    recorded steps differ from today's workflow (exit 4), which only `--force` moves."""
+    cluster = await start_cluster(size=1, app_version="v1", mock_delay_ms=20, auto_adopt="false")
+    pod = cluster.pods[0]
+    threads = [unique() for _ in range(3)]
+    async with cluster.client() as client:
+        posted = [
+            await client.post(t, "old", model_options={"chunks": 100, "vary": True})
+            for t in threads
+        ]
+        a, b, c = (p["run_id"] for p in posted)
+        watchers = [Attacher([pod.url], t, reconnects=50).start() for t in threads]
+        for w in watchers:
+            await w.wait_chunk(3)
+        await pod.kill()
+        await pod.restart({"THREADGATE_APP_VERSION": "v2"})
+        # As if v1's workflow had had another first step: c's recorded steps are not today's.
+        async with await psycopg.AsyncConnection.connect(
+            cluster.env["THREADGATE_DATABASE_URL"], autocommit=True
+        ) as db:
+            await db.execute(
+                """INSERT INTO dbos.operation_outputs (workflow_uuid, function_id,
+                       function_name, application_name, retention_timestamp)
+                   VALUES (%s, 1, 'draft_reply', 'threadgate', 0)""",
+                (c,),
+            )
+
+        async with httpx.AsyncClient(base_url=pod.url, timeout=30) as http:
+
+            async def stranded() -> dict[str, tuple[list[str], bool]]:
+                runs = (await http.get("/admin/stranded")).json()["runs"]
+                return {r["run_id"]: (r["steps"], r["compatible"]) for r in runs}
+
+            before = await stranded()
+            assert before == {a: ([], True), b: ([], True), c: (["draft_reply"], False)}
+
+            dry = await adopt_cli(pod.url, "--dry-run")
+            assert dry.returncode == 0, dry.stdout + dry.stderr
+            lines = dry.stdout.splitlines()
+            assert "pod threadgate-0 (version v2): 3 stranded runs" in lines[0]
+            for run_id, (_, ok) in before.items():
+                line = next(x for x in lines if run_id in x)
+                assert "version v1" in line and line.endswith("ok" if ok else "STEPS DIFFER")
+            assert "adopted" not in dry.stdout
+            assert await stranded() == before  # a dry run moves nothing
+            for t, run_id in zip(threads, (a, b, c), strict=True):
+                assert (await client.run(t, run_id))["attempt"] == 1
+
+            asked = await http.post("/admin/stranded/adopt", json={"run_ids": [a, "no-such-run"]})
+            assert asked.json() == {"adopted": [a], "refused": ["no-such-run"]}
+            assert set(await stranded()) == {b, c}
+
+            plain = await adopt_cli(pod.url)
+            assert plain.returncode == 4, plain.stdout + plain.stderr  # something was refused
+            assert "adopted 1, refused 1" in plain.stdout
+            assert set(await stranded()) == {c}
+
+            forced = await adopt_cli(pod.url, "--force")
+            assert forced.returncode == 0, forced.stdout + forced.stderr
+            assert "adopted 1, refused 0" in forced.stdout
+            assert await stranded() == {}
+
+        replies = [await w.result(60) for w in watchers]
+        for t, run_id, reply in zip(threads[:2], (a, b), replies, strict=False):
+            final = await wait_run(client, t, run_id, timeout=60)
+            assert (final["status"], final["attempt"]) == ("success", 2)
+            kept = final["attempts"][1]["resume_from"]
+            assert final["output"] == reply.text == mock_reply(100, {0: 1, kept: 2})
+            assert reply.resets == 0 and reply.duplicates == 0
+        # Forced, the run's recorded step does not match today's: DBOS refuses to replay it
+        # (DBOSUnexpectedStepError), the run ends `error` with no reply stored, and its thread
+        # goes on. That is the risk --force takes.
+        forced = await wait_run(client, threads[2], c, timeout=60)
+        error = {"code": "internal", "message": "DBOSUnexpectedStepError"}
+        assert (forced["status"], forced["error"], forced["output"]) == ("error", error, None)
+        assert (replies[2].status, replies[2].error) == ("error", error)
+        messages = await client.messages(threads[2])
+        assert [m["role"] for m in messages] == ["user"]
+        nxt = await client.post(threads[2], "new", model_options={"chunks": 3})
+        assert (await wait_run(client, threads[2], nxt["run_id"]))["status"] == "success"
