@@ -70,6 +70,12 @@ def subjects_seen(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[st
     yield seen
 
 
+def refused(seen: list[str]) -> list[str]:
+    """The ids among `seen` that the API must refuse. Runs of earlier tests may still be
+    finishing on this shared pod: their (valid) ids reach NATS meanwhile."""
+    return [s for s in seen if not re.fullmatch(THREAD_ID_PATTERN, s)]
+
+
 def routes(thread: str) -> list[tuple[str, str]]:
     return [
         ("POST", f"/threads/{thread}/runs"),
@@ -88,7 +94,7 @@ async def test_bad_ids_never_reach_nats(pod: Pod, subjects_seen: list[str], bad:
         resp = await pod.http.request(method, path, json=body)
         assert resp.status_code == 400, (method, path[:60], resp.status_code, resp.text[:200])
         assert resp.json()["error"]["code"] == "invalid_thread_id"
-    assert subjects_seen == []
+    assert refused(subjects_seen) == [] and bad not in subjects_seen
     if "\x00" not in unquote(bad):  # PostgreSQL text cannot even hold a NUL to look up
         assert not await pod.runtime.store.thread_exists(unquote(bad))
     assert unquote(bad) not in (pod.runtime.hub.tails if pod.runtime.hub else {})
@@ -124,7 +130,7 @@ async def test_raw_targets_never_reach_nats(
         assert status in (400, 404, 405), (method, path, status)
         if segment != "..":
             assert status == 400, (method, path, status)
-    assert subjects_seen == []
+    assert refused(subjects_seen) == []
 
 
 async def test_good_ids_reach_their_own_subject(pod: Pod, subjects_seen: list[str]) -> None:
