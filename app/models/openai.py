@@ -35,10 +35,11 @@ KNOWN_OPTIONS = {
 }
 
 
-def classify_status(status: int, body: str) -> ModelError:
-    """A provider error: the body goes to the log only (a provider may echo headers, the
-    operator's key among them); clients get the status and a code."""
-    logger.warning("model provider answered %d: %s", status, body[:300])
+def classify_status(status: int, body: str, secret: str = "") -> ModelError:
+    """A provider error: the body goes to the log only, the operator's key blanked out (a
+    provider may echo headers); clients get the status and a code."""
+    logged = body[:300].replace(secret, "***") if secret else body[:300]
+    logger.warning("model provider answered %d: %s", status, logged)
     if status in TRANSIENT_STATUS or status >= 500:
         return TransientModelError(f"model provider answered {status}")
     return PermanentModelError(f"model provider answered {status}")
@@ -113,7 +114,8 @@ class OpenAISource:
             ):
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode(errors="replace")
-                    error = classify_status(resp.status_code, text)
+                    key = self.api_key.get_secret_value()
+                    error = classify_status(resp.status_code, text, key)
                     if continuing and not error.transient:
                         raise ContinuationRefused(
                             f"model provider refused to continue ({resp.status_code})"

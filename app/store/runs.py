@@ -334,7 +334,8 @@ class PgRunStore:
                         WHERE run_id = %(run_id)s RETURNING *)
                     SELECT {_RUN_COLUMNS},
                            extract(epoch FROM r.started_at
-                               + make_interval(secs => coalesce(r.timeout_s, %(timeout)s))
+                               + make_interval(secs => least(coalesce(r.timeout_s, %(timeout)s),
+                                                             %(timeout)s))
                                - now())::float8 AS remaining_s
                     FROM r
                     LEFT JOIN threadgate.messages m
@@ -368,10 +369,10 @@ class PgRunStore:
             cur = await conn.execute(
                 """SELECT stop_requested, attempt,
                           extract(epoch FROM coalesce(started_at, now())
-                              + make_interval(secs => coalesce(timeout_s, %s)) - now())::float8
-                              AS remaining_s
-                   FROM threadgate.runs WHERE run_id = %s""",
-                (timeout_s, run_id),
+                              + make_interval(secs => least(coalesce(timeout_s, %(t)s), %(t)s))
+                              - now())::float8 AS remaining_s
+                   FROM threadgate.runs WHERE run_id = %(run_id)s""",
+                {"t": timeout_s, "run_id": run_id},
             )
             row = await cur.fetchone()
             if row is None:
