@@ -119,11 +119,14 @@ def pod_env(
     database_url: str,
     nats_url: str,
     *,
-    polling_s: float = 0.05,
+    polling_s: float | None = 0.05,
     delay_ms: float = 0,
     **knobs: str | float | int,
 ) -> dict[str, str]:
-    """The environment of a bench pod; the caller's THREADGATE_* never leak in."""
+    """The environment of a bench pod; the caller's THREADGATE_* never leak in.
+
+    `polling_s` None: THREADGATE_QUEUE_POLLING_S unset, the pod's own default (the product's).
+    """
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("THREADGATE_") and k != "POD_NAME"
     }
@@ -132,10 +135,11 @@ def pod_env(
         THREADGATE_HOST="127.0.0.1",
         THREADGATE_DATABASE_URL=database_url,
         THREADGATE_NATS_URL=nats_url,
-        THREADGATE_QUEUE_POLLING_S=str(polling_s),
         THREADGATE_MOCK_DELAY_MS=str(delay_ms),
         THREADGATE_LOG_LEVEL="WARNING",
     )
+    if polling_s is not None:
+        env["THREADGATE_QUEUE_POLLING_S"] = str(polling_s)
     env.update({f"THREADGATE_{k.upper()}": str(v) for k, v in knobs.items()})
     return env
 
@@ -280,6 +284,26 @@ def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a server and its children, living and exited (PostgreSQL's backends):
+    its own time, its reaped children's (cutime, cstime) and each live child's."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(f[1]) == pid:  # parent pid
+                total += proc_cpu_s(int(d.name))
+    return total
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as `uptime` shows them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 # ---------------------------------------------------------------------------- numbers

@@ -15,6 +15,7 @@ according to BENCH_START_PATH (read here, in the bench, not by the app):
 - `kick`   enqueue, then wake this pod's queue worker thread so that its next poll runs now
            (DBOS 3.4.0 waits on its stop event; we hand the worker a wrapper that a kick can
            also wake).
+- `lean`   the product's event-driven start with two cuts to its claims (install_lean).
 - `direct` `DBOS.start_workflow_async` (no queue) when the thread has no other active run,
            else enqueue: the tempting shortcut. The queue does not see a direct workflow in
            the thread's partition, so a run queued behind it starts at once: the probe in
@@ -181,8 +182,89 @@ def install_direct() -> None:
     runner.enqueue = enqueue
 
 
+def install_lean() -> None:
+    """The product's event-driven start with two cuts measured before they are proposed:
+
+    1. The sweep when a run ends runs only if its thread has another pending run (a
+       `threadgate.runs` read made after DBOS recorded the outcome, so a run accepted
+       meanwhile is claimed by its own accept's sweep: race-free). Chat threads rarely queue.
+    2. A sweep reuses the queue's row (registered once at start) instead of `get_queue`, and
+       tells the claim `is_latest_version=False` instead of reading the versions table: every
+       run threadgate enqueues carries an application version, so the NULL-version branch
+       that the read decides never matches one of ours (the queue worker still claims any).
+    """
+    import threadgate.workflows.internals as internals
+    import threadgate.workflows.runner as runner
+    import threadgate.workflows.thread_run as thread_run
+    from threadgate.store.runs import PgRunStore
+
+    cache: dict[str, Any] = {}
+
+    def claim_and_start(queue_name: str) -> list[str]:
+        from dbos._core import execute_dequeued_workflow
+        from dbos._utils import GlobalParams, generate_uuid
+
+        dbos = internals.dbos_instance()
+        if getattr(dbos, "_destroyed", False) or not dbos._launched:
+            return []
+        queue = cache.get(queue_name)
+        if queue is None:
+            queue = cache[queue_name] = dbos._sys_db.get_queue(queue_name)
+        if queue is None:
+            return []
+        owner = generate_uuid()
+        ids: list[str] = dbos._sys_db.start_queued_partitioned_workflows(
+            queue,
+            GlobalParams.executor_id,
+            GlobalParams.app_version,
+            owner_xid=owner,
+            is_latest_version=False,
+        )
+        if ids:
+            for status in dbos._sys_db.get_workflow_statuses(ids):
+                execute_dequeued_workflow(dbos, status, owner)
+        return ids
+
+    runner.claim_and_start = claim_and_start  # type: ignore[assignment]
+
+    threads: dict[asyncio.Task[Any], str] = {}  # a workflow's task -> its thread
+    original_finish = PgRunStore.finish
+
+    async def finish(self: Any, run_id: str, thread_id: str, *a: Any, **kw: Any) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            threads[task] = thread_id
+        return await original_finish(self, run_id, thread_id, *a, **kw)
+
+    PgRunStore.finish = finish  # type: ignore[method-assign]
+
+    async def next_then_sweep(d: Any, thread_id: str) -> None:
+        async with d.store.db.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM threadgate.runs"
+                " WHERE thread_id = %s AND status = 'pending') AS queued",
+                (thread_id,),
+            )
+            row = await cur.fetchone()
+        if row is not None and (row["queued"] if isinstance(row, dict) else row[0]):
+            d.run_ended()
+
+    def ended(task: asyncio.Task[Any]) -> None:
+        d = thread_run._deps
+        thread_id = threads.pop(task, None)
+        if d is None or d.run_ended is None:
+            return
+        if thread_id is None or getattr(d.run_ended.__self__, "draining", False):
+            d.run_ended()  # as the product does
+            return
+        _keep(asyncio.ensure_future(next_then_sweep(d, thread_id)))
+
+    thread_run._ended = ended  # type: ignore[assignment]
+
+
 INSTALL = {
     "queue": lambda: None,
+    "lean": install_lean,
     "eager": install_eager,
     "kick": install_kick,
     "direct": install_direct,

@@ -6,11 +6,19 @@ POST's 202 and the clock runs from the moment the POST is written. N threads pos
 instant (a burst), round after round; each thread is a conversation (round k is its turn k),
 so its tail on the pod is warm — the first round's cold figure is reported apart.
 
-Also: PostgreSQL transactions per second of the pod's database idle and under the 10-thread
-load (pg_stat_database.xact_commit deltas after a settle), per queue polling interval, and
-where the time goes (from the run rows and DBOS's workflow_status).
+Also: each server's CPU per run (in the bursts, and over sequential runs with no pause), its
+broker's (nats-server, Redis) and PostgreSQL's; idle cost (server CPU and committed
+transactions/s of its database, all servers idle in the same window, a readiness probe every
+5 s as a kubelet would); PostgreSQL transactions per run under the 10-thread load; where the
+time goes (from the run rows and DBOS's workflow_status).
 
-    python -m bench.ttfc [--polling 0.05,0.02,0.01] [--quick] [--base REV] [--fast-start]
+    python -m bench.ttfc [--polling 0.05,0.02,0.01|default] [--quick] [--base REV]
+                         [--fast-start] [--env K=V] [--langgraph-pg] [--rounds 1:20,10:10]
+                         [--idle-window S] [--cpu-runs N]
+
+`--polling default` leaves THREADGATE_QUEUE_POLLING_S unset: each pod runs on its own revision's
+default. `--langgraph-pg` adds LangGraph's agent server on its Postgres+Redis runtime
+(bench/peers_langgraph_pg.py) in both client shapes, side by side with the pods.
 """
 
 from __future__ import annotations
@@ -20,13 +28,15 @@ import asyncio
 import random
 import re
 import statistics
+import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import httpx
 import psycopg
 
 from bench.harness import (
@@ -35,13 +45,15 @@ from bench.harness import (
     Proc,
     Stack,
     database_name,
+    loadavg,
     ms,
     pct,
     pod,
     pod_env,
+    proc_cpu_s,
+    proc_tree_cpu_s,
     run_async,
     say,
-    table,
     tree_at,
 )
 from bench.sse import HttpConn, attach
@@ -49,6 +61,7 @@ from bench.sse import HttpConn, attach
 CHUNKS = 5  # a short reply: the first chunk is what is timed
 THINK_S = 0.1  # a random pause of up to this before each burst (not timed)
 LEVELS = (1, 10, 100)
+PROTO = [sys.executable, "-m", "bench.proto_pod"]
 
 
 @dataclass
@@ -69,6 +82,18 @@ class Phase:
     seconds: float = 0.0
     cpu_s: float = 0.0
     breakdown: dict[str, float] = field(default_factory=dict)
+    broker_cpu_s: float = float("nan")  # nats-server / Redis over the phase
+    pg_cpu_s: float = float("nan")  # PostgreSQL (every backend) over the phase
+
+    @property
+    def runs(self) -> int:
+        return len(self.samples) + len(self.cold)
+
+
+class Turns(Protocol):
+    async def prepare(self) -> None: ...
+    async def turn(self, chunks: int = CHUNKS, cold: bool = False) -> Sample: ...
+    def close(self) -> None: ...
 
 
 class Poster:
@@ -78,6 +103,9 @@ class Poster:
         self.port = port
         self.thread = thread
         self.conn: HttpConn | None = None
+
+    async def prepare(self) -> None:
+        pass
 
     async def turn(self, chunks: int = CHUNKS, cold: bool = False) -> Sample:
         if self.conn is None or self.conn.lost.done():
@@ -104,17 +132,33 @@ class Poster:
             self.conn.close()
 
 
-async def run_phase(p: Proc, level: int, rounds: int, tag: str) -> Phase:
-    """`rounds` bursts of `level` simultaneous POSTs; the first burst (cold) is kept apart."""
+async def run_phase(
+    p: Proc,
+    level: int,
+    rounds: int,
+    tag: str,
+    make: Callable[[int, str], Turns] | None = None,
+    think_s: float = THINK_S,
+    side: Callable[[], tuple[float, float]] | None = None,
+) -> Phase:
+    """`rounds` bursts of `level` simultaneous POSTs; the first burst (cold) is kept apart.
+
+    `make(port, thread)`: the client of one conversation (threadgate's Poster by default);
+    `side()`: CPU seconds of the server's broker and of PostgreSQL so far."""
     tag = re.sub(r"[^A-Za-z0-9_-]", "", tag)
-    posters = [Poster(p.port, f"{tag}-{level}-{i}-{uuid.uuid4().hex[:6]}") for i in range(level)]
+    make = make or Poster
+    posters = [make(p.port, f"{tag}-{level}-{i}-{uuid.uuid4().hex[:6]}") for i in range(level)]
     phase = Phase(level)
+    for x in posters:
+        await x.prepare()
     cpu0, t0 = p.cpu_s(), time.monotonic()
+    b0, g0 = side() if side else (float("nan"),) * 2
     try:
         for r in range(rounds + 1):
             # A think time between turns, untimed: back-to-back turns last about one polling
             # interval and would lock onto the queue worker's phase (a steady, unfair wait).
-            await asyncio.sleep(random.uniform(0.0, THINK_S))
+            if think_s:
+                await asyncio.sleep(random.uniform(0.0, think_s))
             got = await asyncio.gather(*(x.turn(cold=r == 0) for x in posters))
             (phase.cold if r == 0 else phase.samples).extend(got)
     finally:
@@ -122,6 +166,9 @@ async def run_phase(p: Proc, level: int, rounds: int, tag: str) -> Phase:
             x.close()
     phase.seconds = time.monotonic() - t0
     phase.cpu_s = p.cpu_s() - cpu0
+    if side:
+        b1, g1 = side()
+        phase.broker_cpu_s, phase.pg_cpu_s = b1 - b0, g1 - g0
     return phase
 
 
@@ -163,67 +210,78 @@ class VariantResult:
     load_xact_s: float
     load_xact_per_run: float
     load_writes_per_run: float
+    system: str = "threadgate"
+    sequential: Phase | None = None  # runs one after another, no pause: CPU per run
+    idle_broker_cpu: float = float("nan")  # its broker's rate while every server idled
+    idle_pg_cpu: float = float("nan")  # PostgreSQL's (shared by all) while every server idled
+
+    def per_run_ms(self, ph: Phase) -> float:
+        """Server CPU per run over a phase, less its idle rate."""
+        return (ph.cpu_s - self.idle_cpu * ph.seconds) / ph.runs * 1000
+
+    def side_per_run_ms(self, ph: Phase) -> tuple[float, float]:
+        """The broker's and PostgreSQL's CPU per run over a phase, less their idle rates."""
+        broker = ph.broker_cpu_s - self.idle_broker_cpu * ph.seconds
+        pg = ph.pg_cpu_s - self.idle_pg_cpu * ph.seconds
+        return broker / ph.runs * 1000, pg / ph.runs * 1000
 
 
-class PodRig:
-    """One pod configuration on its own database: its idle cost, then TTFC phases."""
+class Rig:
+    """A server under test beside the others: its process, its database, its clients."""
 
-    def __init__(
-        self,
-        stack: Stack,
-        label: str,
-        *,
-        polling_s: float,
-        log_dir: Path,
-        cmd: list[str] = SERVE,
-        extra_env: dict[str, str] | None = None,
-        counters: bool = True,
-        tree: Path | None = None,
-    ) -> None:
-        self.label, self.counters = label, counters
-        db = f"ttfc_{re.sub(r'[^a-z0-9]', '', label.lower())}_{uuid.uuid4().hex[:6]}"
-        self.url = stack.new_database(db)
-        env = pod_env(self.url, stack.nats.url, polling_s=polling_s, delay_ms=0)
-        env.update(extra_env or {})
-        self.p = pod(f"ttfc-{db}", env, log_dir, cmd, tree=tree)
-        self.pc = PgCounters(stack.admin_url, database_name(self.url))
-        self.result = VariantResult(label, {}, *(float("nan"),) * 5)
+    system = "threadgate"
+    ready_path = "/readyz"
+    with_breakdown = True
+
+    def __init__(self, stack: Stack, label: str, server: Proc, database_url: str) -> None:
+        self.stack, self.label, self.p, self.url = stack, label, server, database_url
+        self.pc = PgCounters(stack.admin_url, database_name(database_url))
+        self.result = VariantResult(label, {}, *(float("nan"),) * 5, system=self.system)
+
+    def make(self, port: int, thread: str) -> Turns:
+        return Poster(port, thread)
+
+    def broker_cpu_s(self) -> float:
+        assert self.stack.nats.proc is not None
+        return proc_cpu_s(self.stack.nats.proc.pid)
+
+    def side(self) -> tuple[float, float]:
+        assert self.stack.pg.proc is not None
+        return self.broker_cpu_s(), proc_tree_cpu_s(self.stack.pg.proc.pid)
+
+    async def start(self) -> float:
+        return await self.p.start()
 
     async def open(self) -> None:
-        say(f"[{self.label}] pod ready in {await self.p.start():.1f}s")
-        warm = Poster(self.p.port, f"warm-{uuid.uuid4().hex[:6]}")
-        for _ in range(3):
-            await warm.turn()
-        warm.close()
-
-    async def idle(self) -> None:
-        if not self.counters:
-            return
-        await asyncio.sleep(PgCounters.SETTLE_S)  # let every backend flush its counters
-        (x0, _), c0, t0 = self.pc.read(), self.p.cpu_s(), time.monotonic()
-        await asyncio.sleep(5.0)
-        (x1, _), c1, t1 = self.pc.read(), self.p.cpu_s(), time.monotonic()
-        self.result.idle_xact_s, self.result.idle_cpu = (x1 - x0) / (t1 - t0), (c1 - c0) / (t1 - t0)
+        say(f"[{self.label}] ready in {await self.start():.1f}s")
+        await run_phase(self.p, 1, 2, "warm", self.make, think_s=0)
 
     async def phase(self, level: int, rounds: int) -> None:
         r = self.result
         (x0, w0), t0 = self.pc.read(), time.monotonic()
-        phase = await run_phase(self.p, level, rounds, self.label)
-        if self.counters and level == 10:
+        phase = await run_phase(self.p, level, rounds, self.label, self.make, side=self.side)
+        if level == 10:
             t1 = time.monotonic()
             _, w1 = self.pc.read()
             await asyncio.sleep(PgCounters.SETTLE_S)
             (x1, _), t2 = self.pc.read(), time.monotonic()
             busy = (x1 - x0) - r.idle_xact_s * (t2 - t1)  # the settle's own idle polling
-            runs = len(phase.samples) + len(phase.cold)
             r.load_xact_s = busy / (t1 - t0)
-            r.load_xact_per_run = (busy - r.idle_xact_s * (t1 - t0)) / runs
-            r.load_writes_per_run = (w1 - w0) / runs
-        phase.breakdown = breakdown(self.url, phase.samples)
+            r.load_xact_per_run = (busy - r.idle_xact_s * (t1 - t0)) / phase.runs
+            r.load_writes_per_run = (w1 - w0) / phase.runs
+        if self.with_breakdown:
+            phase.breakdown = breakdown(self.url, phase.samples)
         r.phases[level] = phase
         xs = [s.ttfc for s in phase.samples]
+        say(f"[{self.label}] {level:>3} threads: p50 {ms(pct(xs, 50))} ms  p99 {ms(pct(xs, 99))}")
+
+    async def sequential(self, runs: int) -> None:
+        """`runs` runs one at a time on one conversation (the 1-thread phase's shape, longer):
+        CPU per run."""
+        ph = await run_phase(self.p, 1, runs, self.label, self.make, side=self.side)
+        self.result.sequential = ph
         say(
-            f"[{self.label}] {level:>3} threads: p50 {ms(pct(xs, 50))} ms  p99 {ms(pct(xs, 99))} ms"
+            f"[{self.label}] {ph.runs} sequential runs: {self.result.per_run_ms(ph):.1f} ms CPU/run"
         )
 
     async def close(self) -> None:
@@ -231,14 +289,62 @@ class PodRig:
         await self.p.stop()
 
 
+class PodRig(Rig):
+    """One threadgate pod configuration on its own database."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        label: str,
+        *,
+        polling_s: float | None,
+        log_dir: Path,
+        cmd: list[str] = SERVE,
+        extra_env: dict[str, str] | None = None,
+        tree: Path | None = None,
+    ) -> None:
+        db = f"ttfc_{re.sub(r'[^a-z0-9]', '', label.lower())[:40]}_{uuid.uuid4().hex[:6]}"
+        url = stack.new_database(db)
+        env = pod_env(url, stack.nats.url, polling_s=polling_s, delay_ms=0)
+        env.update(extra_env or {})
+        super().__init__(stack, label, pod(f"ttfc-{db}", env, log_dir, cmd, tree=tree), url)
+
+
+async def idle_all(rigs: Sequence[Rig], window: float) -> None:
+    """Every server idle in the same window: CPU over the window, committed transactions of
+    each one's database over the window and a settle after it (idle.py's method), a readiness
+    probe to each every 5 s."""
+    await asyncio.sleep(PgCounters.SETTLE_S)  # let every backend flush its counters
+    x0 = [r.pc.read()[0] for r in rigs]
+    c0 = [(r.p.cpu_s(), r.broker_cpu_s()) for r in rigs]
+    pg0, t0 = rigs[0].side()[1], time.monotonic()
+    async with httpx.AsyncClient(timeout=5) as http:
+        while time.monotonic() - t0 < window:
+            for r in rigs:
+                await http.get(f"{r.p.url}{r.ready_path}")
+            await asyncio.sleep(min(5.0, max(0.0, window - (time.monotonic() - t0))))
+    span = time.monotonic() - t0
+    c1 = [(r.p.cpu_s(), r.broker_cpu_s()) for r in rigs]
+    pg_cpu = (rigs[0].side()[1] - pg0) / span
+    await asyncio.sleep(PgCounters.SETTLE_S)
+    x1 = [r.pc.read()[0] for r in rigs]
+    total = time.monotonic() - t0  # the settle's transactions are the same idle kind
+    for r, a, b, (ca, ba), (cb, bb) in zip(rigs, x0, x1, c0, c1, strict=True):
+        r.result.idle_xact_s = (b - a) / total
+        r.result.idle_cpu = (cb - ca) / span
+        r.result.idle_broker_cpu = (bb - ba) / span
+        r.result.idle_pg_cpu = pg_cpu
+        say(f"[{r.label}] idle: {r.result.idle_cpu:.3f} cores, {r.result.idle_xact_s:.1f} xact/s")
+
+
 async def measure_pod(
-    stack: Stack, label: str, *, rounds: dict[int, int], **kw: Any
+    stack: Stack, label: str, *, rounds: dict[int, int], idle_window: float, **kw: Any
 ) -> VariantResult:
     """One pod configuration, start to finish: idle cost, then the TTFC phases."""
     rig = PodRig(stack, label, **kw)
     try:
         await rig.open()
-        await rig.idle()
+        await idle_all([rig], idle_window)
         for level in LEVELS:
             if level in rounds:
                 await rig.phase(level, rounds[level])
@@ -247,170 +353,109 @@ async def measure_pod(
         await rig.close()
 
 
-async def compare(stack: Stack, rigs: list[PodRig], rounds: dict[int, int]) -> list[VariantResult]:
-    """Several pods side by side: each phase runs on every pod before the next phase, so
+async def compare(
+    rigs: list[Rig], rounds: dict[int, int], idle_window: float, cpu_runs: int
+) -> list[VariantResult]:
+    """Several servers side by side: each phase runs on every one before the next phase, so
     that the machine's moods fall on all of them alike."""
     try:
         for rig in rigs:
             await rig.open()
-        for rig in rigs:
-            await rig.idle()
+        await idle_all(rigs, idle_window)
         for level in LEVELS:
             for rig in rigs if level in rounds else []:
                 await rig.phase(level, rounds[level])
+        for rig in rigs if cpu_runs else []:
+            await rig.sequential(cpu_runs)
         return [rig.result for rig in rigs]
     finally:
         for rig in rigs:
             await rig.close()
 
 
-def ttfc_table(results: list[VariantResult]) -> str:
-    rows = []
-    for r in results:
-        for level, ph in r.phases.items():
-            xs = [s.ttfc for s in ph.samples]
-            rows.append(
-                [
-                    r.label,
-                    level,
-                    len(xs),
-                    ms(pct(xs, 50)),
-                    ms(pct(xs, 99)),
-                    ms(pct([s.post for s in ph.samples], 50)),
-                    ms(pct([s.ttfc for s in ph.cold], 50)),
-                    f"{ph.cpu_s / ph.seconds * 100:.0f} %",
-                    f"{(ph.cpu_s - r.idle_cpu * ph.seconds) / (len(ph.samples) + len(ph.cold)) * 1000:.1f}",
-                ]
-            )
-    return table(
-        [
-            "variant",
-            "threads",
-            "samples",
-            "TTFC p50 ms",
-            "TTFC p99 ms",
-            "POST p50 ms",
-            "first turn p50 ms",
-            "pod CPU",
-            "pod CPU ms per run (net of idle)",
-        ],
-        rows,
-    )
+async def main(args: argparse.Namespace) -> str:
+    from bench import ttfc_report
 
-
-def breakdown_table(results: list[VariantResult]) -> str:
-    rows = []
-    for r in results:
-        for level, ph in r.phases.items():
-            rows.append([r.label, level, *(ms(v) for v in ph.breakdown.values())])
-    legs = next(iter(results[0].phases.values())).breakdown.keys()
-    return table(["variant", "threads", *(f"{k} ms" for k in legs)], rows)
-
-
-def cost_table(results: list[VariantResult]) -> str:
-    rows = [
-        [
-            r.label,
-            f"{r.idle_xact_s:.0f}",
-            f"{r.idle_cpu * 100:.1f} %",
-            f"{r.load_xact_s:.0f}",
-            f"{r.load_xact_per_run:.1f}",
-            f"{r.load_writes_per_run:.1f}",
-        ]
-        for r in results
+    polling: list[float | None] = [
+        None if x == "default" else float(x) for x in args.polling.split(",")
     ]
-    return table(
-        [
-            "variant",
-            "idle xact/s",
-            "idle pod CPU",
-            "xact/s at 10 threads",
-            "xact per run",
-            "write xacts per run",
-        ],
-        rows,
-    )
-
-
-async def main(
-    polling: list[float],
-    quick: bool,
-    base: str | None = None,
-    fast_start: bool = False,
-    env: Sequence[str] = (),
-) -> str:
-    rounds = {1: 10, 10: 3, 100: 1} if quick else {1: 20, 10: 6, 100: 1}
+    rounds = {1: 10, 10: 3, 100: 1} if args.quick else {1: 20, 10: 6, 100: 1}
+    if args.rounds:
+        rounds = {int(k): int(v) for k, v in (x.split(":") for x in args.rounds.split(","))}
     log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir()
-    results = []
+    side_by_side = bool(args.base or args.fast_start or args.env or args.langgraph_pg or args.proto)
+    results: list[VariantResult] = []
+    notes: list[str] = []
+    load0 = loadavg()
     with Stack() as stack:
-        if base is not None or fast_start or env:  # side by side, phase by phase
+        if side_by_side:
             p = polling[0]
-            rigs = [PodRig(stack, f"this tree, poll={p}", polling_s=p, log_dir=log_dir)]
-            if base is not None:  # before/after: the base revision's pod too
-                sha, tree = tree_at(base)
-                label = f"base {sha}, poll={p}"
-                rigs.insert(0, PodRig(stack, label, polling_s=p, log_dir=log_dir, tree=tree))
-            for knob in env:
+            poll = "defaults" if p is None else f"poll={p}"
+            kw: dict[str, Any] = {"polling_s": p, "log_dir": log_dir}
+            rigs: list[Rig] = [PodRig(stack, f"this tree, {poll}", **kw)]
+            if args.base is not None:  # before/after: the base revision's pod too
+                sha, tree = tree_at(args.base)
+                rigs.insert(0, PodRig(stack, f"base {sha}, {poll}", tree=tree, **kw))
+            for knob in args.env:
                 k, v = knob.split("=", 1)
-                label = f"this tree, {k.removeprefix('THREADGATE_').lower()}={v}, poll={p}"
-                rigs.append(PodRig(stack, label, polling_s=p, log_dir=log_dir, extra_env={k: v}))
-            if fast_start:
+                label = f"this tree, {k.removeprefix('THREADGATE_').lower()}={v}, {poll}"
+                rigs.append(PodRig(stack, label, extra_env={k: v}, **kw))
+            for path in args.proto:  # a prototype of a product change, bench/proto_pod.py
+                label = f"this tree + proto_pod {path}, {poll}"
+                proto = {"BENCH_START_PATH": path}
+                rigs.append(PodRig(stack, label, cmd=PROTO, extra_env=proto, **kw))
+            if args.fast_start:
                 fast = {"THREADGATE_FAST_START": "true"}
-                label = f"this tree, fast start, poll={p}"
-                rigs.append(PodRig(stack, label, polling_s=p, log_dir=log_dir, extra_env=fast))
-            results += await compare(stack, rigs, rounds)
-        for p in polling if base is None and not fast_start and not env else []:
+                rigs.append(PodRig(stack, f"this tree, fast start, {poll}", extra_env=fast, **kw))
+            if args.langgraph_pg:
+                from bench.peers_langgraph_pg import langgraph_rigs
+
+                got, note = await langgraph_rigs(stack, log_dir, args.langgraph_shapes.split(","))
+                rigs += got
+                notes.append(note)
+            results += await compare(rigs, rounds, args.idle_window, args.cpu_runs)
+        for p in [] if side_by_side else polling:
+            label = f"poll={p}" if p is not None else "poll=default"
             results.append(
-                await measure_pod(stack, f"poll={p}", polling_s=p, log_dir=log_dir, rounds=rounds)
+                await measure_pod(
+                    stack,
+                    label,
+                    polling_s=p,
+                    log_dir=log_dir,
+                    rounds=rounds,
+                    idle_window=args.idle_window,
+                )
             )
-    say(f"pod logs in {log_dir}")
-    at10 = {r.label: r.phases[10].samples for r in results if 10 in r.phases}
-    best = min(at10, key=lambda k: pct([s.ttfc for s in at10[k]], 50))
-    p50 = pct([s.ttfc for s in at10[best]], 50)
-    p99 = pct([s.ttfc for s in at10[best]], 99)
-    verdict = (
-        f"Target at 10 threads: p50 ≤ 25 ms and p99 ≤ 100 ms. Best here: {best}, "
-        f"p50 {ms(p50)} ms, p99 {ms(p99)} ms — "
-        + ("met." if p50 <= 0.025 and p99 <= 0.1 else "not met.")
-    )
-    return "\n\n".join(
-        [
-            "## Time to first chunk, side by side (before/after, fast start)"
-            if base is not None or fast_start or env
-            else "## Time to first chunk (stock pod, per queue polling interval)",
-            "POST written → first `chunk` event read by a client that attaches as soon as the "
-            f"202 is read. {CHUNKS}-chunk replies, mock delay 0; N threads post in the same "
-            "instant, round after round (each thread a conversation; the first round, a new "
-            "thread with a cold tail, is the 'first turn' column), with a random pause of "
-            f"0-{THINK_S * 1000:.0f} ms before each burst (untimed; without it back-to-back "
-            "turns lock onto the queue poll's phase). One pod, PostgreSQL with default "
-            "durability (fsync on), client on the same 2 cores. 'pod CPU ms per run' = the "
-            "pod's CPU time over the phase, less its idle rate (polling), / runs.",
-            ttfc_table(results),
-            verdict,
-            "Where the time goes (medians; wall clock of this host; `row` = the run row's "
-            "insert, `enq` = DBOS workflow row created, `deq` = claimed by a queue poll, "
-            "`step` = the reply step began):",
-            breakdown_table(results),
-            "PostgreSQL cost of the pod's database (pg_stat_database.xact_commit deltas, read "
-            f"after {PgCounters.SETTLE_S:.0f} s settles; idle window 5 s; 'write xacts' = "
-            "transaction ids consumed):",
-            cost_table(results),
-        ]
+        with psycopg.connect(stack.admin_url) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            pg_version = f"PostgreSQL {row[0] if row else '?'}"
+    say(f"logs in {log_dir}")
+    load1 = loadavg()
+    return ttfc_report.report(
+        results,
+        side_by_side=side_by_side,
+        idle_window=args.idle_window,
+        notes=[*notes, f"{pg_version} (the bench's own, shared by every server)."],
+        load=(load0, load1),
     )
 
 
 def cli() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--polling", default="0.05,0.02,0.01")
+    ap.add_argument("--polling", default="0.05,0.02,0.01", help="seconds, or 'default' (unset)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", help="threads:bursts,... e.g. 1:20,10:10 (overrides --quick)")
     ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
     ap.add_argument("--fast-start", action="store_true", help="a THREADGATE_FAST_START pod too")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="a pod with K=V too")
+    ap.add_argument("--proto", action="append", default=[], metavar="PATH", help="a proto_pod")
+    ap.add_argument("--langgraph-pg", action="store_true", help="LangGraph pg as a peer too")
+    ap.add_argument("--langgraph-shapes", default="join,stream", help="join and/or stream")
+    ap.add_argument("--idle-window", type=float, default=10.0, help="seconds, all servers idle")
+    ap.add_argument("--cpu-runs", type=int, default=0, help="sequential runs for CPU per run")
     args = ap.parse_args()
-    polling = [float(x) for x in args.polling.split(",")]
-    print(run_async(lambda: main(polling, args.quick, args.base, args.fast_start, args.env)))
+    print(run_async(lambda: main(args)))
 
 
 if __name__ == "__main__":
