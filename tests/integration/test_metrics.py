@@ -41,8 +41,26 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+async def quiet(pod: Pod, timeout: float = 60.0) -> Samples:
+    """A scrape once no run executes or waits on the pod: the session's pod may still be
+    finishing runs that earlier tests posted and left, and the counters are the pod's."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    calm = 0
+    while True:
+        samples = await scrape(pod)
+        busy = value(samples, "threadgate_runs_in_flight") + value(
+            samples, "threadgate_queue_depth"
+        )
+        calm = calm + 1 if busy == 0 else 0
+        if calm >= 3:
+            return samples
+        assert loop.time() < deadline, "the pod never went quiet"
+        await asyncio.sleep(0.1)  # a gauge has no event to wait on: scrape again
+
+
 async def test_a_run_moves_the_counters(pod: Pod) -> None:
-    before = await scrape(pod)
+    before = await quiet(pod)
     thread = unique("metrics")
     accepted = await pod.client.post(thread, "count me", model_options={"chunks": 7})
     reply = await pod.client.reply(thread)
@@ -76,7 +94,7 @@ async def test_a_run_moves_the_counters(pod: Pod) -> None:
 
 
 async def test_a_transient_failure_counts_as_a_retry_not_a_recovery(pod: Pod) -> None:
-    before = await scrape(pod)
+    before = await quiet(pod)
     thread = unique("metrics")
     options = {"chunks": 3, "fail": "transient", "fail_attempts": 1}
     accepted = await pod.client.post(thread, "flaky", model_options=options)
