@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from threadgate.client import AsyncClient, Reply
 from threadgate.devstack import Postgres, make_state_dir
 from threadgate.models.mock import mock_reply
-from threadgate.settings import load_settings
+from threadgate.settings import Settings
 from threadgate.workflows.attempts import _backoff as backoff
 
 from tests.conftest import Stack, unique
@@ -293,10 +293,12 @@ async def test_a_nats_outage_past_its_limit_fails_the_attempt_and_the_retry_cont
 
 
 def test_the_documented_backoff_defaults() -> None:
-    """README: 1 s doubling to the 30 s cap, 5 retries."""
-    settings = load_settings()
-    deps = SimpleNamespace(settings=settings)
-    assert settings.max_retries == 5
+    """README: 1 s doubling to the 30 s cap, 5 retries (the settings' defaults, whatever the
+    environment says)."""
+    fields = Settings.model_fields
+    defaults = {k: fields[k].default for k in ("retry_base_s", "retry_cap_s", "max_retries")}
+    assert defaults == {"retry_base_s": 1.0, "retry_cap_s": 30.0, "max_retries": 5}
+    deps = SimpleNamespace(settings=SimpleNamespace(**defaults))
     assert [backoff(deps, n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 30, 30, 30]
 
 
