@@ -25,6 +25,7 @@ from bench.harness import (
     SERVE,
     Proc,
     Stack,
+    loadavg,
     pod,
     pod_env,
     run_async,
@@ -262,7 +263,7 @@ async def main(args: argparse.Namespace) -> str:
         warm = await work(p, 2.0)
         await asyncio.sleep(1.0)
         spy = None if args.count else await record(p.pid, args.seconds, raw, args.rate, args.gil)
-        cpu0 = p.cpu_s()
+        cpu0, load = p.cpu_s(), loadavg()
         runs = await work(p, args.seconds)
         cpu = p.cpu_s() - cpu0
         if spy is not None:
@@ -271,7 +272,7 @@ async def main(args: argparse.Namespace) -> str:
     poll = "defaults" if polling is None else f"poll={polling}"
     title = (
         f"### Pod {'DBOS calls' if args.count else 'profile'}: {args.workload}, {what}, {poll}, "
-        f"{args.seconds:.0f} s ({runs} runs, pod CPU {cpu / runs * 1000:.1f} ms per run"
+        f"{args.seconds:.0f} s, load {load} ({runs} runs, pod CPU {cpu / runs * 1000:.1f} ms per run"
     )
     if args.count:
         per = f", counting; calls over the pod's life / its {warm + runs} runs)"

@@ -84,6 +84,7 @@ class Phase:
     breakdown: dict[str, float] = field(default_factory=dict)
     broker_cpu_s: float = float("nan")  # nats-server / Redis over the phase
     pg_cpu_s: float = float("nan")  # PostgreSQL (every backend) over the phase
+    load: str = ""  # the machine's 1-minute load average as the phase began
 
     @property
     def runs(self) -> int:
@@ -148,7 +149,7 @@ async def run_phase(
     tag = re.sub(r"[^A-Za-z0-9_-]", "", tag)
     make = make or Poster
     posters = [make(p.port, f"{tag}-{level}-{i}-{uuid.uuid4().hex[:6]}") for i in range(level)]
-    phase = Phase(level)
+    phase = Phase(level, load=loadavg().split()[0])
     for x in posters:
         await x.prepare()
     cpu0, t0 = p.cpu_s(), time.monotonic()
@@ -214,6 +215,7 @@ class VariantResult:
     sequential: Phase | None = None  # runs one after another, no pause: CPU per run
     idle_broker_cpu: float = float("nan")  # its broker's rate while every server idled
     idle_pg_cpu: float = float("nan")  # PostgreSQL's (shared by all) while every server idled
+    idle_load: str = ""  # the 1-minute load average as the idle window began and ended
 
     def per_run_ms(self, ph: Phase) -> float:
         """Server CPU per run over a phase, less its idle rate."""
@@ -317,13 +319,13 @@ async def idle_all(rigs: Sequence[Rig], window: float) -> None:
     await asyncio.sleep(PgCounters.SETTLE_S)  # let every backend flush its counters
     x0 = [r.pc.read()[0] for r in rigs]
     c0 = [(r.p.cpu_s(), r.broker_cpu_s()) for r in rigs]
-    pg0, t0 = rigs[0].side()[1], time.monotonic()
+    pg0, t0, load0 = rigs[0].side()[1], time.monotonic(), loadavg().split()[0]
     async with httpx.AsyncClient(timeout=5) as http:
         while time.monotonic() - t0 < window:
             for r in rigs:
                 await http.get(f"{r.p.url}{r.ready_path}")
             await asyncio.sleep(min(5.0, max(0.0, window - (time.monotonic() - t0))))
-    span = time.monotonic() - t0
+    span, load1 = time.monotonic() - t0, loadavg().split()[0]
     c1 = [(r.p.cpu_s(), r.broker_cpu_s()) for r in rigs]
     pg_cpu = (rigs[0].side()[1] - pg0) / span
     await asyncio.sleep(PgCounters.SETTLE_S)
@@ -334,6 +336,7 @@ async def idle_all(rigs: Sequence[Rig], window: float) -> None:
         r.result.idle_cpu = (cb - ca) / span
         r.result.idle_broker_cpu = (bb - ba) / span
         r.result.idle_pg_cpu = pg_cpu
+        r.result.idle_load = f"{load0} → {load1}"
         say(f"[{r.label}] idle: {r.result.idle_cpu:.3f} cores, {r.result.idle_xact_s:.1f} xact/s")
 
 

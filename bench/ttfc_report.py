@@ -33,6 +33,7 @@ def ttfc_table(results: Sequence[VariantResult]) -> str:
                     ms(pct([s.ttfc for s in ph.cold], 50)),
                     f"{ph.cpu_s / ph.seconds * 100:.0f} %",
                     _f(r.per_run_ms(ph)),
+                    ph.load,
                 ]
             )
     return table(
@@ -46,6 +47,7 @@ def ttfc_table(results: Sequence[VariantResult]) -> str:
             "first turn p50 ms",
             "server CPU",
             "server CPU ms per run (net of idle)",
+            "load (1 min) at start",
         ],
         rows,
     )
@@ -67,6 +69,7 @@ def cpu_table(results: Sequence[VariantResult]) -> str:
                     _f(broker),
                     _f(pg),
                     _f(server + broker + pg),
+                    ph.load,
                 ]
             )
     return table(
@@ -77,6 +80,7 @@ def cpu_table(results: Sequence[VariantResult]) -> str:
             "broker ms/run (nats-server / Redis)",
             "PostgreSQL ms/run",
             "all three",
+            "load (1 min) at start",
         ],
         rows,
     )
@@ -89,6 +93,7 @@ def idle_table(results: Sequence[VariantResult]) -> str:
             f"{r.idle_cpu:.3f}",
             f"{r.idle_xact_s:.1f}",
             f"{r.idle_broker_cpu:.3f}",
+            r.idle_load,
         ]
         for r in results
     ]
@@ -98,6 +103,7 @@ def idle_table(results: Sequence[VariantResult]) -> str:
             "idle server CPU (cores)",
             "committed xact/s of its database",
             "its broker's CPU (cores; nats-server is shared by the pods)",
+            "load (1 min), window start → end",
         ],
         rows,
     )
