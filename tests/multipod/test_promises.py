@@ -237,20 +237,21 @@ async def test_many_clients_share_one_consumer_per_thread_per_pod(trio_logs: Clu
     for pod in pods:
         await settled(pod, "threadgate_thread_tails", 0)  # earlier tests' tails gone
     thread = unique()
+    long = {"chunks": 600, "delay_ms": 30}  # 18 s: attached all along, then cancelled
     async with trio_logs.client([pods[0]]) as client:
-        run = await client.post(thread, "fan out", model_options={"chunks": 60, "delay_ms": 30})
-    clients = [Attacher([p.url], thread).start() for p in pods for _ in range(10)]
-    for c in clients:
-        await c.wait_chunk(2)
-    # 20 clients, two pods: two consumers on the server, one tail per pod with 10 readers.
-    assert await thread_consumers(trio_logs, thread) == 2
-    for pod in pods:
-        assert await gauge(pod, "threadgate_active_attachers") == 10
-        assert await gauge(pod, "threadgate_thread_tails") == 1
-    replies = [await c.result(30) for c in clients]
-    async with trio_logs.client() as client:
-        final = await wait_run(client, thread, run["run_id"])
-    assert {r.text for r in replies} == {final["output"]} == {mock_reply(60)}
+        run = await client.post(thread, "fan out", model_options=long)
+        clients = [Attacher([p.url], thread).start() for p in pods for _ in range(10)]
+        for c in clients:
+            await c.wait_chunk(2)
+        # 20 clients, two pods: two consumers on the server, one tail per pod with 10 readers.
+        assert await thread_consumers(trio_logs, thread) == 2
+        for pod in pods:
+            assert await gauge(pod, "threadgate_active_attachers") == 10
+            assert await gauge(pod, "threadgate_thread_tails") == 1
+        await client.cancel(thread, run["run_id"])
+        replies = [await c.result(30) for c in clients]
+    assert {r.status for r in replies} == {"cancelled"}
+    assert len({r.text for r in replies}) == 1  # every client read the same events
 
 
 # --- a NATS outage past THREADGATE_NATS_OUTAGE_LIMIT_S -------------------------------------
