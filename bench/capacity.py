@@ -71,6 +71,7 @@ class Level:
     client_cpu_s: float = 0.0
     rss_before_kb: int = 0
     rss_peak_kb: int = 0
+    others: float = 0.0  # cores other processes used meanwhile (a shared machine)
 
     @property
     def p99(self) -> float:
@@ -216,24 +217,65 @@ def row(label: str, lv: Level) -> list[object]:
         f"{lv.rss_peak_kb / 1024:.0f} MiB",
         f"{grown / lv.n:.0f} KiB",
         f"{lv.client_cpu_s / lv.seconds:.2f}",
+        f"{lv.others:.2f}",
         "pass" if lv.passed else "FAIL" + (f" ({lv.failures[0][:60]})" if lv.failures else ""),
     ]
 
 
-async def quiet(wait_s: float) -> None:
-    """Wait (up to `wait_s`) until the 1-minute load average is below 1: other work on the
-    two cores takes CPU from the pod and shows as lag."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        load = os.getloadavg()[0]
-        if load < 1.0:
-            return
-        say(f"waiting for an idle machine (load {load:.2f})")
-        await asyncio.sleep(15)
+def _busy_ticks() -> int:
+    """CPU ticks spent by the whole machine so far (all CPUs, not idle or iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+def _our_ticks() -> int:
+    """CPU ticks spent so far by this process and every process under it (the stack, pods)."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(stat[1]), []).append(int(entry.name))
+        ticks[int(entry.name)] = int(stat[11]) + int(stat[12])
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+class Others:
+    """CPU that processes outside this bench use (cores), measured between two looks: on a
+    shared machine it takes CPU from the pod and shows as lag."""
+
+    def __init__(self) -> None:
+        self.at, self.busy, self.ours = time.monotonic(), _busy_ticks(), _our_ticks()
+
+    def cores(self) -> float:
+        seconds = time.monotonic() - self.at
+        other = (_busy_ticks() - self.busy) - (_our_ticks() - self.ours)
+        return max(other, 0) / os.sysconf("SC_CLK_TCK") / max(seconds, 1e-3)
+
+
+async def calm(max_wait_s: float, below: float = 0.3) -> float:
+    """Wait (up to `max_wait_s`) until other processes use less than `below` cores over 3 s;
+    what they used over the last look."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        look = Others()
+        await asyncio.sleep(3)
+        other = look.cores()
+        if other < below or time.monotonic() > deadline:
+            return other
+        say(f"waiting for a calm machine: others use {other:.2f} cores")
 
 
 async def main(args: argparse.Namespace) -> str:
-    await quiet(args.quiet_wait)
     log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir()
     info = machine()
@@ -284,9 +326,12 @@ async def main(args: argparse.Namespace) -> str:
                 for label in labels:
                     if label not in ramping:
                         continue
+                    await calm(args.quiet_wait)
+                    others = Others()
                     lv = await run_level(
                         pods[label], n, args.chunks, args.rate, args.stagger, uuid.uuid4().hex[:6]
                     )
+                    lv.others = others.cores()
                     results[label].append(lv)
                     say(f"[{label}] " + " | ".join(str(c) for c in row(label, lv)[1:]))
                     if not lv.passed:
@@ -339,7 +384,8 @@ def report(
         f"over {args.stagger:.0f} s. Lag = chunk due at the source → read by its client, every "
         f"chunk; a level passes when every reply is complete and in order and p99 ≤ "
         f"{LAG_LIMIT_MS:.0f} ms. 'all N' = chunks due while every chat of the level streamed. "
-        "CPU in cores (2 on this machine); the bench client shares them.",
+        "CPU in cores (2 on this machine); the bench client shares them, and so may other "
+        "processes on a shared machine ('others' CPU', measured during the level).",
         table(
             [
                 "pod",
@@ -354,6 +400,7 @@ def report(
                 "pod RSS peak",
                 "RSS per run",
                 "client CPU",
+                "others' CPU",
                 "",
             ],
             rows,
@@ -408,7 +455,7 @@ def cli() -> None:
         type=float,
         default=0,
         metavar="S",
-        help="first wait up to S seconds for the machine to be idle (1-min load below 1)",
+        help="before each level, wait up to S seconds until other processes use < 0.3 cores",
     )
     args = ap.parse_args()
     print(run_async(lambda: main(args)))
