@@ -162,10 +162,16 @@ async def cancel_elsewhere(
 ) -> tuple[dict[str, Any], Reply, int]:
     """A paced run executing on `executor`, cancelled through `via` once a client attached to
     `via` holds 3 chunks: (the final run, the client's reply, chunks it held at the cancel)."""
-    thread = unique()
     async with cluster.client([executor]) as on_executor, cluster.client([via]) as on_via:
-        run = await on_executor.post(thread, "stop me", model_options=PACED)
-        assert (await running_on(on_via, cluster, thread, run["run_id"])) is executor
+        for _ in range(5):
+            thread = unique()
+            run = await on_executor.post(thread, "stop me", model_options=PACED)
+            if (await running_on(on_via, cluster, thread, run["run_id"])) is executor:
+                break
+            # Another pod's queue poll claimed it before the accepting pod did: again.
+            await on_via.cancel(thread, run["run_id"], wait=True)
+        else:
+            raise AssertionError(f"no run started on {executor.name}")
         watcher = Attacher([via.url], thread).start()
         await watcher.wait_chunk(2)
         held = len(watcher.reply.chunks)
