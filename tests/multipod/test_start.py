@@ -13,9 +13,11 @@ from tests.multipod.conftest import StartCluster
 pytestmark = pytest.mark.multipod
 
 
+@pytest.mark.cluster(queue_polling_s=60)
 async def test_a_new_run_starts_on_the_pod_that_accepted_it(cluster: Cluster) -> None:
-    """No poll: the accepting pod claims its run at once (another pod could only get it at
-    its next queue poll, THREADGATE_QUEUE_POLLING_S = 2 s, long after)."""
+    """No poll: the accepting pod claims its run at once. (The safety-net poll is 60 s here,
+    so that no other pod's poll can take a run in the instant between its accept and its
+    claim: that would be correct too, but not what this test names.)"""
     async with cluster.client() as client:
         for pod in cluster.pods * 2:
             thread = unique()
@@ -26,6 +28,7 @@ async def test_a_new_run_starts_on_the_pod_that_accepted_it(cluster: Cluster) ->
             assert final["attempts"] == [{"attempt": 1, "executor": pod.name, "kind": "first"}]
 
 
+@pytest.mark.cluster(queue_polling_s=60)
 async def test_a_threads_next_run_starts_when_its_run_ends(cluster: Cluster) -> None:
     thread = unique()
     async with cluster.client() as client:
