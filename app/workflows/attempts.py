@@ -258,11 +258,16 @@ async def _stream_attempt(
                 raise PermanentModelError(f"the reply source failed: {type(exc).__name__}") from exc
             finally:
                 watch.waiting = None
-            ev = _event(d, run_id, attempt, index, item)
-            # Under load the publisher merges a text delta into the chunk it holds back
-            # (streams/publisher.py, coalescing): that chunk, already in `parts`, grows; the
-            # delta takes no index of its own.
-            merged = await pub.part(ev)
+            # Under load the publisher holds a chunk back and merges the text deltas that
+            # follow into it (streams/publisher.py, coalescing): that chunk, already in
+            # `parts`, grows; a merged delta takes no event and no index of its own.
+            if isinstance(item, str) and pub.merge(item):
+                merged = True
+            else:
+                ev = _event(d, run_id, attempt, index, item)
+                merged = await pub.part(ev)
+                if not merged:
+                    parts.append(ev)
             if d.metrics is not None:
                 d.metrics.chunk()
                 if index == 0 and attempt == 1 and not merged:
@@ -270,7 +275,6 @@ async def _stream_attempt(
                         (datetime.now(UTC) - run.created_at).total_seconds()
                     )
             if not merged:
-                parts.append(ev)
                 if s.fault_point:
                     await _faults(d, pub, thread_id, index, index - len(prefix))
                 index += 1
