@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import time
 import uuid
@@ -458,6 +459,11 @@ def cli() -> None:
         help="before each level, wait up to S seconds until other processes use < 0.3 cores",
     )
     args = ap.parse_args()
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the stack and the pods are stopped on the way out
+
+    signal.signal(signal.SIGTERM, stop)
     print(run_async(lambda: main(args)))
 
 
