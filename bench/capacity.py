@@ -1,20 +1,23 @@
 """Capacity: how many chats one pod streams at an LLM's pace before its clients fall behind.
 
-N runs at once on one pod, each streaming `--chunks` chunks at `--rate` chunks/s (400 at 40/s:
-a 10 s reply) from bench/paced_source.py, one SSE client attached to each. The runs start
-spread over `--stagger` seconds (new chats arriving), so all N stream together for the middle
-of the level. Every chunk carries the wall-clock time it was due at the source; a client
-stamps its arrival: lag = arrival - due, for every chunk, whether it came alone or merged
-with others into one event. N is raised level by level until the p99 lag passes 250 ms or a
-reply is incomplete; the largest passing N is the pod's capacity.
+A level of N: N chat slots on one pod, each running chats back to back, every chat streaming
+`--chunks` chunks at `--rate` chunks/s (400 at 40/s: 10 s, a chat's duration D) from
+bench/paced_source.py, with one SSE client attached. Slot i begins at i/N of D, so from D to
+2D exactly N chats stream at every moment while new ones keep arriving (N per D): a steady
+state, which is what is judged. Every chunk carries the wall-clock time it was due at the
+source; its client stamps its arrival: lag = arrival - due, for every chunk, whether it came
+alone or merged with others into one event. N is raised level by level until the p99 lag of
+the steady window passes 250 ms or a reply is incomplete; the largest passing N is the pod's
+capacity.
 
-Per level: lag p50/p99/max, the pod's CPU (cores) and RSS growth, per active run. `--base REV`
-runs a pod of an older revision (bench.harness.tree_at) side by side, level by level,
-interleaved. `--profile N` samples both pods with py-spy (bench/profile.py) during a level
-of N. The time to first chunk of a lone run on an idle pod is measured first (coalescing must
-not delay it). Figures only, no asserts.
+Per level: lag p50/p99/max, the pod's CPU (cores) and RSS growth in the steady window, per
+active chat and per chunk. `--base REV` runs a pod of an older revision (bench.harness.tree_at)
+side by side, level by level, interleaved; `--env K=V` a pod of this tree with that setting.
+`--profile N` samples every pod with py-spy (bench/profile.py) in the steady window of a
+level of N. The time to first chunk of a lone run on an idle pod is measured first
+(coalescing must not delay it). Figures only, no asserts.
 
-    python -m bench.capacity [--levels 50,100,...] [--base REV] [--profile N]
+    python -m bench.capacity [--levels 50,100,...] [--base REV] [--env K=V] [--profile N]
 """
 
 from __future__ import annotations
@@ -61,14 +64,19 @@ UNLIMITED = {
 
 @dataclass
 class Level:
+    """N chat slots on one pod: each slot runs chats back to back, its first starting at
+    i/N of a chat's duration D, so that N chats stream at every moment of [D, 2D] while new
+    ones keep starting (N per D, as in a steady state). That window is what is judged."""
+
     n: int
-    lags: list[float] = field(default_factory=list)  # ms, every chunk of every run
-    full_lags: list[float] = field(default_factory=list)  # ms, chunks due while all N ran
-    complete: int = 0  # clients with every chunk once, in order, then a successful done
+    lags: list[float] = field(default_factory=list)  # ms, chunks due in the steady window
+    all_lags: list[float] = field(default_factory=list)  # ms, every chunk
+    chats: int = 0
+    complete: int = 0  # chats with every chunk once, in order, then a successful done
     events: int = 0  # chunk events received (fewer than chunks when merged)
     failures: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    pod_cpu_s: float = 0.0
+    seconds: float = 0.0  # the steady window
+    pod_cpu_s: float = 0.0  # ... the pod's CPU in it
     client_cpu_s: float = 0.0
     rss_before_kb: int = 0
     rss_peak_kb: int = 0
@@ -80,17 +88,17 @@ class Level:
 
     @property
     def passed(self) -> bool:
-        return self.complete == self.n and not self.failures and self.p99 <= LAG_LIMIT_MS
+        return self.complete == self.chats and not self.failures and self.p99 <= LAG_LIMIT_MS
 
 
 async def one_chat(
-    p: Proc, thread: str, chunks: int, rate: float, delay: float, level: Level, wall_off: float
-) -> tuple[float, float, list[tuple[float, float]]]:
-    """Post a run after `delay`, attach, check the reply; (start, end, [(due, lag ms)])."""
-    await asyncio.sleep(delay)
+    p: Proc, thread: str, chunks: int, rate: float, level: Level, wall_off: float
+) -> list[tuple[float, float]]:
+    """Post a run, attach, check the reply; [(due, lag ms)] of its chunks."""
     got: list[tuple[float, float]] = []
     seen = 0
     ok = True
+    level.chats += 1
 
     def on_event(t: float, ev: str, data: bytes, eid: str | None) -> None:
         nonlocal seen, ok
@@ -110,7 +118,7 @@ async def one_chat(
         resp = await conn.request("POST", f"/threads/{thread}/runs", body)
         if resp.status not in (200, 202):
             level.failures.append(f"POST {resp.status}: {resp.body[:200]!r}")
-            return 0.0, 0.0, got
+            return got
         stream, sconn = await attach(
             p.port, f"/threads/{thread}/attach", keep=False, on_event=on_event
         )
@@ -121,50 +129,55 @@ async def one_chat(
             sconn.close()
     except Exception as exc:
         level.failures.append(f"{thread}: {exc!r}")
-        return 0.0, 0.0, got
+        return got
     finally:
         conn.close()
     if ok and seen == chunks:
         level.complete += 1
     else:
         level.failures.append(f"{thread}: {seen} of {chunks} chunks, in order: {ok}")
-    return (got[0][0], got[-1][0], got) if got else (0.0, 0.0, got)
+    return got
 
 
-async def run_level(p: Proc, n: int, chunks: int, rate: float, stagger_s: float, tag: str) -> Level:
+async def run_level(
+    p: Proc, n: int, chunks: int, rate: float, tag: str, per_slot: int = 2
+) -> Level:
     level = Level(n)
     wall_off = time.time() - time.perf_counter()
+    duration = chunks / rate
     level.rss_before_kb = p.rss_kb()
     peak = level.rss_before_kb
-    done = asyncio.Event()
+    start_wall = time.time()
 
-    async def watch_rss() -> None:
+    async def slot(i: int) -> list[tuple[float, float]]:
+        await asyncio.sleep(duration * i / n)
+        got = []
+        for k in range(per_slot):
+            got += await one_chat(p, f"cap-{tag}-{n}-{i}-{k}", chunks, rate, level, wall_off)
+        return got
+
+    async def steady() -> None:
+        """The pod's CPU and RSS over [D, 2D]."""
         nonlocal peak
-        while not done.is_set():
+        await asyncio.sleep(duration)
+        cpu0, ccpu0, t0 = p.cpu_s(), time.process_time(), time.monotonic()
+        while time.monotonic() - t0 < duration:
             peak = max(peak, p.rss_kb())
             await asyncio.sleep(0.25)
+        level.seconds = time.monotonic() - t0
+        level.pod_cpu_s = p.cpu_s() - cpu0
+        level.client_cpu_s = time.process_time() - ccpu0
 
-    watcher = asyncio.create_task(watch_rss())
-    cpu0, ccpu0, t0 = p.cpu_s(), time.process_time(), time.monotonic()
-    chats = [
-        one_chat(p, f"cap-{tag}-{n}-{i}", chunks, rate, stagger_s * i / n, level, wall_off)
-        for i in range(n)
-    ]
-    results = await asyncio.gather(*chats)
-    level.seconds = time.monotonic() - t0
-    level.pod_cpu_s = p.cpu_s() - cpu0
-    level.client_cpu_s = time.process_time() - ccpu0
-    done.set()
+    watcher = asyncio.create_task(steady())
+    results = await asyncio.gather(*(slot(i) for i in range(n)))
     await watcher
     level.rss_peak_kb = peak
-    starts = [s for s, _, got in results if got]
-    ends = [e for _, e, got in results if got]
-    full_from, full_to = (max(starts), min(ends)) if starts else (0.0, 0.0)
-    for _, _, got in results:
+    window = ((start_wall + duration) * 1000, (start_wall + 2 * duration) * 1000)
+    for got in results:
         for due, lag in got:
-            level.lags.append(lag)
-            if full_from <= due <= full_to:
-                level.full_lags.append(lag)
+            level.all_lags.append(lag)
+            if window[0] <= due <= window[1]:
+                level.lags.append(lag)
     return level
 
 
@@ -209,21 +222,22 @@ def py_spy_available() -> bool:
 
 
 def row(label: str, lv: Level) -> list[object]:
-    per_run_cpu = lv.pod_cpu_s / lv.seconds / lv.n * 100 if lv.seconds else 0.0
+    cores = lv.pod_cpu_s / lv.seconds if lv.seconds else 0.0
+    chunks = len(lv.lags)
     grown = max(lv.rss_peak_kb - lv.rss_before_kb, 0)
     return [
         label,
         lv.n,
-        f"{lv.complete}/{lv.n}",
-        f"{lv.events / max(lv.complete * 1, 1):.0f}",
+        f"{lv.complete}/{lv.chats}",
+        f"{lv.events / max(lv.complete, 1):.0f}",
         f"{pct(lv.lags, 50):.0f} / {lv.p99:.0f} / {max(lv.lags, default=float('nan')):.0f}",
-        f"{pct(lv.full_lags, 99):.0f}",
-        f"{lv.pod_cpu_s / lv.seconds:.2f}",
-        f"{per_run_cpu:.2f} %",
-        f"{lv.pod_cpu_s / max(len(lv.lags), 1) * 1e6:.0f} µs",
+        f"{pct(lv.all_lags, 99):.0f}",
+        f"{cores:.2f}",
+        f"{cores / lv.n * 100:.2f} %",
+        f"{lv.pod_cpu_s / max(chunks, 1) * 1e6:.0f} µs",
         f"{lv.rss_peak_kb / 1024:.0f} MiB",
         f"{grown / lv.n:.0f} KiB",
-        f"{lv.client_cpu_s / lv.seconds:.2f}",
+        f"{lv.client_cpu_s / lv.seconds if lv.seconds else 0.0:.2f}",
         f"{lv.others:.2f}",
         "pass" if lv.passed else "FAIL" + (f" ({lv.failures[0][:60]})" if lv.failures else ""),
     ]
@@ -322,7 +336,7 @@ async def main(args: argparse.Namespace) -> str:
         try:
             for p in pods.values():
                 await p.start()
-                await run_level(p, 10, 20, 40, 0.5, "warm")
+                await run_level(p, 10, 20, 40, "warm", per_slot=1)
             await calm(args.quiet_wait)
             ttfc = await idle_ttfc(pods)
             for label in labels:
@@ -336,7 +350,7 @@ async def main(args: argparse.Namespace) -> str:
                     await calm(args.quiet_wait)
                     others = Others()
                     lv = await run_level(
-                        pods[label], n, args.chunks, args.rate, args.stagger, uuid.uuid4().hex[:6]
+                        pods[label], n, args.chunks, args.rate, uuid.uuid4().hex[:6]
                     )
                     lv.others = others.cores()
                     results[label].append(lv)
@@ -353,10 +367,10 @@ async def main(args: argparse.Namespace) -> str:
                         raw = log_dir / f"pyspy-{p.name}.raw"
                         seconds = args.chunks / args.rate
                         level_task = asyncio.create_task(
-                            run_level(p, args.profile, args.chunks, args.rate, args.stagger, "prof")
+                            run_level(p, args.profile, args.chunks, args.rate, "prof")
                         )
-                        await asyncio.sleep(args.stagger)  # all N streaming
-                        spy = await record(p.pid, seconds - args.stagger, raw)
+                        await asyncio.sleep(seconds)  # the steady window: all N streaming
+                        spy = await record(p.pid, seconds, raw)
                         await asyncio.wait_for(spy.wait(), 120)
                         await level_task
                         comp, own, total = summarize(raw, 14)
@@ -392,25 +406,27 @@ def report(
     out = [
         f"## Capacity: concurrent chats per pod at {args.rate:.0f} chunks/s",
         f"Each chat: {args.chunks} chunks at {args.rate:.0f}/s from bench/paced_source.py (an "
-        "LLM's pace on an absolute schedule), one SSE client attached; N chats start spread "
-        f"over {args.stagger:.0f} s. Lag = chunk due at the source → read by its client, every "
-        f"chunk; a level passes when every reply is complete and in order and p99 ≤ "
-        f"{LAG_LIMIT_MS:.0f} ms. 'all N' = chunks due while every chat of the level streamed. "
-        "CPU in cores (2 on this machine); the bench client shares them, and so may other "
-        "processes on a shared machine ('others' CPU', measured during the level).",
+        "LLM's pace on an absolute schedule), one SSE client attached. N slots run two chats "
+        "each back to back, slot i starting at i/N of a chat's duration D: from D to 2D, N "
+        "chats stream at every moment and N new ones start (the steady window, which is "
+        "judged). Lag = chunk due at the source → read by its client; a level passes when "
+        f"every reply is complete and in order and the window's p99 ≤ {LAG_LIMIT_MS:.0f} ms. "
+        "CPU in cores over the window (2 cores on this machine, shared with NATS, PostgreSQL "
+        "and the bench client, and on a shared machine with other processes: 'others' CPU', "
+        "measured during the level); RSS per chat = growth over the idle pod / N.",
         table(
             [
                 "pod",
                 "N",
                 "complete",
                 "events per reply",
-                "lag p50 / p99 / max ms",
-                "p99 all N ms",
+                "window lag p50 / p99 / max ms",
+                "p99, every chunk ms",
                 "pod CPU",
-                "CPU per run",
+                "CPU per chat",
                 "pod CPU per chunk",
                 "pod RSS peak",
-                "RSS per run",
+                "RSS per chat",
                 "client CPU",
                 "others' CPU",
                 "",
@@ -455,7 +471,6 @@ def cli() -> None:
     ap.add_argument("--levels", default="25,50,100,150,200,300,400,500,600,800,1000")
     ap.add_argument("--chunks", type=int, default=400)
     ap.add_argument("--rate", type=float, default=40.0)
-    ap.add_argument("--stagger", type=float, default=5.0)
     ap.add_argument("--base", metavar="REV", help="before/after: a pod of git revision REV too")
     ap.add_argument(
         "--env",
