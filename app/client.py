@@ -302,9 +302,20 @@ class AsyncClient:
         result: dict[str, Any] = await self._call("GET", f"/threads/{thread_id}/runs/{run_id}")
         return result
 
-    async def runs(self, thread_id: str, limit: int = 50) -> list[dict[str, Any]]:
-        body = await self._call("GET", f"/threads/{thread_id}/runs", params={"limit": limit})
-        return list(body["runs"])
+    async def runs(self, thread_id: str, limit: int | None = 50) -> list[dict[str, Any]]:
+        """The thread's runs, newest first: the `limit` newest, or all (None: page through)."""
+        runs: list[dict[str, Any]] = []
+        before: int | None = None
+        while True:
+            page = min(limit - len(runs), 200) if limit is not None else 200
+            params: dict[str, Any] = {"limit": page}
+            if before is not None:
+                params["before"] = before
+            body = await self._call("GET", f"/threads/{thread_id}/runs", params=params)
+            runs += body["runs"]
+            before = body["next_before"]
+            if before is None or (limit is not None and len(runs) >= limit):
+                return runs
 
     async def messages(self, thread_id: str) -> list[dict[str, Any]]:
         return list((await self._call("GET", f"/threads/{thread_id}/messages"))["messages"])

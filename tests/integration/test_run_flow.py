@@ -139,3 +139,16 @@ async def test_attach_right_after_post_waits_for_the_run(pod: Pod) -> None:
     reply = await asyncio.wait_for(pod.client.reply(thread), 30)
     assert reply.run_id == second["run_id"]
     assert reply.text == mock_reply(4)
+
+
+async def test_the_client_pages_through_a_threads_runs(pod: Pod) -> None:
+    thread = unique()
+    posted = [
+        (await pod.client.post(thread, f"m{i}", model_options={"chunks": 1}))["run_id"]
+        for i in range(5)
+    ]
+    newest_first = list(reversed(posted))
+    assert [r["run_id"] for r in await pod.client.runs(thread, limit=2)] == newest_first[:2]
+    page = await pod.http.get(f"/threads/{thread}/runs", params={"limit": 2})
+    assert page.json()["next_before"] is not None
+    assert [r["run_id"] for r in await pod.client.runs(thread, limit=None)] == newest_first

@@ -254,7 +254,7 @@ async def check_invariants(cluster: Cluster, tally: Tally) -> None:
         deadline = loop.time() + SETTLE_S
         for thread in sorted(set(tally.accepted.values())):
             while True:
-                listed = await client.runs(thread, limit=200)
+                listed = await client.runs(thread, limit=None)
                 if all(r["status"] in TERMINAL for r in listed) or loop.time() > deadline:
                     break
                 await asyncio.sleep(0.5)  # paces polling runs that are still ending
