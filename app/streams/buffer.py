@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from ..errors import ConfigError, StreamUnavailable
 from ..settings import Settings
@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 # A tail's consumer sends a heartbeat this often when idle; two missed ones and nats-py
 # recreates it where the last delivery left off (a server that died took it along).
 TAIL_HEARTBEAT_S = 1.0
+INSUFFICIENT_RESOURCES = 10047  # JetStream API error: the reservation does not fit
 
 
 __all__ = ["AttemptBroken", "JetStreamBuffer", "JetStreamPublisher", "connect_nats"]
@@ -140,15 +141,33 @@ class JetStreamBuffer:
         try:
             info = await self.js.stream_info(self.stream)
         except NotFoundError:
-            await self.js.add_stream(config)
+            with self._room_for(config):
+                await self.js.add_stream(config)
             logger.info("stream %s created", self.stream)
             return
         current = info.config
         config.num_replicas = max(current.num_replicas or 1, config.num_replicas or 1)
         owned = ("subjects", "max_age", "max_bytes", "duplicate_window", "num_replicas")
         if any(getattr(current, f) != getattr(config, f) for f in owned):
-            await self.js.update_stream(config)
+            with self._room_for(config):
+                await self.js.update_stream(config)
             logger.info("stream %s updated", self.stream)
+
+    @contextlib.contextmanager
+    def _room_for(self, config: StreamConfig) -> Iterator[None]:
+        """JetStream reserves a stream's max_bytes up front: a server without that much room
+        refuses the stream, which start-up reports as the setting to change."""
+        try:
+            yield
+        except APIError as exc:
+            if exc.err_code != INSUFFICIENT_RESOURCES:
+                raise
+            raise ConfigError(
+                f"nats-server has no room for stream {self.stream}: JetStream reserves its "
+                f"THREADGATE_STREAM_MAX_BYTES={config.max_bytes} (x{config.num_replicas} "
+                "replicas) up front; lower it, or give the server more storage "
+                "(jetstream max_file_store)"
+            ) from exc
 
     async def ping(self) -> bool:
         if not self.nc.is_connected:

@@ -38,6 +38,7 @@ async def pod(stack: Stack) -> AsyncIterator[Pod]:
         database_url=stack.new_database("itest"),
         nats_url=stack.nats.url,
         stream_name="ITEST",
+        stream_max_bytes=64 * 1024**2,  # reserved up front on the shared server (a CI disk)
         subject_prefix="itest",
         mock_delay_ms=5,
         keepalive_s=1.0,

@@ -7,12 +7,17 @@ import contextlib
 import gc
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from threadgate.api.limits import AttachLimiter
 from threadgate.client import SseEvent, parse_sse
+from threadgate.devstack import NatsServer
+from threadgate.errors import ConfigError
+from threadgate.settings import load_settings
+from threadgate.streams.buffer import JetStreamBuffer, connect_nats
 
 from tests.conftest import unique
 from tests.integration.conftest import Pod
@@ -351,3 +356,30 @@ async def test_the_stream_is_bounded_in_bytes(pod: Pod) -> None:
     assert pod.settings.stream_max_bytes > 0
     assert info.config.max_bytes == pod.settings.stream_max_bytes
     assert info.config.max_age == pod.settings.stream_max_age_s
+
+
+async def test_a_stream_the_server_has_no_room_for_names_the_setting(
+    tmp_path: Path,
+) -> None:
+    """JetStream reserves max_bytes up front: a server with less room refuses the stream, and
+    start-up says which setting to lower instead of a bare 'insufficient resources'."""
+    server = NatsServer(tmp_path / "nats", max_file_store=64 * 1024**2)
+    server.start()
+    try:
+        settings = load_settings(
+            pod_name="room-0",
+            nats_url=server.url,
+            stream_name="ROOM",
+            subject_prefix="room",
+            stream_max_bytes=1024**3,
+        )
+        nc = await connect_nats(settings, "room-test")
+        try:
+            with pytest.raises(ConfigError, match="THREADGATE_STREAM_MAX_BYTES=1073741824"):
+                await JetStreamBuffer(settings, nc).ensure_stream()
+            small = settings.model_copy(update={"stream_max_bytes": 16 * 1024**2})
+            await JetStreamBuffer(small, nc).ensure_stream()  # what the message advises fits
+        finally:
+            await nc.close()
+    finally:
+        server.stop()

@@ -321,7 +321,7 @@ class Namespace:
     stream: str = field(default_factory=lambda: f"KUBELET_{uuid.uuid4().hex[:8]}")
 
     def overrides(self, env: dict[str, str], ports: dict[int, int]) -> dict[str, str]:
-        """Addresses and ports of this machine instead of the cluster's; nothing else."""
+        """Addresses and ports of this machine instead of the cluster's, and a small stream."""
         db = urlsplit(env["THREADGATE_DATABASE_URL"])
         local = urlsplit(self.stack.pg.url(self.database))
         netloc = f"{db.username}:{db.password}@" if db.password else f"{db.username}@"
@@ -337,6 +337,9 @@ class Namespace:
         }
         if env.get("THREADGATE_MODEL") == "openai":
             out["THREADGATE_OPENAI_BASE_URL"] = self.model_url
+        # The manifests' 1 GiB is reserved up front on the suite's shared nats-server
+        # (tests/conftest.py): a test's stream is small.
+        out["THREADGATE_STREAM_MAX_BYTES"] = str(16 * 1024**2)
         if env.get("THREADGATE_STREAM_REPLICAS", "1") != "1":
             out["THREADGATE_STREAM_REPLICAS"] = "1"  # one nats-server here (module docstring)
         return out
