@@ -379,11 +379,12 @@ class PgRunStore:
                 return None, 0, 0.0
             return row["stop_requested"], row["attempt"], row["remaining_s"]
 
-    async def hand_off(self, run_ids: list[str]) -> None:
-        """A draining pod leaves these runs to be replayed: that is no crash."""
+    async def hand_off(self, run_ids: list[str], handed: bool = True) -> None:
+        """A draining pod leaves these runs to be replayed, or a suspect waits its turn: a
+        crash meanwhile is not theirs (`handed=False`: it is again)."""
         async with self.db.pool.connection() as conn:
             await conn.execute(
-                "UPDATE threadgate.runs SET handoff = true WHERE run_id = ANY(%s)", (run_ids,)
+                "UPDATE threadgate.runs SET handoff = %s WHERE run_id = ANY(%s)", (handed, run_ids)
             )
 
     async def finish(

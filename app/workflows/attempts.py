@@ -30,6 +30,7 @@ from .thread_run import Outcome, RunDeps, error, fault, is_transient, log_fields
 logger = logging.getLogger(__name__)
 
 DATA_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+SUSPECT_REPLAYS = 1  # a run replayed this many times already replays alone (`_alone`)
 
 
 async def reply(d: RunDeps, thread_id: str, run_id: str) -> Outcome:
@@ -37,9 +38,60 @@ async def reply(d: RunDeps, thread_id: str, run_id: str) -> Outcome:
     fault(d, "before_begin", thread_id)
     watch = d.stops.watch(run_id)
     try:
-        return await _attempts(d, thread_id, run_id, watch)
+        async with _alone(d, thread_id, run_id, watch) as stopped:
+            if stopped:
+                return Outcome(status=watch.reason or "cancelled", attempt=0, text="", error=None)
+            return await _attempts(d, thread_id, run_id, watch)
     finally:
         d.stops.forget(run_id)
+
+
+@contextlib.asynccontextmanager
+async def _alone(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> AsyncIterator[bool]:
+    """A run whose pod already died under it twice (a suspect) replays alone on its pod.
+
+    A crash replays every run the pod held, and each one's replay counts: a run that kills its
+    pod would take the runs beside it to `crashed_repeatedly` too. The first replay after a
+    crash is concurrent (one crash is usually an OOM or a node, not a run); from the second,
+    suspects take turns, so a poison run dies alone and the others finish. A suspect waiting
+    its turn is marked handed off: a crash meanwhile is not its own. Yields True if the run was
+    asked to stop while it waited.
+    """
+    try:
+        run = await d.store.get_run(thread_id, run_id)
+    except Exception as exc:  # the attempts wait out an outage; a suspect then runs beside others
+        if not is_transient(exc):
+            raise
+        run = None
+    if run is None or run.attempt == 0 or run.replays < SUSPECT_REPLAYS:
+        yield False
+        return
+    log = log_fields(run_id, thread_id, run.attempt)
+    waits = d.alone.locked()
+    if waits:
+        logger.warning(
+            "run replayed after %d crashes waits to replay alone", run.replays, extra=log
+        )
+        with contextlib.suppress(Exception):  # best effort: at worst the crash counts
+            await d.store.hand_off([run_id])
+    turn = asyncio.ensure_future(d.alone.acquire())
+    stop = asyncio.ensure_future(watch.event.wait())
+    try:
+        await asyncio.wait({turn, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not turn.done():
+            turn.cancel()
+    if not turn.cancelled() and turn.done() and turn.exception() is None:
+        try:
+            if waits:  # its turn: a crash is its own again
+                with contextlib.suppress(Exception):  # if not, DBOS's recovery limit is left
+                    await d.store.hand_off([run_id], handed=False)
+            yield watch.event.is_set()
+        finally:
+            d.alone.release()
+    else:
+        yield True
 
 
 async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Outcome:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from dbos import DBOS
@@ -53,6 +53,8 @@ class RunDeps:
     stops: StopSignals
     metrics: Any = None
     run_ended: Callable[[], None] | None = None  # the thread's next run may start now
+    # Held by the one suspect replaying on this pod (app/workflows/attempts.py: _alone).
+    alone: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 _deps: RunDeps | None = None

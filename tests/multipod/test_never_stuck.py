@@ -115,6 +115,34 @@ async def test_a_poison_run_ends_instead_of_crashing_the_fleet(
         assert (await wait_run(client, poison, after["run_id"]))["status"] == "success"
 
 
+async def test_a_run_beside_a_poison_run_survives_it(start_cluster: StartCluster) -> None:
+    """One pod, so every crash of the poison run kills the bystander's attempt too (CI saw it
+    1 time in 3 on three pods: the bystander ended `crashed_repeatedly` beside the poison).
+    From its second replay a run replays alone: the poison dies alone, the bystander ends
+    `success` with its exact reply, each replay continuing where the last one stopped."""
+    poison = unique("poison")
+    cluster = await start_cluster(
+        size=1,
+        fault_point="attempt_chunk:2",
+        fault_thread=poison,
+        max_replays=2,
+        mock_delay_ms=20,
+    )
+    bystander = unique()
+    async with cluster.supervised() as sup, cluster.client() as client:
+        ok = await client.post(bystander, "fine", model_options={"chunks": 150, "vary": True})
+        await wait_run(client, bystander, ok["run_id"], lambda r: r["status"] == "running")
+        bad = await client.post(poison, "poison", model_options={"chunks": 40})
+        watcher = Attacher(cluster.urls, bystander, reconnects=100).start()
+        run = await wait_run(client, poison, bad["run_id"], timeout=120)
+        assert run["status"] == "error" and run["error"]["code"] == "crashed_repeatedly"
+        fine = await wait_run(client, bystander, ok["run_id"], timeout=120)
+        assert fine["status"] == "success", fine
+        assert fine["output"] == mock_reply(150, continued_from(fine))
+        assert (await watcher.result(60)).text == fine["output"]
+        assert [code for _, code in sup.exits] == [FAULT_EXIT] * 3
+
+
 def continued_from(run: dict[str, Any]) -> dict[int, int]:
     starts = {0: 1}
     for a in run["attempts"][1:]:
