@@ -7,6 +7,9 @@ and stream so suites never share DBOS queues or subjects.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import os
 import shutil
 import tempfile
@@ -15,8 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
 import psycopg
 import pytest
+from nats.js.errors import NotFoundError
 from threadgate.devstack import NatsServer, Postgres, make_state_dir
 
 
@@ -40,7 +45,8 @@ def stack() -> Iterator[Stack]:
     root = make_state_dir(Path(tempfile.mkdtemp(prefix="threadgate-test-", dir="/tmp")))
     pg = Postgres(root / "pg", fast=True)
     # A CI machine's disk, not this one's: every stream reserves its max_bytes up front, so the
-    # suite's streams must fit a few GiB (tests/multipod/cluster.py:pod_env keeps them small).
+    # streams alive at once must fit a few GiB (each test's are dropped at its end, and
+    # tests/multipod/cluster.py:pod_env keeps them small).
     nats = NatsServer(root / "nats", max_file_store=4 * 1024**3)
     pg.start()
     nats.start()
@@ -51,6 +57,40 @@ def stack() -> Iterator[Stack]:
         pg.stop()
         if not os.environ.get("THREADGATE_KEEP_TEST_STATE"):
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _streams(url: str, drop: set[str] | None = None) -> set[str]:
+    """The server's stream names; with `drop`, those streams deleted first. In a thread of its
+    own: the tests' event loop is not running between a test and its fixtures."""
+
+    async def go() -> set[str]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            for name in drop or ():
+                with contextlib.suppress(NotFoundError):
+                    await js.delete_stream(name)
+            return {info.config.name for info in await js.streams_info() if info.config.name}
+        finally:
+            await nc.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _drop_new_streams(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test's streams on the shared nats-server go with it (after its pods: this fixture is
+    set up first, so torn down last). JetStream reserves every stream's max_bytes up front."""
+    if "stack" not in request.fixturenames:
+        yield
+        return
+    url = request.getfixturevalue("stack").nats.url
+    before = _streams(url)
+    yield
+    new = _streams(url) - before
+    if new:
+        _streams(url, new)
 
 
 def unique(prefix: str = "t") -> str:

@@ -54,9 +54,9 @@ def pod_env(
         # One part per mock chunk, as the suite's expected replies count them (coalescing
         # merges chunks under load: tests/multipod/test_coalescing.py turns it back on).
         THREADGATE_COALESCE_MS="0",
-        # The session's nats-server holds every cluster's stream and JetStream reserves each
-        # one's max_bytes up front (1 GiB by default): a suite's worth must fit a CI disk.
-        THREADGATE_STREAM_MAX_BYTES=str(16 * 1024**2),
+        # The session's nats-server holds the streams of a test's clusters and JetStream
+        # reserves each one's max_bytes up front (1 GiB by default): they must fit a CI disk.
+        THREADGATE_STREAM_MAX_BYTES=str(256 * 1024**2),
     )
     env.update({f"THREADGATE_{k.upper()}": str(v) for k, v in knobs.items()})
     return env

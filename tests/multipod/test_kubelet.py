@@ -339,7 +339,7 @@ class Namespace:
             out["THREADGATE_OPENAI_BASE_URL"] = self.model_url
         # The manifests' 1 GiB is reserved up front on the suite's shared nats-server
         # (tests/conftest.py): a test's stream is small.
-        out["THREADGATE_STREAM_MAX_BYTES"] = str(16 * 1024**2)
+        out["THREADGATE_STREAM_MAX_BYTES"] = str(256 * 1024**2)
         if env.get("THREADGATE_STREAM_REPLICAS", "1") != "1":
             out["THREADGATE_STREAM_REPLICAS"] = "1"  # one nats-server here (module docstring)
         return out
