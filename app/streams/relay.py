@@ -137,14 +137,17 @@ async def relay(
     """
     loop = asyncio.get_running_loop()
     if last_event_id:
-        # A tail just started on this pod may not hold what the client already has yet: read
-        # from it now, the client would look as if it held nothing, and every later part would
-        # be dropped as the far side of a gap (seen: a client back on another pod got only
-        # `done`). Wait until the log reaches the client's event, keepalives meanwhile.
-        while not (tail.caught_up.is_set() or tail.last_seq >= last_event_id):
+        # This pod's log may not hold what the client already has yet: a tail just started, or
+        # one a few events behind the pod the client came from (each pod gets the events on
+        # its own). Read from it now, the client would look as if it held fewer parts, and
+        # every later part would be dropped as the far side of a gap (seen: a client back on
+        # another pod got only `done`; in the nemesis, a reply short of its last two parts).
+        # Wait until the log reaches the client's event, keepalives meanwhile.
+        reached = await _reached(tail, last_event_id)
+        while not reached():
             seen = tail.last_seq
             await tail.wait(seen, keepalive_s)
-            if tail.last_seq == seen and not tail.caught_up.is_set():
+            if tail.last_seq == seen and not reached():
                 yield []
         cursor = resumed_cursor(tail, run_id, last_event_id)
     else:
@@ -224,6 +227,23 @@ async def relay(
         if not shown or moved_on:
             deadline = min(deadline, next_check)
         await tail.wait(seen, max(deadline - loop.time(), 0.001))
+
+
+async def _reached(tail: ThreadTail, last_event_id: int) -> Callable[[], bool]:
+    """When the log holds everything a client back at `last_event_id` was sent: the subject's
+    newest event bounds it (an id of an event purged since is never reached). Without an
+    answer from JetStream (away), a tail that caught up with the subject is taken at its word.
+    """
+    if tail.last_seq >= last_event_id:
+        return lambda: True
+    if tail.subject_last is not None:
+        try:
+            target = min(last_event_id, await tail.subject_last())
+        except Exception as exc:
+            logger.warning("cannot read the subject's newest sequence: %r", exc)
+        else:
+            return lambda: tail.last_seq >= target
+    return lambda: tail.caught_up.is_set() or tail.last_seq >= last_event_id
 
 
 async def _backfill(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -71,6 +72,8 @@ class ThreadTail:
         self.spilled_parts = 0
         self.caught_up = asyncio.Event()
         self._target_seq = 0
+        # The sequence of the newest event on the subject in JetStream (set by the hub).
+        self.subject_last: Callable[[], Awaitable[int]] | None = None
         self._waiters: dict[asyncio.Future[None], float] = {}  # waiter -> deadline
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -298,6 +301,7 @@ class TailHub:
         tail = self.tails.get(thread_id)
         if tail is None:
             tail = ThreadTail(thread_id, max_bytes=self.max_bytes, history=self._history(thread_id))
+            tail.subject_last = functools.partial(self.source.last_sequence, thread_id)
             self.tails[thread_id] = tail
             tail.started = asyncio.ensure_future(self._start(tail))
         tail.clients += 1

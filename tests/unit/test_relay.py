@@ -275,3 +275,34 @@ async def test_a_client_back_on_a_tail_still_catching_up_gets_the_rest() -> None
         async for batch in gen:
             got += [label(e) for e in batch]
     assert got == ["chunk:1:2", "chunk:1:3", "done:1:"]
+
+
+async def test_a_client_back_on_a_tail_behind_the_pod_it_left_gets_the_rest() -> None:
+    """Back with Last-Event-ID on a pod whose tail is caught up but a few events behind the
+    pod the client came from (each pod gets the events on its own). Placed at once, the client
+    looked as if it held two parts, not four, and its last part was dropped as the far side
+    of a gap (the nemesis: a reply short of its last parts). It waits for the subject's newest
+    event, then goes on from what it holds."""
+    tail = ThreadTail("t")
+    tail.caught_up.set()
+    events = [run_started("r", 1)] + [chunk("r", 1, i, f"c{i} ") for i in range(5)]
+    events.append(done("r", 1, "success"))
+
+    async def newest() -> int:
+        return 5  # chunk 3's: the client got it from the other pod
+
+    tail.subject_last = newest
+
+    async def lookup() -> Run:
+        return stored_run("r", "c0 c1 c2 c3 c4 ")
+
+    feed(tail, *events[:3])  # this pod's log: run_started, chunks 0 and 1
+    gen = relay(tail, "r", lookup, last_event_id=5, keepalive_s=5, recheck_s=0.01)
+    first = asyncio.ensure_future(anext(gen))
+    await asyncio.sleep(0)  # the relay waits for the log to reach sequence 5
+    feed(tail, *events[3:])
+    got = [label(e) for e in await first]
+    async with asyncio.timeout(5):
+        async for batch in gen:
+            got += [label(e) for e in batch]
+    assert got == ["chunk:1:4", "done:1:"]
