@@ -164,7 +164,8 @@ async def test_clients_hanging_up_during_attach_leak_no_tail(
     # Memory: Python keeps what it once allocated, so RSS does not fall back; but each round
     # opens the big replies' tails anew, and what closed tails held is used again: over the
     # second half of the rounds RSS grows by less than the big replies' tails (4 x ~11 MB)
-    # would hold if one round's stayed.
+    # would hold if one round's stayed (44 MB; the allocator's own drift measured up to 17 MB
+    # in a CI run, 2 MB in most).
     half = rss[len(rss) // 2 :]
-    assert max(half) - half[0] < 15, rss
+    assert max(half) - half[0] < 30, rss
     assert seen["nothing"] and seen["headers"] and seen["events"]
