@@ -27,6 +27,14 @@ TAIL_HEARTBEAT_S = 1.0
 INSUFFICIENT_RESOURCES = 10047  # JetStream API error: the reservation does not fit
 
 
+def _away(exc: Exception) -> bool:
+    """JetStream is not answering yet (no meta leader, a server starting, an election): worth
+    waiting for. A refusal (a bad config, no room) is not."""
+    if isinstance(exc, APIError):
+        return (exc.code or 0) >= 500 and exc.err_code != INSUFFICIENT_RESOURCES
+    return not isinstance(exc, ConfigError)
+
+
 __all__ = ["AttemptBroken", "JetStreamBuffer", "JetStreamPublisher", "connect_nats"]
 
 
@@ -124,9 +132,26 @@ class JetStreamBuffer:
         settings we own brought up to date.
 
         Replicas only ever grow here: an operator who raised them by hand (`nats stream edit`)
-        keeps them; lowering is theirs to do.
+        keeps them; lowering is theirs to do. JetStream not answering yet (a cluster without
+        quorum or still electing its meta leader) is waited out for nats_outage_limit_s.
         """
         await self.acks.start()
+        warned: list[bool] = []
+
+        def waiting() -> None:
+            if not warned:
+                warned.append(True)
+                logger.warning("JetStream does not answer the stream set-up yet: waiting")
+
+        await with_retry(
+            self._ensure_stream,
+            self.settings.nats_outage_limit_s,
+            "stream set-up",
+            on_retry=waiting,
+            retry_if=_away,
+        )
+
+    async def _ensure_stream(self) -> None:
         config = StreamConfig(
             name=self.stream,
             subjects=[self.settings.stream_subjects],

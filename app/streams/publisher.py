@@ -345,8 +345,10 @@ async def with_retry(
     limit_s: float,
     what: str,
     on_retry: Callable[[], None] | None = None,
+    retry_if: Callable[[Exception], bool] = lambda exc: True,
 ) -> Any:
-    """Retry with exponential backoff (0.1 s → 0.5 s) until `limit_s` has passed.
+    """Retry with exponential backoff (0.1 s → 0.5 s) until `limit_s` has passed (errors
+    `retry_if` refuses are raised at once).
 
     A short cap: a stream leader election answers "no responders" at once for a few seconds,
     and a retry that comes a second late is a second the reply stands still.
@@ -358,6 +360,8 @@ async def with_retry(
         try:
             return await op()
         except Exception as exc:
+            if not retry_if(exc):
+                raise
             if loop.time() + delay > deadline:
                 raise StreamUnavailable(
                     f"JetStream {what} failed for {limit_s:.0f}s: {exc!r}"

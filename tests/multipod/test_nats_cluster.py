@@ -318,3 +318,47 @@ async def test_publishes_lost_with_their_leader_are_stored_again_in_order(
         assert attempts == 1
     finally:
         await pods.stop()
+
+
+async def test_a_pod_started_while_jetstream_has_no_quorum_waits_for_it(
+    stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A pod starting while JetStream cannot answer (two of three servers down: no meta
+    leader) waits for it within THREADGATE_NATS_OUTAGE_LIMIT_S instead of exiting (CI saw a pod
+    exit 3 on a stream request that timed out), and serves once the quorum is back."""
+    down = nats_cluster.names[1:]
+    for name in down:
+        nats_cluster.kill(name)
+    stream, prefix = unique_names()
+    env = pod_env(
+        database_url=stack.new_database("ha"),
+        nats_url=nats_cluster.url,
+        stream=stream,
+        prefix=prefix,
+        stream_replicas=3,
+        nats_outage_limit_s=90,
+    )
+    pods = Cluster(env, tmp_path_factory.mktemp("pods"), 1)
+    pod = pods.pods[0]
+    pod.spawn()
+    starting = asyncio.create_task(pod.wait_ready(timeout=120))
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while "does not answer the stream set-up yet" not in pod.log_text():
+            assert pod.alive and not starting.done(), pods.logs()
+            assert loop.time() < deadline, pods.logs()
+            await asyncio.sleep(0.1)  # paces reading the pod's log for its waiting line
+        for name in down:
+            nats_cluster.restart(name)
+        await starting
+        async with pods.client() as client:
+            thread = unique()
+            run = await client.post(thread, "x", model_options={"chunks": 5})
+            done = await wait_run(client, thread, run["run_id"], timeout=60)
+            assert done["status"] == "success", done
+    finally:
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await pods.stop()
