@@ -79,6 +79,18 @@ async def test_interrupt_is_accepted_when_the_active_run_ends_meanwhile(cluster:
             assert second.status_code == 202, second.text
 
 
+async def poison_cluster(start_cluster: StartCluster, poison: str, size: int) -> Cluster:
+    """Pods on which every attempt of a run on thread `poison` dies at its third part, and a
+    run ends after two replays."""
+    return await start_cluster(
+        size=size,
+        fault_point="attempt_chunk:2",
+        fault_thread=poison,
+        max_replays=2,
+        mock_delay_ms=20,
+    )
+
+
 async def test_a_poison_run_ends_instead_of_crashing_the_fleet(
     start_cluster: StartCluster,
 ) -> None:
@@ -87,15 +99,8 @@ async def test_a_poison_run_ends_instead_of_crashing_the_fleet(
     in 3 minutes, the run `running` for good). Now: after THREADGATE_MAX_REPLAYS replays the run
     ends `error/crashed_repeatedly` with `done`, without calling the model again, and the
     thread takes new runs."""
-    poison = unique("poison")
-    cluster = await start_cluster(
-        size=3,
-        fault_point="attempt_chunk:2",
-        fault_thread=poison,
-        max_replays=2,
-        mock_delay_ms=20,
-    )
-    bystander = unique()
+    poison, bystander = unique("poison"), unique()
+    cluster = await poison_cluster(start_cluster, poison, size=3)
     async with cluster.supervised() as sup, cluster.client() as client:
         ok = await client.post(bystander, "fine", model_options={"chunks": 150, "vary": True})
         bad = await client.post(poison, "poison", model_options={"chunks": 40, "vary": True})
@@ -120,15 +125,8 @@ async def test_a_run_beside_a_poison_run_survives_it(start_cluster: StartCluster
     1 time in 3 on three pods: the bystander ended `crashed_repeatedly` beside the poison).
     From its second replay a run replays alone: the poison dies alone, the bystander ends
     `success` with its exact reply, each replay continuing where the last one stopped."""
-    poison = unique("poison")
-    cluster = await start_cluster(
-        size=1,
-        fault_point="attempt_chunk:2",
-        fault_thread=poison,
-        max_replays=2,
-        mock_delay_ms=20,
-    )
-    bystander = unique()
+    poison, bystander = unique("poison"), unique()
+    cluster = await poison_cluster(start_cluster, poison, size=1)
     async with cluster.supervised() as sup, cluster.client() as client:
         ok = await client.post(bystander, "fine", model_options={"chunks": 150, "vary": True})
         await wait_run(client, bystander, ok["run_id"], lambda r: r["status"] == "running")
