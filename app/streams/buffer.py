@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 # recreates it where the last delivery left off (a server that died took it along).
 TAIL_HEARTBEAT_S = 1.0
 INSUFFICIENT_RESOURCES = 10047  # JetStream API error: the reservation does not fit
+# How long start-up waits for JetStream at least (the startup probe allows 120 s).
+START_WAIT_S = 60.0
 
 
 def _away(exc: Exception) -> bool:
@@ -133,7 +135,8 @@ class JetStreamBuffer:
 
         Replicas only ever grow here: an operator who raised them by hand (`nats stream edit`)
         keeps them; lowering is theirs to do. JetStream not answering yet (a cluster without
-        quorum or still electing its meta leader) is waited out for nats_outage_limit_s.
+        quorum or still electing its meta leader) is waited out: a starting pod loses nothing by
+        waiting (START_WAIT_S at least; THREADGATE_NATS_OUTAGE_LIMIT_S if longer).
         """
         await self.acks.start()
         warned: list[bool] = []
@@ -145,7 +148,7 @@ class JetStreamBuffer:
 
         await with_retry(
             self._ensure_stream,
-            self.settings.nats_outage_limit_s,
+            max(self.settings.nats_outage_limit_s, START_WAIT_S),
             "stream set-up",
             on_retry=waiting,
             retry_if=_away,

@@ -39,22 +39,27 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Nats
         cluster.stop()
 
 
-async def start_pods(
-    stack: Stack, nats_cluster: NatsCluster, log_dir: Path, **knobs: Any
-) -> tuple[Cluster, str]:
+def ha_env(stack: Stack, nats_cluster: NatsCluster, **knobs: Any) -> dict[str, str]:
+    """Pods on the NATS cluster, stream replicas 3, a stream and database of their own."""
     stream, prefix = unique_names()
-    env = pod_env(
+    knobs.setdefault("coalesce_ms", 50)  # the product's default (the suite pins it off)
+    return pod_env(
         database_url=stack.new_database("ha"),
         nats_url=nats_cluster.url,
         stream=stream,
         prefix=prefix,
         stream_replicas=3,
-        coalesce_ms=50,  # the product's default (the suite pins it off): replies are checked whole
         **knobs,
     )
+
+
+async def start_pods(
+    stack: Stack, nats_cluster: NatsCluster, log_dir: Path, **knobs: Any
+) -> tuple[Cluster, str]:
+    env = ha_env(stack, nats_cluster, **knobs)
     pods = Cluster(env, log_dir, 3)
     await pods.start()
-    return pods, stream
+    return pods, env["THREADGATE_STREAM_NAME"]
 
 
 async def stream_leader(nats_cluster: NatsCluster, stream: str) -> str:
@@ -329,15 +334,7 @@ async def test_a_pod_started_while_jetstream_has_no_quorum_waits_for_it(
     down = nats_cluster.names[1:]
     for name in down:
         nats_cluster.kill(name)
-    stream, prefix = unique_names()
-    env = pod_env(
-        database_url=stack.new_database("ha"),
-        nats_url=nats_cluster.url,
-        stream=stream,
-        prefix=prefix,
-        stream_replicas=3,
-        nats_outage_limit_s=90,
-    )
+    env = ha_env(stack, nats_cluster, nats_outage_limit_s=90)
     pods = Cluster(env, tmp_path_factory.mktemp("pods"), 1)
     pod = pods.pods[0]
     pod.spawn()
