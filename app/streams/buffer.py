@@ -272,11 +272,17 @@ class JetStreamBuffer:
             raise StreamUnavailable(f"reading {self.subject(thread_id)}: {exc!r}") from exc
 
     def read_after(self, thread_id: str, after_seq: int) -> AsyncGenerator[list[Event], None]:
-        """A thread's events after `after_seq`, in pages (streams/history.py): what a tail
-        dropped from memory, for a client that needs it."""
+        """A thread's events after `after_seq` (0: all), in pages, up to its newest now
+        (streams/history.py): what a tail does not hold, for a client that needs it."""
         from .history import read_after
 
         return read_after(self.js, self.stream, self.subject(thread_id), after_seq)
+
+    async def event_at(self, thread_id: str, seq: int) -> Event | None:
+        """The thread's event at stream sequence `seq`, if the stream still holds it."""
+        from .history import event_at
+
+        return await event_at(self.js, self.stream, self.subject(thread_id), seq)
 
     async def ordered_subscribe(
         self, thread_id: str, start_seq: int, cb: Callable[[Any], Awaitable[None]]

@@ -57,8 +57,8 @@ def reenqueue(workflow_id: str, executor: str) -> bool:
     return done
 
 
-def set_max_recovery_attempts(workflow: Callable[..., Any], attempts: int) -> None:
-    """DBOS dead-letters a workflow dispatched more than `attempts` + 1 times."""
+def set_max_recovery_attempts(workflow: Callable[..., Any], attempts: int | None) -> None:
+    """DBOS dead-letters a workflow dispatched more than `attempts` + 1 times (None: never)."""
     from dbos._registrations import get_func_info
 
     info = get_func_info(workflow)
