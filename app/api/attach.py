@@ -88,6 +88,11 @@ async def place(
         pos = None
         if rt.buffer is not None:
             pos = await legacy_place(parsed, sources(rt, tail, latest, reader))
+            newest = await rt.buffer.last_sequence(thread_id)
+            if pos is None and parsed >= newest and not latest.active:
+                # At or past the subject's newest event, the latest run ended: a v2 client
+                # there holds its `done` (what the v2 contract said too).
+                return Place(latest, Position(latest.run_id, done=True))
         if pos is not None:
             run = await rt.store.get_run(thread_id, pos.run_id, reader=reader)
             if run is not None:

@@ -344,7 +344,7 @@ class PgRunStore:
                             replays = replays + CASE WHEN %(first)s::boolean AND attempt > 0
                                                      AND NOT handoff THEN 1 ELSE 0 END,
                             handoff = false,
-                            attempts = attempts || jsonb_build_object(
+                            attempts = attempts || (jsonb_build_object(
                                 'attempt', attempt + 1, 'executor', %(executor)s::text,
                                 'kind', CASE WHEN NOT %(first)s::boolean THEN 'retry'
                                              WHEN attempt = 0 THEN 'first'
@@ -352,7 +352,7 @@ class PgRunStore:
                                 -- a run's first attempt has nothing to keep: it begins the
                                 -- reply (later attempts record it: record_kept)
                                 || CASE WHEN attempt = 0 THEN jsonb_build_object('kept', 0)
-                                        ELSE jsonb_build_object() END
+                                        ELSE jsonb_build_object() END)
                         WHERE run_id = %(run_id)s RETURNING *)
                     SELECT {_RUN_COLUMNS},
                            extract(epoch FROM r.started_at

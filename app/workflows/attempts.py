@@ -255,6 +255,7 @@ async def _stream_attempt(
     task = asyncio.current_task()
     stream: AsyncIterator[Part] | None = None
     pending: Part | object = _END  # a continuation's first part, read before it is announced
+    failed: Exception | None = None  # ... or the failure that came instead
     stop: str | None = None
     if prefix:
         # Asked first, so that a source that refuses to continue is known before anything is
@@ -273,6 +274,8 @@ async def _stream_attempt(
             prompt = dataclasses.replace(prompt, prefix_parts=())
         except _Stopped:
             stop = watch.reason
+        except Exception as exc:  # the attempt still says what it keeps, then fails
+            failed = exc
     kept = len(prefix)
     if attempt > 1:  # a first attempt's record says it already (begin_attempt)
         await d.store.record_kept(run_id, attempt, kept)
@@ -286,6 +289,9 @@ async def _stream_attempt(
         fault(d, "after_start", thread_id)
     held.parts = list(prefix)
     index = kept
+    if failed is not None:
+        await _close(stream)
+        raise failed
     if stream is None:
         stream = _open(d, prompt)
     try:
