@@ -72,7 +72,7 @@ async def test_a_reply_larger_than_the_bound_reaches_every_client_whole(
         )
         live = asyncio.create_task(follow(http, thread))  # attached from the start
         # A late attacher while the run streams (issue 27 saw one get 6,143 of 20,000).
-        while (await pod.client.run(thread, run["run_id"]))["status"] == "pending":
+        while (await pod.client.run(thread, run["run_id"]))["status"] == "pending":  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # paces polling the run's status
         late = asyncio.create_task(follow(http, thread))
         reply, during = await live, await late
