@@ -66,7 +66,11 @@ async def start(rt: Runtime) -> None:
     rt.buffer = JetStreamBuffer(s, rt.nc, on_republish=rt.metrics.republished)
     await rt.buffer.ensure_stream()
     rt.hub = TailHub(
-        rt.buffer, linger_s=s.tail_linger_s, liveness=rt.alive, max_bytes=s.tail_max_bytes
+        rt.buffer,
+        linger_s=s.tail_linger_s,
+        liveness=rt.alive,
+        max_bytes=s.tail_max_bytes,
+        max_lingering=s.max_attach_per_principal,
     )
     rt.runner = Runner(s, rt.store, rt.stops, rt.nc)
     await rt.runner.listen()
