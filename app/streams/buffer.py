@@ -284,6 +284,9 @@ class JetStreamBuffer:
 
         return await event_at(self.js, self.stream, self.subject(thread_id), seq)
 
+    async def close_subscription(self, sub: Any) -> None:
+        await close_ordered(self.js, self.stream, sub)
+
     async def ordered_subscribe(
         self, thread_id: str, start_seq: int, cb: Callable[[Any], Awaitable[None]]
     ) -> Any:
@@ -311,6 +314,18 @@ class JetStreamBuffer:
             )
 
         return await with_retry(subscribe, self.settings.nats_outage_limit_s, "subscribe")
+
+
+async def close_ordered(js: JetStreamContext, stream: str, sub: Any) -> None:
+    """Unsubscribe an ordered consumer and delete it on the server at once (left alone, an
+    ephemeral consumer stays until its inactive threshold: a thousand attach-and-hang-ups
+    would leave a thousand consumers heartbeating)."""
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+    name = getattr(sub, "_consumer", None)
+    if name:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, name)
 
 
 def stream_seq(msg: Any) -> int:

@@ -39,6 +39,7 @@ STALL_CHECK_S = 1.0  # a tail silent this long mid-run asks whether the run's ex
 class TailSource(Protocol):
     async def last_sequence(self, thread_id: str) -> int: ...
     async def ordered_subscribe(self, thread_id: str, start_seq: int, cb: Any) -> Any: ...
+    async def close_subscription(self, sub: Any) -> None: ...
 
 
 Liveness = Callable[[list[str]], Awaitable[set[str]]]  # executors -> those alive
@@ -373,8 +374,8 @@ class TailHub:
     async def _resubscribe(self, tail: ThreadTail) -> None:
         delay = 1.0
         while self.tails.get(tail.thread_id) is tail:
-            with contextlib.suppress(Exception):
-                await tail.sub.unsubscribe()
+            if tail.sub is not None:
+                await self.source.close_subscription(tail.sub)
             try:
                 tail.sub = await self._subscribe(tail)
                 logger.info(
@@ -403,8 +404,8 @@ class TailHub:
         with contextlib.suppress(Exception):
             if tail.started is not None and not tail.started.done():
                 await tail.started
-        with contextlib.suppress(Exception):
-            await tail.sub.unsubscribe()
+        if tail.sub is not None:
+            await self.source.close_subscription(tail.sub)
 
     async def close(self) -> None:
         if self._watchdog is not None:
@@ -413,7 +414,7 @@ class TailHub:
             if tail.close_handle is not None:
                 tail.close_handle.cancel()
             tail.close()
-            with contextlib.suppress(Exception):
-                await tail.sub.unsubscribe()
+            if tail.sub is not None:
+                await self.source.close_subscription(tail.sub)
         self.tails.clear()
         self._lingering.clear()
