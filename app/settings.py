@@ -161,6 +161,23 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text", "auto"] = "auto"
     log_level: str = "INFO"
 
+    # --- issue 25: day two in production ---
+    # Each dependency check of /readyz answers within this (concurrently): one that does not
+    # is reported `degraded`, so a hung PostgreSQL or NATS never outlasts the probe's timeout.
+    readiness_check_timeout_s: float = Field(default=1.0, gt=0)
+    # NATS client pings: a black-holed server is noticed after interval x outstanding (30 s),
+    # not nats-py's default 120 s x 2, and the client reconnects to another server.
+    nats_ping_interval_s: int = Field(default=10, ge=1)
+    nats_max_outstanding_pings: int = Field(default=3, ge=1)
+    # TCP settings of every PostgreSQL connection (the app's pool, the fencing claim, DBOS's
+    # engine). Keepalives find a dead peer under an idle connection; tcp_user_timeout ends a
+    # query whose packets go unacknowledged that long (a black-holed primary), instead of
+    # the kernel's ~15 minutes of retransmissions. 0 leaves the kernel's default.
+    pg_keepalives_idle_s: int = Field(default=10, ge=1)
+    pg_keepalives_interval_s: int = Field(default=5, ge=1)
+    pg_keepalives_count: int = Field(default=3, ge=1)
+    pg_tcp_user_timeout_s: float = Field(default=15.0, ge=0)
+
     @field_validator("pod_name")
     @classmethod
     def _strip(cls, value: str) -> str:
