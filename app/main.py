@@ -15,6 +15,7 @@ from . import __version__
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
+from .retention import Retention
 from .runtime import Runtime
 from .settings import Settings
 from .sources import load_source
@@ -117,6 +118,9 @@ async def start(rt: Runtime) -> None:
         await asyncio.to_thread(reenqueue, run_id, s.pod_name)
     rt.runner.start_soon()
     rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
+    retention = Retention(s, rt.db, rt.metrics)
+    if retention.enabled:
+        rt.background.append(asyncio.create_task(retention.run(), name="retention"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
     rt.metrics.inflight.set_function(lambda: _active_runs(rt))

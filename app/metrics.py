@@ -85,11 +85,26 @@ class Metrics:
             registry=r,
         )
 
+        self.retention_deleted = Counter(
+            "threadgate_retention_deleted_runs_total",
+            "Finished runs deleted by retention on this pod: part=workflow (their DBOS"
+            " workflow), part=conversation (their row and messages)",
+            ["part"],
+            registry=r,
+        )
+        self.retention_swept = Gauge(
+            "threadgate_retention_last_sweep_timestamp_seconds",
+            "When this pod last completed a retention sweep (0: never)",
+            registry=r,
+        )
+
         # Every labelled series exists from the first scrape: rate() and alerts see a 0, not a gap.
         for kind in ("first", "replay", "retry"):
             self.attempts.labels(kind=kind)
         for status in ("success", "error", "cancelled", "interrupted"):
             self.runs_finished.labels(status=status)
+        for part in ("workflow", "conversation"):
+            self.retention_deleted.labels(part=part)
 
     def attempt(self, n: int, *, retry: bool = False) -> None:
         """Attempt `n` began; `retry`: the same execution tries again after a transient error."""

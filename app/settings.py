@@ -177,6 +177,13 @@ class Settings(BaseSettings):
     pg_keepalives_interval_s: int = Field(default=5, ge=1)
     pg_keepalives_count: int = Field(default=3, ge=1)
     pg_tcp_user_timeout_s: float = Field(default=15.0, ge=0)
+    # Retention (app/retention.py, docs/deploy.md "Storage and retention"); 0 keeps forever.
+    # A finished run's DBOS workflow (status, inputs, step outputs) leaves after
+    # retention_days; its row and messages (the conversation) after messages_retention_days.
+    retention_days: float = Field(default=30, ge=0)
+    messages_retention_days: float = Field(default=0, ge=0)
+    retention_check_s: float = Field(default=3600, gt=0)  # one pod of the cluster sweeps
+    retention_batch: int = Field(default=200, ge=1)  # runs per delete transaction
 
     @field_validator("pod_name")
     @classmethod

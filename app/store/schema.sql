@@ -63,3 +63,7 @@ CREATE TABLE IF NOT EXISTS threadgate.executors (
     app_version  text NOT NULL,
     last_seen    timestamptz NOT NULL DEFAULT now()
 );
+
+-- Retention (app/retention.py) deletes finished runs oldest first.
+CREATE INDEX IF NOT EXISTS runs_finished
+    ON threadgate.runs (finished_at) WHERE status IN ('success', 'error', 'cancelled', 'interrupted');
