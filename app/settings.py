@@ -19,6 +19,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from . import __version__
+from .buildinfo import app_version
 from .errors import ConfigError
 
 POD_NAME_HELP = (
@@ -45,7 +46,8 @@ class Settings(BaseSettings):
 
     env: Literal["dev", "production"] = "dev"
     pod_name: str = Field(default="", validation_alias=AliasChoices("POD_NAME", "pod_name"))
-    app_version: str = __version__
+    # The DBOS application version: the image's own (app/buildinfo.py); set it only in tests.
+    app_version: str = Field(default_factory=lambda: app_version(__version__))
     app_name: str = "threadgate"
 
     host: str = "0.0.0.0"
