@@ -11,7 +11,7 @@ from typing import Any
 from dbos import DBOS, DBOSConfig
 from fastapi import FastAPI
 
-from . import __version__
+from . import __version__, tracing
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
@@ -63,6 +63,8 @@ def dbos_config(settings: Settings) -> DBOSConfig:
 
 async def start(rt: Runtime) -> None:
     s = rt.settings
+    if s.otel_endpoint:
+        tracing.configure(s)
     await rt.db.open()
     await rt.db.migrate()
     # Fence before DBOS launches: launch recovers this executor's PENDING workflows.
@@ -195,6 +197,7 @@ async def stop(rt: Runtime) -> None:
         with contextlib.suppress(Exception):
             await rt.nc.drain()
     await rt.db.close()
+    tracing.shutdown()
     logger.info("pod stopped")
 
 

@@ -84,6 +84,10 @@ DELETE FROM threadgate.runs WHERE run_id IN (SELECT run_id FROM gone)
 """
 
 
+# A run's trace context (app/tracing.py) is of no use once its workflow is gone.
+DELETE_TRACES_SQL = "DELETE FROM threadgate.run_traces WHERE run_id = ANY(%s)"
+
+
 @dataclass
 class Swept:
     """What one sweep deleted: runs whose workflow left, runs that left altogether."""
@@ -184,6 +188,8 @@ class Retention:
                 ids = [r["run_id"] for r in await cur.fetchall()]
             if ids:
                 await self.delete_workflows(ids)
+                async with self.db.pool.connection() as conn:
+                    await conn.execute(DELETE_TRACES_SQL, (ids,))
                 deleted += len(ids)
             if len(ids) < self.settings.retention_batch:
                 break

@@ -186,6 +186,20 @@ class Settings(BaseSettings):
     messages_retention_days: float = Field(default=0, ge=0)
     retention_check_s: float = Field(default=3600, gt=0)  # one pod of the cluster sweeps
     retention_batch: int = Field(default=200, ge=1)  # runs per delete transaction
+    # OpenTelemetry traces of runs (app/tracing.py): off unless an OTLP/HTTP endpoint is set,
+    # by the standard variable or ours (its base URL: traces go to <endpoint>/v1/traces).
+    otel_endpoint: str = Field(
+        default="",
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", "THREADGATE_OTEL_ENDPOINT", "otel_endpoint"
+        ),
+    )
+    otel_service_name: str = Field(
+        default="threadgate",
+        validation_alias=AliasChoices(
+            "OTEL_SERVICE_NAME", "THREADGATE_OTEL_SERVICE_NAME", "otel_service_name"
+        ),
+    )
 
     @field_validator("pod_name")
     @classmethod
