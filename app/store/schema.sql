@@ -63,3 +63,14 @@ CREATE TABLE IF NOT EXISTS threadgate.executors (
     app_version  text NOT NULL,
     last_seen    timestamptz NOT NULL DEFAULT now()
 );
+
+-- Retention (app/retention.py) deletes finished runs oldest first.
+CREATE INDEX IF NOT EXISTS runs_finished
+    ON threadgate.runs (finished_at) WHERE status IN ('success', 'error', 'cancelled', 'interrupted');
+
+-- The trace context of a run's POST (app/tracing.py), written only by pods that trace: the pod
+-- that executes the run continues that trace. Goes with the run.
+CREATE TABLE IF NOT EXISTS threadgate.run_traces (
+    run_id       text PRIMARY KEY REFERENCES threadgate.runs (run_id) ON DELETE CASCADE,
+    traceparent  text NOT NULL
+);

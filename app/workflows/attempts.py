@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+from .. import tracing
 from ..errors import InvalidDataEvent, ModelError, PermanentModelError, StreamUnavailable
 from ..sources import ContinuationRefused, Data, Part, Prompt, continues, reads_history
 from ..store.runs import Run
@@ -132,6 +133,7 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
         )
         if d.metrics is not None:
             d.metrics.attempt(attempt, retry=not replayed and attempt > 1)
+        await tracing.attempt_began(d.store.db, run, replayed)
         if replayed and run.replays > s.max_replays:
             logger.error("run replayed %d times after crashes: ending it", run.replays, extra=log)
             return Outcome(
@@ -320,6 +322,7 @@ async def _stream_attempt(
                 merged = await pub.part(ev)
                 if not merged:
                     parts.append(ev)
+            tracing.chunk(run_id)
             if d.metrics is not None:
                 d.metrics.chunk()
                 if index == 0 and attempt == 1 and not merged:

@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 
 from dbos import DBOS
 
+from .. import tracing
 from ..settings import Settings
 from ..sources import ReplySource
 from ..store.runs import PgRunStore
@@ -130,6 +131,7 @@ async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
     workflow with the run row still `running` and no `done`.
     """
     d = deps()
+    tracing.finishing(run_id)
     delay = 0.2
     while True:
         try:
@@ -173,6 +175,7 @@ async def _finish(d: RunDeps, thread_id: str, run_id: str, outcome: Outcome) -> 
     await pub.flush()
     fault(d, "after_done", thread_id)
     logger.info("run finished: %s", status, extra=log_fields(run_id, thread_id, attempt))
+    tracing.finished(run_id, status)
     if d.metrics is not None:
         d.metrics.finished(status)
 
