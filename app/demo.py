@@ -81,18 +81,25 @@ def table(seen: Reply, stored: str, executors: dict[int, str], killed: str) -> l
     for a, _, _ in spans(stored):
         pod = executors.get(a, "?")
         labels.append(f"attempt {a} on {pod}{' (killed)' if pod == killed else ''}")
-    width = max([len(r) for r in left] + [28])
-    lines = [f"  {'':<26}  {'what the client saw':<{width}}  the stored reply"]
-    for k in range(max(len(left), len(right))):
-        label = labels[k] if k < len(labels) else ""
-        lr = left[k] if k < len(left) else ""
-        rr = right[k] if k < len(right) else ""
-        lines.append(f"  {label:<26}  {lr:<{width}}  {rr}")
+    width = max([len(r) for r in left] + [len("what the client saw")])
+    label_w = max([len(x) for x in labels] + [len("resets, duplicates")])
     n_seen, n_stored = len(indexes(seen.text)), len(indexes(stored))
-    lines.append(f"  {'chunks':<26}  {n_seen:<{width}}  {n_stored}")
-    lines.append(f"  {'resets, duplicates':<26}  {f'{seen.resets}, {seen.duplicates}':<{width}}  -")
     same = "identical" if seen.text == stored else "DIFFERENT"
-    lines.append(f"  {'text':<26}  {same} ({len(stored)} characters)")
+    rows = [("", "what the client saw", "the stored reply")]
+    for k in range(max(len(left), len(right))):
+        rows.append(
+            (
+                labels[k] if k < len(labels) else "",
+                left[k] if k < len(left) else "",
+                right[k] if k < len(right) else "",
+            )
+        )
+    rows += [
+        ("chunks", str(n_seen), str(n_stored)),
+        ("resets, duplicates", f"{seen.resets}, {seen.duplicates}", "-"),
+        ("text", f"{same} ({len(stored)} characters)", ""),
+    ]
+    lines = [f"  {a:<{label_w}}  {b:<{width}}  {c}".rstrip() for a, b, c in rows]
     return lines
 
 
