@@ -180,9 +180,14 @@ async def test_example_page_sends_resumes_and_stops(cluster: Cluster, browser: A
         await until(browser, "return document.querySelectorAll('#messages li').length === 4")
         await send(browser, "a long one")
         third = await latest_run(cluster, thread, after=second)
+        # The new run's own message streaming (the one before it also holds `chunk-3 `: a
+        # Stop while the chat was still `submitted` did nothing, and the run ran to its end).
         await until(
             browser,
-            f"const m = (() => {{ {MESSAGE} }})(); return m && m.text.includes('chunk-3 ');",
+            f"const m = (() => {{ {MESSAGE} }})();"
+            " return m && m.id === arguments[0] && m.status === 'streaming'"
+            " && m.text.includes('chunk-3 ');",
+            third,
         )
         browser.find_element(By.ID, "stop").click()
         async with cluster.client() as client:
