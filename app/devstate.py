@@ -187,15 +187,16 @@ def clean(state: Path) -> list[str]:
         os.close(fd)
     removed: list[str] = []
     pg = state / "pg"
+    inside = ""
     if pg.is_symlink():
         target = pg.resolve()
         if target.name.startswith("threadgate-pgdata-") and target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
             removed.append(f"{target} (PostgreSQL's data)")
     elif pg.is_dir():
-        removed.append(f"{pg} (PostgreSQL's data)")
+        inside = " (PostgreSQL's data with it)"
     shutil.rmtree(state)
-    removed.insert(0, str(state.absolute()))
+    removed.insert(0, f"{state.absolute()}{inside}")
     return removed
 
 

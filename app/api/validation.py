@@ -59,4 +59,4 @@ def invalid(errors: Sequence[Mapping[str, Any]], *, lead: str = "") -> InvalidRe
     if len(problems) > _SHOWN:
         named += f"; and {len(problems) - _SHOWN} more (details.problems)"
     message = f"{lead}: {named}" if lead and named else lead or named or "the request is invalid"
-    return InvalidRequest(message, problems=problems)
+    return InvalidRequest(message, problems=problems) if problems else InvalidRequest(message)

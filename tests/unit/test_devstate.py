@@ -115,7 +115,7 @@ def test_clean_says_what_it_removed_and_nothing_else(
     (state / "pg.log").write_text("")
     code, out, _ = run(["dev", "clean", "--state-dir", str(state)], capsys)
     assert code == cli.OK
-    assert out.splitlines() == [f"removed {state}", f"removed {state / 'pg'} (PostgreSQL's data)"]
+    assert out.splitlines() == [f"removed {state} (PostgreSQL's data with it)"]
     assert not state.exists()
     code, out, _ = run(["dev", "clean", "--state-dir", str(state)], capsys)
     assert code == cli.OK and out == f"nothing to remove: {state} does not exist\n"
