@@ -2,4 +2,5 @@
 
 from . import main
 
-main()
+if __name__ == "__main__":  # imported (pkgutil.walk_packages), it must not run
+    main()
