@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -56,13 +55,3 @@ def start_time(pid: int) -> int | None:
 def is_running(pid: int, started: int | None) -> bool:
     """Whether the process recorded as (`pid`, `started`) is still that one, alive."""
     return started is not None and start_time(pid) == started
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start_time(pid) is not None
