@@ -13,7 +13,8 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import psycopg
 
@@ -59,6 +60,13 @@ WHERE EXISTS (
 KEEPALIVE_OPTIONS = (
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 )
+# The client side of the same (store.db.tcp_options gives the pod's settings instead).
+CLIENT_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 
 def claim_key(pod_name: str) -> str:
@@ -83,6 +91,7 @@ class ExecutorClaim:
         *,
         on_lost: Callable[[str], None] | None = None,
         check_every_s: float = 5.0,
+        connect_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = url
         self.pod_name = pod_name
@@ -92,6 +101,7 @@ class ExecutorClaim:
         self.check_every_s = check_every_s
         self.on_lost = on_lost or _exit_on_lost
         self._watch: asyncio.Task[None] | None = None
+        self.connect_kwargs = dict(connect_kwargs or CLIENT_KEEPALIVES)
 
     async def acquire(self, timeout_s: float) -> None:
         """Take the claim, waiting up to `timeout_s` for a previous holder to go away."""
@@ -132,10 +142,7 @@ class ExecutorClaim:
                 # loss no FIN ever comes: server-side keepalives end the session (and free the
                 # name for adoption) in ~25 s instead of the kernel's default of hours.
                 options=KEEPALIVE_OPTIONS,
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
+                **self.connect_kwargs,
             )
         cur = await self.conn.execute(CLAIM_SQL, (self.key,))
         row = await cur.fetchone()

@@ -11,14 +11,15 @@ from typing import Any
 from dbos import DBOS, DBOSConfig
 from fastapi import FastAPI
 
-from . import __version__
+from . import __version__, tracing
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
+from .retention import Retention
 from .runtime import Runtime
 from .settings import Settings
 from .sources import load_source
-from .store.db import Database, dbos_url
+from .store.db import Database, dbos_url, tcp_options
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats
 from .streams.tail import TailHub
@@ -47,12 +48,23 @@ def dbos_config(settings: Settings) -> DBOSConfig:
         # No ping before every query DBOS makes (one more round trip and transaction each,
         # half of an idle pod's): a connection a database restart broke fails its query, is
         # dropped by SQLAlchemy, and DBOS retries the operation (its db_retry).
-        db_engine_kwargs={"pool_pre_ping": False},
+        # connect_args reach psycopg.connect as libpq parameters; they replace DBOS's own
+        # connect_args, so its defaults (application name, connect timeout) are given here too.
+        db_engine_kwargs={
+            "pool_pre_ping": False,
+            "connect_args": {
+                "application_name": "dbos_transact",
+                "connect_timeout": 10,
+                **tcp_options(settings),
+            },
+        },
     )
 
 
 async def start(rt: Runtime) -> None:
     s = rt.settings
+    if s.otel_endpoint:
+        tracing.configure(s)
     await rt.db.open()
     await rt.db.migrate()
     # Fence before DBOS launches: launch recovers this executor's PENDING workflows.
@@ -112,6 +124,9 @@ async def start(rt: Runtime) -> None:
         await asyncio.to_thread(reenqueue, run_id, s.pod_name)
     rt.runner.start_soon()
     rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
+    retention = Retention(s, rt.db, rt.metrics)
+    if retention.enabled:
+        rt.background.append(asyncio.create_task(retention.run(), name="retention"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
     rt.metrics.inflight.set_function(lambda: _active_runs(rt))
@@ -186,6 +201,7 @@ async def stop(rt: Runtime) -> None:
         with contextlib.suppress(Exception):
             await rt.nc.drain()
     await rt.db.close()
+    tracing.shutdown()
     logger.info("pod stopped")
 
 
@@ -247,12 +263,18 @@ async def _abandon(tasks: list[asyncio.Task[Any]], limit_s: float = 5.0) -> None
 def create_app(settings: Settings) -> FastAPI:
     from .api import install
 
-    db = Database(settings.database_url.get_secret_value(), max_size=settings.db_pool_size)
+    url = settings.database_url.get_secret_value()
+    tcp = tcp_options(settings)
+    db = Database(url, max_size=settings.db_pool_size, connect_kwargs=tcp)
+    # The claim keeps keepalives but no tcp_user_timeout: a blip that cut its connection
+    # while the server still holds the session's lock would make the pod exit (ClaimLost);
+    # a dead server session is ended by the server's own keepalives.
+    claim_tcp = {k: v for k, v in tcp.items() if k != "tcp_user_timeout"}
     rt = Runtime(
         settings=settings,
         db=db,
         store=PgRunStore(db),
-        claim=ExecutorClaim(settings.database_url.get_secret_value(), settings.pod_name),
+        claim=ExecutorClaim(url, settings.pod_name, connect_kwargs=claim_tcp),
         metrics=Metrics(),
         stops=StopSignals(),
         source=load_source(settings),  # a plug-in that cannot load fails the start

@@ -48,6 +48,7 @@ from .deps import (
 )
 from .limits import AttachLimiter, AttachSlot
 from .schemas import RunCreate, Strategy, error_responses
+from .validation import invalid
 
 router = APIRouter(prefix="/ai-sdk", tags=["ai-sdk"])
 
@@ -129,8 +130,7 @@ async def chat(
             }
         )
     except ValidationError as exc:
-        problems = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
-        raise InvalidRequest("the message cannot be a run", problems=problems) from None
+        raise invalid(exc.errors(), lead="the message cannot be a run") from None
     # The stream's slot first: a run accepted and then refused a stream would run unseen.
     slot = _slot(rt, limiter, principal)
     try:

@@ -9,6 +9,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ..readiness import DependencyCheck, check_all
 from ..runtime import Runtime
 from ..workflows.thread_run import QUEUE_NAME
 from .deps import RuntimeDep
@@ -35,17 +36,27 @@ async def readyz(rt: RuntimeDep) -> JSONResponse:
     its claim exits. `status` says `degraded` while a dependency is away.
     """
     serving = {"dbos": rt.launched and rt.queue_worker_alive(), "accepting": not rt.draining}
-    deps = {
-        "postgres": await rt.db.ping(),
-        "nats": rt.buffer is not None and await rt.buffer.ping(),
-        "claim": rt.claim.held,
-    }
+    # Concurrent and bounded: a frozen PostgreSQL or NATS costs THREADGATE_READINESS_CHECK_
+    # TIMEOUT_S (1 s), well inside the probe's timeout, and reads `degraded`.
+    deps = await check_all(_dependency_checks(rt), rt.settings.readiness_check_timeout_s)
+    deps["claim"] = rt.claim.held
     ready = all(serving.values())
     status = "not_ready" if not ready else "ready" if all(deps.values()) else "degraded"
     return JSONResponse(
         {"status": status, "pod": rt.settings.pod_name, "checks": {**serving, **deps}},
         status_code=200 if ready else 503,
     )
+
+
+def _dependency_checks(rt: Runtime) -> dict[str, DependencyCheck]:
+    if not rt.dependency_checks:
+
+        async def nats() -> bool:
+            return rt.buffer is not None and await rt.buffer.ping()
+
+        rt.dependency_checks["postgres"] = DependencyCheck("postgres", rt.db.ping)
+        rt.dependency_checks["nats"] = DependencyCheck("nats", nats)
+    return rt.dependency_checks
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
+from .. import tracing
 from ..errors import InvalidRequest, RunNotFound, ThreadNotFound
 from ..ids import check_run_id
 from ..sources import check_options
@@ -62,6 +63,8 @@ async def create_run(
     rt: RuntimeDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
+    # W3C trace context of a client that traces (app/tracing.py): the run's trace continues it.
+    traceparent: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> RunAccepted:
     """Accept a message and reply to it as a durable run; attach to watch the reply stream."""
     if len(body.input) > rt.settings.max_input_chars:
@@ -75,12 +78,13 @@ async def create_run(
     if idempotency_key is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
     check_options(rt.source, body.model_options)  # each source checks its own options
-    run, created = await runner.submit(
-        thread_id,
-        RunRequest(body.input, body.multitask_strategy, body.model_options, body.timeout_s),
-        idempotency_key=idempotency_key,
-        owner=None if principal.anonymous else principal.name,
-    )
+    with tracing.accepting(thread_id, {"traceparent": traceparent} if traceparent else {}):
+        run, created = await runner.submit(
+            thread_id,
+            RunRequest(body.input, body.multitask_strategy, body.model_options, body.timeout_s),
+            idempotency_key=idempotency_key,
+            owner=None if principal.anonymous else principal.name,
+        )
     if created:
         rt.metrics.runs_accepted.inc()
     else:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +61,30 @@ def dbos_url(url: str) -> str:
     return sa_url.render_as_string(hide_password=False)
 
 
+def tcp_options(settings: Settings) -> dict[str, int]:
+    """libpq's TCP parameters for every connection a pod makes (pool, claim, DBOS's engine).
+
+    Without them a primary that vanishes without a FIN (a node lost, a partition) leaves a
+    query waiting for the kernel's retransmissions (~15 minutes) and an idle connection
+    looking alive for hours. libpq ignores them on a Unix socket.
+    """
+    options = {
+        "keepalives": 1,
+        "keepalives_idle": settings.pg_keepalives_idle_s,
+        "keepalives_interval": settings.pg_keepalives_interval_s,
+        "keepalives_count": settings.pg_keepalives_count,
+    }
+    if settings.pg_tcp_user_timeout_s > 0:
+        options["tcp_user_timeout"] = max(1, round(settings.pg_tcp_user_timeout_s * 1000))
+    return options
+
+
 class Database:
     """A pool that checks each connection before lending it, so it heals after a restart."""
 
-    def __init__(self, url: str, *, max_size: int = 8) -> None:
+    def __init__(
+        self, url: str, *, max_size: int = 8, connect_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
         self.url = url
         self.pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
             url,
@@ -68,7 +92,7 @@ class Database:
             max_size=max_size,
             open=False,
             check=AsyncConnectionPool.check_connection,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={"autocommit": True, "row_factory": dict_row, **(connect_kwargs or {})},
             reconnect_timeout=0,  # keep trying forever; /readyz reports the outage
             name="threadgate",
         )

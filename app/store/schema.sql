@@ -69,3 +69,14 @@ ALTER TABLE threadgate.messages ADD COLUMN IF NOT EXISTS layout text;
 ALTER TABLE threadgate.messages ADD COLUMN IF NOT EXISTS escaped boolean NOT NULL DEFAULT false;
 -- A run's input is stored once, as its user message (runs.input: rows from before).
 ALTER TABLE threadgate.runs ALTER COLUMN input DROP NOT NULL;
+
+-- Retention (app/retention.py) deletes finished runs oldest first.
+CREATE INDEX IF NOT EXISTS runs_finished
+    ON threadgate.runs (finished_at) WHERE status IN ('success', 'error', 'cancelled', 'interrupted');
+
+-- The trace context of a run's POST (app/tracing.py), written only by pods that trace: the pod
+-- that executes the run continues that trace. Goes with the run.
+CREATE TABLE IF NOT EXISTS threadgate.run_traces (
+    run_id       text PRIMARY KEY REFERENCES threadgate.runs (run_id) ON DELETE CASCADE,
+    traceparent  text NOT NULL
+);

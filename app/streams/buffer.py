@@ -68,6 +68,10 @@ async def connect_nats(
         "connect_timeout": 2,
         "allow_reconnect": True,
         "pending_size": 64 * 1024 * 1024,
+        # A server that stops answering (frozen, black-holed) is left after interval x
+        # outstanding pings, not nats-py's default of 120 s x 2.
+        "ping_interval": settings.nats_ping_interval_s,
+        "max_outstanding_pings": settings.nats_max_outstanding_pings,
     }
     if settings.nats_user:
         options["user"] = settings.nats_user

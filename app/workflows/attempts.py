@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+from .. import tracing
 from ..errors import InvalidDataEvent, ModelError, PermanentModelError
 from ..sources import ContinuationRefused, Data, Part, Prompt, continues, reads_history
 from ..store.runs import Run
@@ -134,6 +135,7 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
         )
         if d.metrics is not None:
             d.metrics.attempt(attempt, retry=not replayed and attempt > 1)
+        await tracing.attempt_began(d.store.db, run, replayed)
         if replayed and run.replays > s.max_replays:
             logger.error("run replayed %d times after crashes: ending it", run.replays, extra=log)
             return await end(
@@ -317,6 +319,7 @@ async def _stream_attempt(
                 merged = await pub.part(ev)
                 if not merged:
                     held.parts.append(ev)
+            tracing.chunk(run_id)
             if d.metrics is not None:
                 d.metrics.chunk()
                 if index == 0 and attempt == 1 and not merged:

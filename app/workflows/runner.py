@@ -22,6 +22,7 @@ from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 from nats.aio.client import Client as NATS
 from psycopg import AsyncConnection
 
+from .. import tracing
 from ..errors import (
     IdempotencyMismatch,
     RunFinished,
@@ -172,6 +173,7 @@ class Runner:
                         timeout_s=request.timeout_s,
                     ),
                 )
+            await tracing.accepted(conn, run.run_id)  # before any pod can start it
             # Behind the thread's active runs, in their version (see enqueue).
             await enqueue(run, active[-1].version if active else None)
             if request.multitask_strategy == "interrupt":

@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 
 from dbos import DBOS
 
+from .. import tracing
 from ..settings import Settings
 from ..sources import ReplySource
 from ..store.runs import PgRunStore
@@ -144,6 +145,7 @@ async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
     from .endings import patiently
 
     d = deps()
+    tracing.finishing(run_id)
     attempt = outcome.get("attempt", 0)
     log = log_fields(run_id, thread_id, attempt)
     status: DoneStatus = outcome["status"]  # type: ignore[assignment]
@@ -164,6 +166,7 @@ async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
     await patiently(d, "publishing done", publish, log)
     fault(d, "after_done", thread_id)
     logger.info("run finished: %s", status, extra=log)
+    tracing.finished(run_id, status)
     if d.metrics is not None:
         d.metrics.finished(status)
 
