@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from threadgate.client import AsyncClient, Reply, SseEvent
 from threadgate.models.mock import mock_reply
+from threadgate.streams.position import Position, parse
 
 from tests.conftest import unique
 from tests.multipod.cluster import Attacher, Cluster, running_on, wait_run
@@ -50,8 +51,11 @@ def assert_continued_stream(events: list[SseEvent], run: dict[str, Any]) -> None
     ]
     chunks = [e.data["index"] for e in events if e.event == "chunk"]
     assert chunks == list(range(CHUNKS))
-    ids = [int(e.id) for e in events if e.id]
-    assert ids == sorted(set(ids)) and len(ids) == len(events)
+    # Every event says what the client holds after it (contract v3): parts only grow here.
+    places = [parse(e.id) for e in events if e.id]
+    assert len(places) == len(events) and all(isinstance(p, Position) for p in places)
+    held = [p.parts for p in places if isinstance(p, Position)]
+    assert held == sorted(held) and held[-1] == CHUNKS
 
 
 async def assistant_messages(client: AsyncClient, thread: str, run_id: str) -> list[str]:
