@@ -22,7 +22,7 @@ from .sources import load_source
 from .store.db import Database, dbos_url, tcp_options
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats
-from .streams.tail import TailHub
+from .streams.hub import TailHub
 from .workflows import thread_run as wf
 from .workflows.adoption import Adoption, report_stranded
 from .workflows.internals import (

@@ -30,9 +30,10 @@ from ..errors import InvalidRequest, RunNotFound, ThreadNotFound
 from ..ids import check_run_id, check_thread_id
 from ..store.runs import Run
 from ..streams.aisdk import DONE, HEADERS, UiMessageStream
+from ..streams.hub import TailHub
 from ..streams.position import Position, parse
 from ..streams.relay import relay
-from ..streams.tail import TailHub, ThreadTail
+from ..streams.tail import ThreadTail
 from . import runs
 from .attach import LastEventIdHeader, LastEventIdQuery, SseResponse, place, sources
 from .deps import (
@@ -199,7 +200,7 @@ async def resume(
             run, pos = where.run, where.pos
             if run is None or pos is None:
                 raise RunNotFound()
-            if where.unsure:
+            if where.lost:
                 pos = Position(run.run_id, parts=1)  # the encoder starts the reader over
             if pos.done:
                 raise _Ended()

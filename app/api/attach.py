@@ -65,10 +65,10 @@ def sources(rt: RuntimeDep, tail: ThreadTail, run: Run, reader: str | None) -> S
 
 class Place:
     """Where a client's stream begins: a run and the client's place in it (`pos` None: the
-    thread has no run yet); `unsure`: it came back with an id whose place cannot be known."""
+    thread has no run yet); `lost`: it came back with an id whose place cannot be known."""
 
-    def __init__(self, run: Run | None, pos: Position | None, unsure: bool = False) -> None:
-        self.run, self.pos, self.unsure = run, pos, unsure
+    def __init__(self, run: Run | None, pos: Position | None, lost: bool = False) -> None:
+        self.run, self.pos, self.lost = run, pos, lost
 
 
 async def place(
@@ -97,7 +97,7 @@ async def place(
             run = await rt.store.get_run(thread_id, pos.run_id, reader=reader)
             if run is not None:
                 return Place(run, pos)
-        return Place(latest, Position(latest.run_id), unsure=True)
+        return Place(latest, Position(latest.run_id), lost=True)
     latest = await rt.store.latest_run(thread_id, reader=reader)
     return Place(latest, Position(latest.run_id) if latest is not None else None)
 
@@ -237,7 +237,7 @@ async def _stream(
             yield KEEPALIVE
             last_write = loop.time()
     pos = where.pos if where.pos is not None and where.run is run else Position(run.run_id)
-    if where.unsure:
+    if where.lost:
         # Back with an id this server can no longer place: whatever it holds is dropped.
         yield sse_frame(reset(run.run_id, 0), pos.id())
     src = sources(rt, tail, run, reader)
