@@ -133,7 +133,7 @@ async def relay(
     while not pos.done:
         seen = tail.last_seq
         view = tail.view(pos.run_id)
-        ended = run.status in TERMINAL or tail.later_than(run.seq)
+        ended = run.status in TERMINAL or tail.later_than(run.seq) or pos.run_id in tail.ended
         if view is not None and view.complete and view.first <= pos.parts:
             batch = advance(pos, view, truncate=truncate)
             stall = tail.stalled

@@ -30,6 +30,7 @@ TIMER_SLACK_S = 0.01  # deadlines this close together fire together
 # Event, its strings (a chunk's text is in the frame too), its place in the list.
 EVENT_OVERHEAD = 440
 KEEP_RUNS = 2  # the current run and the one before it (its slow clients finish from memory)
+KEEP_ENDED = 64
 
 
 class ThreadTail:
@@ -40,6 +41,9 @@ class ThreadTail:
         self.runs: OrderedDict[str, Reply] = OrderedDict()  # oldest first
         self.run_seqs: dict[str, int] = {}  # a run's place among the thread's runs, if known
         self.current: Reply | None = None  # the newest run that began here
+        # `done` of runs that never began here (stopped while queued, ended elsewhere): the
+        # relay of such a run looks for its end at once instead of at its next check.
+        self.ended: OrderedDict[str, Event] = OrderedDict()
         self.last_seq = 0
         self.max_bytes = max_bytes  # 0: unbounded
         self.held_bytes = 0
@@ -84,6 +88,10 @@ class ThreadTail:
         view = self.runs.get(ev.run_id)
         if view is None and ev.type == "run_started" and self._begins(ev):
             view = self._open(ev)
+        elif view is None and ev.type == "done":
+            self.ended[ev.run_id] = ev
+            while len(self.ended) > KEEP_ENDED:
+                self.ended.popitem(last=False)
         if view is not None:
             if ev.part:
                 part_frame(ev)  # made once here, shared by every client of the pod
