@@ -2,9 +2,10 @@
 
 A stored reply is read back part by part (a client resuming at part n of an ended run gets
 parts n.. from here, streams/relay.py), so the text alone is not enough: `layout` lists the
-parts in order, a text part as its length in code points (its text is the next slice of the
-content), a data part as `[name, payload]`. Layout is ASCII JSON in a text column: it holds any
-payload, NUL included, which PostgreSQL's jsonb refuses.
+parts in order, one line each: a text part as its length in code points (its text is the
+next slice of the content), a data part as `[name, payload]`. Each line is ASCII JSON, so the
+layout holds any payload, NUL included (PostgreSQL's jsonb refuses it), and a reader can take
+it in slices of whole lines without holding all of it (a reply of 100,000 data parts).
 
 Text PostgreSQL cannot store as it is (NUL, a lone surrogate a plug-in yielded) is stored in an
 escaped form, marked as such, and given back as it was: every client's reply equals the stored
@@ -37,15 +38,12 @@ def restore(stored: str, escaped: bool) -> str:
 
 def pack(parts: Sequence[StoredPart]) -> tuple[str, str]:
     """(the reply's text, its layout)."""
-    layout: list[Any] = []
-    for p in parts:
-        if isinstance(p, str):
-            layout.append(len(p))
-        else:
-            name, payload = p
-            layout.append([name, payload])
+    lines = [
+        str(len(p)) if isinstance(p, str) else json.dumps([p[0], p[1]], separators=(",", ":"))
+        for p in parts
+    ]
     text = "".join(p for p in parts if isinstance(p, str))
-    return text, json.dumps(layout, separators=(",", ":"))
+    return text, "\n".join(lines)
 
 
 def unpack(text: str, layout: str | None) -> list[StoredPart]:
@@ -55,12 +53,14 @@ def unpack(text: str, layout: str | None) -> list[StoredPart]:
         return [text] if text else []
     parts: list[StoredPart] = []
     at = 0
-    for item in json.loads(layout):
-        if isinstance(item, int):
-            parts.append(text[at : at + item])
-            at += item
+    for line in layout.split("\n") if layout else ():
+        if line[0] != "[":
+            n = int(line)
+            parts.append(text[at : at + n])
+            at += n
         else:
-            parts.append((str(item[0]), item[1]))
+            name, payload = json.loads(line)
+            parts.append((str(name), payload))
     return parts
 
 
