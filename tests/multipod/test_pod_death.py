@@ -144,14 +144,15 @@ async def test_a_source_that_cannot_continue_regenerates_with_a_reset(cluster: C
         reply = await watcher.result()
         run = await wait_run(client, thread, run_id)
     assert run["status"] == "success"
-    # attempt 2 asked to continue and was refused; attempt 3 regenerated the whole reply
-    assert run["attempt"] == 3 and run["attempts"][1]["resume_from"] >= 10
-    assert "resume_from" not in run["attempts"][2]
-    stored = mock_reply(CHUNKS, {0: 3})
+    # attempt 2 asked to continue, was refused before it announced anything, and
+    # regenerated the whole reply itself: its record says so (kept 0, no resume_from)
+    assert run["attempt"] == 2 and run["attempts"][1]["kept"] == 0
+    assert "resume_from" not in run["attempts"][1]
+    stored = mock_reply(CHUNKS, {0: 2})
     assert run["output"] == stored
     assert_exact(reply, stored)
     resets = [e for e in watcher.events if e.event == "reset"]
-    assert [r.data["attempt"] for r in resets] == [3]
+    assert [r.data["attempt"] for r in resets] == [2]
     before = watcher.events[: watcher.events.index(resets[0])]
     assert [e.data["index"] for e in before if e.event == "chunk"][:10] == list(range(10))
     late = await Attacher([survivor.url], thread).start().result()
