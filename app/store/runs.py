@@ -408,10 +408,22 @@ class PgRunStore:
 
     async def hand_off(self, run_ids: list[str], handed: bool = True) -> None:
         """A draining pod leaves these runs to be replayed, or a suspect waits its turn: a
-        crash meanwhile is not theirs (`handed=False`: it is again)."""
+        crash meanwhile is not theirs (`handed=False`: it is again).
+
+        DBOS counts every dispatch of a workflow (`recovery_attempts`) and dead-letters it past
+        its bound: a hand-off takes its dispatch off that count, so that DBOS's bound (a
+        backstop for pods that die before a run begins an attempt, app/workflows/thread_run.py)
+        counts crashes only, as threadgate's own `replays` do (dbos==3.4.0's column)."""
+        step = -1 if handed else 1
         async with self.db.pool.connection() as conn:
             await conn.execute(
-                "UPDATE threadgate.runs SET handoff = %s WHERE run_id = ANY(%s)", (handed, run_ids)
+                """WITH r AS (
+                       UPDATE threadgate.runs SET handoff = %s
+                       WHERE run_id = ANY(%s) AND handoff <> %s RETURNING run_id)
+                   UPDATE dbos.workflow_status w
+                   SET recovery_attempts = greatest(coalesce(w.recovery_attempts, 0) + %s, 0)
+                   FROM r WHERE w.workflow_uuid = r.run_id""",
+                (handed, run_ids, handed, step),
             )
 
     async def store_reply(

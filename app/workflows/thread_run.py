@@ -68,10 +68,13 @@ def bind(deps: RunDeps | None) -> None:
     global _deps
     _deps = deps
     if deps is not None:
-        # DBOS counts every dispatch (a drain's hand-off, a suspect waiting its turn, an
-        # adoption) and would dead-letter the run, freeing its thread before its `done`:
-        # threadgate counts real crashes itself (`runs.replays`, THREADGATE_MAX_REPLAYS).
-        set_max_recovery_attempts(thread_run, None)
+        # threadgate counts crashes itself (`runs.replays`, THREADGATE_MAX_REPLAYS) and ends a
+        # crash-looping run with its `done` before the thread moves on. DBOS's dispatch bound
+        # stays as a backstop one crash later, for pods that die before a run begins an
+        # attempt (threadgate never sees those); hand-offs are taken off its count
+        # (store/runs.py: hand_off), so that a run drained any number of times is never
+        # dead-lettered.
+        set_max_recovery_attempts(thread_run, deps.settings.max_replays + 1)
 
 
 def deps() -> RunDeps:
