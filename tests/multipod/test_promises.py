@@ -421,11 +421,14 @@ async def test_the_time_budget_spans_a_crash(solo_logs: Cluster) -> None:
         reply = await watcher.result(30)
         await assert_stored_as_seen(client, thread, run["run_id"], reply)
     assert final["status"] == "error" and final["error"]["code"] == "timeout"
+    kept = len(reply.chunks)
     assert final["attempts"] == [
-        {"attempt": 1, "executor": pod.name, "kind": "first"},
-        {"attempt": 2, "executor": pod.name, "kind": "replay"},
+        {"attempt": 1, "executor": pod.name, "kind": "first", "kept": 0},
+        {"attempt": 2, "executor": pod.name, "kind": "replay", "kept": kept, "resume_from": kept},
     ]
     assert reply.status == "error" and reply.error == final["error"]
-    # Nothing of attempt 2 was streamed: the model was not called again.
-    assert [e.data["attempt"] for e in watcher.events if e.event == "run_started"] == [1]
+    # Attempt 2 only ended the run, keeping what attempt 1 streamed: the model was not
+    # called again (its run_started says so: no chunk of attempt 2).
+    assert [e.data["attempt"] for e in watcher.events if e.event == "run_started"] == [1, 2]
+    assert not [e for e in watcher.events if e.event == "chunk" and e.data["attempt"] == 2]
     assert reply.text == mock_reply(len(reply.chunks), {0: 1})
