@@ -164,7 +164,9 @@ async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: St
     final = await wait_run(client, thread, run["run_id"], timeout=60)
     stored = mock_reply(chunks, {0: 1})
     assert final["status"] == "success" and final["output"] == stored
-    assert final["attempts"] == [{"attempt": 1, "executor": executor.name, "kind": "first"}]
+    assert final["attempts"] == [
+        {"attempt": 1, "executor": executor.name, "kind": "first", "kept": 0}
+    ]
     assert at(final["finished_at"]).timestamp() > last_chunk  # finished after the outage
     reply = await attacher.result(60)
     assert reply.status == "success" and reply.text == stored
