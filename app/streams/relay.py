@@ -129,6 +129,7 @@ async def relay(
     check_at, check_every = loop.time() + RECHECK_S, RECHECK_S  # the next look at the row
     stream_at, stream_every = 0.0, RECHECK_S  # the next read from JetStream allowed
     stored: Reply | None = None
+    ended_seen = False
     stalled_sent = 0
     while not pos.done:
         seen = tail.last_seq
@@ -155,7 +156,7 @@ async def relay(
                 # `done` reaching this tail (published before it subscribed again) is found
                 # by a look at its row once the tail has been silent for a while.
                 if loop.time() >= check_at and loop.time() - tail.last_event_at >= keepalive_s:
-                    run = await src.lookup() or run
+                    run = await _look(src, run)
                     check_at = loop.time() + keepalive_s
                     if run.status in TERMINAL:
                         continue
@@ -175,10 +176,13 @@ async def relay(
                 stream_every = RECHECK_S
                 continue
             stream_at, stream_every = loop.time() + stream_every, min(2 * stream_every, keepalive_s)
-        if ended or loop.time() >= check_at:
-            run = await src.lookup() or run
+        if ended and not ended_seen:
+            ended_seen, check_at = True, loop.time()  # look for its end now, then back off
+        if loop.time() >= check_at:
+            run = await _look(src, run)
             if run.status in TERMINAL:
-                stored = stored or await src.stored(run)
+                stored = stored or await _stored(src, run)
+            if stored is not None:
                 batch = advance(pos, stored, truncate=truncate)
                 if batch:
                     yield batch
@@ -191,6 +195,24 @@ async def relay(
             last_write = loop.time()
         deadline = min(last_write + keepalive_s, check_at, max(stream_at, loop.time()))
         await tail.wait(seen, max(deadline - loop.time(), 0.001))
+
+
+async def _look(src: Sources, run: Run) -> Run:
+    """The run's row now; with the database away, the one known (the client waits, with
+    keepalives: an outage is never the end of a stream)."""
+    try:
+        return await src.lookup() or run
+    except Exception as exc:
+        logger.debug("reading a run's row failed: %r", exc)
+        return run
+
+
+async def _stored(src: Sources, run: Run) -> Reply | None:
+    try:
+        return await src.stored(run)
+    except Exception as exc:
+        logger.debug("reading a stored reply failed: %r", exc)
+        return None
 
 
 async def _from_stream(

@@ -303,3 +303,42 @@ async def test_a_reply_for_reading_from_its_middle_on() -> None:
     reply.apply(chunk(R, 2, 7, "x").with_seq(101))
     reply.apply(run_started(R, 3, 5).with_seq(102))
     assert reply.cut(2, 7) is not None and reply.cut(2, 5) is None
+
+
+async def test_a_database_outage_is_waited_out_with_keepalives() -> None:
+    """Its row unreadable (PostgreSQL away), a client whose run ended elsewhere keeps its
+    stream (keepalives) and ends from the stored reply once the database is back."""
+    world = world_with(R, NEXT)
+    tail = world.tail()
+    world.publish(run_started(R, 1, run_seq=1))
+    for ev in parts(4):
+        world.publish(ev)
+    world.drop(tail)
+    world.publish(done(R, 1, "success"))
+    world.replies[R] = [p.text or "" for p in parts(4)]
+    world.runs[R].status = "success"
+    world.purge()
+    tail.add(world.publish(run_started(NEXT, 1, run_seq=2)))
+    src = world.sources(tail, R)
+    down = True
+
+    async def lookup() -> object:
+        if down:
+            raise ConnectionError("the database is away")
+        return world.runs[R]
+
+    src.lookup = lookup  # type: ignore[assignment]
+    from threadgate.streams.relay import relay
+
+    pos = Position(R, 1, 4, 5)
+    running = world.runs[R]
+    running.status = "running"  # what the pod read before the outage
+    stream = relay(pos, running, src, keepalive_s=0.02)
+    batches = [await anext(stream) for _ in range(3)]
+    assert batches == [[], [], []]  # keepalives, not an end
+    down = False
+    world.runs[R] = new_run(R, 1)
+    world.runs[R].status = "success"
+    world.runs[R].attempts = [{"attempt": 1, "kept": 0}]
+    got = [e.type async for batch in stream for e in batch]
+    assert got == ["done"] and pos.done
