@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import random
 import threading
 import urllib.parse
@@ -47,6 +48,8 @@ CHUNKS = 200
 # data_every: every 9th part is a data event `tick` {"i", "attempt"}.
 OPTIONS = {"chunks": CHUNKS, "delay_ms": 20, "vary": True, "refuse_continue": True, "data_every": 9}
 KILL_AT = 40  # parts a client holds when its pod and the executor are killed
+# The hang-up client's random hang-ups: `THIRD_PARTY_SEED=<seed>` (printed) replays a draw.
+HANGUPS = int(os.environ.get("THIRD_PARTY_HANGUPS", "5"))
 
 
 def expected(attempt: int) -> list[dict[str, Any]]:
@@ -87,6 +90,7 @@ class NodeClient:
             self.script,
             json.dumps(self.options),
             cwd=HERE,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -130,6 +134,12 @@ class NodeClient:
 
     async def final(self, timeout: float = 240) -> dict[str, Any]:
         return await self.wait_for(lambda line: line["type"] == "final", timeout)
+
+    async def tell(self) -> None:
+        """A line on its stdin (the `away` client comes back)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        await self.proc.stdin.drain()
 
     def holds(self, n: int) -> Callable[[dict[str, Any]], bool]:
         return lambda line: line["type"] == "progress" and line["parts"] >= n
@@ -224,16 +234,17 @@ def assert_regenerated(run: dict[str, Any], parts: list[dict[str, Any]]) -> None
 async def test_eventsource_package_across_a_kill_with_regeneration(
     start_cluster: StartCluster,
 ) -> None:
-    """Two `eventsource` clients on the proxy: one reconnects by itself (its pod and the
+    """Three `eventsource` clients on the proxy: one reconnects by itself (its pod and the
     executor SIGKILLed when it holds 40 parts), one hangs up at random events and comes back
-    with `?last_event_id=`. Both end with the stored reply, byte for byte; after `done` each
-    one's own reconnect gets 204 and it stops (readyState CLOSED); a new EventSource with the
-    id of `done` gets 204 too."""
+    with `?last_event_id=`, one hangs up holding 19 parts of attempt 1 and comes back after
+    `done`. Each ends with the stored reply, byte for byte; after `done` each one's own
+    reconnect gets 204 and it stops (readyState CLOSED); a new EventSource with the id of
+    `done` gets 204 too."""
     node = node22()
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("THIRD_PARTY_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     # Events of a whole run: about CHUNKS parts, two run_started, a reset, done.
-    hangups = sorted(rng.sample(range(1, CHUNKS + 4), 5))
+    hangups = sorted(rng.sample(range(1, CHUNKS + 4), HANGUPS))
     async with behind_one_url(start_cluster) as (cluster, proxy, http):
         thread = unique("es")
         accepted = (
@@ -246,14 +257,21 @@ async def test_eventsource_package_across_a_kill_with_regeneration(
             node,
             ("eventsource-client.mjs", {"url": f"{url}?client=own"}),
             ("eventsource-client.mjs", {"url": f"{url}?client=hangup", "hangups": hangups}),
-        ) as (own, hangup):
+            (
+                "eventsource-client.mjs",
+                {"url": f"{url}?client=away", "hangups": [20], "away": True},
+            ),
+        ) as (own, hangup, away):
             await own.wait_for(own.holds(KILL_AT), 120)
             run = await current_run(http, thread)
             assert run["run_id"] == accepted["run_id"] and run["attempt"] == 1, run
+            left = await away.wait_for(lambda line: line["type"] == "hangup", 10)
             victims = await kill_and_restart(cluster, proxy, run, "client=own")
             results = [await own.final(), await hangup.final()]
-        run, parts = await stored(http, thread, accepted["run_id"])
-    context = f"seed={seed} hangups={hangups} killed={[p.name for p in victims]}"
+            run, parts = await stored(http, thread, accepted["run_id"])
+            await away.tell()  # back after `done`, holding parts of the attempt that died
+            results.append(await away.final())
+    context = f"THIRD_PARTY_SEED={seed} hangups={hangups} killed={[p.name for p in victims]}"
     for got in results:
         print(
             f"\n{context}: opens={got['opens']} events={got['events']} resets={got['resets']}"
@@ -266,10 +284,12 @@ async def test_eventsource_package_across_a_kill_with_regeneration(
         assert got["readyState"] == 2, f"the EventSource did not stop after done: {got} {context}"
         assert got["reconnectsAfterDone"] == 0 and got["late"]["code"] == 204, (got, context)
         assert [e["code"] for e in got["errors"]][-1] == 204, (got["errors"], context)
-    first, second = results
+    first, second, third = results
     # Its stream broke: it reconnected, and dropped attempt 1's parts once.
     assert first["opens"] >= 2 and first["resets"] == 1, (first, context)
     assert second["hangups"] == sum(1 for h in hangups if h < second["events"]), (second, context)
+    # Back after `done` with 19 parts of attempt 1: a reset, then the stored reply.
+    assert left["parts"] == 19 and third["resets"] == 1, (left, third, context)
     assert_regenerated(run, parts)
 
 
@@ -291,15 +311,17 @@ def ui_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("resume", ["resumeStream", "threadgateFetch"])
+@pytest.mark.parametrize("resume", ["resumeStream", "threadgateFetch", "away"])
 async def test_ai_sdk_chat_across_a_kill_with_regeneration(
     start_cluster: StartCluster, resume: str
 ) -> None:
     """The AI SDK's own chat sends a message on the proxy; when it holds 40 parts its pod and
     the executor are SIGKILLed. `resumeStream`: the chat's stream breaks and the app calls
     `chat.resumeStream()` (a replay of the run on whatever pod the proxy picks);
-    `threadgateFetch`: the fetch resumes the stream with Last-Event-ID. The assistant message
-    ends as the stored reply: text and data parts."""
+    `threadgateFetch`: the fetch resumes the stream with Last-Event-ID; `away`: the chat's
+    stream breaks at 40 parts, the executor is killed, and threadgateFetch's resume (with the
+    id of attempt 1) is let through only after `done`. The assistant message ends as the
+    stored reply: text and data parts."""
     node = node22()
     async with behind_one_url(start_cluster) as (cluster, proxy, http):
         thread = unique("ai")
@@ -310,12 +332,19 @@ async def test_ai_sdk_chat_across_a_kill_with_regeneration(
             "text": "survive this",
             "body": {"model_options": OPTIONS},
             "resume": resume,
+            "cutAt": KILL_AT,
         }
         async with clients(node, ("ai-chat.mjs", opts)) as (chat,):
-            await chat.wait_for(chat.holds(KILL_AT), 120)
+            if resume == "away":
+                await chat.wait_for(lambda line: line["type"] == "cut", 120)
+            else:
+                await chat.wait_for(chat.holds(KILL_AT), 120)
             run = await current_run(http, thread)
             assert run["attempt"] == 1, run
             victims = await kill_and_restart(cluster, proxy, run, "/ai-sdk/chat")
+            if resume == "away":
+                await stored(http, thread, run["run_id"])
+                await chat.tell()
             got = await chat.final()
         run, parts = await stored(http, thread, run["run_id"])
     context = f"killed={[p.name for p in victims]} finishes={got['finishes']}"
@@ -334,6 +363,9 @@ async def test_ai_sdk_chat_across_a_kill_with_regeneration(
         assert resumed, f"threadgateFetch never resumed the stream: {context}"
         # It held attempt 1's text when the stream broke: the reader was told to drop it.
         assert got["resets"] >= 1, context
+    if resume == "away":
+        back = [line for line in chat.lines if line["type"] == "back"]
+        assert len(back) == 1 and back[0]["lastEventId"], (back, context)
     assert_regenerated(run, parts)
 
 

@@ -8,7 +8,11 @@
 // - "threadgateFetch": the transport's fetch is clients/js/ai-sdk.js's threadgateFetch with
 //   the one URL `base`: it stitches a broken stream with Last-Event-ID, the chat never knows.
 //
-// Prints JSON lines: {type: "progress", parts}, {type: "broken", ...}, then
+// - "away": threadgateFetch as above over a fetch that breaks the chat's first stream once it
+//   carried `cutAt` reply parts, then holds the resume request until a line arrives on stdin
+//   (a laptop lid closed meanwhile): threadgateFetch resumes with the Last-Event-ID it had.
+//
+// Prints JSON lines: {type: "progress", parts}, {type: "broken", ...}, {type: "cut"}, then
 // {type: "final", message, ...} or {type: "fail", ...}.
 import { AbstractChat, DefaultChatTransport } from "ai";
 
@@ -55,11 +59,60 @@ class Chat extends AbstractChat {
   }
 }
 
+// The first response's body, broken after `cutAt` reply parts (text deltas, data parts).
+function cut(resp, cutAt) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  const encoder = new TextEncoder();
+  let text = "";
+  const body = new ReadableStream({
+    async pull(controller) {
+      const { value, done } = await reader.read();
+      if (done) return controller.close();
+      text += decoder.decode(value, { stream: true });
+      const frames = text.split("\n\n");
+      text = frames.pop();
+      let parts = (cut.parts ??= 0);
+      for (const frame of frames) {
+        if (/"type":"(text-delta|data-tick)"/.test(frame)) parts += 1;
+        controller.enqueue(encoder.encode(`${frame}\n\n`));
+        if (parts >= cutAt) {
+          say({ type: "cut", parts });
+          reader.cancel().catch(() => {});
+          controller.error(new TypeError("network error (cut by the test)"));
+          return;
+        }
+      }
+      cut.parts = parts;
+    },
+    cancel: (reason) => reader.cancel(reason),
+  });
+  return new Response(body, { status: resp.status, headers: resp.headers });
+}
+
+function awayFetch() {
+  let first = true;
+  return async (url, init) => {
+    if (first) {
+      first = false;
+      return cut(await fetch(url, init), opts.cutAt);
+    }
+    await new Promise((resolve) => process.stdin.once("data", resolve));
+    say({ type: "back", url: String(url), lastEventId: new Headers(init.headers).get("last-event-id") });
+    return fetch(url, init);
+  };
+}
+
 const transient = [];
 const finishes = [];
 const transport = new DefaultChatTransport({
   api: opts.api,
-  fetch: opts.resume === "threadgateFetch" ? threadgateFetch({ urls: [opts.base] }) : undefined,
+  fetch:
+    opts.resume === "threadgateFetch"
+      ? threadgateFetch({ urls: [opts.base] })
+      : opts.resume === "away"
+        ? threadgateFetch({ urls: [opts.base], fetch: awayFetch() })
+        : undefined,
 });
 const chat = new Chat({
   id: opts.chatId,

@@ -6,9 +6,11 @@
 // The package reconnects by itself with Last-Event-ID (its default delay: the server sends
 // no `retry:`). After `done` its own reconnect must get 204 and stop: readyState CLOSED.
 //
-// Options (JSON argument): {url, hangups?: [n, ...], limitMs?}. `hangups`: after the n-th
-// event received (counted over the whole run, from 1) the client closes its EventSource and
-// opens a new one with `?last_event_id=` (what a browser can send), as a page reload would.
+// Options (JSON argument): {url, hangups?: [n, ...], away?: bool, limitMs?}. `hangups`: after
+// the n-th event received (counted over the whole run, from 1) the client closes its
+// EventSource and opens a new one with `?last_event_id=` (what a browser can send), as a page
+// reload would. `away`: it comes back only when a line arrives on its stdin (a laptop lid
+// closed meanwhile).
 //
 // Prints JSON lines: {type: "progress", parts, attempt}, {type: "open"}, {type: "error", ...},
 // {type: "hangup", after, lastEventId}, then {type: "final", ...} or {type: "fail", ...}.
@@ -94,11 +96,17 @@ function open(url) {
       if (hangups.length && stats.events >= hangups[0] && reply.status === null) {
         hangups.shift();
         stats.hangups += 1;
-        say({ type: "hangup", after: stats.events, lastEventId });
+        say({ type: "hangup", after: stats.events, lastEventId, parts: reply.parts.length });
         source.close();
         const again = new URL(opts.url);
         if (lastEventId) again.searchParams.set("last_event_id", lastEventId);
-        es = open(again.href);
+        es = null;
+        const back = () => {
+          say({ type: "back", lastEventId });
+          es = open(again.href);
+        };
+        if (opts.away) process.stdin.once("data", back);
+        else back();
       }
     });
   }
