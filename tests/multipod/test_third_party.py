@@ -237,7 +237,7 @@ async def test_eventsource_package_across_a_kill_with_regeneration(
     """Three `eventsource` clients on the proxy: one reconnects by itself (its pod and the
     executor SIGKILLed when it holds 40 parts), one hangs up at random events and comes back
     with `?last_event_id=`, one hangs up holding 19 parts of attempt 1 and comes back after
-    `done`. Each ends with the stored reply, byte for byte; after `done` each one's own
+    `done`, once the thread's next run has begun. Each ends with the stored reply, byte for byte; after `done` each one's own
     reconnect gets 204 and it stops (readyState CLOSED); a new EventSource with the id of
     `done` gets 204 too."""
     node = node22()
@@ -269,7 +269,12 @@ async def test_eventsource_package_across_a_kill_with_regeneration(
             victims = await kill_and_restart(cluster, proxy, run, "client=own")
             results = [await own.final(), await hangup.final()]
             run, parts = await stored(http, thread, accepted["run_id"])
-            await away.tell()  # back after `done`, holding parts of the attempt that died
+            # The thread's next run begins (it purges the subject) before the away client is
+            # back, after `done`, holding parts of the attempt that died.
+            body = {"input": "next", "model_options": {"chunks": 200, "delay_ms": 20}}
+            assert (await http.post(f"/threads/{thread}/runs", json=body)).status_code == 202
+            await current_run(http, thread)
+            await away.tell()
             results.append(await away.final())
     context = f"THIRD_PARTY_SEED={seed} hangups={hangups} killed={[p.name for p in victims]}"
     for got in results:
@@ -320,8 +325,8 @@ async def test_ai_sdk_chat_across_a_kill_with_regeneration(
     `chat.resumeStream()` (a replay of the run on whatever pod the proxy picks);
     `threadgateFetch`: the fetch resumes the stream with Last-Event-ID; `away`: the chat's
     stream breaks at 40 parts, the executor is killed, and threadgateFetch's resume (with the
-    id of attempt 1) is let through only after `done`. The assistant message ends as the
-    stored reply: text and data parts."""
+    id of attempt 1) is let through only after `done`, once the thread's next run began. The
+    assistant message ends as the stored reply: text and data parts."""
     node = node22()
     async with behind_one_url(start_cluster) as (cluster, proxy, http):
         thread = unique("ai")
@@ -344,6 +349,10 @@ async def test_ai_sdk_chat_across_a_kill_with_regeneration(
             victims = await kill_and_restart(cluster, proxy, run, "/ai-sdk/chat")
             if resume == "away":
                 await stored(http, thread, run["run_id"])
+                # The thread's next run begins (it purges the subject) before the chat is back.
+                body = {"input": "next", "model_options": {"chunks": 200, "delay_ms": 20}}
+                assert (await http.post(f"/threads/{thread}/runs", json=body)).status_code == 202
+                await current_run(http, thread)
                 await chat.tell()
             got = await chat.final()
         run, parts = await stored(http, thread, run["run_id"])
