@@ -15,6 +15,10 @@ import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.multipod.cluster import Pod
 
 _REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
 CONNECT_TIMEOUT_S = 2.0
@@ -54,9 +58,9 @@ class RoundRobinProxy:
         self.port = 0
 
     @classmethod
-    def of(cls, pods: Sequence[object]) -> RoundRobinProxy:
+    def of(cls, pods: Sequence[Pod]) -> RoundRobinProxy:
         """In front of tests/multipod/cluster.py pods (their name and port survive restarts)."""
-        return cls([Upstream(p.name, "127.0.0.1", p.port) for p in pods])  # type: ignore[attr-defined]
+        return cls([Upstream(p.name, "127.0.0.1", p.port) for p in pods])
 
     @property
     def url(self) -> str:
