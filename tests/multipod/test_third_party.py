@@ -366,6 +366,7 @@ async def test_ai_sdk_chat_across_a_kill_with_regeneration(
     assert got["status"] == "ready" and got["finishes"][-1]["finishReason"] == "stop", context
     if resume == "resumeStream":
         assert got["resumes"] >= 1, f"the stream never broke: {context}"
+        assert proxy.pods_for(f"/ai-sdk/chat/{thread}/stream"), context  # the SDK's own GET
     else:
         assert got["resumes"] == 0, context
         resumed = [p for p in proxy.pods_for(f"/ai-sdk/chat/{thread}/stream?run_id=")]
