@@ -1,5 +1,6 @@
-"""Node.js for the tests that run JavaScript: a package directory's `npm ci`, the node on PATH,
-and the Node >= 22 that tests/third_party brings (ai 7 and eventsource 5 need it).
+"""Node.js for tests/multipod/test_third_party.py: a package directory's `npm ci`, the node on
+PATH, and the Node >= 22 that tests/third_party brings (ai 7 and eventsource 5 need it).
+(The lead's branch has tests/node.py for the same job: once merged, one of them should go.)
 
 Without node or npm a test is skipped, saying so — except with `CI` set, where it fails with
 one line; an install that fails fails the test, with npm's output.
