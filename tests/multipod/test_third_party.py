@@ -298,6 +298,43 @@ async def test_eventsource_package_across_a_kill_with_regeneration(
     assert_regenerated(run, parts)
 
 
+@pytest.mark.timeout(300)
+async def test_eventsource_package_on_a_stopped_run(start_cluster: StartCluster) -> None:
+    """A run cancelled mid-reply stores the partial reply its clients saw (contract v3): two
+    `eventsource` clients (one hanging up at random events) end with exactly that, and
+    `cancelled`; after `done` their reconnects get 204."""
+    node = node22()
+    seed = int(os.environ.get("THIRD_PARTY_SEED", random.randrange(1 << 30)))
+    hangups = sorted(random.Random(seed).sample(range(1, 60), 4))
+    async with behind_one_url(start_cluster) as (_, proxy, http):
+        thread = unique("stop")
+        options = {**OPTIONS, "refuse_continue": False}
+        accepted = (
+            await http.post(
+                f"/threads/{thread}/runs", json={"input": "hi", "model_options": options}
+            )
+        ).json()
+        url = f"{proxy.url}/threads/{thread}/attach"
+        async with clients(
+            node,
+            ("eventsource-client.mjs", {"url": url}),
+            ("eventsource-client.mjs", {"url": url, "hangups": hangups}),
+        ) as (one, two):
+            await one.wait_for(one.holds(KILL_AT), 120)
+            cancel = await http.post(f"/threads/{thread}/runs/{accepted['run_id']}/cancel")
+            assert cancel.status_code == 200, cancel.text
+            results = [await one.final(), await two.final()]
+        run, parts = await stored(http, thread, accepted["run_id"])
+    context = f"THIRD_PARTY_SEED={seed} hangups={hangups}"
+    assert run["status"] == "cancelled", run
+    assert KILL_AT <= sum(1 for _ in run["output"].split()) < CHUNKS, run["output"]
+    for got in results:
+        assert got["status"] == "cancelled", (got, context)
+        assert got["text"] == run["output"], context
+        assert got["parts"] == parts, context
+        assert got["readyState"] == 2 and got["late"]["code"] == 204, (got, context)
+
+
 # ---- the AI SDK's chat ----------------------------------------------------------------------
 
 
