@@ -22,7 +22,7 @@ from .sources import load_source
 from .store.db import Database, dbos_url, tcp_options
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats
-from .streams.tail import TailHub
+from .streams.hub import TailHub
 from .workflows import thread_run as wf
 from .workflows.adoption import Adoption, report_stranded
 from .workflows.internals import (
@@ -78,7 +78,11 @@ async def start(rt: Runtime) -> None:
     rt.buffer = JetStreamBuffer(s, rt.nc, on_republish=rt.metrics.republished)
     await rt.buffer.ensure_stream()
     rt.hub = TailHub(
-        rt.buffer, linger_s=s.tail_linger_s, liveness=rt.alive, max_bytes=s.tail_max_bytes
+        rt.buffer,
+        linger_s=s.tail_linger_s,
+        liveness=rt.alive,
+        max_bytes=s.tail_max_bytes,
+        max_lingering=s.max_attach_per_principal,
     )
     rt.runner = Runner(s, rt.store, rt.stops, rt.nc)
     await rt.runner.listen()

@@ -17,7 +17,7 @@ from .sources import ReplySource
 from .store.db import Database
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer
-from .streams.tail import TailHub
+from .streams.hub import TailHub
 from .workflows import thread_run as wf
 from .workflows.stops import StopSignals
 

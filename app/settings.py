@@ -108,7 +108,10 @@ class Settings(BaseSettings):
     auto_adopt: bool = True
     drain_timeout_s: float = Field(default=25.0, ge=0)
     keepalive_s: float = Field(default=15.0, gt=0)
-    tail_linger_s: float = Field(default=30.0, ge=0)
+    # A tail (and its JetStream consumer) outlives its last client this long: a client back
+    # within it finds the thread's replies in memory; any pod serves it without one (v3).
+    # A principal keeps at most max_attach_per_principal such idle tails on a pod.
+    tail_linger_s: float = Field(default=3.0, ge=0)
     # What one thread's tail holds in memory, at most about (0: unbounded). A 100,000-chunk
     # reply costs ~57 MB; beyond the bound the oldest events are dropped, and a client that
     # needs them reads them from JetStream (streams/tail.py).

@@ -60,13 +60,21 @@ def node(minimum: int = 18) -> str:
 
 
 def npm_ci(directory: Path) -> None:
-    """Install a directory's locked packages when its lock changed since the last install."""
+    """Install a directory's locked packages when its lock changed since the last install; a
+    failed install fails the test with npm's output."""
     installed = directory / "node_modules" / ".package-lock.json"
     lock = directory / "package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run(
-            [npm(), "ci", "--no-audit", "--no-fund", "--loglevel=error", "--engine-strict=false"],
-            cwd=directory,
-            check=True,
-            timeout=600,
+    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
+        return
+    proc = subprocess.run(
+        [npm(), "ci", "--no-audit", "--no-fund", "--loglevel=error", "--engine-strict=false"],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"npm ci in {directory} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )

@@ -21,6 +21,7 @@ from .deps import (
     require_reader,
     writer_of,
 )
+from .responses import SafeJSONResponse
 from .schemas import (
     MessageList,
     MessageOut,
@@ -94,6 +95,7 @@ async def create_run(
 @router.get(
     "/threads/{thread_id}/runs/{run_id}",
     response_model=RunOut,
+    response_class=SafeJSONResponse,
     responses=error_responses(400, 401, 404),
 )
 async def get_run(
@@ -107,7 +109,10 @@ async def get_run(
 
 
 @router.get(
-    "/threads/{thread_id}/runs", response_model=RunList, responses=error_responses(400, 401, 404)
+    "/threads/{thread_id}/runs",
+    response_model=RunList,
+    response_class=SafeJSONResponse,
+    responses=error_responses(400, 401, 404),
 )
 async def list_runs(
     principal: PrincipalDep,
@@ -153,6 +158,7 @@ async def cancel_run(
 @router.get(
     "/threads/{thread_id}/messages",
     response_model=MessageList,
+    response_class=SafeJSONResponse,
     responses=error_responses(400, 401, 404),
 )
 async def list_messages(

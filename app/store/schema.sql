@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS threadgate.executors (
     app_version  text NOT NULL,
     last_seen    timestamptz NOT NULL DEFAULT now()
 );
+-- A reply is read back part by part (a client resuming inside an ended run): its layout
+-- (app/store/replies.py); content PostgreSQL cannot hold as it is (NUL) is stored escaped.
+ALTER TABLE threadgate.messages ADD COLUMN IF NOT EXISTS layout text;
+ALTER TABLE threadgate.messages ADD COLUMN IF NOT EXISTS escaped boolean NOT NULL DEFAULT false;
+-- A run's input is stored once, as its user message (runs.input: rows from before).
+ALTER TABLE threadgate.runs ALTER COLUMN input DROP NOT NULL;
 
 -- Retention (app/retention.py) deletes finished runs oldest first.
 CREATE INDEX IF NOT EXISTS runs_finished

@@ -58,7 +58,8 @@ def reenqueue(workflow_id: str, executor: str) -> bool:
 
 
 def set_max_recovery_attempts(workflow: Callable[..., Any], attempts: int) -> None:
-    """DBOS dead-letters a workflow dispatched more than `attempts` + 1 times."""
+    """DBOS dead-letters a workflow dispatched more than `attempts` + 1 times (its
+    `workflow_status.recovery_attempts`, which store/runs.py: hand_off adjusts)."""
     from dbos._registrations import get_func_info
 
     info = get_func_info(workflow)

@@ -112,7 +112,8 @@ async def test_cancel_running_run_stops_within_a_chunk(pod: Pod) -> None:
     await asyncio.wait_for(live.task, 30)
     assert live.reply.status == "cancelled"
     assert held <= len(live.reply.chunks) <= held + 2
-    assert (await pod.client.run(thread, run["run_id"]))["output"] is None
+    # The partial reply its clients saw is stored with the run (contract v3).
+    assert (await pod.client.run(thread, run["run_id"]))["output"] == live.reply.text
     # cancelled twice: 409; the thread takes its next run at once
     resp = await pod.http.post(f"/threads/{thread}/runs/{run['run_id']}/cancel")
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "run_finished"
@@ -209,9 +210,15 @@ async def test_a_regenerated_retry_resets_clients_exactly_once(pod: Pod) -> None
     }
     await pod.client.post(thread, "x", model_options=options)
     reply = await pod.client.reply(thread)
-    # attempt 2 is refused the continuation; attempt 3 regenerates the whole reply
-    assert reply.text == mock_reply(6, {0: 3}) and reply.status == "success"
-    assert [e.data["attempt"] for e in reply.events if e.event == "reset"] == [3]
+    # attempt 2 is refused the continuation before it says anything: it regenerates the
+    # whole reply (its record says so: no resume_from)
+    assert reply.text == mock_reply(6, {0: 2}) and reply.status == "success"
+    assert [e.data["attempt"] for e in reply.events if e.event == "reset"] == [2]
+    run = (await pod.client.runs(thread))[0]
+    assert [(a["attempt"], a.get("resume_from"), a["kept"]) for a in run["attempts"]] == [
+        (1, None, 0),
+        (2, None, 0),
+    ]
 
 
 async def test_exhausted_retries_end_with_error(pod: Pod) -> None:

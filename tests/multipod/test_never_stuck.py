@@ -111,7 +111,8 @@ async def test_a_poison_run_ends_instead_of_crashing_the_fleet(
         assert reply.status == "error" and reply.error == run["error"]
         # first attempt + 2 replays died; the third replay ended it without the model
         assert [n for n, code in sup.exits if code == FAULT_EXIT].__len__() == 3
-        assert run["attempt"] == 4 and run["output"] is None
+        # The parts its clients saw are its stored reply (none: what a client held is dropped).
+        assert run["attempt"] == 4 and (run["output"] or "") == reply.text
         fine = await wait_run(client, bystander, ok["run_id"], timeout=120)
         assert fine["status"] == "success"
         assert fine["output"] == mock_reply(150, continued_from(fine))
@@ -166,12 +167,13 @@ async def test_a_run_dbos_dead_letters_is_finished_with_done(start_cluster: Star
         watcher = Attacher(cluster.urls, poison, reconnects=100).start()
         run = await wait_run(client, poison, bad["run_id"], timeout=120)
         assert run["status"] == "error" and run["error"]["code"] == "crashed_repeatedly"
-        assert run["attempt"] == 0  # no attempt ever began
+        # No attempt ever began; the reconciler's ending is the one attempt recorded.
+        assert [(a["kind"], a["kept"]) for a in run["attempts"]] == [("ended", 0)]
         reply = await watcher.result(30)
-        assert reply.status == "error"
-        # DBOS's bound (max_recovery_attempts = max_replays + 2) allows max_replays + 3
-        # dispatches: every one died.
-        assert len(sup.exits) == 1 + 3
+        assert reply.status == "error" and reply.text == ""
+        # DBOS's bound (max_recovery_attempts = max_replays + 1, one crash past threadgate's
+        # own) allows max_replays + 2 dispatches: every one died.
+        assert len(sup.exits) == 1 + 2
         after = await client.post(poison, "next", strategy="reject", model_options={"chunks": 1})
         assert after["status"] == "pending"
 
@@ -242,7 +244,7 @@ async def test_finishing_waits_out_a_nats_outage_longer_than_its_old_budget(
         await watcher.wait_chunk(19)
         stack.nats.stop()
         try:
-            await wait_logged(executor, "finishing failed, retrying")
+            await wait_logged(executor, "publishing done failed, retrying")
             await asyncio.sleep(75)  # the outage itself, longer than the old budget
         finally:
             stack.nats.start()

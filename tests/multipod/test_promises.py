@@ -178,8 +178,10 @@ async def cancel_elsewhere(
         await on_via.cancel(thread, run["run_id"])
         reply = await watcher.result(30)
         final = await wait_run(on_via, thread, run["run_id"])
-    assert final["status"] == reply.status == "cancelled" and final["output"] is None
-    assert final["attempts"] == [{"attempt": 1, "executor": executor.name, "kind": "first"}]
+    assert final["status"] == reply.status == "cancelled" and final["output"] == reply.text
+    assert final["attempts"] == [
+        {"attempt": 1, "executor": executor.name, "kind": "first", "kept": 0}
+    ]
     return final, reply, held
 
 
@@ -340,9 +342,17 @@ def solo_logs(solo: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster
         failed[0].sections.append(("pod logs (tails)", solo.logs()))
 
 
-async def assert_no_reply_stored(client: AsyncClient, thread: str, run_id: str) -> None:
+async def assert_stored_as_seen(
+    client: AsyncClient, thread: str, run_id: str, reply: Reply
+) -> None:
+    """What a client saw of a run that failed is what is stored for it (contract v3): its
+    partial reply, or no reply when it saw none."""
     messages = [m for m in await client.messages(thread) if m["run_id"] == run_id]
-    assert [m["role"] for m in messages] == ["user"]
+    if not reply.text:
+        assert [m["role"] for m in messages] == ["user"]
+    else:
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[1]["content"] == reply.text and messages[1]["status"] == "error"
 
 
 async def test_retries_back_off_doubling_to_the_cap_then_end_the_run(solo_logs: Cluster) -> None:
@@ -353,7 +363,7 @@ async def test_retries_back_off_doubling_to_the_cap_then_end_the_run(solo_logs: 
         run = await client.post(thread, "flaky", model_options=options)
         reply = await client.reply(thread)
         final = await wait_run(client, thread, run["run_id"])
-        await assert_no_reply_stored(client, thread, run["run_id"])
+        await assert_stored_as_seen(client, thread, run["run_id"], reply)
     assert reply.status == final["status"] == "error"
     assert reply.error == final["error"]
     assert final["error"]["code"] == "retries_exhausted"
@@ -377,11 +387,11 @@ async def test_a_run_past_its_time_budget_ends_timeout(solo_logs: Cluster) -> No
         run = await client.post(thread, "long", model_options={"chunks": 200, "vary": True})
         reply = await client.reply(thread)
         final = await wait_run(client, thread, run["run_id"])
-        await assert_no_reply_stored(client, thread, run["run_id"])
+        await assert_stored_as_seen(client, thread, run["run_id"], reply)
         nxt = await client.post(thread, "next", model_options={"chunks": 2})
         assert (await wait_run(client, thread, nxt["run_id"]))["status"] == "success"
     assert 0 < len(reply.chunks) < 200
-    assert reply.status == final["status"] == "error" and final["output"] is None
+    assert reply.status == final["status"] == "error" and final["output"] == reply.text
     assert (
         reply.error
         == final["error"]
@@ -409,13 +419,16 @@ async def test_the_time_budget_spans_a_crash(solo_logs: Cluster) -> None:
         await pod.restart()
         final = await wait_run(client, thread, run["run_id"], timeout=60)
         reply = await watcher.result(30)
-        await assert_no_reply_stored(client, thread, run["run_id"])
+        await assert_stored_as_seen(client, thread, run["run_id"], reply)
     assert final["status"] == "error" and final["error"]["code"] == "timeout"
+    kept = len(reply.chunks)
     assert final["attempts"] == [
-        {"attempt": 1, "executor": pod.name, "kind": "first"},
-        {"attempt": 2, "executor": pod.name, "kind": "replay"},
+        {"attempt": 1, "executor": pod.name, "kind": "first", "kept": 0},
+        {"attempt": 2, "executor": pod.name, "kind": "replay", "kept": kept, "resume_from": kept},
     ]
     assert reply.status == "error" and reply.error == final["error"]
-    # Nothing of attempt 2 was streamed: the model was not called again.
-    assert [e.data["attempt"] for e in watcher.events if e.event == "run_started"] == [1]
+    # Attempt 2 only ended the run, keeping what attempt 1 streamed: the model was not
+    # called again (its run_started says so: no chunk of attempt 2).
+    assert [e.data["attempt"] for e in watcher.events if e.event == "run_started"] == [1, 2]
+    assert not [e for e in watcher.events if e.event == "chunk" and e.data["attempt"] == 2]
     assert reply.text == mock_reply(len(reply.chunks), {0: 1})

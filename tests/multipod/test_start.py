@@ -25,7 +25,9 @@ async def test_a_new_run_starts_on_the_pod_that_accepted_it(cluster: Cluster) ->
                 run = await on_pod.post(thread, "hi", model_options={"chunks": 2})
             final = await wait_run(client, thread, run["run_id"])
             assert final["status"] == "success" and final["executor"] == pod.name
-            assert final["attempts"] == [{"attempt": 1, "executor": pod.name, "kind": "first"}]
+            assert final["attempts"] == [
+                {"attempt": 1, "executor": pod.name, "kind": "first", "kept": 0}
+            ]
 
 
 @pytest.mark.cluster(queue_polling_s=60)

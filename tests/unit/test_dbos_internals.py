@@ -101,3 +101,14 @@ def test_fast_start_starts_each_claimed_run_alone(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(dbos._core, "execute_dequeued_workflow", execute)
     assert internals.claim_and_start("thread_runs") == ["a", "b", "c"]
     assert started == ["a", "c"] and back == ["b"]
+
+
+def test_dbos_bounds_dispatches_by_the_recovery_attempts_column() -> None:
+    """store/runs.py: hand_off takes a hand-off's dispatch off `workflow_status.
+    recovery_attempts`, the count DBOS dead-letters a workflow by (dbos==3.4.0)."""
+    import dbos._core as core
+    from dbos._schemas.system_database import SystemSchema
+
+    assert "recovery_attempts" in SystemSchema.workflow_status.c
+    source = inspect.getsource(core)
+    assert "recovery_attempts > fi.max_recovery_attempts + 1" in source
