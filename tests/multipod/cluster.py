@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 from threadgate.client import AsyncClient, Reply, SseEvent
-from threadgate.devstack import free_port
+from threadgate.devstack import free_port, release_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = [sys.executable, "-m", "threadgate.cli", "serve"]
@@ -251,7 +251,10 @@ class Cluster:
         return AsyncClient([p.url for p in (pods or self.pods)])
 
     async def stop(self) -> None:
+        """Kill every process; the pods' ports go back to the kernel (no restart after this)."""
         await asyncio.gather(*(p.kill() for p in self.all_pods if p.alive))
+        for p in self.all_pods:
+            release_port(p.port)
 
     @contextlib.asynccontextmanager
     async def supervised(self, backoff_s: float = 0.2) -> AsyncIterator[Supervisor]:
