@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, NoReturn
 
 import nats
 import psycopg
@@ -114,5 +115,39 @@ def _drop_new_streams(request: pytest.FixtureRequest) -> Iterator[None]:
         _streams(url, new)
 
 
+def unavailable(why: str) -> NoReturn:
+    """Something a test needs is not on this machine: skip, saying why; under CI, fail."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set and this test cannot run: {why}", pytrace=False)
+    pytest.skip(why)
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# ---- under CI nothing skips ------------------------------------------------------------------
+
+# (test id, reason) of every skipped test; with xdist, the controller gets the workers' reports.
+SKIPPED: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI a skipped test fails the run: a missing browser, driver, node or package must
+    not leave a green run that tested less than it says."""
+    controller = not hasattr(session.config, "workerinput")
+    if os.environ.get("CI") and SKIPPED and controller and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if os.environ.get("CI") and SKIPPED and not hasattr(config, "workerinput"):
+        terminalreporter.section("skipped under CI, which fails the run", red=True, bold=True)
+        for nodeid, reason in SKIPPED:
+            terminalreporter.line(f"{nodeid}: {reason}")

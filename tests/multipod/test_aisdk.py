@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,35 +22,24 @@ from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.multipod.cluster import REPO, Cluster, running_on, wait_run
-from tests.multipod.test_browser import browser  # noqa: F401 (the browser fixture)
+from tests.multipod.test_browser import browser, browser_first  # noqa: F401 (fixtures)
+from tests.node import need_node
 
 pytestmark = pytest.mark.multipod
 
 EXAMPLE = REPO / "examples" / "ai-sdk"
 
 
-def need_node() -> str:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set and node/npm are missing", pytrace=False)
-        pytest.skip("needs node >= 18 and npm")
-    installed = EXAMPLE / "node_modules" / ".package-lock.json"
-    lock = EXAMPLE / "package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=EXAMPLE,
-            check=True,
-            timeout=600,
-        )
-    return node
+@pytest.fixture(autouse=True)
+def node_first() -> None:
+    """node and the example's packages, checked before the test's cluster starts."""
+    need_node(EXAMPLE)
 
 
 @contextlib.asynccontextmanager
 async def example_server(upstream: str) -> AsyncIterator[str]:
     """`node server.mjs` in front of a pod; its URL once it answers."""
-    node = need_node()
+    node = need_node(EXAMPLE)
     port = free_port()
     env = {**os.environ, "THREADGATE_URL": upstream, "PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(

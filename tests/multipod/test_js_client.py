@@ -2,46 +2,27 @@
 runs them: the reducer and transport unit tests, the client against real pods, and the Vercel
 AI SDK's own reader against real pods (the pods come from `python -m tests.js_stack`).
 
-Needs node >= 18 and npm (the first run installs clients/js's devDependencies with `npm ci`
-from its package-lock.json). Skipped, saying so, without them — except with `CI` set, where a
-missing node fails.
+Needs node >= 18 and npm (tests/node.py; `./scripts/test` installs them and clients/js's
+devDependencies). Skipped, saying so, without them — except with `CI` set, where a missing node
+fails.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.multipod.cluster import REPO
+from tests.node import need_node
 
 JS = REPO / "clients" / "js"
 
 
-def need_node() -> str:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        why = "needs node >= 18 and npm on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and the JS client tests cannot run: {why}", pytrace=False)
-        pytest.skip(why)
-    installed = JS / "node_modules" / ".package-lock.json"
-    lock = JS / "package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=JS,
-            check=True,
-            timeout=600,
-        )
-    return node
-
-
 def run_node(*files: str) -> None:
-    node = need_node()
+    node = need_node(JS)
     env = {**os.environ, "THREADGATE_PYTHON": sys.executable}
     proc = subprocess.run(
         [node, "--test", "--test-concurrency=1", *(f"test/{f}" for f in files)],
@@ -55,8 +36,11 @@ def run_node(*files: str) -> None:
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-200:])
         pytest.fail(f"node --test {' '.join(files)} failed:\n{tail}\n{proc.stderr[-3000:]}")
-    # Shown with -rA / -s: which node tests ran, passed and were skipped (contract v2 pending).
+    # Shown with -rA / -s: which node tests ran and passed.
     print("\n".join(summary))
+    # A test node skipped is one pytest would count as passed: none may be.
+    skipped = [line for line in summary if line.startswith(("# skipped", "# todo"))]
+    assert all(line.split()[-1] == "0" for line in skipped), "\n".join(summary)
 
 
 @pytest.mark.unit
@@ -87,5 +71,5 @@ def test_ai_sdk_reader_against_pods() -> None:
 @pytest.mark.multipod
 @pytest.mark.timeout(600)
 def test_plugin_data_events_in_js_and_ai_sdk() -> None:
-    """[contract v2] A plug-in source's data events (skipped inside node until plug-ins exist)."""
+    """[contract v2] A plug-in source's data events, in the JS client and the AI SDK's reader."""
     run_node("plugin.test.js")

@@ -56,7 +56,7 @@ from threadgate.client import AsyncClient, Reply
 from threadgate.devstack import free_port
 from threadgate.models.mock import mock_reply
 
-from tests.conftest import Stack, unique
+from tests.conftest import Stack, unavailable, unique
 from tests.multipod.cluster import wait_run
 from tests.unit.test_deploy import (
     BUILDS,
@@ -144,14 +144,11 @@ def image() -> Iterator[Image]:
     minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
     system = shutil.which(minor, path="/usr/local/bin:/usr/bin:/bin")
     if system is None or not reachable_by_others(Path(system)):
-        pytest.skip(f"no {minor} that the pod's user can run (this one is {sys.executable})")
+        unavailable(f"no {minor} that the pod's user can run (this one is {sys.executable})")
     if not reachable_by_others(VENV / "lib" / minor / "site-packages"):
         # A checkout in a private folder (a clone under mktemp -d): its .venv, and the
         # package it installs in editable mode, are out of the pod's user's reach.
-        why = f"the pod's user cannot read {VENV} (a checkout in a private folder)"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(f"the pod's user cannot read {VENV} (a checkout in a private folder)")
     venv = Path(tempfile.mkdtemp(prefix="threadgate-pod-venv-", dir="/tmp"))
     venv.chmod(0o755)
     subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True)
