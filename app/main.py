@@ -243,7 +243,11 @@ async def _abandon(tasks: list[asyncio.Task[Any]], limit_s: float = 5.0) -> None
 def create_app(settings: Settings) -> FastAPI:
     from .api import install
 
-    db = Database(settings.database_url.get_secret_value(), max_size=settings.db_pool_size)
+    db = Database(
+        settings.database_url.get_secret_value(),
+        max_size=settings.db_pool_size,
+        timeout=settings.db_pool_timeout_s,
+    )
     rt = Runtime(
         settings=settings,
         db=db,

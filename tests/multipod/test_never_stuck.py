@@ -203,10 +203,11 @@ async def test_a_model_that_stalls_before_its_first_chunk_is_cancelled_at_once(
 async def test_a_database_outage_while_a_run_backs_off_is_waited_out(
     start_cluster: StartCluster, stack: Stack
 ) -> None:
-    """A transient model failure, then PostgreSQL goes away for longer than the pool's 30 s
-    wait: the run's next attempt cannot begin. The PoolTimeout used to escape the step and end
-    the run `error/internal`; now the attempt waits the outage out and continues the reply."""
-    cluster = await start_cluster(size=1, retry_base_s=2, mock_delay_ms=50)
+    """A transient model failure, then PostgreSQL goes away for longer than the pool's wait
+    (THREADGATE_DB_POOL_TIMEOUT_S: 2 s here, 30 s by default): the run's next attempt cannot
+    begin. The PoolTimeout used to escape the step and end the run `error/internal`; now the
+    attempt waits the outage out and continues the reply."""
+    cluster = await start_cluster(size=1, retry_base_s=2, mock_delay_ms=50, db_pool_timeout_s=2)
     pod = cluster.pods[0]
     thread = unique()
     async with cluster.client() as client:
@@ -230,10 +231,12 @@ async def test_finishing_waits_out_a_nats_outage_longer_than_its_old_budget(
     start_cluster: StartCluster, stack: Stack
 ) -> None:
     """NATS goes away right after a run's last chunk: its `done` cannot be published.
-    finish_run used to give up after 8 tries (~72 s with a 1 s outage limit per try), ending
-    the workflow ERROR with the row `running` and no `done`. Now it retries until NATS is
-    back, and the attached client gets its `done`."""
-    cluster = await start_cluster(size=2, nats_outage_limit_s=1, mock_delay_ms=50)
+    finish_run used to give up after 8 tries, ending the workflow ERROR with the row `running`
+    and no `done`. Now it retries until NATS is back (the outage lasts 10 failed tries here),
+    and the attached client gets its `done`."""
+    cluster = await start_cluster(
+        size=2, nats_outage_limit_s=1, publish_timeout_s=1, mock_delay_ms=50, retry_cap_s=0.5
+    )
     thread = unique()
     async with cluster.client() as client:
         run = await client.post(thread, "b", model_options={"chunks": 20, "vary": True})
@@ -242,8 +245,8 @@ async def test_finishing_waits_out_a_nats_outage_longer_than_its_old_budget(
         await watcher.wait_chunk(19)
         stack.nats.stop()
         try:
-            await wait_logged(executor, "finishing failed, retrying")
-            await asyncio.sleep(75)  # the outage itself, longer than the old budget
+            # The outage itself: longer than the old budget of 8 tries.
+            await wait_logged(executor, "finishing failed, retrying", times=10, timeout=90)
         finally:
             stack.nats.start()
         final = await wait_run(client, thread, run["run_id"], timeout=60)
@@ -252,11 +255,11 @@ async def test_finishing_waits_out_a_nats_outage_longer_than_its_old_budget(
     assert reply.status == "success" and reply.text == final["output"] == mock_reply(20, {0: 1})
 
 
-async def wait_logged(pod: Pod, text: str, timeout: float = 30) -> None:
+async def wait_logged(pod: Pod, text: str, timeout: float = 30, times: int = 1) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while text not in pod.log_text():
-        assert loop.time() < deadline, f"{pod.name} never logged {text!r}"
+    while pod.log_text().count(text) < times:
+        assert loop.time() < deadline, f"{pod.name} never logged {text!r} {times} times"
         await asyncio.sleep(0.05)  # paces reading another process's log
 
 
