@@ -126,6 +126,27 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+# ---- order: the longest first ------------------------------------------------------------
+
+SUITES = ("multipod", "integration", "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `long` first (those with the largest `timeout` before the others), then
+    the multipod, integration and unit suites (each in file order): the parallel workers take
+    tests in this order, so the long ones overlap each other and the short ones fill the end,
+    instead of one long test starting last. Every worker sorts alike (xdist requires it)."""
+
+    def rank(item: pytest.Item) -> tuple[bool, float, int]:
+        names = {m.name for m in item.iter_markers()}
+        timeout = item.get_closest_marker("timeout")
+        budget = float(timeout.args[0]) if timeout and timeout.args else 0.0
+        suite = next((i for i, s in enumerate(SUITES) if s in names), len(SUITES))
+        return "long" not in names, -budget, suite
+
+    items.sort(key=rank)
+
+
 # ---- under CI nothing skips ------------------------------------------------------------------
 
 # (test id, reason) of every skipped test; with xdist, the controller gets the workers' reports.

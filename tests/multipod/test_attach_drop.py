@@ -54,6 +54,7 @@ async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float 
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.long
 async def test_clients_hanging_up_during_attach_leak_no_tail(
     start_cluster: StartCluster, stack: Stack
 ) -> None:

@@ -84,6 +84,7 @@ async def wait_readyz(url: str, status: str, timeout: float = 30) -> float:
     return time.monotonic() - t0
 
 
+@pytest.mark.long
 async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack) -> None:
     """nats-server stops and starts mid-reply, for less than THREADGATE_NATS_OUTAGE_LIMIT_S
     (30 s): the attempt waits the outage out (its publishes are retried under the same

@@ -56,12 +56,14 @@ def test_js_reducer_and_transport() -> None:
     run_node("reducer.test.js", "sse.test.js", "page-copy.test.js")
 
 
+@pytest.mark.long
 @pytest.mark.multipod
 @pytest.mark.timeout(900)
 def test_js_client_against_pods() -> None:
     run_node("client.test.js")
 
 
+@pytest.mark.long
 @pytest.mark.multipod
 @pytest.mark.timeout(900)
 def test_ai_sdk_reader_against_pods() -> None:

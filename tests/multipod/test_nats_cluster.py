@@ -161,6 +161,7 @@ async def check_run(
 
 
 # The slowest of the multipod suite with test_pg_failover (about a minute each).
+@pytest.mark.long
 async def test_stream_leader_killed_mid_reply(
     stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -230,6 +231,7 @@ def longest_silence(attacher: Attacher) -> float:
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
+@pytest.mark.long
 async def test_quorum_lost_then_back(
     stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -203,6 +203,7 @@ async def nemesis(
         tally.faults[action] += 1
 
 
+@pytest.mark.long
 @pytest.mark.timeout(MINUTES * 60 + 2 * SETTLE_S + 300)
 async def test_nemesis(start_cluster: StartCluster, stack: Stack) -> None:
     seed = int(os.environ.get("NEMESIS_SEED", random.randrange(2**32)))

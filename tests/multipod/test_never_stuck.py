@@ -91,6 +91,7 @@ async def poison_cluster(start_cluster: StartCluster, poison: str, size: int) ->
     )
 
 
+@pytest.mark.long
 async def test_a_poison_run_ends_instead_of_crashing_the_fleet(
     start_cluster: StartCluster,
 ) -> None:
@@ -120,6 +121,7 @@ async def test_a_poison_run_ends_instead_of_crashing_the_fleet(
         assert (await wait_run(client, poison, after["run_id"]))["status"] == "success"
 
 
+@pytest.mark.long
 async def test_a_run_beside_a_poison_run_survives_it(start_cluster: StartCluster) -> None:
     """One pod, so every crash of the poison run kills the bystander's attempt too (CI saw it
     1 time in 3 on three pods: the bystander ended `crashed_repeatedly` beside the poison).
@@ -148,6 +150,7 @@ def continued_from(run: dict[str, Any]) -> dict[int, int]:
     return starts
 
 
+@pytest.mark.long
 async def test_a_run_dbos_dead_letters_is_finished_with_done(start_cluster: StartCluster) -> None:
     """A run whose pod dies before it even begins an attempt, every time: DBOS dead-letters
     its workflow (MAX_RECOVERY_ATTEMPTS_EXCEEDED). Its row used to stay `running` (no `done`,
