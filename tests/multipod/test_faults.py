@@ -89,15 +89,25 @@ async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack)
     """nats-server stops and starts mid-reply, for less than THREADGATE_NATS_OUTAGE_LIMIT_S
     (30 s): the attempt waits the outage out (its publishes are retried under the same
     message ids, and JetStream drops what it already stored), so the run keeps attempt 1, no
-    client gets a `reset` and the subject holds each chunk once. The pods' tails resubscribe:
+    client gets a `reset` and every client gets each chunk once. The pods' tails resubscribe:
     the clients attached to them never reconnect. A chunk every 2 ms, so that publishes are in
-    flight when the server stops (the log shows "publish ack missing, republishing")."""
+    flight when the server stops (a 0.2 s publish timeout: the outage outlasts it, so they are
+    sent again, which the executor counts).
+
+    The subject itself may hold a chunk twice, and that is the publisher's repair, not a
+    duplicate: the messages written to the socket as the server stopped are lost, while the
+    next one, still in nats-py's buffer, is sent first on reconnect; the lost ones, published
+    again, are stored after it, and so it is stored once more, under a new id, after them
+    (app/streams/publisher.py). Readers take only the next index, so its first copy is skipped
+    as the far side of a gap. Read that way, the subject holds each chunk once, and every copy
+    skipped is an index ahead (never one already taken) and one repair the executor logged."""
     chunks = 1500
-    cluster = await start_cluster(size=2, mock_delay_ms=40)
+    cluster = await start_cluster(size=2, mock_delay_ms=40, publish_timeout_s=0.2)
     client = cluster.client()
     thread = unique()
     options = {"chunks": chunks, "vary": True, "delay_ms": 2}
     run = await client.post(thread, "through a NATS restart", model_options=options)
+    executor = await running_on(client, cluster, thread, run["run_id"])
     attachers = [Attacher([p.url], thread).start() for p in cluster.pods]
     await attachers[0].wait_chunk(300)
     stack.nats.stop()
@@ -114,20 +124,54 @@ async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack)
         assert reply.status == "success" and reply.text == stored
         assert (reply.resets, reply.resumes, reply.duplicates) == (0, 0, 0)
         assert "reset" not in [e.event for e in a.events]
+    # The outage caught publishes: the executor sent some again.
+    assert await metric(executor, "threadgate_publish_retries_total") > 0
     events = await stored_events(cluster, thread)
-    assert [e["type"] for e in events] == ["run_started"] + ["chunk"] * chunks + ["done"]
-    assert [e["index"] for e in events if e["type"] == "chunk"] == list(range(chunks))
+    assert [e["type"] for e in events if e["type"] != "chunk"] == ["run_started", "done"]
+    assert events[0]["type"] == "run_started" and events[-1]["type"] == "done"
+    taken, ahead = read_in_order([e for e in events if e["type"] == "chunk"])
+    assert [e["index"] for e in taken] == list(range(chunks))
+    assert "".join(e["text"] for e in taken) == stored
+    repairs = executor.log_text().count("stored out of order")
+    assert len(ahead) == repairs, (ahead, repairs)
     await assert_one_reply(client, thread, run["run_id"], stored)
     # How long after NATS was back the first chunk reached a client (none can arrive while it
     # is down). Generous: the attempt itself would give up at the 30 s outage limit.
-    ahead = attachers[0]
+    first = attachers[0]
     flowing = next(
         t - back
-        for e, t in zip(ahead.events, ahead.arrived, strict=True)
+        for e, t in zip(first.events, first.arrived, strict=True)
         if e.event == "chunk" and t >= back
     )
     assert flowing < 30
-    print(f"\nNATS back → chunks flowing again at an attacher: {flowing:.2f}s")
+    print(f"\nNATS back → chunks flowing again at an attacher: {flowing:.2f}s; repairs {repairs}")
+
+
+def read_in_order(
+    chunks: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A subject's chunks as readers take them (only the next index) and the copies they
+    skip, each of which must be ahead of the next index: one behind would be a duplicate."""
+    taken: list[dict[str, Any]] = []
+    ahead: list[dict[str, Any]] = []
+    for e in chunks:
+        if e["index"] == len(taken):
+            taken.append(e)
+        else:
+            assert e["index"] > len(taken), f"chunk {e['index']} stored again after it was taken"
+            ahead.append(e)
+    return taken, ahead
+
+
+async def metric(pod: Pod, name: str) -> float:
+    """A counter or gauge of the pod's /metrics (summed over its labels)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"{pod.url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((f"{name} ", f"{name}{{"))
+    )
 
 
 async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: Stack) -> None:
