@@ -339,6 +339,27 @@ async def wait_run(
         delay = min(delay * 1.5, 0.25)
 
 
+async def metric(pod: Pod, name: str) -> float:
+    """A counter or gauge of the pod's /metrics (summed over its labels)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"{pod.url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((f"{name} ", f"{name}{{"))
+    )
+
+
+async def wait_metric(pod: Pod, name: str, at_least: float, timeout: float = 30.0) -> float:
+    """Poll the pod's /metrics until `name` reaches `at_least`; its value then."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (value := await metric(pod, name)) < at_least:
+        assert loop.time() < deadline, f"{pod.name}: {name} = {value}, never {at_least}"
+        await asyncio.sleep(0.05)  # paces polling another process's metrics
+    return value
+
+
 async def running_on(
     client: AsyncClient, cluster: Cluster, thread: str, run_id: str, timeout: float = 30.0
 ) -> Pod:

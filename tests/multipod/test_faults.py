@@ -19,7 +19,7 @@ from threadgate.client import AsyncClient
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import Stack, unique
-from tests.multipod.cluster import Attacher, Cluster, Pod, at, running_on, wait_run
+from tests.multipod.cluster import Attacher, Cluster, Pod, at, metric, running_on, wait_run
 from tests.multipod.conftest import StartCluster
 
 pytestmark = pytest.mark.multipod
@@ -161,17 +161,6 @@ def read_in_order(
             assert e["index"] > len(taken), f"chunk {e['index']} stored again after it was taken"
             ahead.append(e)
     return taken, ahead
-
-
-async def metric(pod: Pod, name: str) -> float:
-    """A counter or gauge of the pod's /metrics (summed over its labels)."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        text = (await http.get(f"{pod.url}/metrics")).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((f"{name} ", f"{name}{{"))
-    )
 
 
 async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: Stack) -> None:

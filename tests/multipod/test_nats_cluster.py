@@ -21,7 +21,16 @@ import pytest
 from threadgate.client import AsyncClient, Reply, parse_sse
 
 from tests.conftest import Stack, unique
-from tests.multipod.cluster import Attacher, Cluster, pod_env, unique_names, wait_run
+from tests.multipod.cluster import (
+    Attacher,
+    Cluster,
+    metric,
+    pod_env,
+    running_on,
+    unique_names,
+    wait_metric,
+    wait_run,
+)
 from tests.multipod.ha import NatsCluster
 
 pytestmark = pytest.mark.multipod
@@ -236,8 +245,9 @@ async def test_quorum_lost_then_back(
     stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Two of three servers die mid-reply: no stream leader can be elected. Publishing waits
-    THREADGATE_NATS_OUTAGE_LIMIT_S, then the attempt fails as transient and the run waits
-    within its time budget; once a quorum is back the run goes on. Nothing is lost."""
+    THREADGATE_NATS_OUTAGE_LIMIT_S, then each run's attempt fails as transient (seen per run)
+    and the run waits within its time budget; once a quorum is back the reply continues: the
+    next attempt resumes from the parts stored (`resume_from`, no `reset`). Nothing is lost."""
     pods, stream = await start_pods(
         stack,
         nats_cluster,
@@ -262,14 +272,19 @@ async def test_quorum_lost_then_back(
         other = next(n for n in nats_cluster.names if n != leader)
         nats_cluster.kill(leader)
         nats_cluster.kill(other)
-        # The documented outage behaviour: each run's attempt gives up past the limit.
-        failed = re.compile(r'"msg": "attempt failed, next in [^"]*StreamUnavailable')
 
-        def gave_up() -> int:
-            return sum(len(failed.findall(p.log_text())) for p in pods.pods)
+        # The documented outage behaviour: each run's attempt gives up past the limit.
+        def gave_up() -> set[str]:
+            return {
+                str(r.get("run_id"))
+                for p in pods.pods
+                for r in p.log_records()
+                if r.get("msg", "").startswith("attempt failed, next in")
+                and "StreamUnavailable" in r.get("msg", "")
+            }
 
         async with asyncio.timeout(60):
-            while gave_up() < len(threads):  # noqa: ASYNC110 - reading other processes' logs
+            while not set(runs.values()) <= gave_up():  # noqa: ASYNC110 - other processes' logs
                 await asyncio.sleep(0.1)
         nats_cluster.restart(leader)  # two of three: a quorum again
         late = {
@@ -286,6 +301,20 @@ async def test_quorum_lost_then_back(
             }
             attempts[t] = await check_run(client, t, runs[t], replies)
         print(f"\nquorum lost mid-reply: attempts per run {sorted(attempts.values())}")
+        # The reply continued after the outage: every later attempt resumed, no client reset.
+        regenerated = {}
+        for t in threads:
+            final = await client.run(t, runs[t])
+            assert len(final["attempts"]) >= 2, final["attempts"]  # the outage failed one
+            if not all(a.get("resume_from") for a in final["attempts"][1:]):
+                regenerated[t] = (final["attempts"], live[t].reply.resets)
+        if regenerated:
+            # Known defect (app/workflows/attempts.py, the stream core's owner): the retry
+            # begins while the quorum is still away, cannot read the stored parts ("the
+            # reply's parts cannot be read, regenerating: JetStream read failed for 3s:
+            # TimeoutError()") and regenerates with a `reset`: a read timeout taken for "no
+            # parts". Once fixed, this branch never runs: make it an assertion.
+            pytest.xfail(f"the reply was regenerated, not continued: {regenerated}")
     finally:
         await pods.stop()
 
@@ -297,7 +326,8 @@ async def test_publishes_lost_with_their_leader_are_stored_again_in_order(
     stores the publishes that follow the election before the swallowed ones are found
     missing (a window wider than the reply: acks are settled at the end): their acks come
     back below the sequence of the republished ones. Before, that broke the attempt
-    (AttemptBroken: a new attempt); now they are published again after them."""
+    (AttemptBroken: a new attempt); now they are published again after them: the executor
+    logs each such repair, and there is at least one."""
     pods, stream = await start_pods(
         stack, nats_cluster, tmp_path_factory.mktemp("pods"), publish_window=1000
     )
@@ -308,21 +338,23 @@ async def test_publishes_lost_with_their_leader_are_stored_again_in_order(
         run = await client.post(thread, "x", model_options=opts)
         live = Attacher(pods.urls, thread, reconnects=20).start()
         await live.wait_chunk(5)
+        executor = await running_on(client, pods, thread, run["run_id"])
         leader = await stream_leader(nats_cluster, stream)
         nats_cluster.pause(leader)
-        seen = len(live.events)
-        # publishes go on meanwhile, into the frozen leader's route: lost with it
-        await asyncio.sleep(0.5)
-        assert len(live.events) == seen, "the frozen leader stored something"
+        # Publishes go on meanwhile, into the frozen leader's route, lost with it: a few of
+        # them, counted by the executor (no sleep standing in for them).
+        published = await metric(executor, "threadgate_chunks_published_total")
+        await wait_metric(executor, "threadgate_chunks_published_total", published + 5)
         nats_cluster.kill(leader)
         nats_cluster.restart(leader)
         reply = await live.result(120)
         attempts = await check_run(
             client, thread, run["run_id"], {"in-flight": reply, "after": await client.reply(thread)}
         )
-        republished = sum(p.log_text().count("stored out of order") for p in pods.pods)
+        republished = executor.log_text().count("stored out of order")
         print(f"\nattempts {attempts}; parts published again after their successors: {republished}")
         assert attempts == 1
+        assert republished >= 1, "no publish was stored out of order: the fault did not land"
     finally:
         await pods.stop()
 
