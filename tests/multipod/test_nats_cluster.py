@@ -19,6 +19,8 @@ import httpx
 import nats
 import pytest
 from threadgate.client import AsyncClient, Reply, parse_sse
+from threadgate.settings import load_settings
+from threadgate.streams.buffer import JetStreamBuffer, connect_nats
 
 from tests.conftest import Stack, unique
 from tests.multipod.cluster import (
@@ -393,3 +395,31 @@ async def test_a_pod_started_while_jetstream_has_no_quorum_waits_for_it(
         with contextlib.suppress(BaseException):
             await starting
         await pods.stop()
+
+
+async def test_replicas_are_raised_at_start_and_never_lowered(nats_cluster: NatsCluster) -> None:
+    """A start with more replicas raises the stream's; one with fewer (a pod with an older
+    config, or an operator who raised them by hand) leaves them: lowering is the operator's."""
+    tag = unique("r")[2:]
+    urls = ",".join(nats_cluster.servers[n].url for n in nats_cluster.names)
+
+    async def start(replicas: int) -> int:
+        settings = load_settings(
+            pod_name="replicas-test",
+            nats_url=urls,
+            stream_name=f"REP_{tag}",
+            subject_prefix=f"rep{tag}",
+            stream_replicas=replicas,
+            stream_max_bytes=16 * 1024**2,
+        )
+        nc = await connect_nats(settings, "replicas-test")
+        try:
+            await JetStreamBuffer(settings, nc).ensure_stream()
+            info = await nc.jetstream().stream_info(settings.stream_name)
+            return int(info.config.num_replicas or 1)
+        finally:
+            await nc.close()
+
+    assert await start(1) == 1
+    assert await start(3) == 3  # raised
+    assert await start(1) == 3  # never lowered
