@@ -339,6 +339,35 @@ async def wait_run(
         delay = min(delay * 1.5, 0.25)
 
 
+async def stored_messages(cluster: Cluster, thread: str) -> list[tuple[datetime, dict[str, Any]]]:
+    """Every message JetStream holds on the thread's subject, with the time it was stored:
+    read by a consumer of our own, as many as the stream's own count for the subject says."""
+    import nats
+    from nats.js.api import DeliverPolicy
+
+    env = cluster.env
+    stream = env["THREADGATE_STREAM_NAME"]
+    subject = f"{env['THREADGATE_SUBJECT_PREFIX']}.thread.{thread}"
+    nc = await nats.connect(env["THREADGATE_NATS_URL"].split(","))
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        sub = await js.subscribe(
+            subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            out = []
+            for _ in range(count):
+                msg = await sub.next_msg(timeout=10)
+                out.append((msg.metadata.timestamp, json.loads(msg.data)))
+            return out
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
+
+
 async def metric(pod: Pod, name: str) -> float:
     """A counter or gauge of the pod's /metrics (summed over its labels)."""
     async with httpx.AsyncClient(timeout=5) as http:

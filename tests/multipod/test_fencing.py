@@ -74,13 +74,14 @@ async def test_a_second_process_under_a_live_name_exits_without_executing(
         print(f"restart under the freed name ready in {took:.2f}s")
 
         run = await wait_run(client, thread, run_id)
-        # Attempt 1 by the holder, 2 by its restart: the rogue never ran the step. The
-        # restart continues after what the holder stored; the text says who wrote each chunk.
+        # Attempt 1 by the holder, 2 after its restart: the rogue never ran the step (its log
+        # above). The restart's recovery re-enqueues the run, and whichever live pod claims it
+        # first runs attempt 2 (DESIGN.md: a survivor often does): either is right. Attempt 2
+        # continues after what the holder stored; the text says who wrote each chunk.
         assert (run["status"], run["attempt"]) == ("success", 2)
-        assert [(a["attempt"], a["executor"]) for a in run["attempts"]] == [
-            (1, holder.name),
-            (2, holder.name),
-        ]
+        assert [a["attempt"] for a in run["attempts"]] == [1, 2]
+        assert run["attempts"][0]["executor"] == holder.name
+        assert run["attempts"][1]["executor"] in (holder.name, other.name)
         stored = mock_reply(CHUNKS, {0: 1, run["attempts"][1]["resume_from"]: 2})
         assert run["output"] == stored
         reply = await watcher.result()
