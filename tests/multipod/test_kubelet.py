@@ -663,7 +663,10 @@ async def test_shutdown_after_the_drain_fits_the_margin(namespace: Any) -> None:
         pod.start()
         await pod.started()
         run = await wait_run(client, thread, run_id, timeout=60)
-        assert run["status"] == "success" and run["attempt"] >= 2 and run["output"] == full
+        # One hand-over, one more attempt: the reply's text alone (not `vary`) would not show
+        # a third attempt, nor a mix.
+        assert run["status"] == "success" and run["output"] == full
+        assert [a["attempt"] for a in run["attempts"]] == [1, 2], run["attempts"]
 
 
 async def test_three_ordinals_run_and_recover(namespace: Any) -> None:
@@ -688,9 +691,17 @@ async def test_three_ordinals_run_and_recover(namespace: Any) -> None:
         victim.start()
         await victim.started()
         run = await wait_run(client, thread, run_id, timeout=60)
-        assert run["status"] == "success" and run["attempt"] >= 2
-        assert run["output"] == full
+        assert run["status"] == "success" and run["output"] == full
+        # One kill, one replay (the text alone would hide a third attempt, or a mix).
+        assert [(a["attempt"], a["kind"]) for a in run["attempts"]] == [
+            (1, "first"),
+            (2, "replay"),
+        ], run["attempts"]
         reply = await asyncio.wait_for(watcher, 60)
         assert reply.text == full and reply.status == "success"
+        # The client saw attempt 1's chunks: a continued replay keeps them (no reset), one
+        # that regenerates (prod's openai, without THREADGATE_OPENAI_CONTINUE) sends one reset.
+        continued = bool(run["attempts"][1].get("resume_from"))
+        assert (reply.resets, reply.duplicates) == (0 if continued else 1, 0), run["attempts"]
         assistant = [m for m in await client.messages(thread) if m["role"] == "assistant"]
         assert [m["content"] for m in assistant] == [full]
