@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import psycopg
 import pytest
+from threadgate.identity import CLAIM_SQL, claim_key
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
@@ -88,3 +91,30 @@ async def test_a_second_process_under_a_live_name_exits_without_executing(
         assert reply.text == stored and reply.resets == 0 and reply.duplicates == 0
         messages = [m for m in await client.messages(thread) if m["role"] == "assistant"]
         assert [m["content"] for m in messages] == [stored]
+
+
+@pytest.mark.cluster(size=1)
+async def test_a_pod_that_lost_its_claim_to_another_process_exits(cluster: Cluster) -> None:
+    """The claim's connection is cut (as a database failover or a network break would) and
+    another process takes the name's lock before the pod can take it back: the pod exits at
+    once (70), saying who holds it, instead of executing beside that process."""
+    pod = cluster.pods[0]
+    key = claim_key(pod.name)
+    url = cluster.env["THREADGATE_DATABASE_URL"]
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as thief:
+        row = await (
+            await thief.execute(
+                """SELECT l.pid FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.granted
+                     AND (l.classid::bigint << 32) | l.objid::bigint = hashtextextended(%s, 0)""",
+                (key,),
+            )
+        ).fetchone()
+        assert row is not None, "the pod holds no claim"
+        await thief.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+        async with asyncio.timeout(10):
+            while not (await (await thief.execute(CLAIM_SQL, (key,))).fetchone() or [False])[0]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # until the cut session's lock is gone: take it
+        code = await pod.wait_exit(60)
+    assert code == 70, pod.log_tail()
+    assert "executor claim taken by" in pod.log_text()

@@ -15,15 +15,22 @@ import sys
 
 import pytest
 
+from tests import js_stack
+from tests.conftest import TEMPLATE, Stack
 from tests.multipod.cluster import REPO
 from tests.node import need_node
 
 JS = REPO / "clients" / "js"
 
 
-def run_node(*files: str) -> None:
+def run_node(*files: str, stack: Stack | None = None) -> None:
+    """`node --test` on `files`; their pods (tests/js_stack.py) on `stack`'s servers."""
     node = need_node(JS)
     env = {**os.environ, "THREADGATE_PYTHON": sys.executable}
+    if stack is not None:
+        env[js_stack.SHARED_PG] = stack.pg.url("postgres")
+        env[js_stack.SHARED_TEMPLATE] = TEMPLATE
+        env[js_stack.SHARED_NATS] = stack.nats.url
     proc = subprocess.run(
         [node, "--test", "--test-concurrency=1", *(f"test/{f}" for f in files)],
         cwd=JS,
@@ -59,19 +66,19 @@ def test_js_reducer_and_transport() -> None:
 @pytest.mark.long
 @pytest.mark.multipod
 @pytest.mark.timeout(900)
-def test_js_client_against_pods() -> None:
-    run_node("client.test.js")
+def test_js_client_against_pods(stack: Stack) -> None:
+    run_node("client.test.js", stack=stack)
 
 
 @pytest.mark.long
 @pytest.mark.multipod
 @pytest.mark.timeout(900)
-def test_ai_sdk_reader_against_pods() -> None:
-    run_node("aisdk.test.js")
+def test_ai_sdk_reader_against_pods(stack: Stack) -> None:
+    run_node("aisdk.test.js", stack=stack)
 
 
 @pytest.mark.multipod
 @pytest.mark.timeout(600)
-def test_plugin_data_events_in_js_and_ai_sdk() -> None:
+def test_plugin_data_events_in_js_and_ai_sdk(stack: Stack) -> None:
     """[contract v2] A plug-in source's data events, in the JS client and the AI SDK's reader."""
-    run_node("plugin.test.js")
+    run_node("plugin.test.js", stack=stack)
