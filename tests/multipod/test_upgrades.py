@@ -54,6 +54,7 @@ async def test_runs_queued_under_a_version_whose_last_pod_left_move_to_a_live_po
         per_pod={1: {"THREADGATE_APP_VERSION": "v2"}},
         drain_timeout_s=60,
         adopt_check_s=0.5,
+        auto_adopt="false",  # stranded runs' adoption would take them too: only the move here
     )
     old, new = cluster.pods
     thread = unique()
