@@ -304,3 +304,62 @@ async def test_stranded_version_is_reported_and_adopted(start_cluster: StartClus
     assert final["status"] == "success" and final["attempt"] == 2
     assert final["attempts"][1]["kind"] == "replay"
     await assert_one_reply(client, thread, run["run_id"], mock_reply(30, continued(final)))
+
+
+async def test_an_attach_during_a_nats_outage_waits_the_limit_then_503(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """A client attaching while nats-server is away (its thread has no tail on the pod yet)
+    is held for THREADGATE_NATS_OUTAGE_LIMIT_S (3 s here), then answered 503 with a JSON
+    error: never a hang, never an empty 200."""
+    cluster = await start_cluster(size=1, nats_outage_limit_s=3)
+    pod = cluster.pods[0]
+    thread = unique()
+    async with cluster.client() as client:
+        run = await client.post(thread, "before", model_options={"chunks": 2})
+        await wait_run(client, thread, run["run_id"])
+    stack.nats.stop()
+    try:
+        await wait_readyz(pod.url, "degraded")
+        async with httpx.AsyncClient(timeout=60) as http:
+            t0 = time.monotonic()
+            resp = await http.get(f"{pod.url}/threads/{thread}/attach")
+            took = time.monotonic() - t0
+    finally:
+        stack.nats.start()
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"]
+    assert took >= 3 - 0.2, took  # it waited the outage limit before answering
+    print(f"\nattach during the outage answered 503 after {took:.1f}s (limit 3 s)")
+
+
+async def test_a_run_whose_budget_runs_out_during_a_nats_outage_ends_timeout(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """THREADGATE_RUN_TIMEOUT_S (4 s) passes while nats-server is away (6 s): the run does not
+    wait the outage out past its budget, nor end `error/internal`; once NATS is back it ends
+    `error/timeout`, with its `done`, and the thread takes the next run."""
+    cluster = await start_cluster(size=1, run_timeout_s=4, nats_outage_limit_s=2, mock_delay_ms=50)
+    pod = cluster.pods[0]
+    thread = unique()
+    async with cluster.client() as client:
+        run = await client.post(thread, "long", model_options={"chunks": 400, "vary": True})
+        watcher = Attacher([pod.url], thread, reconnects=100).start()
+        await watcher.wait_chunk(3)
+        stack.nats.stop()
+        try:
+            await wait_run(
+                client,
+                thread,
+                run["run_id"],
+                lambda r: at(r["started_at"]).timestamp() + 6 < time.time(),
+            )  # the budget has passed, NATS still away
+        finally:
+            stack.nats.start()
+        final = await wait_run(client, thread, run["run_id"], timeout=60)
+        assert final["status"] == "error", final
+        assert final["error"]["code"] == "timeout", final
+        reply = await watcher.result(60)
+        assert reply.status == "error" and reply.error == final["error"]
+        nxt = await client.post(thread, "next", model_options={"chunks": 2})
+        assert (await wait_run(client, thread, nxt["run_id"]))["status"] == "success"
