@@ -179,6 +179,10 @@ async def test_example_page_sends_resumes_and_stops(cluster: Cluster, browser: A
             browser,
             f"const m = (() => {{ {MESSAGE} }})(); return m && m.text.includes('chunk-3 ');",
         )
+        # The page's stop handler does nothing unless the chat says `streaming` (chat.js).
+        await until(
+            browser, "return document.getElementById('status').dataset.status === 'streaming'"
+        )
         browser.find_element(By.ID, "stop").click()
         async with cluster.client() as client:
             run3 = await wait_run(client, thread, third)
