@@ -363,3 +363,22 @@ async def test_a_run_whose_budget_runs_out_during_a_nats_outage_ends_timeout(
         assert reply.status == "error" and reply.error == final["error"]
         nxt = await client.post(thread, "next", model_options={"chunks": 2})
         assert (await wait_run(client, thread, nxt["run_id"]))["status"] == "success"
+
+
+async def test_a_request_during_a_postgres_outage_is_503_not_500(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """PostgreSQL away: a request that needs it waits THREADGATE_DB_POOL_TIMEOUT_S (1 s here),
+    then is answered 503 `unavailable` (retry, here or elsewhere), never 500 `internal`."""
+    cluster = await start_cluster(size=1, db_pool_timeout_s=1)
+    pod = cluster.pods[0]
+    stack.pg.stop()
+    try:
+        async with httpx.AsyncClient(base_url=pod.url, timeout=30) as http:
+            listed = await http.get(f"/threads/{unique()}/runs")
+            posted = await http.post(f"/threads/{unique()}/runs", json={"input": "x"})
+    finally:
+        stack.pg.start()
+    for resp in (listed, posted):
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "unavailable"

@@ -209,13 +209,15 @@ async def test_a_database_outage_while_a_run_backs_off_is_waited_out(
     """A transient model failure, then PostgreSQL goes away for longer than the pool's wait
     (THREADGATE_DB_POOL_TIMEOUT_S: 2 s here, 30 s by default): the run's next attempt cannot
     begin. The PoolTimeout used to escape the step and end the run `error/internal`; now the
-    attempt waits the outage out and continues the reply."""
-    cluster = await start_cluster(size=1, retry_base_s=2, mock_delay_ms=50, db_pool_timeout_s=2)
-    pod = cluster.pods[0]
+    attempt waits the outage out and continues the reply. Two pods: a client whose attach
+    breaks meanwhile is answered 503 (the database is away) and tries the other pod, until
+    the outage ends."""
+    cluster = await start_cluster(size=2, retry_base_s=2, mock_delay_ms=50, db_pool_timeout_s=2)
     thread = unique()
     async with cluster.client() as client:
         failing = {"chunks": 6, "fail": "transient", "fail_at": 3, "fail_attempts": 1}
         run = await client.post(thread, "a", model_options={**failing, "vary": True})
+        pod = await running_on(client, cluster, thread, run["run_id"])
         watcher = Attacher(cluster.urls, thread, reconnects=200).start()
         await wait_logged(pod, "attempt failed, next in")  # it backs off for 2 s
         stack.pg.stop()
