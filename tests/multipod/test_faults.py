@@ -67,8 +67,10 @@ async def stored_events(cluster: Cluster, thread: str) -> list[dict[str, Any]]:
 
 async def readyz(url: str) -> str:
     """The pod's readiness: `ready`, `degraded` (a dependency is away), `not_ready`, or
-    `down` when nothing answers."""
-    async with httpx.AsyncClient(timeout=2) as http:
+    `down` when nothing answers within the readiness probe's 3 s (k8s/base: timeoutSeconds).
+    During a PostgreSQL outage the pod's own ping waits 2 s: a 2 s client timeout raced it
+    and saw `down` instead of `degraded` (seen once)."""
+    async with httpx.AsyncClient(timeout=3) as http:
         try:
             return str((await http.get(f"{url}/readyz")).json()["status"])
         except httpx.TransportError:
