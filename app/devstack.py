@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .pgserver import PG_USER, Postgres, pg_bin_dir, pg_install_copy, reachable, shared_tmp
-from .processes import free_port, wait_for
+from .processes import free_port, release_port, wait_for
 
 __all__ = [
     "PG_USER",
@@ -29,6 +29,7 @@ __all__ = [
     "pg_bin_dir",
     "pg_install_copy",
     "reachable",
+    "release_port",
     "shared_tmp",
     "wait_for",
 ]

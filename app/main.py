@@ -265,7 +265,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     url = settings.database_url.get_secret_value()
     tcp = tcp_options(settings)
-    db = Database(url, max_size=settings.db_pool_size, connect_kwargs=tcp)
+    db = Database(
+        url,
+        max_size=settings.db_pool_size,
+        timeout=settings.db_pool_timeout_s,
+        connect_kwargs=tcp,
+    )
     # The claim keeps keepalives but no tcp_user_timeout: a blip that cut its connection
     # while the server still holds the session's lock would make the pod exit (ClaimLost);
     # a dead server session is ended by the server's own keepalives.

@@ -7,11 +7,31 @@ import subprocess
 import time
 from pathlib import Path
 
+# Ports handed out by free_port, each held by a bound socket that never listens. A port read
+# from a closed socket is free for anyone until our server binds it (seconds later, after a
+# Python start-up), and free again whenever that server restarts on it: another process's
+# bind(0) could take it meanwhile. While held here, the kernel gives it to no other bind(0)
+# and a plain bind of it fails, yet our servers bind and listen on it, since uvicorn (asyncio),
+# PostgreSQL and nats-server (Go) set SO_REUSEADDR, which Linux grants beside a socket that
+# does not listen; and a connection to it while none of them listens is still refused.
+_held: dict[int, socket.socket] = {}
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port kept for this process's servers until `release_port` (or exit)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    _held[port] = s
+    return port
+
+
+def release_port(port: int) -> None:
+    """Give back a port from free_port, once no server of ours will bind it again."""
+    s = _held.pop(port, None)
+    if s is not None:
+        s.close()
 
 
 def wait_for(

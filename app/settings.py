@@ -203,6 +203,11 @@ class Settings(BaseSettings):
             "OTEL_SERVICE_NAME", "THREADGATE_OTEL_SERVICE_NAME", "otel_service_name"
         ),
     )
+    # --- issue 27: database pool wait ---
+    # How long a query waits for a connection of the app's pool (psycopg_pool's own default)
+    # before failing with PoolTimeout, a transient error its callers retry: tests of an
+    # outage set it short instead of waiting out 30 s.
+    db_pool_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("pod_name")
     @classmethod

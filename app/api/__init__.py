@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ThreadgateError
+from ..errors import ThreadgateError, Unavailable
 from .openapi import document_errors
 from .validation import invalid
+
+logger = logging.getLogger(__name__)
 
 
 def install(app: FastAPI) -> None:
@@ -58,6 +62,20 @@ def install(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    @app.exception_handler(PoolTimeout)
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database_away(request: Request, exc: Exception) -> JSONResponse:
+        # PostgreSQL is away (the pool's wait ran out, a connection broke): not a fault of
+        # the request nor of ours, so no 500 and no traceback; retry, here or on another pod.
+        logger.warning(
+            "%s %s: the database is unavailable: %r", request.method, request.url.path, exc
+        )
+        away = Unavailable("the database is unavailable; retry")
+        return JSONResponse(away.body(), status_code=away.status)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

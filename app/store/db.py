@@ -83,13 +83,19 @@ class Database:
     """A pool that checks each connection before lending it, so it heals after a restart."""
 
     def __init__(
-        self, url: str, *, max_size: int = 8, connect_kwargs: Mapping[str, Any] | None = None
+        self,
+        url: str,
+        *,
+        max_size: int = 8,
+        timeout: float = 30.0,
+        connect_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = url
         self.pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
             url,
             min_size=1,
             max_size=max_size,
+            timeout=timeout,  # a connection's wait: PoolTimeout after it
             open=False,
             check=AsyncConnectionPool.check_connection,
             kwargs={"autocommit": True, "row_factory": dict_row, **(connect_kwargs or {})},

@@ -61,10 +61,12 @@ async def stalled_attach(pod: Pod, thread: str) -> tuple[socket.socket, Any]:
 
 
 async def read_all(sock: socket.socket, proto: Any, peak: list[int]) -> bytes:
-    """Read to the run's `done`, slowly, noting the pod's write buffer as it drains."""
+    """Read the whole response (it ends after the run's `done`: chunked encoding's last, empty
+    chunk), slowly, noting the pod's write buffer as it drains. (Stopping at the first bytes
+    of `event: done` could cut that event in two, on a busy machine: seen once.)"""
     loop = asyncio.get_running_loop()
     data = bytearray()
-    while b"event: done" not in data[-4096:]:
+    while not data.endswith(b"\r\n0\r\n\r\n"):
         peak.append(proto.transport.get_write_buffer_size())
         chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
         assert chunk, "the pod closed the stream before `done`"

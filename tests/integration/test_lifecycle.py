@@ -150,6 +150,32 @@ async def test_idempotent_post(pod: Pod) -> None:
     assert d.status_code == 202
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"input": "other"},
+        {"model_options": {"chunks": 3}},
+        {"model_options": {"chunks": 2, "delay_ms": 7}},
+        {"timeout_s": 60},
+        {"multitask_strategy": "reject"},
+    ],
+    ids=["input", "model_options", "an_added_option", "timeout_s", "strategy"],
+)
+async def test_a_key_reused_with_any_other_field_is_409(pod: Pod, change: dict[str, Any]) -> None:
+    """Same Idempotency-Key, a body that differs in any one field the run is made of: 409
+    idempotency_mismatch naming the first run, never that run returned for another request."""
+    thread = unique()
+    body: dict[str, Any] = {"input": "once", "model_options": {"chunks": 2}}
+    headers = {"Idempotency-Key": "k-field"}
+    first = await pod.http.post(f"/threads/{thread}/runs", json=body, headers=headers)
+    assert first.status_code == 202
+    again = await pod.http.post(f"/threads/{thread}/runs", json={**body, **change}, headers=headers)
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert error["code"] == "idempotency_mismatch"
+    assert first.json()["run_id"] in again.text
+
+
 async def test_concurrent_duplicate_posts_make_one_run(pod: Pod) -> None:
     thread = unique()
     body = {"input": "race", "model_options": {"chunks": 2}}

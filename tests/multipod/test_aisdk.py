@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,7 +25,7 @@ from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.multipod.cluster import REPO, Cluster, running_on, wait_run
-from tests.multipod.test_browser import browser  # noqa: F401 (the browser fixture)
+from tests.multipod.test_browser import browser, browser_first  # noqa: F401 (fixtures)
 from tests.node import AI_SDK_NODE, node, npm_ci
 
 pytestmark = pytest.mark.multipod
@@ -41,10 +40,16 @@ def need_node() -> str:
     return found
 
 
+@pytest.fixture(autouse=True)
+def node_first() -> None:
+    """node and the example's packages, checked before the test's cluster starts."""
+    need_node()
+
+
 @contextlib.asynccontextmanager
 async def example_server(upstream: str) -> AsyncIterator[str]:
     """`node server.mjs` in front of a pod; its URL once it answers."""
-    node = need_node()
+    node = need_node(EXAMPLE)
     port = free_port()
     env = {**os.environ, "THREADGATE_URL": upstream, "PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(
@@ -189,6 +194,10 @@ async def test_example_page_sends_resumes_and_stops(cluster: Cluster, browser: A
             " && m.text.includes('chunk-3 ');",
             third,
         )
+        # The page's stop handler does nothing unless the chat says `streaming` (chat.js).
+        await until(
+            browser, "return document.getElementById('status').dataset.status === 'streaming'"
+        )
         browser.find_element(By.ID, "stop").click()
         async with cluster.client() as client:
             run3 = await wait_run(client, thread, third)
@@ -288,9 +297,7 @@ def test_the_example_refuses_ai_6_and_old_node_in_one_line(
 ) -> None:
     """ai 6 would end a regenerated reply in `error` (it rejects `reset-step`): the example's
     server says so and exits before serving anything."""
-    found = shutil.which("node")
-    if found is None:
-        pytest.skip("needs node")
+    found = node()
     (tmp_path / "ai").mkdir()
     (tmp_path / "ai" / "package.json").write_text(f'{{"name": "ai", "version": "{ai}"}}')
     out = subprocess.run(

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import js_stack
+from tests.conftest import TEMPLATE, Stack
 from tests.multipod.cluster import REPO
 from tests.node import AI_SDK_NODE, node, npm_ci
 
@@ -31,9 +33,14 @@ def need_node(minimum: int = 18) -> str:
     return found
 
 
-def run_node(*files: str, minimum: int = 18) -> None:
+def run_node(*files: str, minimum: int = 18, stack: Stack | None = None) -> None:
+    """`node --test` on `files`; their pods (tests/js_stack.py) on `stack`'s servers."""
     node = need_node(minimum)
     env = {**os.environ, "THREADGATE_PYTHON": sys.executable}
+    if stack is not None:
+        env[js_stack.SHARED_PG] = stack.pg.url("postgres")
+        env[js_stack.SHARED_TEMPLATE] = TEMPLATE
+        env[js_stack.SHARED_NATS] = stack.nats.url
     proc = subprocess.run(
         [node, "--test", "--test-concurrency=1", *(f"test/{f}" for f in files)],
         cwd=JS,
@@ -46,8 +53,11 @@ def run_node(*files: str, minimum: int = 18) -> None:
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-200:])
         pytest.fail(f"node --test {' '.join(files)} failed:\n{tail}\n{proc.stderr[-3000:]}")
-    # Shown with -rA / -s: which node tests ran, passed and were skipped (contract v2 pending).
+    # Shown with -rA / -s: which node tests ran and passed.
     print("\n".join(summary))
+    # A test node skipped is one pytest would count as passed: none may be.
+    skipped = [line for line in summary if line.startswith(("# skipped", "# todo"))]
+    assert all(line.split()[-1] == "0" for line in skipped), "\n".join(summary)
 
 
 @pytest.mark.unit
@@ -63,23 +73,25 @@ def test_js_reducer_and_transport() -> None:
     run_node("reducer.test.js", "sse.test.js", "page-copy.test.js")
 
 
+@pytest.mark.long
 @pytest.mark.multipod
 @pytest.mark.timeout(900)
-def test_js_client_against_pods() -> None:
-    run_node("client.test.js")
+def test_js_client_against_pods(stack: Stack) -> None:
+    run_node("client.test.js", stack=stack)
 
 
+@pytest.mark.long
 @pytest.mark.multipod
 @pytest.mark.timeout(900)
-def test_ai_sdk_reader_against_pods() -> None:
-    run_node("aisdk.test.js", minimum=AI_SDK_NODE)  # ai 7 requires node >= 22
+def test_ai_sdk_reader_against_pods(stack: Stack) -> None:
+    run_node("aisdk.test.js", minimum=AI_SDK_NODE, stack=stack)  # ai 7 requires node >= 22
 
 
 @pytest.mark.multipod
 @pytest.mark.timeout(600)
-def test_plugin_data_events_in_js_and_ai_sdk() -> None:
-    """[contract v2] A plug-in source's data events (skipped inside node until plug-ins exist)."""
-    run_node("plugin.test.js")
+def test_plugin_data_events_in_js_and_ai_sdk(stack: Stack) -> None:
+    """[contract v2] A plug-in source's data events, in the JS client and the AI SDK's reader."""
+    run_node("plugin.test.js", stack=stack)
 
 
 @pytest.mark.unit

@@ -20,8 +20,9 @@ from tests.multipod.cluster import Attacher, Cluster, running_on, wait_run
 
 pytestmark = pytest.mark.multipod
 
-CHUNKS = 40
-LONG = {"chunks": CHUNKS, "delay_ms": 50, "vary": True}  # 2 s of reply: time to kill it
+CHUNKS = 100
+LONG = {"chunks": CHUNKS, "delay_ms": 50, "vary": True}  # 5 s of reply: time to kill it mid-way,
+# even when the clients reach chunk 10 seconds late on a busy machine (2 s was not enough)
 
 
 def continued(run: dict[str, Any]) -> dict[int, int]:
@@ -160,6 +161,8 @@ async def test_a_source_that_cannot_continue_regenerates_with_a_reset(cluster: C
     assert late.resets == 0
 
 
+# Queue polls every 0.2 s: the 2 s watch below spans ten of each pod's polls, not one.
+@pytest.mark.cluster(queue_polling_s=0.2)
 async def test_a_crashed_run_holds_its_thread_until_its_pod_returns(cluster: Cluster) -> None:
     thread = unique()
     async with cluster.client() as client:
@@ -176,7 +179,8 @@ async def test_a_crashed_run_holds_its_thread_until_its_pod_returns(cluster: Clu
                 "run_id"
             ]
             # DBOS keeps the crashed run's partition slot: the thread's next run waits. Watch it
-            # for a while (a run this short would be done in ~0.2 s if it were dequeued). The
+            # over ten queue polls (a run this short would be done in ~0.2 s if it were
+            # dequeued). The
             # wait ends when the name returns (or, past THREADGATE_ADOPT_AFTER_S = 60 s, when a
             # survivor adopts the departed name's runs: tests/multipod/test_faults.py).
             loop = asyncio.get_running_loop()

@@ -97,7 +97,8 @@ def test_dev_refuses_a_busy_port_among_its_pods_ports(
 ) -> None:
     argv = ["dev", "--pods", "3", "--port", str(busy_port - 2), "--state-dir", str(tmp_path)]
     code, _, err = run(argv, capsys)
-    assert code == cli.USAGE and f"port {busy_port} is in use" in err
+    # Other ports of the range may be taken too (by anyone on the machine): ours is named.
+    assert code == cli.USAGE and "in use" in err and str(busy_port) in err
 
 
 @pytest.mark.parametrize("pods", ["0", "-2"])

@@ -43,6 +43,8 @@ from threadgate.main import create_app
 from threadgate.metrics import Metrics
 from threadgate.settings import Settings, load_settings
 
+from tests.conftest import unavailable
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +177,7 @@ def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
 
 def rendered(clone_k8s: Path, build: str) -> tuple[dict[str, Any], ...]:
     if KUBECTL is None:
-        pytest.skip(NO_KUBECTL)
+        unavailable(NO_KUBECTL)
     return kustomize(clone_k8s / BUILDS[build])
 
 
