@@ -26,6 +26,8 @@ from .workflows import thread_run as wf
 from .workflows.adoption import Adoption, report_stranded
 from .workflows.internals import (
     active_workflow_ids,
+    check_queue,
+    queue_row,
     quiet_background,
     reenqueue,
     stop_background_threads,
@@ -97,6 +99,10 @@ async def start(rt: Runtime) -> None:
             extra={"runs": recovering},
         )
     await register_queue(s)
+    # The claim copies DBOS's predicate for this queue's configuration: read it once here,
+    # not per claim (DBOS's worker reads it every poll).
+    async with rt.db.pool.connection() as conn:
+        check_queue(await queue_row(conn, wf.QUEUE_NAME))
     rt.adoption = Adoption(s, rt.db, rt.metrics, rt.buffer, started=rt.runner.start_soon)
     rt.runner.on_left = rt.adoption.move_queued
     await rt.adoption.heartbeat()  # this name's row says this version before the checks read it

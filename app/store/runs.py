@@ -135,15 +135,27 @@ class PgRunStore:
                 )
 
     @contextlib.asynccontextmanager
-    async def principal_lock(self, conn: AsyncConnection[Any], owner: str) -> AsyncIterator[None]:
-        """Serialize counting and accepting one principal's runs across pods, on the
-        connection of a thread lock (always taken after it: no lock-order cycle)."""
+    async def accepting(self, thread_id: str) -> AsyncIterator[AsyncConnection[Any]]:
+        """One transaction for accepting a run on a thread: the thread's lock first (a
+        transaction lock, so no unlock statement: it goes at commit, or with the session if
+        the process dies), then the caller's reads, the run's insert and its workflow's
+        enqueue row. All of it commits or none of it does: no run without its workflow.
+
+        The lock is its own statement: a read in the same statement would see a snapshot
+        taken before the lock was granted.
+        """
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (_thread_lock_key(thread_id),),
+            )
+            yield conn
+
+    async def principal_lock(self, conn: AsyncConnection[Any], owner: str) -> None:
+        """Serialize counting and accepting one principal's runs across pods until the
+        accept's transaction ends (always taken after the thread's: no lock-order cycle)."""
         key = f"threadgate.principal:{owner}"
-        await conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
-        try:
-            yield
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
 
     async def count_active(
         self, conn: AsyncConnection[Any], *, owner: str | None, accepted_by: str
