@@ -172,6 +172,8 @@ async def stop(rt: Runtime) -> None:
         DBOS.destroy(destroy_registry=False)
         rt.launched = False
     wf.bind(None)
+    if rt.stops.poller is not None:
+        rt.stops.poller.close()
     if rt.runner is not None:
         await rt.runner.close()
     if rt.hub is not None:

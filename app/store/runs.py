@@ -375,21 +375,16 @@ class PgRunStore:
                 (attempt, resume_from, run_id),
             )
 
-    async def run_state(self, run_id: str, timeout_s: float) -> tuple[str | None, int, float]:
-        """What an executing attempt polls: (stop requested, newest attempt, seconds left)."""
+    async def runs_state(self, run_ids: list[str]) -> dict[str, tuple[str | None, int]]:
+        """What a process polls for the runs it executes: {run: (stop requested, newest
+        attempt)}, in one query."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                """SELECT stop_requested, attempt,
-                          extract(epoch FROM coalesce(started_at, now())
-                              + make_interval(secs => least(coalesce(timeout_s, %(t)s), %(t)s))
-                              - now())::float8 AS remaining_s
-                   FROM threadgate.runs WHERE run_id = %(run_id)s""",
-                {"t": timeout_s, "run_id": run_id},
+                "SELECT run_id, stop_requested, attempt FROM threadgate.runs"
+                " WHERE run_id = ANY(%s)",
+                (run_ids,),
             )
-            row = await cur.fetchone()
-            if row is None:
-                return None, 0, 0.0
-            return row["stop_requested"], row["attempt"], row["remaining_s"]
+            return {r["run_id"]: (r["stop_requested"], r["attempt"]) for r in await cur.fetchall()}
 
     async def hand_off(self, run_ids: list[str], handed: bool = True) -> None:
         """A draining pod leaves these runs to be replayed, or a suspect waits its turn: a
