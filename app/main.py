@@ -29,8 +29,10 @@ from .workflows.internals import (
     check_queue,
     queue_row,
     quiet_background,
+    quiet_queue_manager,
     reenqueue,
     stop_background_threads,
+    wake_queue_manager,
 )
 from .workflows.runner import Runner, register_queue
 from .workflows.stops import StopSignals
@@ -50,6 +52,7 @@ def dbos_config(settings: Settings) -> DBOSConfig:
         # half of an idle pod's): a connection a database restart broke fails its query, is
         # dropped by SQLAlchemy, and DBOS retries the operation (its db_retry).
         db_engine_kwargs={"pool_pre_ping": False},
+        scheduler_polling_interval_sec=settings.background_polling_s,  # we schedule nothing
     )
 
 
@@ -87,6 +90,7 @@ async def start(rt: Runtime) -> None:
     DBOS(config=dbos_config(s))
     adopt_dbos_logger()
     quiet_background(s.background_polling_s)
+    quiet_queue_manager(s.background_polling_s)
     DBOS.launch()
     adopt_dbos_logger()
     rt.launched = True
@@ -103,6 +107,7 @@ async def start(rt: Runtime) -> None:
     # not per claim (DBOS's worker reads it every poll).
     async with rt.db.pool.connection() as conn:
         check_queue(await queue_row(conn, wf.QUEUE_NAME))
+    wake_queue_manager()  # DBOS's worker of the queue starts now, not at the next listing
     rt.adoption = Adoption(s, rt.db, rt.metrics, rt.buffer, started=rt.runner.start_soon)
     rt.runner.on_left = rt.adoption.move_queued
     await rt.adoption.heartbeat()  # this name's row says this version before the checks read it
@@ -114,6 +119,9 @@ async def start(rt: Runtime) -> None:
         await asyncio.to_thread(reenqueue, run_id, s.pod_name)
     rt.runner.start_soon()
     rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
+    if s.fast_start:
+        net = rt.runner.starts.safety_net()
+        rt.background.append(asyncio.create_task(net, name="safety-net"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
     rt.metrics.inflight.set_function(lambda: _active_runs(rt))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 import time
 import weakref
 from importlib import resources
@@ -63,19 +64,22 @@ class Database:
     """A pool that checks a connection before lending it only when it sat unused for a
     while: it heals after a database restart, and a busy pod pays no check per query."""
 
-    # A check is a round trip and a committed transaction; under load a connection comes
-    # back within milliseconds and is lent again at once (the issue's profile: 5 of a run's
-    # 25 transactions were checks). One that sat idle longer than this is checked: after a
-    # restart of the database every idle connection is broken, and the first query on one
-    # would fail. A connection the server dropped while it was lent fails its query, and the
-    # pool discards it on return (callers retry transient errors).
-    CHECK_IDLE_S = 2.0
+    # A check is a round trip and a committed transaction: 5 of a run's 25 transactions were
+    # checks, and half of an idle pod's. A connection the server closed (a restart, a
+    # terminated backend) has something to read on its socket, the server's goodbye or EOF:
+    # that costs a poll, not a round trip, and is done on every loan. One that sat idle
+    # longer than CHECK_IDLE_S is checked with a round trip too (a peer that vanished
+    # without a word). A connection that breaks while lent fails its query, and the pool
+    # discards it on return (callers retry transient errors).
+    CHECK_IDLE_S = 60.0
+    PING_FRESH_S = 5.0
 
     def __init__(self, url: str, *, max_size: int = 8) -> None:
         self.url = url
         self._returned: weakref.WeakKeyDictionary[AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()
         )
+        self.last_ok = 0.0  # monotonic time a connection last came back in good order
         self.pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
             url,
             min_size=1,
@@ -90,11 +94,11 @@ class Database:
 
     async def _check(self, conn: AsyncConnection[Any]) -> None:
         at = self._returned.get(conn)
-        if at is None or time.monotonic() - at > self.CHECK_IDLE_S:
+        if at is None or time.monotonic() - at > self.CHECK_IDLE_S or unsolicited(conn):
             await AsyncConnectionPool.check_connection(conn)
 
     async def _on_return(self, conn: AsyncConnection[Any]) -> None:
-        self._returned[conn] = time.monotonic()
+        self.last_ok = self._returned[conn] = time.monotonic()
 
     async def open(self, timeout: float = 30.0) -> None:
         await self.pool.open(wait=True, timeout=timeout)
@@ -103,6 +107,10 @@ class Database:
         await self.pool.close()
 
     async def ping(self) -> bool:
+        """PostgreSQL answers: a connection came back in good order within PING_FRESH_S (the
+        pod's own queries say so, for free), or a `SELECT 1` does."""
+        if time.monotonic() - self.last_ok < self.PING_FRESH_S:
+            return True
         try:
             async with self.pool.connection(timeout=2.0) as conn:
                 await conn.execute("SELECT 1")
@@ -119,3 +127,14 @@ class Database:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
         logger.info("schema ready")
+
+
+def unsolicited(conn: Any) -> bool:
+    """Whether an idle connection's socket has something to read: PostgreSQL sends nothing
+    unasked to a session that is not listening, so it is the server's goodbye (a FATAL
+    message before it closed the connection) or EOF. A poll, not a round trip."""
+    try:
+        fd = conn.pgconn.socket
+        return bool(select.select([fd], [], [], 0)[0])
+    except Exception:  # no socket any more: certainly not usable
+        return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,66 @@ def quiet_background(seconds: float) -> None:
     dbos_instance()._registry.get_internal_queue()._polling_interval_sec = seconds
 
 
+def quiet_queue_manager(check_s: float) -> None:
+    """Before launch: DBOS's queue manager thread (dbos 3.4.0 `_queue.queue_thread`) lists the
+    queues every second, to start a worker thread per queue: a committed transaction a second,
+    idle or not. This one is DBOS's, with the listing every `check_s` and at once on
+    `wake_queue_manager()` (after a queue is registered, so that its worker starts at once).
+    Its scheduler's first minute of polling every second goes too (we schedule nothing)."""
+    import dbos._dbos as dbos_module
+    from dbos import _scheduler
+    from dbos._queue import log_queues, queue_worker_thread
+    from dbos._utils import INTERNAL_QUEUE_NAME
+
+    _scheduler._STARTUP_FAST_POLL_DURATION_SEC = 0.0
+
+    def queue_thread(stop_event: threading.Event, dbos: Any) -> None:
+        threads: dict[str, threading.Thread] = {}
+        log_queues(dbos, dbos._listening_queues)
+        while not stop_event.is_set():
+            current: dict[str, Any] = {}
+            listening = set(dbos._listening_queues) if dbos._listening_queues is not None else None
+            try:
+                for queue in dbos._sys_db.list_queues(application_name=dbos._sys_db.app_name):
+                    if listening is not None and queue.name not in listening:
+                        continue
+                    if queue.name in threads and threads[queue.name].is_alive():
+                        continue
+                    current[queue.name] = queue
+            except Exception as exc:
+                dbos.logger.warning(f"Exception listing queues: {exc}")
+            current[INTERNAL_QUEUE_NAME] = dbos._registry.get_internal_queue()
+            for queue in dbos._registry.internal_queues():
+                current[queue.name] = queue
+            for name, queue in current.items():
+                if name not in threads or not threads[name].is_alive():
+                    thread = threading.Thread(
+                        target=queue_worker_thread,
+                        args=(stop_event, dbos, queue),
+                        name=f"queue-worker-{name}",
+                        daemon=True,
+                    )
+                    thread.start()
+                    threads[name] = thread
+            # Sliced: a stop is seen within a second (DBOS.destroy joins this thread).
+            deadline = time.monotonic() + check_s
+            while not _manager_wake.is_set() and (left := deadline - time.monotonic()) > 0:
+                if stop_event.wait(timeout=min(1.0, left)):
+                    break
+            _manager_wake.clear()
+        for thread in threads.values():
+            thread.join(timeout=10.0)
+
+    dbos_module.queue_thread = queue_thread  # type: ignore[attr-defined]  # DBOS.launch's
+
+
+_manager_wake = threading.Event()
+
+
+def wake_queue_manager() -> None:
+    _manager_wake.set()
+
+
 def dbos_instance() -> Any:
     from dbos._dbos import _get_dbos_instance
 
@@ -47,6 +108,7 @@ def stop_background_threads() -> None:
     """Stop the queue workers and DBOS's other background threads (they check an event)."""
     for event in dbos_instance().background_thread_stop_events:
         event.set()
+    _manager_wake.set()
 
 
 def active_workflow_ids() -> list[str]:

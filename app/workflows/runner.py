@@ -63,10 +63,16 @@ class RunRequest:
 
 
 async def register_queue(settings: Settings) -> None:
+    """The thread queue. Its safety-net poll is ours (Starts.safety_net, one statement every
+    THREADGATE_QUEUE_POLLING_S); DBOS's own worker polls it too, as a second net, every
+    THREADGATE_BACKGROUND_POLLING_S (with event start off, at the queue polling interval)."""
+    polling = settings.queue_polling_s
+    if settings.fast_start:
+        polling = max(polling, settings.background_polling_s)
     await DBOS.register_queue_async(
         QUEUE_NAME,
         partition_concurrency=1,
-        polling_interval_sec=settings.queue_polling_s,
+        polling_interval_sec=polling,
         on_conflict="always_update",
     )
 

@@ -83,6 +83,13 @@ class Starts:
         self._sweeping = True
         self._spawn(self._sweep_loop())
 
+    async def safety_net(self) -> None:
+        """Sweep every THREADGATE_QUEUE_POLLING_S: a run whose event was lost starts then.
+        One statement; DBOS's own queue poll (slower) stays as a second net."""
+        while True:
+            await asyncio.sleep(self.settings.queue_polling_s)
+            self.sweep()
+
     def start_thread(self, thread_id: str) -> None:
         """Claim the head of one thread's partition (its run may start now)."""
         if self.draining or not self.settings.fast_start:
