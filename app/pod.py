@@ -177,6 +177,7 @@ class PodSupervisor:
         """Ready: not draining, and at least one process takes connections and is ready."""
         answers = await asyncio.gather(*(self._child(p, "/readyz") for p in self.processes))
         procs: dict[str, object] = {}
+        checks: dict[str, bool] = {}
         ready = 0
         for p, (status, body) in zip(self.processes, answers, strict=True):
             if status == 200:
@@ -186,12 +187,25 @@ class PodSupervisor:
                 doc = json.loads(body) if body else doc
             doc["pid"] = p.proc.pid if p.alive and p.proc is not None else None
             procs[p.name] = doc
+            found = doc.get("checks")
+            if status == 200 and isinstance(found, dict):
+                for name, value in found.items():
+                    checks[name] = checks.get(name, True) and bool(value)
         ok = ready > 0 and not self.draining
-        state = "draining" if self.draining else "ready" if ok else "not_ready"
+        state = (
+            "draining"
+            if self.draining
+            else "not_ready"
+            if not ok
+            else "ready"
+            if all(checks.values())
+            else "degraded"
+        )
         return (200 if ok else 503), {
             "status": state,
             "pod": self.settings.pod_name,
             "ready": ready,
+            "checks": checks,  # each check of the ready processes, all of them true
             "processes": procs,
         }
 

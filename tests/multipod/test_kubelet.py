@@ -611,9 +611,13 @@ async def test_pod_starts_probes_and_drains_as_declared(build: str, namespace: A
         assert "threadgate_queue_depth" in (await http.get(metrics_url)).text
         assert (await http.get(f"{pod.url}/metrics")).status_code == 404
     # It runs as the image's version: the tag of the manifest's image.
-    (started,) = [r for r in pod.records() if r.get("msg") == "pod started"]
-    assert started["version"] == image_tag(m.container["image"])
-    assert started["executor"] == pod.name
+    # One record per executing process (THREADGATE_PROCESSES): the pod's name, then -1, ...
+    started = [r for r in pod.records() if r.get("msg") == "pod started"]
+    assert {r["version"] for r in started} == {image_tag(m.container["image"])}
+    n = int(m.env(pod.name).get("THREADGATE_PROCESSES", "1"))
+    assert sorted(r["executor"] for r in started) == sorted(
+        [pod.name] + [f"{pod.name}-{k}" for k in range(1, n)]
+    )
 
     # A deletion with a run in flight: the run finishes inside the grace period.
     async with AsyncClient([pod.url], token=token(pod.env)) as client:

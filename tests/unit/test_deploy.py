@@ -686,6 +686,12 @@ def test_secret_example() -> None:
     assert "POSTGRES_PASSWORD" in SECRET_EXAMPLE.read_text()  # documented for prod-bundled
 
 
+def _runtime_stub() -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(settings=Settings(metrics_port=9090))
+
+
 def test_probes_hit_routes_the_app_serves(
     objects: tuple[dict[str, Any], ...], app_paths: Routes
 ) -> None:
@@ -696,10 +702,17 @@ def test_probes_hit_routes_the_app_serves(
     # Liveness must not depend on Postgres or NATS: /healthz only says the process is alive.
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "startupProbe" in container
+    # On the metrics port, where a pod of several processes answers for the pod as a whole
+    # (app/pod.py) and a one-process pod's metrics server answers the same routes.
+    from threadgate.api.health import metrics_server
+
+    admin_paths = {r.path for r in metrics_server(_runtime_stub()).config.app.routes}
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         http = container[probe]["httpGet"]
         assert http["path"] in app_paths, f"{probe} {http['path']} is not a route"
-        assert http["port"] in ("http", port_names["http"]), f"{probe} is not on the API port"
+        assert http["path"] in admin_paths, f"{probe} {http['path']} is not an admin route"
+        assert http["port"] in ("metrics", port_names["metrics"]), f"{probe}: not the admin port"
+    assert container_env(objects)["THREADGATE_METRICS_PORT"] == str(port_names["metrics"])
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
     startup = container["startupProbe"]
@@ -855,7 +868,8 @@ def test_overlays(build: str, clone_k8s: Path) -> None:
         image = tg_container(objs)["image"]
         assert image.split("/")[0] == "registry.example.com", "prod: a registry-qualified image"
         res = tg_container(objs)["resources"]
-        assert res["requests"]["cpu"] in ("1", 1)
+        # A core per executing process (docs/deploy.md, "Process layout").
+        assert str(res["requests"]["cpu"]) == env["THREADGATE_PROCESSES"]
 
 
 @pytest.mark.parametrize("build", PRODUCTION)
