@@ -860,6 +860,15 @@ def test_overlays(build: str, clone_k8s: Path) -> None:
     assert (find(objs, "Secret", "threadgate-secrets") is not None) is (build in ("k8s", "dev"))
     if bundled:
         assert env["THREADGATE_NATS_URL"] == "nats://nats:4222"
+        # ~20 connections per executing process, for every pod and a rolling update's surge.
+        pg = find(objs, "StatefulSet", "postgres")
+        assert pg is not None
+        args = pg["spec"]["template"]["spec"]["containers"][0].get("args", [])
+        limit = int(
+            next((a.split("=", 1)[1] for a in args if a.startswith("max_connections=")), 100)
+        )
+        budget = 20 * int(env.get("THREADGATE_PROCESSES", "1")) * (EXPECTED_REPLICAS[build] + 1)
+        assert limit >= budget, (limit, budget)
     elif build in WITH_NATS_CLUSTER:
         assert len(env["THREADGATE_NATS_URL"].split(",")) == 3, "every member of the cluster"
     else:
@@ -1308,7 +1317,8 @@ def test_cnpg_cluster(build: str, clone_k8s: Path) -> None:
     assert spec["affinity"]["topologyKey"] == "kubernetes.io/hostname"
     params = spec["postgresql"]["parameters"]
     assert int(params["tcp_keepalives_idle"]) <= 60  # a dead node's claims are dropped soon
-    assert int(params["max_connections"]) >= 20 * (EXPECTED_REPLICAS[build] + 1)
+    processes = int(container_env(objs).get("THREADGATE_PROCESSES", "1"))
+    assert int(params["max_connections"]) >= 20 * processes * (EXPECTED_REPLICAS[build] + 1)
     res = spec["resources"]
     assert "cpu" not in res["limits"] and res["requests"]["memory"] == res["limits"]["memory"]
 
