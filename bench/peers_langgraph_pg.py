@@ -247,7 +247,8 @@ class LangGraphTurns:
             )
         try:
             assert stream.finished is not None
-            await asyncio.wait_for(stream.finished, 60 + chunks * delay_ms / 1000)
+            # A streaming phase queues runs behind others (LangGraph runs 10 at a time).
+            await asyncio.wait_for(stream.finished, 60 + 10 * chunks * delay_ms / 1000)
         finally:
             sconn.close()
         got = sum(1 for _, ev, _ in stream.events if ev == "custom")

@@ -136,7 +136,8 @@ class Poster:
         stream, sconn = await attach(self.port, f"/threads/{self.thread}/attach", keep=False)
         try:
             assert stream.finished is not None
-            await asyncio.wait_for(stream.finished, 60 + chunks * delay_ms / 1000)
+            # A streaming phase queues runs behind others (LangGraph runs 10 at a time).
+            await asyncio.wait_for(stream.finished, 60 + 10 * chunks * delay_ms / 1000)
         finally:
             sconn.close()
         if stream.status != 200 or stream.first_chunk is None:
