@@ -175,8 +175,10 @@ class PgRunStore:
         return int(row["owner"]), int(row["pod"])
 
     async def insert_run(self, conn: AsyncConnection[Any], new: NewRun) -> Run:
-        """Record an accepted run and its user message: one statement, so one transaction
-        and one round trip (foreign keys are checked at the statement's end)."""
+        """Record an accepted run and its user message: one statement (foreign keys are
+        checked at the statement's end). Its `created_at` is the clock now, not the
+        transaction's start: the accept's transaction began before the thread's lock was
+        granted, and the thread's runs are created in the order they took it."""
         cur = await conn.execute(
             f"""WITH t AS (
                     INSERT INTO threadgate.threads (thread_id, owner) VALUES (%s, %s)
@@ -184,8 +186,9 @@ class PgRunStore:
                 r AS (
                     INSERT INTO threadgate.runs (run_id, thread_id, accepted_by, input,
                         model_options, multitask_strategy, idempotency_key, request_hash,
-                        timeout_s)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *),
+                        timeout_s, created_at)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, clock_timestamp())
+                    RETURNING *),
                 u AS (
                     INSERT INTO threadgate.messages (run_id, role, thread_id, content)
                     SELECT run_id, 'user', thread_id, input FROM r)
