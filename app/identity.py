@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 
 from .errors import ConfigError
+from .store.db import unsolicited
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class ClaimLost(Exception):
 
 class ExecutorClaim:
     """The advisory lock that fences one executor id, watched for as long as the pod runs."""
+
+    QUERY_EVERY_S = 60.0
 
     def __init__(
         self,
@@ -161,11 +164,21 @@ class ExecutorClaim:
         return f"{row[0] or 'unnamed client'} from {row[1] or 'local socket'} since {row[2]}"
 
     async def _watch_claim(self) -> None:
-        """If the claim's connection drops, the lock is gone: take it back or stop executing."""
+        """If the claim's connection drops, the lock is gone: take it back or stop executing.
+
+        A dropped session shows on its socket without a round trip (the server's goodbye, or
+        EOF once TCP keepalives gave up on a vanished peer); a `SELECT 1` is sent only then,
+        or every QUERY_EVERY_S: an idle pod pays no transaction every few seconds for this.
+        """
+        loop = asyncio.get_running_loop()
+        queried = loop.time()
         while True:
             await asyncio.sleep(self.check_every_s)
             try:
                 assert self.conn is not None
+                if not unsolicited(self.conn) and loop.time() - queried < self.QUERY_EVERY_S:
+                    continue
+                queried = loop.time()
                 await self.conn.execute("SELECT 1")
                 continue
             except Exception as exc:

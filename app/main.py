@@ -27,9 +27,13 @@ from .workflows import thread_run as wf
 from .workflows.adoption import Adoption, report_stranded
 from .workflows.internals import (
     active_workflow_ids,
+    check_queue,
+    queue_row,
     quiet_background,
+    quiet_queue_manager,
     reenqueue,
     stop_background_threads,
+    wake_queue_manager,
 )
 from .workflows.runner import Runner, register_queue
 from .workflows.stops import StopSignals
@@ -58,6 +62,7 @@ def dbos_config(settings: Settings) -> DBOSConfig:
                 **tcp_options(settings),
             },
         },
+        scheduler_polling_interval_sec=settings.background_polling_s,  # we schedule nothing
     )
 
 
@@ -101,6 +106,7 @@ async def start(rt: Runtime) -> None:
     DBOS(config=dbos_config(s))
     adopt_dbos_logger()
     quiet_background(s.background_polling_s)
+    quiet_queue_manager(s.background_polling_s)
     DBOS.launch()
     adopt_dbos_logger()
     rt.launched = True
@@ -113,6 +119,11 @@ async def start(rt: Runtime) -> None:
             extra={"runs": recovering},
         )
     await register_queue(s)
+    # The claim copies DBOS's predicate for this queue's configuration: read it once here,
+    # not per claim (DBOS's worker reads it every poll).
+    async with rt.db.pool.connection() as conn:
+        check_queue(await queue_row(conn, wf.QUEUE_NAME))
+    wake_queue_manager()  # DBOS's worker of the queue starts now, not at the next listing
     rt.adoption = Adoption(s, rt.db, rt.metrics, rt.buffer, started=rt.runner.start_soon)
     rt.runner.on_left = rt.adoption.move_queued
     await rt.adoption.heartbeat()  # this name's row says this version before the checks read it
@@ -127,6 +138,9 @@ async def start(rt: Runtime) -> None:
     retention = Retention(s, rt.db, rt.metrics)
     if retention.enabled:
         rt.background.append(asyncio.create_task(retention.run(), name="retention"))
+    if s.fast_start:
+        net = rt.runner.starts.safety_net()
+        rt.background.append(asyncio.create_task(net, name="safety-net"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
     rt.metrics.inflight.set_function(lambda: _active_runs(rt))
@@ -185,6 +199,8 @@ async def stop(rt: Runtime) -> None:
         DBOS.destroy(destroy_registry=False)
         rt.launched = False
     wf.bind(None)
+    if rt.stops.poller is not None:
+        rt.stops.poller.close()
     if rt.runner is not None:
         await rt.runner.close()
     if rt.hub is not None:

@@ -208,6 +208,15 @@ class Settings(BaseSettings):
     # before failing with PoolTimeout, a transient error its callers retry: tests of an
     # outage set it short instead of waiting out 30 s.
     db_pool_timeout_s: float = Field(default=30.0, gt=0)
+    # --- issue 29: process layout ---
+    # Executing processes per pod (app/pod.py): one event loop per core. 1: the pod is one
+    # process, as before. N: a supervisor and N processes on the API port, executor ids
+    # POD_NAME, POD_NAME-1, ..., the pod's probes and metrics on its admin port
+    # (THREADGATE_METRICS_PORT, else the API port + 1).
+    processes: int = Field(default=1, ge=1, le=64)
+    # Set by the pod's supervisor for its processes: the API socket it listens on, inherited.
+    listen_fd: int = Field(default=-1, ge=-1)
+    metrics_host: str = ""  # where THREADGATE_METRICS_PORT listens (default: THREADGATE_HOST)
 
     @field_validator("pod_name")
     @classmethod

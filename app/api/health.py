@@ -85,17 +85,26 @@ class _QuietServer(uvicorn.Server):
 
 
 def metrics_server(rt: Runtime) -> uvicorn.Server:
-    """GET /metrics alone on THREADGATE_METRICS_PORT: scraped in-cluster, never public."""
+    """GET /metrics on THREADGATE_METRICS_PORT (scraped in-cluster, never public), and the
+    probes: a pod's supervisor (app/pod.py) asks each of its processes there."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     async def scrape() -> Response:
         return await _render(rt)
 
+    async def alive() -> JSONResponse:
+        return await healthz(rt)
+
+    async def ready() -> JSONResponse:
+        return await readyz(rt)
+
     app.add_api_route("/metrics", scrape, methods=["GET"])
+    app.add_api_route("/healthz", alive, methods=["GET"])
+    app.add_api_route("/readyz", ready, methods=["GET"])
 
     config = uvicorn.Config(
         app,
-        host=rt.settings.host,
+        host=rt.settings.metrics_host or rt.settings.host,
         port=rt.settings.metrics_port,
         lifespan="off",
         log_config=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 import typing
 from typing import Any
@@ -71,6 +72,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     _set_title(settings.pod_name)
     setup_logging(settings.pod_name, json_lines=settings.json_logs, level=settings.log_level)
+    if settings.processes > 1 and settings.listen_fd < 0:
+        from ..pod import PodSupervisor
+
+        # Its processes run `python -m threadgate.cli serve` on the socket it binds.
+        return asyncio.run(PodSupervisor(settings, __package__ or "threadgate.cli").run())
     try:
         app = create_app(settings)
     except ConfigError as exc:
@@ -118,7 +124,9 @@ def serve(args: argparse.Namespace) -> int:
         http=guarded_http(settings),  # deadlines for a request's head and body (app/server.py)
     )
     server = PodServer(config)
-    server.run()
+    # A process of a pod's supervisor accepts on the socket the supervisor bound (app/pod.py).
+    sockets = [socket.socket(fileno=settings.listen_fd)] if settings.listen_fd >= 0 else None
+    server.run(sockets=sockets)
     if not server.started:
         # uvicorn returns normally when start-up fails; a failed pod must not look clean.
         print("threadgate: start-up failed (see the log above)", file=sys.stderr)

@@ -149,15 +149,27 @@ class PgRunStore:
                 )
 
     @contextlib.asynccontextmanager
-    async def principal_lock(self, conn: AsyncConnection[Any], owner: str) -> AsyncIterator[None]:
-        """Serialize counting and accepting one principal's runs across pods, on the
-        connection of a thread lock (always taken after it: no lock-order cycle)."""
+    async def accepting(self, thread_id: str) -> AsyncIterator[AsyncConnection[Any]]:
+        """One transaction for accepting a run on a thread: the thread's lock first (a
+        transaction lock, so no unlock statement: it goes at commit, or with the session if
+        the process dies), then the caller's reads, the run's insert and its workflow's
+        enqueue row. All of it commits or none of it does: no run without its workflow.
+
+        The lock is its own statement: a read in the same statement would see a snapshot
+        taken before the lock was granted.
+        """
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (_thread_lock_key(thread_id),),
+            )
+            yield conn
+
+    async def principal_lock(self, conn: AsyncConnection[Any], owner: str) -> None:
+        """Serialize counting and accepting one principal's runs across pods until the
+        accept's transaction ends (always taken after the thread's: no lock-order cycle)."""
         key = f"threadgate.principal:{owner}"
-        await conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
-        try:
-            yield
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
 
     async def count_active(
         self, conn: AsyncConnection[Any], *, owner: str | None, accepted_by: str
@@ -177,8 +189,10 @@ class PgRunStore:
         return int(row["owner"]), int(row["pod"])
 
     async def insert_run(self, conn: AsyncConnection[Any], new: NewRun) -> Run:
-        """Record an accepted run and its user message: one statement, so one transaction
-        and one round trip (foreign keys are checked at the statement's end)."""
+        """Record an accepted run and its user message: one statement (foreign keys are
+        checked at the statement's end). Its `created_at` is the clock now, not the
+        transaction's start: the accept's transaction began before the thread's lock was
+        granted, and the thread's runs are created in the order they took it."""
         cur = await conn.execute(
             f"""WITH t AS (
                     INSERT INTO threadgate.threads (thread_id, owner) VALUES (%s, %s)
@@ -186,8 +200,9 @@ class PgRunStore:
                 r AS (
                     INSERT INTO threadgate.runs (run_id, thread_id, accepted_by,
                         model_options, multitask_strategy, idempotency_key, request_hash,
-                        timeout_s)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING *),
+                        timeout_s, created_at)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, clock_timestamp())
+                    RETURNING *),
                 u AS (
                     INSERT INTO threadgate.messages (run_id, role, thread_id, content, escaped)
                     SELECT run_id, 'user', thread_id, %s, %s FROM r
@@ -390,21 +405,16 @@ class PgRunStore:
                 (attempt, kept, kept, kept, run_id),
             )
 
-    async def run_state(self, run_id: str, timeout_s: float) -> tuple[str | None, int, float]:
-        """What an executing attempt polls: (stop requested, newest attempt, seconds left)."""
+    async def runs_state(self, run_ids: list[str]) -> dict[str, tuple[str | None, int]]:
+        """What a process polls for the runs it executes: {run: (stop requested, newest
+        attempt)}, in one query."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                """SELECT stop_requested, attempt,
-                          extract(epoch FROM coalesce(started_at, now())
-                              + make_interval(secs => least(coalesce(timeout_s, %(t)s), %(t)s))
-                              - now())::float8 AS remaining_s
-                   FROM threadgate.runs WHERE run_id = %(run_id)s""",
-                {"t": timeout_s, "run_id": run_id},
+                "SELECT run_id, stop_requested, attempt FROM threadgate.runs"
+                " WHERE run_id = ANY(%s)",
+                (run_ids,),
             )
-            row = await cur.fetchone()
-            if row is None:
-                return None, 0, 0.0
-            return row["stop_requested"], row["attempt"], row["remaining_s"]
+            return {r["run_id"]: (r["stop_requested"], r["attempt"]) for r in await cur.fetchall()}
 
     async def hand_off(self, run_ids: list[str], handed: bool = True) -> None:
         """A draining pod leaves these runs to be replayed, or a suspect waits its turn: a

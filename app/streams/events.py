@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Literal
+
+import orjson
 
 from .position import part_id
 
@@ -74,14 +75,23 @@ class Event:
         return body
 
     def to_bytes(self) -> bytes:
-        """The JetStream message: `{"type": ..., <payload>}`, compact, type first."""
+        """The JetStream message: `{"type": ..., <payload>}`, compact, type first (orjson: UTF-8
+        as is, about a third of json.dumps's cost). A text orjson refuses (a lone surrogate,
+        which only json.dumps can escape) takes the json.dumps way."""
         if self.type == "chunk" and self.text is not None:
-            # The hot path, byte for byte what json.dumps gives, at a fraction of its cost.
-            return (
-                f'{{"type":"chunk","run_id":{_quote(self.run_id)},"attempt":{self.attempt:d},'
-                f'"index":{self.index:d},"text":{_quote(self.text)}}}'
-            ).encode()
-        return json.dumps({"type": self.type, **self.payload()}, separators=(",", ":")).encode()
+            obj: dict[str, Any] = {
+                "type": "chunk",
+                "run_id": self.run_id,
+                "attempt": self.attempt,
+                "index": self.index,
+                "text": self.text,
+            }
+        else:
+            obj = {"type": self.type, **self.payload()}
+        try:
+            return orjson.dumps(obj)
+        except TypeError:  # orjson: "str is not valid UTF-8", or a payload it cannot encode
+            return json.dumps(obj, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, seq: int = 0) -> Event:
@@ -89,24 +99,28 @@ class Event:
 
         Only the types a run stores are accepted: the type becomes the SSE `event:` line.
         """
-        raw = json.loads(data)
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError:  # a lone surrogate escaped by json.dumps (to_bytes)
+            raw = json.loads(data)
         kind = raw["type"]
         if kind not in STORED_TYPES:
             raise ValueError(f"not an event type of a run: {str(kind)[:40]!r}")
+        get = raw.get
         ev = cls(
             kind,
             str(raw["run_id"]),
-            int(raw.get("attempt", 0)),
+            int(get("attempt", 0)),
             seq,
-            raw.get("index"),
-            raw.get("text"),
-            raw.get("status"),
-            raw.get("error"),
-            raw.get("name"),
-            raw.get("payload"),
-            raw.get("resume_from"),
-            raw.get("executor"),
-            raw.get("run_seq"),
+            get("index"),
+            get("text"),
+            get("status"),
+            get("error"),
+            get("name"),
+            get("payload"),
+            get("resume_from"),
+            get("executor"),
+            get("run_seq"),
         )
         if seq and ev.part:
             ev.frame = _part_frame_from_stored(ev, data)

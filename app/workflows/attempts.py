@@ -202,35 +202,28 @@ def _timed_out(d: RunDeps, run: Run) -> dict[str, Any]:
 async def _polling(d: RunDeps, run: Run, attempt: int, watch: Watch) -> AsyncIterator[None]:
     """Now and then read the run's row: a stop whose control message was missed, or a newer
     attempt begun by another process (after a database outage a survivor may have adopted
-    this pod's runs): then this execution stops at once, recording nothing."""
+    this pod's runs): then this execution stops at once, recording nothing. One read per
+    process for all its runs (stops.StopPoller)."""
     task = asyncio.current_task()
-    s = d.settings
 
-    async def poll() -> None:
-        while True:
-            await asyncio.sleep(s.stop_poll_s)
-            try:
-                reason, newest, _ = await d.store.run_state(run.run_id, s.run_timeout_s)
-            except Exception:
-                continue  # the database is away: the attempt goes on, the next poll retries
-            if newest > attempt:
-                logger.error(
-                    "attempt %d began elsewhere: this execution stops",
-                    newest,
-                    extra=log_fields(run.run_id, run.thread_id, attempt),
-                )
-                watch.superseded = True
-                if task is not None:
-                    task.cancel()
-                return
-            if reason:
-                d.stops.request(run.run_id, reason)
+    def heard(reason: str | None, newest: int) -> bool:
+        if newest > attempt:
+            logger.error(
+                "attempt %d began elsewhere: this execution stops",
+                newest,
+                extra=log_fields(run.run_id, run.thread_id, attempt),
+            )
+            watch.superseded = True
+            if task is not None:
+                task.cancel()
+            return False
+        if reason:
+            d.stops.request(run.run_id, reason)
+        return True
 
-    poller = asyncio.create_task(poll())
-    try:
+    poller = d.stops.polling(d.store.runs_state, d.settings.stop_poll_s)
+    with poller.polled(run.run_id, heard):
         yield
-    finally:
-        poller.cancel()
 
 
 def _part_of(ev: Event) -> Part:

@@ -7,6 +7,7 @@ name): never rename `stream_reply` or `finish_run`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -54,7 +55,8 @@ class RunDeps:
     model: ReplySource
     stops: StopSignals
     metrics: Any = None
-    run_ended: Callable[[], None] | None = None  # the thread's next run may start now
+    # (thread_id, run_id): the run ended here, the thread's next run may start now
+    run_ended: Callable[[str, str], None] | None = None
     # Held by the one suspect replaying on this pod (app/workflows/attempts.py: _alone).
     alone: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -95,7 +97,7 @@ async def thread_run(thread_id: str, run_id: str) -> str:
         _running.add(task)
         task.add_done_callback(_running.discard)
         # Once the task is done DBOS has recorded the outcome and freed the partition.
-        task.add_done_callback(_ended)
+        task.add_done_callback(functools.partial(_ended, thread_id, run_id))
     try:
         outcome = await stream_reply(thread_id, run_id)
     except Exception as exc:
@@ -106,9 +108,9 @@ async def thread_run(thread_id: str, run_id: str) -> str:
     return outcome["status"]
 
 
-def _ended(task: asyncio.Task[Any]) -> None:
+def _ended(thread_id: str, run_id: str, task: asyncio.Task[Any]) -> None:
     if _deps is not None and _deps.run_ended is not None:
-        _deps.run_ended()
+        _deps.run_ended(thread_id, run_id)
 
 
 def log_fields(run_id: str, thread_id: str, attempt: int) -> dict[str, Any]:

@@ -609,9 +609,14 @@ async def test_pod_starts_probes_and_drains_as_declared(build: str, namespace: A
         assert (await http.get(f"{pod.url}/metrics")).status_code == 404
     # It runs as the image's version: the package version of the tag (<version>-<build>),
     # plus, in a built image, the code's digest (<version>+<digest>; a checkout has none).
-    (started,) = [r for r in pod.records() if r.get("msg") == "pod started"]
-    assert started["version"].split("+")[0] == image_tag(m.container["image"]).split("-")[0]
-    assert started["executor"] == pod.name
+    # One record per executing process (THREADGATE_PROCESSES): the pod's name, then -1, ...
+    started = [r for r in pod.records() if r.get("msg") == "pod started"]
+    tag = image_tag(m.container["image"]).split("-")[0]
+    assert {r["version"].split("+")[0] for r in started} == {tag}
+    n = int(m.env(pod.name).get("THREADGATE_PROCESSES", "1"))
+    assert sorted(r["executor"] for r in started) == sorted(
+        [pod.name] + [f"{pod.name}-{k}" for k in range(1, n)]
+    )
 
     # A deletion with a run in flight: the run finishes inside the grace period.
     async with AsyncClient([pod.url], token=token(pod.env)) as client:

@@ -688,6 +688,12 @@ def test_secret_example() -> None:
     assert "POSTGRES_PASSWORD" in SECRET_EXAMPLE.read_text()  # documented for prod-bundled
 
 
+def _runtime_stub() -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(settings=Settings(metrics_port=9090))
+
+
 def test_probes_hit_routes_the_app_serves(
     objects: tuple[dict[str, Any], ...], app_paths: Routes
 ) -> None:
@@ -698,10 +704,17 @@ def test_probes_hit_routes_the_app_serves(
     # Liveness must not depend on Postgres or NATS: /healthz only says the process is alive.
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "startupProbe" in container
+    # On the metrics port, where a pod of several processes answers for the pod as a whole
+    # (app/pod.py) and a one-process pod's metrics server answers the same routes.
+    from threadgate.api.health import metrics_server
+
+    admin_paths = {r.path for r in metrics_server(_runtime_stub()).config.app.routes}
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         http = container[probe]["httpGet"]
         assert http["path"] in app_paths, f"{probe} {http['path']} is not a route"
-        assert http["port"] in ("http", port_names["http"]), f"{probe} is not on the API port"
+        assert http["path"] in admin_paths, f"{probe} {http['path']} is not an admin route"
+        assert http["port"] in ("metrics", port_names["metrics"]), f"{probe}: not the admin port"
+    assert container_env(objects)["THREADGATE_METRICS_PORT"] == str(port_names["metrics"])
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
     startup = container["startupProbe"]
@@ -849,6 +862,15 @@ def test_overlays(build: str, clone_k8s: Path) -> None:
     assert (find(objs, "Secret", "threadgate-secrets") is not None) is (build in ("k8s", "dev"))
     if bundled:
         assert env["THREADGATE_NATS_URL"] == "nats://nats:4222"
+        # ~20 connections per executing process, for every pod and a rolling update's surge.
+        pg = find(objs, "StatefulSet", "postgres")
+        assert pg is not None
+        args = pg["spec"]["template"]["spec"]["containers"][0].get("args", [])
+        limit = int(
+            next((a.split("=", 1)[1] for a in args if a.startswith("max_connections=")), 100)
+        )
+        budget = 20 * int(env.get("THREADGATE_PROCESSES", "1")) * (EXPECTED_REPLICAS[build] + 1)
+        assert limit >= budget, (limit, budget)
     elif build in WITH_NATS_CLUSTER:
         assert len(env["THREADGATE_NATS_URL"].split(",")) == 3, "every member of the cluster"
     else:
@@ -857,7 +879,8 @@ def test_overlays(build: str, clone_k8s: Path) -> None:
         image = tg_container(objs)["image"]
         assert image.split("/")[0] == "registry.example.com", "prod: a registry-qualified image"
         res = tg_container(objs)["resources"]
-        assert res["requests"]["cpu"] in ("1", 1)
+        # A core per executing process (docs/deploy.md, "Process layout").
+        assert str(res["requests"]["cpu"]) == env["THREADGATE_PROCESSES"]
 
 
 @pytest.mark.parametrize("build", PRODUCTION)
@@ -1321,7 +1344,8 @@ def test_cnpg_cluster(build: str, clone_k8s: Path) -> None:
     assert spec["affinity"]["topologyKey"] == "kubernetes.io/hostname"
     params = spec["postgresql"]["parameters"]
     assert int(params["tcp_keepalives_idle"]) <= 60  # a dead node's claims are dropped soon
-    assert int(params["max_connections"]) >= 20 * (EXPECTED_REPLICAS[build] + 1)
+    processes = int(container_env(objs).get("THREADGATE_PROCESSES", "1"))
+    assert int(params["max_connections"]) >= 20 * processes * (EXPECTED_REPLICAS[build] + 1)
     res = spec["resources"]
     assert "cpu" not in res["limits"] and res["requests"]["memory"] == res["limits"]["memory"]
 
