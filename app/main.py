@@ -100,6 +100,7 @@ async def start(rt: Runtime) -> None:
             stops=rt.stops,
             metrics=rt.metrics,
             run_ended=rt.runner.run_ended,
+            run_waits=rt.runner.run_waits,
         )
     )
     recovering = await recoverable_runs(rt)

@@ -482,18 +482,23 @@ class PgRunStore:
         status: RunStatus,
         *,
         error: dict[str, Any] | None = None,
-        only_if_active: bool = False,
     ) -> bool:
-        """The run's final status (its reply, if any, is stored already). `only_if_active`:
-        leave a run that has ended alone. Whether the row changed."""
+        """The run's final status (its reply, if any, is stored already), in one statement that
+        also says whether a run of the thread waits behind it (pending): the thread's next run
+        to claim as the workflow ends."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                """UPDATE threadgate.runs SET status = %s, error = %s,
-                       finished_at = coalesce(finished_at, now())
-                   WHERE run_id = %s AND (NOT %s OR status IN ('pending', 'running'))""",
-                (status, Jsonb(error) if error is not None else None, run_id, only_if_active),
+                """UPDATE threadgate.runs r SET status = %s, error = %s,
+                       finished_at = coalesce(r.finished_at, now())
+                   WHERE r.run_id = %s
+                   RETURNING EXISTS (
+                       SELECT 1 FROM threadgate.runs n
+                       WHERE n.thread_id = r.thread_id AND n.seq > r.seq
+                         AND n.status = 'pending') AS waits""",
+                (status, Jsonb(error) if error is not None else None, run_id),
             )
-            return cur.rowcount == 1
+            row = await cur.fetchone()
+            return bool(row and row["waits"])
 
     async def end_abandoned(
         self, run_id: str, executor: str, status: RunStatus, error: dict[str, Any] | None

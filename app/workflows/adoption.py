@@ -38,7 +38,7 @@ from ..store.runs import PgRunStore
 from ..streams.buffer import StreamBuffer
 from ..streams.events import DoneStatus, done, run_started
 from .internals import reenqueue
-from .thread_run import STEP_NAMES, WORKFLOW_NAME
+from .thread_run import RETIRED_STEPS, STEP_NAMES, WORKFLOW_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,10 @@ class StrandedRun:
     @property
     def compatible(self) -> bool:
         """Its recorded steps are a prefix of today's: replaying it under this version is safe."""
-        return self.steps == list(STEP_NAMES[: len(self.steps)])
+        steps = list(self.steps)
+        while steps and steps[-1] in RETIRED_STEPS:  # now code: it runs again, idempotent
+            steps.pop()
+        return steps == list(STEP_NAMES[: len(steps)])
 
 
 class Adoption:

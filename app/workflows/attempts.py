@@ -60,6 +60,13 @@ async def _alone(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Async
     its turn is marked handed off: a crash meanwhile is not its own. Yields True if the run was
     asked to stop while it waited.
     """
+    from .starts import claimed
+
+    facts = claimed(run_id)  # what this process's claim saw (None: DBOS's worker, recovery)
+    if facts is not None and (facts.attempt == 0 or facts.replays < SUSPECT_REPLAYS):
+        # Exact: the claim made the workflow ours; only an execution of it changes these.
+        yield False
+        return
     try:
         run = await d.store.get_run(thread_id, run_id)
     except Exception as exc:  # the attempts wait out an outage; a suspect then runs beside others

@@ -286,6 +286,10 @@ class Runner:
         """A run executing here ended: its thread's next run may start now."""
         self.starts.run_ended(thread_id, run_id)
 
+    def run_waits(self, thread_id: str) -> None:
+        """The finish of a run executing here found a run waiting behind it."""
+        self.starts.heard_waiting(thread_id)
+
     async def kick(self, **why: str) -> None:
         """Ask every pod to claim startable runs (`left`: a pod of that version left)."""
         await self._control({"kick": 1, **why})

@@ -1,7 +1,9 @@
-"""The durable workflow of one thread run: stream the reply, then store it and say `done`.
+"""The durable workflow of one thread run: stream (and store) the reply, then say `done`.
 
 Step names are part of the recovery contract (a pinned application version replays them by
-name): never rename `stream_reply` or `finish_run`.
+name): never rename `stream_reply`. `finish_run` was a step until issue 29: the finish is
+idempotent code now (its two effects were idempotent already), and a run recorded with it
+replays under this version all the same (RETIRED_STEPS).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 WORKFLOW_NAME = "thread_run"
 QUEUE_NAME = "thread_runs"
-STEP_NAMES = ("stream_reply", "finish_run")  # in order; renaming one strands PENDING runs
+STEP_NAMES = ("stream_reply",)  # in order; renaming one strands PENDING runs
+RETIRED_STEPS = ("finish_run",)  # recorded by earlier versions after STEP_NAMES; now code
 
 
 class Outcome(TypedDict, total=False):
@@ -57,6 +60,8 @@ class RunDeps:
     metrics: Any = None
     # (thread_id, run_id): the run ended here, the thread's next run may start now
     run_ended: Callable[[str, str], None] | None = None
+    # thread_id: a run waits behind the one ending here (the finish's statement said so)
+    run_waits: Callable[[str], None] | None = None
     # Held by the one suspect replaying on this pod (app/workflows/attempts.py: _alone).
     alone: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -104,7 +109,7 @@ async def thread_run(thread_id: str, run_id: str) -> str:
         # Never leave a run without a final status and a `done`: its thread would look stuck.
         logger.exception("reply step failed", extra=log_fields(run_id, thread_id, 0))
         outcome = await end_failed_step(thread_id, run_id, exc)
-    await finish_run(thread_id, run_id, outcome)
+    await finish(thread_id, run_id, outcome)
     return outcome["status"]
 
 
@@ -138,14 +143,14 @@ async def end_failed_step(thread_id: str, run_id: str, exc: BaseException) -> Ou
         return Outcome(status="error", attempt=0, error=error("internal", type(exc).__name__))
 
 
-@DBOS.step(name="finish_run")
-async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
+async def finish(thread_id: str, run_id: str, outcome: Outcome) -> None:
     """The final status, then `done`: `done` means the reply and the status are durable, and
     it is published before the workflow ends (so before the thread's next run may start).
 
-    Both effects are idempotent (`done` has a fixed message id), so an outage of PostgreSQL or
-    NATS is waited out, however long: a bounded retry would end the workflow with the run row
-    still `running` and no `done`.
+    Code of the workflow, not a step (a step's checkpoint costs two transactions): both
+    effects are idempotent (the status update; `done` has a fixed message id), so a recovery
+    that runs it again changes nothing. An outage of PostgreSQL or NATS is waited out, however
+    long: a bounded retry would end the workflow with the run row still `running` and no `done`.
     """
     from .endings import patiently
 
@@ -158,9 +163,11 @@ async def finish_run(thread_id: str, run_id: str, outcome: Outcome) -> None:
         await patiently(
             d, "storing the reply", lambda: _store_checkpointed(d, run_id, thread_id, outcome), log
         )
-    await patiently(
+    waits = await patiently(
         d, "finishing", lambda: d.store.finish(run_id, status, error=outcome.get("error")), log
     )
+    if waits and d.run_waits is not None:
+        d.run_waits(thread_id)  # its end claims the thread's next run at once
     fault(d, "after_store", thread_id)
 
     async def publish() -> None:

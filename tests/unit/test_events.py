@@ -78,11 +78,11 @@ def test_frame_cut_from_stored_bytes_matches_the_encoded_frame(ev: Event) -> Non
 def test_any_chunk_text_round_trips_through_its_bytes(text: str, attempt: int, index: int) -> None:
     """Whatever the text (lone surrogates included: orjson refuses them, json.dumps escapes
     them), the stored bytes are compact JSON, type first, and decode to the same event."""
-    ev = chunk("0f0e-run", attempt, index, text)
+    ev = chunk(R1, attempt, index, text)
     data = ev.to_bytes()
-    expected = {"type": "chunk", "run_id": "0f0e-run", "attempt": attempt, "index": index}
+    expected = {"type": "chunk", "run_id": R1, "attempt": attempt, "index": index}
     assert json.loads(data) == {**expected, "text": text}
-    assert data.startswith(b'{"type":"chunk","run_id":"0f0e-run",')
+    assert data.startswith(b'{"type":"chunk","run_id":"%s",' % R1.encode())
     assert Event.from_bytes(data, seq=3) == ev.with_seq(3)
 
 
