@@ -75,7 +75,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"threadgate: {exc.message}", file=sys.stderr)
         return 2
     _set_title(settings.pod_name)
-    setup_logging(settings.pod_name, json_lines=settings.json_logs, level=settings.log_level)
+    setup_logging(
+        settings.pod_name,
+        json_lines=settings.json_logs,
+        level=settings.log_level,
+        secrets=settings.secret_values(),
+    )
     try:
         app = create_app(settings)
     except ConfigError as exc:

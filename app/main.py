@@ -15,9 +15,9 @@ from . import __version__
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
+from .registry import load_source
 from .runtime import Runtime
 from .settings import Settings
-from .sources import load_source
 from .store.db import Database, dbos_url
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats

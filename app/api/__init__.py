@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InvalidRequest, ThreadgateError
+from ..errors import InvalidRequest, ThreadgateError, TooManyRequests, printable
 
 
 def install(app: FastAPI) -> None:
@@ -22,8 +22,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ThreadgateError)
     async def _threadgate_error(request: Request, exc: ThreadgateError) -> JSONResponse:
-        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers.get(exc.status))
+        headers = {}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, TooManyRequests):
+            headers["Retry-After"] = str(exc.retry_after)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -48,7 +52,7 @@ def install(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
-            {"error": {"code": code, "message": str(exc.detail)}},
+            {"error": {"code": code, "message": printable(str(exc.detail))}},
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

@@ -44,8 +44,7 @@ class RunCreate(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("input must not be blank")
-        if "\x00" in value:
-            raise ValueError("input must not contain NUL")
+        _check_text(value, "input")
         return value
 
 
