@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 
 from tests.conftest import unique
@@ -199,3 +200,102 @@ async def test_a_get_with_a_body_is_still_served_when_it_comes(pod: Pod) -> None
         big = b"x" * (pod.settings.max_body_bytes + 1)
         resp = await pod.http.request("GET", "/healthz", content=big, headers=key("alice"))
         assert resp.status_code == 413
+
+
+# --- quotas per principal -----------------------------------------------------------------------
+
+
+def principal() -> tuple[str, dict[str, str]]:
+    """A principal of its own (a JWT's sub): the session's database keeps everyone's usage."""
+    name = f"q-{unique()}"
+    return name, bearer(jwt_token(name))
+
+
+async def post(pod: Pod, auth: dict[str, str], thread: str, **body: object) -> httpx.Response:
+    return await pod.http.post(
+        f"/threads/{thread}/runs",
+        json={"input": "x", "model_options": {"chunks": 0}, **body},
+        headers=auth,
+    )
+
+
+async def wait_finished(pod: Pod, thread: str, run_id: str, auth: dict[str, str]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        run = (await pod.http.get(f"/threads/{thread}/runs/{run_id}", headers=auth)).json()
+        if run["status"] not in ("pending", "running"):
+            assert run["status"] == "success", run
+            return
+        assert loop.time() < deadline, run
+        await asyncio.sleep(0.05)  # paces polling the run's status
+
+
+async def test_runs_per_day_quota(pod: Pod) -> None:
+    _, alice = principal()
+    _, bob = principal()
+    thread = unique()
+    with pod_settings(pod, **AUTH_ON, quota_runs_per_day=3):
+        first = await pod.http.post(
+            f"/threads/{thread}/runs",
+            json={"input": "x", "model_options": {"chunks": 0}},
+            headers={**alice, "Idempotency-Key": "k1"},
+        )
+        assert first.status_code == 202
+        answers = [await post(pod, alice, unique()) for _ in range(4)]
+        assert [a.status_code for a in answers] == [202, 202, 429, 429]
+        refused = answers[-1]
+        assert refused.json()["error"]["code"] == "quota_runs_per_day"
+        assert refused.json()["error"]["details"] == {"quota": "runs_per_day"}
+        assert 0 < int(refused.headers["retry-after"]) <= 86_401  # the next UTC midnight
+        # An idempotent repeat is the same run: not charged, not refused.
+        again = await pod.http.post(
+            f"/threads/{thread}/runs",
+            json={"input": "x", "model_options": {"chunks": 0}},
+            headers={**alice, "Idempotency-Key": "k1"},
+        )
+        assert again.status_code == 200 and again.json()["run_id"] == first.json()["run_id"]
+        assert (await post(pod, bob, unique())).status_code == 202  # per principal
+    with pod_settings(pod, **AUTH_ON, quota_runs_per_day=0):  # 0: off
+        assert (await post(pod, alice, unique())).status_code == 202
+
+
+async def test_threads_quota(pod: Pod) -> None:
+    _, alice = principal()
+    threads = [unique() for _ in range(3)]
+    with pod_settings(pod, **AUTH_ON, quota_threads=2):
+        assert (await post(pod, alice, threads[0])).status_code == 202
+        assert (await post(pod, alice, threads[1])).status_code == 202
+        refused = await post(pod, alice, threads[2])
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "3600"
+        assert refused.json()["error"]["code"] == "quota_threads"
+        assert not await pod.runtime.store.thread_exists(threads[2])
+        # Its existing threads take more runs.
+        assert (await post(pod, alice, threads[0])).status_code == 202
+
+
+async def test_stored_bytes_quota_counts_inputs_and_replies(pod: Pod) -> None:
+    name, alice = principal()
+
+    async def stored() -> int:
+        async with pod.runtime.db.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT stored_bytes FROM threadgate.usage WHERE owner = %s", (name,)
+            )
+            row = await cur.fetchone()
+        return int(row["stored_bytes"]) if row else 0
+
+    thread = unique()
+    with pod_settings(pod, **AUTH_ON, quota_stored_bytes=6000):
+        ok = await post(pod, alice, thread, input="i" * 2000, model_options={"chunks": 300})
+        assert ok.status_code == 202
+        after_input = await stored()
+        assert after_input >= 2000
+        await wait_finished(pod, thread, ok.json()["run_id"], alice)
+        after_reply = await stored()
+        assert after_reply > after_input  # the reply's bytes (300 chunks, compressed on disk)
+        big = await post(pod, alice, thread, input="i" * (6000 - after_reply + 1))
+        assert big.status_code == 429, big.text
+        assert big.json()["error"]["code"] == "quota_stored_bytes"
+        small = await post(pod, alice, thread, input="i" * (6000 - after_reply - 100))
+        assert small.status_code == 202, small.text
