@@ -69,6 +69,12 @@ class InvalidThreadId(InvalidRequest):
     code = "invalid_thread_id"
 
 
+class InvalidCursor(InvalidRequest):
+    """cursor must be a next_cursor this route gave."""
+
+    code = "invalid_cursor"
+
+
 class Unauthorized(ThreadgateError):
     """A valid credential is required."""
 
