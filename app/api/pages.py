@@ -14,6 +14,7 @@ import binascii
 import codecs
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic_core
@@ -105,17 +106,35 @@ async def _text_slices(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield json.dumps(decoder.decode(b"", final=True), ensure_ascii=False)[1:-1].encode() + b'"'
 
 
-Sizes = dict[Field, int | None]  # a message's stored values by field; None: absent (null)
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A value to write: its field, its size in bytes (about: parts are known by their stored
+    size), and for parts their number. `size` None: absent (null)."""
+
+    field: Field
+    size: int | None
+    count: int = 0
+
+    @property
+    def large(self) -> bool:
+        if self.size is None:
+            return False
+        return self.size > SLICE_BYTES and (self.field == "content" or self.count > 1)
 
 
-def _groups(sizes: Sequence[Sizes]) -> list[list[int]]:
+def _parts(count: int | None, stored: int | None) -> Value:
+    # jsonb compresses: its JSON text is often several times what it takes on disk.
+    return Value("parts", None if count is None else 8 * (stored or 0), count or 0)
+
+
+def _groups(values: Sequence[Sequence[Value]]) -> list[list[int]]:
     """The heads' indexes grouped for reading: neighbours whose values are small, up to about
-    BATCH_BYTES together; a head with a value past SLICE_BYTES alone (it is read in slices)."""
+    BATCH_BYTES together; a head with a large value alone (it is read in pieces)."""
     groups: list[list[int]] = []
     total = 0
-    for i, s in enumerate(sizes):
-        size = sum(v or 0 for v in s.values())
-        if any((v or 0) > SLICE_BYTES for v in s.values()):
+    for i, vs in enumerate(values):
+        size = sum(v.size or 0 for v in vs)
+        if any(v.large for v in vs):
             groups.append([i])
             total = BATCH_BYTES + 1  # nothing joins it
         elif groups and total + size <= BATCH_BYTES and len(groups[-1]) < 1000:
@@ -128,30 +147,25 @@ def _groups(sizes: Sequence[Sizes]) -> list[list[int]]:
 
 
 async def _values(
-    db: Database, keys: Sequence[Key], sizes: Sequence[Sizes]
-) -> AsyncIterator[tuple[int, dict[Field, bytes | AsyncIterator[bytes] | None]]]:
-    """Each head's values, in order: whole bytes when small, a slice iterator when large
+    db: Database, keys: Sequence[Key], values: Sequence[Sequence[Value]]
+) -> AsyncIterator[tuple[int, list[bytes | AsyncIterator[bytes] | None]]]:
+    """Each head's values, in order: whole bytes when small, an iterator of pieces when large
     (consume it before asking for the next head's)."""
-    for group in _groups(sizes):
-        small_fields = {f for i in group for f, v in sizes[i].items() if v is not None}
-        whole = {
-            f for f in small_fields if all((sizes[i].get(f) or 0) <= SLICE_BYTES for i in group)
-        }
-        read = (
-            await pages.small_values(db, [keys[i] for i in group], tuple(sorted(whole)))
-            if whole
-            else {}
-        )
+    for group in _groups(values):
+        whole = sorted({v.field for i in group for v in values[i] if v.size and not v.large})
+        read = await pages.small_values(db, [keys[i] for i in group], tuple(whole)) if whole else {}
         for i in group:
-            values: dict[Field, bytes | AsyncIterator[bytes] | None] = {}
-            for field, size in sizes[i].items():
-                if size is None:
-                    values[field] = None
-                elif field in whole:
-                    values[field] = read.get(keys[i], {}).get(field)
+            out: list[bytes | AsyncIterator[bytes] | None] = []
+            for v in values[i]:
+                if v.size is None:
+                    out.append(None)
+                elif not v.large:
+                    out.append(read.get(keys[i], {}).get(v.field))
+                elif v.field == "content":
+                    out.append(pages.text_slices(db, keys[i], v.size))
                 else:
-                    values[field] = pages.slices(db, keys[i], field, size)
-            yield i, values
+                    out.append(pages.part_ranges(db, keys[i], v.count))
+            yield i, out
 
 
 async def _value(value: bytes | AsyncIterator[bytes] | None, *, text: bool) -> AsyncIterator[bytes]:
@@ -172,16 +186,16 @@ async def _page(
     opening: bytes,
     db: Database,
     keys: Sequence[Key],
-    sizes: Sequence[Sizes],
+    values: Sequence[Sequence[Value]],
     head: Callable[[int], dict[str, Any]],
-    names: dict[Field, str],
+    names: Sequence[str],
 ) -> AsyncIterator[bytes]:
     yield opening
-    async for i, values in _values(db, keys, sizes):
+    async for i, read in _values(db, keys, values):
         yield (b"," if i else b"") + _open(head(i))
-        for field, name in names.items():
+        for name, v, value in zip(names, values[i], read, strict=True):
             yield f',"{name}":'.encode()
-            async for piece in _value(values[field], text=field == "content"):
+            async for piece in _value(value, text=v.field == "content"):
                 yield piece
         yield b"}"
     yield b"]}"
@@ -208,9 +222,12 @@ def messages_page(
             opening,
             db,
             [(h.run_id, h.role) for h in heads],
-            [{"content": h.content_bytes, "parts": h.parts_bytes} for h in heads],
+            [
+                (Value("content", h.content_bytes), _parts(h.parts_count, h.parts_stored))
+                for h in heads
+            ],
             head,
-            {"content": "content", "parts": "parts"},
+            ("content", "parts"),
         )
     )
 
@@ -243,8 +260,8 @@ def runs_page(
             opening,
             db,
             [(h.run_id, "assistant") for h in heads],
-            [{"content": h.output_bytes} for h in heads],
+            [(Value("content", h.output_bytes),) for h in heads],
             head,
-            {"content": "output"},
+            ("output",),
         )
     )

@@ -1,11 +1,13 @@
 """Pages of a thread's runs and messages, newest first, read in bounded pieces.
 
 A page is read in two steps, so that what a request holds does not grow with what it reads:
-its heads (ids, statuses, times and the byte size of each stored value: small rows, one
-query), then the values, small ones a batch at a time (BATCH_BYTES) and a large one in slices
-of SLICE_BYTES (a message of 100,000 data parts is 7 MB of JSON; eight clients reading it at
-once held 121 MiB each when a page was read whole). Each query borrows a pool connection
-and returns it: a client that reads slowly holds no connection, only the piece in hand.
+its heads (ids, statuses, times and the size of each stored value: small rows, one query),
+then the values, small ones a batch at a time (BATCH_BYTES) and a large one in pieces of about
+SLICE_BYTES: a text in byte slices, a message's parts in ranges of whole parts (a message of
+100,000 data parts is 7 MB of JSON; eight clients reading it at once held 121 MiB each when
+a page was read whole). A range is cut to about SLICE_BYTES from the size of the parts read
+so far, so one part larger than that is held whole. Each query borrows a pool connection and
+returns it: a client that reads slowly holds no connection, only the piece in hand.
 
 Values come back as stored: a message's `content` as UTF-8 bytes, its `parts` as the JSON
 text PostgreSQL writes for jsonb (never parsed here). Reads are filtered by the reader in the
@@ -43,7 +45,8 @@ class MessageHead:
     seq: int  # the run's order on its thread
     order: int  # 0: the user's message, 1: the reply
     content_bytes: int
-    parts_bytes: int | None  # None: a text-only message (no parts stored)
+    parts_count: int | None  # None: a text-only message (no parts stored)
+    parts_stored: int | None  # bytes on disk, compressed: their JSON may be several times more
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +92,9 @@ async def message_heads(
                 SELECT m.run_id, m.role, m.status, m.created_at, page.seq,
                        {_ROLE_ORDER} AS "order",
                        octet_length(m.content) AS content_bytes,
-                       octet_length(m.parts::text) AS parts_bytes
+                       CASE jsonb_typeof(m.parts) WHEN 'array'
+                            THEN jsonb_array_length(m.parts) END AS parts_count,
+                       pg_column_size(m.parts) AS parts_stored
                 FROM page JOIN threadgate.messages m ON m.run_id = page.run_id
                 WHERE %(seq)s::bigint IS NULL
                    OR (page.seq, {_ROLE_ORDER}) < (%(seq)s::bigint, %(order)s::int)
@@ -148,20 +153,50 @@ async def small_values(
     return {(r["run_id"], r["role"]): {f: r[f] for f in fields} for r in rows}
 
 
-async def slices(
-    db: Database, key: Key, field: Field, size: int, slice_bytes: int = SLICE_BYTES
+async def text_slices(
+    db: Database, key: Key, size: int, slice_bytes: int = SLICE_BYTES
 ) -> AsyncIterator[bytes]:
-    """A message's `field` (`size` bytes as stored) in slices of `slice_bytes`, each read by
-    a query of its own (no connection is held between two slices)."""
+    """A message's content (`size` bytes of UTF-8) in byte slices of `slice_bytes`, each read
+    by a query of its own (no connection is held between two slices)."""
     for offset in range(0, size, slice_bytes):
         async with db.pool.connection() as conn:
             cur = conn.cursor(binary=True)
             await cur.execute(
-                f"""SELECT substring(convert_to({_FIELDS[field]}, 'UTF8') FROM %s FOR %s) AS piece
-                    FROM threadgate.messages m WHERE m.run_id = %s AND m.role = %s""",
+                """SELECT substring(convert_to(m.content, 'UTF8') FROM %s FOR %s) AS piece
+                   FROM threadgate.messages m WHERE m.run_id = %s AND m.role = %s""",
                 (offset + 1, slice_bytes, key[0], key[1]),
             )
             row: dict[str, Any] | None = await cur.fetchone()
         if row is None or not row["piece"]:
             return  # cannot happen (messages are written once); ends the value short
         yield bytes(row["piece"])
+
+
+async def part_ranges(
+    db: Database, key: Key, count: int, slice_bytes: int = SLICE_BYTES
+) -> AsyncIterator[bytes]:
+    """A message's parts (a JSON array of `count` parts) as JSON text, read a range of parts
+    at a time: each range about `slice_bytes`, judged by the parts read before it.
+
+    A range costs PostgreSQL one read of the stored array and the range's own JSON, not the
+    whole array's (a byte slice of the array's text would convert all of it each time)."""
+    yield b"["
+    start, size = 0, 16
+    while start < count:
+        end = min(count, start + size) - 1
+        async with db.pool.connection() as conn:
+            cur = conn.cursor(binary=True)
+            await cur.execute(
+                """SELECT convert_to(jsonb_path_query_array(m.parts, %s::jsonpath)::text, 'UTF8')
+                          AS piece
+                   FROM threadgate.messages m WHERE m.run_id = %s AND m.role = %s""",
+                (f"$[{start} to {end}]", key[0], key[1]),
+            )
+            row: dict[str, Any] | None = await cur.fetchone()
+        if row is None or row["piece"] is None:
+            break  # cannot happen (messages are written once); ends the value short
+        inner = bytes(row["piece"])[1:-1]  # "[a, b]": the parts without their brackets
+        yield (b", " if start else b"") + inner
+        per_part = max(1, len(inner) // (end - start + 1))
+        start, size = end + 1, max(1, min(10_000, slice_bytes // per_part))
+    yield b"]"

@@ -1,0 +1,154 @@
+"""What reading a big conversation costs a pod: 8 clients at once GET the messages of a 14 MB
+thread from a `threadgate serve` pod; its resident memory may grow by at most 64 MiB.
+
+Before pages were streamed, one such GET cost the pod ~121 MiB at its peak and eight at once
++554 MiB (issue 26; this test measured +497 MiB and a /healthz of 6.2 s on that build). The thread is two runs of 100,000 data parts each (what the mock streams
+with `chunks: 100000, data_every: 1`), written by the store's own `insert_run` and `finish`
+(what a run's steps call) rather than streamed by two runs of ~100 s each: the rows are those
+a run stores, and the read path, which this measures, is the pod's own.
+
+The peak is the kernel's (VmHWM, reset through /proc/<pid>/clear_refs before the GETs), not
+a sample; without the right to reset it the test samples VmRSS every 5 ms instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from threadgate.ids import new_run_id
+from threadgate.store.db import Database
+from threadgate.store.runs import NewRun, PgRunStore
+
+from tests.multipod.conftest import StartCluster
+
+pytestmark = pytest.mark.multipod
+
+PARTS = 100_000
+CLIENTS = 8
+BOUND_MIB = 64
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak(pid: int) -> bool:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+async def build_thread(url: str, thread: str) -> int:
+    """Two finished runs of PARTS data parts each; the stored parts' JSON size."""
+    db = Database(url, max_size=2)
+    await db.open()
+    store = PgRunStore(db)
+    try:
+        for _ in range(2):
+            run_id = new_run_id()
+            async with db.pool.connection() as conn:
+                await store.insert_run(
+                    conn, NewRun(run_id=run_id, thread_id=thread, input="go", accepted_by="test")
+                )
+            parts = [
+                {"type": "data", "name": "tick", "payload": {"i": i, "attempt": 1}}
+                for i in range(PARTS)
+            ]
+            await store.finish(run_id, thread, "success", reply="", parts=parts)
+            del parts
+        async with db.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT sum(octet_length(parts::text)) AS n FROM threadgate.messages"
+                " WHERE thread_id = %s",
+                (thread,),
+            )
+            row = await cur.fetchone()
+        return int(row["n"]) if row else 0
+    finally:
+        await db.close()
+
+
+async def test_eight_readers_of_a_14_mb_thread(start_cluster: StartCluster) -> None:
+    cluster = await start_cluster(size=1)
+    pod = cluster.pods[0]
+    assert pod.pid is not None
+    thread = "big-thread"
+    stored = await build_thread(cluster.env["THREADGATE_DATABASE_URL"], thread)
+    assert stored > 13_000_000
+
+    async with httpx.AsyncClient(base_url=pod.url, timeout=120) as http:
+        # Warm: the routes' code paths once, on a small thread.
+        await http.post("/threads/small/runs", json={"input": "x", "model_options": {"chunks": 2}})
+        for _ in range(3):
+            assert (await http.get("/threads/small/messages")).status_code == 200
+            assert (await http.get("/threads/small/runs")).status_code == 200
+        await asyncio.sleep(1.0)  # lets the small run end and the pod settle before the baseline
+        idle_kib = status_kib(pod.pid, "VmRSS")
+        exact = reset_peak(pod.pid)
+        sampled = [idle_kib]
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                sampled.append(status_kib(pod.pid or 0, "VmRSS"))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.005)  # the sampling period
+
+        async def read() -> bytes:
+            async with http.stream("GET", f"/threads/{thread}/messages") as resp:
+                assert resp.status_code == 200
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+            return bytes(body)
+
+        health_s: list[float] = []
+
+        async def health() -> None:
+            while not stop.is_set():
+                began = time.monotonic()
+                assert (await http.get("/healthz")).status_code == 200
+                health_s.append(time.monotonic() - began)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.1)  # a probe's period
+
+        sampler = None if exact else asyncio.create_task(sample())
+        prober = asyncio.create_task(health())
+        started = time.monotonic()
+        bodies = await asyncio.gather(*(read() for _ in range(CLIENTS)))
+        took = time.monotonic() - started
+        stop.set()
+        await prober
+        if sampler is not None:
+            await sampler
+        peak_kib = status_kib(pod.pid, "VmHWM") if exact else max(sampled)
+        health = await http.get("/healthz")
+        assert health.status_code == 200
+
+    sizes = [len(b) for b in bodies]
+    assert len(set(bodies)) == 1  # every reader got the same page
+    page = json.loads(bodies[0])
+    replies = [m for m in page["messages"] if m["role"] == "assistant"]
+    assert [len(m["parts"]) for m in replies] == [PARTS, PARTS]
+    assert replies[0]["parts"][-1]["payload"] == {"i": PARTS - 1, "attempt": 1}
+    grew_mib = (peak_kib - idle_kib) / 1024
+    print(
+        f"\n{CLIENTS} x GET /messages of a {stored / 1e6:.1f} MB thread (answers"
+        f" {sizes[0] / 1e6:.1f} MB each): idle {idle_kib / 1024:.0f} MiB, peak"
+        f" {peak_kib / 1024:.0f} MiB (+{grew_mib:.1f} MiB, {'VmHWM' if exact else 'sampled'}),"
+        f" {took:.1f} s for all; /healthz meanwhile: {len(health_s)} probes, slowest"
+        f" {max(health_s):.2f} s"
+    )
+    assert grew_mib <= BOUND_MIB
+    assert all(s > 13_000_000 for s in sizes)
