@@ -189,7 +189,10 @@ async def _page(
     values: Sequence[Sequence[Value]],
     head: Callable[[int], dict[str, Any]],
     names: Sequence[str],
+    closing: bytes = b"]}",
 ) -> AsyncIterator[bytes]:
+    """`opening`, the objects (each head's members, then its values under `names`), comma
+    separated, `closing`."""
     yield opening
     async for i, read in _values(db, keys, values):
         yield (b"," if i else b"") + _open(head(i))
@@ -198,7 +201,7 @@ async def _page(
             async for piece in _value(value, text=v.field == "content"):
                 yield piece
         yield b"}"
-    yield b"]}"
+    yield closing
 
 
 def messages_page(
@@ -232,36 +235,50 @@ def messages_page(
     )
 
 
+def _run(h: RunHead) -> dict[str, Any]:
+    return {
+        "run_id": h.run_id,
+        "thread_id": h.thread_id,
+        "status": h.status,
+        "attempt": h.attempt,
+        "executor": h.executor,
+        "accepted_by": h.accepted_by,
+        "multitask_strategy": h.multitask_strategy,
+        "created_at": h.created_at,
+        "started_at": h.started_at,
+        "finished_at": h.finished_at,
+        "error": h.error,
+        "attempts": h.attempts,
+    }
+
+
 def runs_page(
     db: Database, heads: list[RunHead], next_cursor: str | None, next_before: int | None
 ) -> JsonStream:
     """`{"next_cursor", "next_before", "runs": [...]}`, each run with its `output`."""
     opening = _open({"next_cursor": next_cursor, "next_before": next_before}) + b',"runs":['
-
-    def head(i: int) -> dict[str, Any]:
-        h = heads[i]
-        return {
-            "run_id": h.run_id,
-            "thread_id": h.thread_id,
-            "status": h.status,
-            "attempt": h.attempt,
-            "executor": h.executor,
-            "accepted_by": h.accepted_by,
-            "multitask_strategy": h.multitask_strategy,
-            "created_at": h.created_at,
-            "started_at": h.started_at,
-            "finished_at": h.finished_at,
-            "error": h.error,
-            "attempts": h.attempts,
-        }
-
     return JsonStream(
         _page(
             opening,
             db,
             [(h.run_id, "assistant") for h in heads],
             [(Value("content", h.output_bytes),) for h in heads],
-            head,
+            lambda i: _run(heads[i]),
             ("output",),
+        )
+    )
+
+
+def run_answer(db: Database, head: RunHead) -> JsonStream:
+    """One run with its `output`, as GET /threads/{t}/runs/{id} answers it."""
+    return JsonStream(
+        _page(
+            b"",
+            db,
+            [(head.run_id, "assistant")],
+            [(Value("content", head.output_bytes),)],
+            lambda i: _run(head),
+            ("output",),
+            closing=b"",
         )
     )

@@ -26,6 +26,7 @@ from .pages import (
     message_cursor,
     messages_page,
     page_limit,
+    run_answer,
     run_cursor,
     runs_page,
 )
@@ -102,12 +103,13 @@ async def create_run(
 )
 async def get_run(
     principal: PrincipalDep, thread_id: ThreadId, run_id: str, rt: RuntimeDep
-) -> RunOut:
+) -> Response:
     """A run's status, attempt, executor and (when finished) its output or error."""
-    run = await rt.store.get_run(thread_id, check_run_id(run_id), reader=reader_of(principal))
-    if run is None:
+    # Read as a page of one: the reply's output streamed, its parts not read at all.
+    head = await pages.run_head(rt.db, thread_id, check_run_id(run_id), reader=reader_of(principal))
+    if head is None:
         raise RunNotFound()
-    return RunOut.of(run)
+    return run_answer(rt.db, head)
 
 
 PageLimit = Annotated[

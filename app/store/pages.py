@@ -104,6 +104,15 @@ async def message_heads(
         return [MessageHead(**row) for row in await cur.fetchall()]
 
 
+_RUN_HEAD = """
+    SELECT r.run_id, r.thread_id, r.seq, r.status, r.attempt, r.executor, r.accepted_by,
+           r.multitask_strategy, r.error, r.created_at, r.started_at, r.finished_at,
+           r.attempts, octet_length(m.content) AS output_bytes
+    FROM threadgate.runs r
+    LEFT JOIN threadgate.messages m ON m.run_id = r.run_id AND m.role = 'assistant'
+"""
+
+
 async def run_heads(
     db: Database,
     thread_id: str,
@@ -116,18 +125,27 @@ async def run_heads(
     `before`, if `reader` (None: anyone) may see the thread."""
     async with db.pool.connection() as conn:
         cur = await conn.execute(
-            f"""SELECT r.run_id, r.thread_id, r.seq, r.status, r.attempt, r.executor,
-                       r.accepted_by, r.multitask_strategy, r.error, r.created_at,
-                       r.started_at, r.finished_at, r.attempts,
-                       octet_length(m.content) AS output_bytes
-                FROM threadgate.runs r
-                LEFT JOIN threadgate.messages m ON m.run_id = r.run_id AND m.role = 'assistant'
+            f"""{_RUN_HEAD}
                 WHERE r.thread_id = %(thread)s
                   AND (%(before)s::bigint IS NULL OR r.seq < %(before)s) {_READER}
                 ORDER BY r.seq DESC LIMIT %(limit)s""",
             {"thread": thread_id, "before": before, "reader": reader, "limit": limit},
         )
         return [RunHead(**row) for row in await cur.fetchall()]
+
+
+async def run_head(
+    db: Database, thread_id: str, run_id: str, *, reader: str | None = None
+) -> RunHead | None:
+    """One run of the thread, if `reader` (None: anyone) may see the thread. (The store's
+    get_run reads the reply's parts too, as Python objects: 39 MiB for one of 100,000.)"""
+    async with db.pool.connection() as conn:
+        cur = await conn.execute(
+            f"{_RUN_HEAD} WHERE r.run_id = %(run)s AND r.thread_id = %(thread)s {_READER}",
+            {"run": run_id, "thread": thread_id, "reader": reader},
+        )
+        row = await cur.fetchone()
+    return RunHead(**row) if row else None
 
 
 Key = tuple[str, str]  # (run_id, role)

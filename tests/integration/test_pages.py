@@ -181,6 +181,11 @@ async def test_values_past_a_slice_come_whole(pod: Pod, chars: str) -> None:
     assert len(json.dumps(parts)) > 2 * SLICE  # the parts too were read in slices
     runs = (await pod.http.get(f"/threads/{thread}/runs")).json()["runs"]
     assert [r["output"] for r in runs] == ["small", text]
+    one = (await pod.http.get(f"/threads/{thread}/runs/{big}")).json()
+    assert one["output"] == text and one["run_id"] == big and one["status"] == "success"
+    assert {k: v for k, v in one.items() if k != "output"} == {
+        k: v for k, v in runs[1].items() if k != "output"
+    }
 
 
 async def test_the_python_client_reads_the_conversation_in_order(pod: Pod) -> None:

@@ -152,3 +152,26 @@ async def test_eight_readers_of_a_14_mb_thread(start_cluster: StartCluster) -> N
     )
     assert grew_mib <= BOUND_MIB
     assert all(s > 13_000_000 for s in sizes)
+
+
+async def test_eight_readers_of_a_big_run_and_a_page_of_runs(start_cluster: StartCluster) -> None:
+    """The run listing and a run's status read a reply's text, never its parts: 8 at once of
+    each cost the pod little (GET of a run parsed its 100,000 parts: +309 MiB for 8)."""
+    cluster = await start_cluster(size=1)
+    pod = cluster.pods[0]
+    assert pod.pid is not None
+    await build_thread(cluster.env["THREADGATE_DATABASE_URL"], "big-runs")
+    async with httpx.AsyncClient(base_url=pod.url, timeout=120) as http:
+        page = (await http.get("/threads/big-runs/runs")).json()
+        run_id = page["runs"][0]["run_id"]
+        for path in (f"/threads/big-runs/runs/{run_id}", "/threads/big-runs/runs"):
+            for _ in range(3):  # warm
+                assert (await http.get("/threads/small/runs")).status_code == 200
+            idle_kib = status_kib(pod.pid, "VmRSS")
+            exact = reset_peak(pod.pid)
+            answers = await asyncio.gather(*(http.get(path) for _ in range(CLIENTS)))
+            assert all(a.status_code == 200 for a in answers)
+            peak_kib = status_kib(pod.pid, "VmHWM") if exact else status_kib(pod.pid, "VmRSS")
+            grew_mib = (peak_kib - idle_kib) / 1024
+            print(f"\n{CLIENTS} x GET {path}: +{grew_mib:.1f} MiB ({'VmHWM' if exact else 'now'})")
+            assert grew_mib <= BOUND_MIB
