@@ -1,13 +1,15 @@
 """Quotas per principal: runs per day, threads and stored bytes, charged as runs are accepted.
 
 The counters are rows (`threadgate.usage`, `threadgate.usage_daily`) kept current as rows are
-written: `charge` adds an accepted run (and its thread, when new, and its input's bytes), a
-trigger adds each stored reply's bytes. Checking a quota reads two rows, whatever the
+written: `charge` adds an accepted run (and its thread, when new); a trigger keeps each
+principal's stored bytes, the size of its messages (their text and parts, uncompressed), as
+they are inserted, stored again or deleted (retention). Checking a quota reads two rows, whatever the
 principal has stored. `threadgate.charge` (schema.sql) checks and counts in one transaction,
 its rows locked throughout: pods accepting at once never let more than the quota through.
 
-Stored bytes are checked at accept: a reply is counted once it is stored, so the runs a
-principal has in flight may take it past the quota (by their replies), never further.
+Stored bytes are checked at accept (what is stored, plus the new input): a reply is counted
+once it is stored, so the runs a principal has in flight may take it past the quota (by their
+replies), never further.
 """
 
 from __future__ import annotations

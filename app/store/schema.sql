@@ -72,17 +72,14 @@ BEGIN
         CREATE TABLE threadgate.usage (
             owner        text PRIMARY KEY,
             threads      bigint NOT NULL DEFAULT 0,
-            stored_bytes bigint NOT NULL DEFAULT 0  -- what its runs and replies take on disk
+            stored_bytes bigint NOT NULL DEFAULT 0  -- its messages' bytes (uncompressed)
         );
         -- Once, when the table is new: what the principals already have.
         INSERT INTO threadgate.usage (owner, threads, stored_bytes)
         SELECT t.owner, count(*),
-               coalesce(sum((SELECT sum(pg_column_size(r.input) + pg_column_size(r.model_options))
-                             FROM threadgate.runs r WHERE r.thread_id = t.thread_id)), 0)
-               + coalesce(sum((SELECT sum(pg_column_size(m.content)
-                                          + coalesce(pg_column_size(m.parts), 0))
-                               FROM threadgate.messages m
-                               WHERE m.thread_id = t.thread_id AND m.role = 'assistant')), 0)
+               coalesce(sum((SELECT sum(octet_length(m.content)
+                                        + coalesce(octet_length(m.parts::text), 0))
+                             FROM threadgate.messages m WHERE m.thread_id = t.thread_id)), 0)
         FROM threadgate.threads t GROUP BY t.owner;
     END IF;
 END $$;
@@ -93,21 +90,36 @@ CREATE TABLE IF NOT EXISTS threadgate.usage_daily (
     PRIMARY KEY (owner, day)
 );
 
--- A reply's bytes count once it is stored, whoever stores it.
-CREATE OR REPLACE FUNCTION threadgate.count_reply_bytes() RETURNS trigger
+-- A message's bytes (its text and parts, uncompressed: what a client sent and was sent) count
+-- while it is stored, whoever writes or deletes it (a reply stored again, retention): the
+-- difference of each change goes to the thread owner's counter.
+CREATE OR REPLACE FUNCTION threadgate.count_message_bytes() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_new bigint := 0;
+    v_old bigint := 0;
+    v_thread text;
 BEGIN
-    INSERT INTO threadgate.usage AS u (owner, stored_bytes)
-    SELECT t.owner, pg_column_size(NEW.content) + coalesce(pg_column_size(NEW.parts), 0)
-    FROM threadgate.threads t WHERE t.thread_id = NEW.thread_id
-    ON CONFLICT (owner) DO UPDATE SET stored_bytes = u.stored_bytes + excluded.stored_bytes;
+    IF TG_OP <> 'DELETE' THEN
+        v_new := octet_length(NEW.content) + coalesce(octet_length(NEW.parts::text), 0);
+        v_thread := NEW.thread_id;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        v_old := octet_length(OLD.content) + coalesce(octet_length(OLD.parts::text), 0);
+        v_thread := OLD.thread_id;
+    END IF;
+    IF v_new <> v_old THEN
+        INSERT INTO threadgate.usage AS u (owner, stored_bytes)
+        SELECT t.owner, v_new - v_old FROM threadgate.threads t WHERE t.thread_id = v_thread
+        ON CONFLICT (owner) DO UPDATE SET stored_bytes = u.stored_bytes + excluded.stored_bytes;
+    END IF;
     RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER messages_reply_bytes AFTER INSERT ON threadgate.messages
-    FOR EACH ROW WHEN (NEW.role = 'assistant') EXECUTE FUNCTION threadgate.count_reply_bytes();
+CREATE OR REPLACE TRIGGER messages_bytes AFTER INSERT OR UPDATE OR DELETE ON threadgate.messages
+    FOR EACH ROW EXECUTE FUNCTION threadgate.count_message_bytes();
 
 -- Charge one accepted run to its principal, or name the quota it would exceed (and charge
--- nothing). One call, one transaction: the rows are locked from the check to the update, so
+-- nothing). `p_bytes`: what its input will take (its user message counts once inserted). One call, one transaction: the rows are locked from the check to the update, so
 -- pods accepting at once cannot overshoot. A quota of 0 is off.
 CREATE OR REPLACE FUNCTION threadgate.charge(
     p_owner text, p_thread text, p_bytes bigint,
@@ -138,9 +150,7 @@ BEGIN
     IF p_bytes_quota > 0 AND v_usage.stored_bytes + p_bytes > p_bytes_quota THEN
         RETURN 'stored_bytes';
     END IF;
-    UPDATE threadgate.usage
-        SET threads = threads + v_new_thread::int, stored_bytes = stored_bytes + p_bytes
-        WHERE owner = p_owner;
+    UPDATE threadgate.usage SET threads = threads + v_new_thread::int WHERE owner = p_owner;
     UPDATE threadgate.usage_daily SET runs = runs + 1 WHERE owner = p_owner AND day = v_day;
     RETURN NULL;
 END $$;

@@ -299,3 +299,13 @@ async def test_stored_bytes_quota_counts_inputs_and_replies(pod: Pod) -> None:
         assert big.json()["error"]["code"] == "quota_stored_bytes"
         small = await post(pod, alice, thread, input="i" * (6000 - after_reply - 100))
         assert small.status_code == 202, small.text
+        await wait_finished(pod, thread, small.json()["run_id"], alice)
+        # What leaves the database leaves the count (retention deletes messages).
+        full = await stored()
+        async with pod.runtime.db.pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM threadgate.messages WHERE run_id = %s", (ok.json()["run_id"],)
+            )
+        assert await stored() <= full - 2000
+        again = await post(pod, alice, thread, input="i" * 1500)
+        assert again.status_code == 202, again.text
