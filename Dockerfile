@@ -1,7 +1,9 @@
 # threadgate: one pod = one process = one uvicorn worker (`threadgate serve`).
-# Build:  docker build -t threadgate:$(python -c "import tomllib;print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])") .
-# The tag is the package version, and so is the DBOS application version the pods run under
-# (the app's default THREADGATE_APP_VERSION): no manifest sets it, so the two cannot drift.
+# Build:  docker build -t REGISTRY/threadgate:$VERSION-$(git rev-parse --short HEAD) .
+# (VERSION: `version` in pyproject.toml). One tag per build, never moved: push to a registry
+# with immutable tags, or deploy by digest (docs/deploy.md, "The image"). The DBOS application
+# version the pods run under is computed here from the code (below), never from the tag, and
+# no manifest sets it: a tag that was moved anyway cannot make two codes share a version.
 #
 # The base image is pinned by digest (the multi-platform index of python:3.11-slim, Python
 # 3.11.15 on Debian trixie, as listed by docker-library/repo-info). To move it:
@@ -21,6 +23,10 @@ RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
 # pyproject.toml names README.md as the package's readme: the build needs it.
 COPY pyproject.toml README.md ./
 COPY app ./app
+# The build's identity, from the code itself: the DBOS application version becomes
+# <version>+<digest of app/> (app/buildinfo.py), so two images of different code never share
+# one, whatever their tags say.
+RUN python app/buildinfo.py app > app/BUILD
 # Nothing unlocked comes in: the locked setuptools builds it, no dependency is resolved.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
 

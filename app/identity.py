@@ -13,11 +13,13 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import psycopg
 
 from .errors import ConfigError
+from .store.db import unsolicited
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,13 @@ WHERE EXISTS (
 KEEPALIVE_OPTIONS = (
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 )
+# The client side of the same (store.db.tcp_options gives the pod's settings instead).
+CLIENT_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 
 def claim_key(pod_name: str) -> str:
@@ -76,6 +85,8 @@ class ClaimLost(Exception):
 class ExecutorClaim:
     """The advisory lock that fences one executor id, watched for as long as the pod runs."""
 
+    QUERY_EVERY_S = 60.0
+
     def __init__(
         self,
         url: str,
@@ -83,6 +94,7 @@ class ExecutorClaim:
         *,
         on_lost: Callable[[str], None] | None = None,
         check_every_s: float = 5.0,
+        connect_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = url
         self.pod_name = pod_name
@@ -92,6 +104,7 @@ class ExecutorClaim:
         self.check_every_s = check_every_s
         self.on_lost = on_lost or _exit_on_lost
         self._watch: asyncio.Task[None] | None = None
+        self.connect_kwargs = dict(connect_kwargs or CLIENT_KEEPALIVES)
 
     async def acquire(self, timeout_s: float) -> None:
         """Take the claim, waiting up to `timeout_s` for a previous holder to go away."""
@@ -132,10 +145,7 @@ class ExecutorClaim:
                 # loss no FIN ever comes: server-side keepalives end the session (and free the
                 # name for adoption) in ~25 s instead of the kernel's default of hours.
                 options=KEEPALIVE_OPTIONS,
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
+                **self.connect_kwargs,
             )
         cur = await self.conn.execute(CLAIM_SQL, (self.key,))
         row = await cur.fetchone()
@@ -154,11 +164,21 @@ class ExecutorClaim:
         return f"{row[0] or 'unnamed client'} from {row[1] or 'local socket'} since {row[2]}"
 
     async def _watch_claim(self) -> None:
-        """If the claim's connection drops, the lock is gone: take it back or stop executing."""
+        """If the claim's connection drops, the lock is gone: take it back or stop executing.
+
+        A dropped session shows on its socket without a round trip (the server's goodbye, or
+        EOF once TCP keepalives gave up on a vanished peer); a `SELECT 1` is sent only then,
+        or every QUERY_EVERY_S: an idle pod pays no transaction every few seconds for this.
+        """
+        loop = asyncio.get_running_loop()
+        queried = loop.time()
         while True:
             await asyncio.sleep(self.check_every_s)
             try:
                 assert self.conn is not None
+                if not unsolicited(self.conn) and loop.time() - queried < self.QUERY_EVERY_S:
+                    continue
+                queried = loop.time()
                 await self.conn.execute("SELECT 1")
                 continue
             except Exception as exc:

@@ -126,11 +126,18 @@ def setup_logging(
 
 class DbosNoise(logging.Filter):
     """DBOS's start-up chatter at DEBUG: one line per schema migration (~125 on a new
-    database, summed up in one INFO line) and the Conductor sign-up hint (dbos 3.4.0 prints it
-    at every launch without a conductor_key; nothing connects anywhere: docs/security.md)."""
+    database, summed up in one INFO line), the Conductor sign-up hint (dbos 3.4.0 prints it
+    at every launch without a conductor_key; nothing connects anywhere: docs/security.md) and
+    the ids of every batch of workflows retention deletes."""
 
     MIGRATION = "Applying DBOS system database schema migration "
-    QUIET = (MIGRATION, "Migration 10 skipped", "To view and manage workflows, connect to DBOS")
+    # DBOS names every workflow it deletes; retention (app/retention.py) logs how many.
+    QUIET = (
+        MIGRATION,
+        "Migration 10 skipped",
+        "To view and manage workflows, connect to DBOS",
+        "Deleting workflow(s): ",
+    )
 
     def __init__(self) -> None:
         super().__init__()

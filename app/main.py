@@ -11,24 +11,29 @@ from typing import Any
 from dbos import DBOS, DBOSConfig
 from fastapi import FastAPI
 
-from . import __version__
+from . import __version__, tracing
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
 from .registry import load_source
+from .retention import Retention
 from .runtime import Runtime
 from .settings import Settings
-from .store.db import Database, dbos_url
+from .store.db import Database, dbos_url, tcp_options
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats
-from .streams.tail import TailHub
+from .streams.hub import TailHub
 from .workflows import thread_run as wf
 from .workflows.adoption import Adoption, report_stranded
 from .workflows.internals import (
     active_workflow_ids,
+    check_queue,
+    queue_row,
     quiet_background,
+    quiet_queue_manager,
     reenqueue,
     stop_background_threads,
+    wake_queue_manager,
 )
 from .workflows.runner import Runner, register_queue
 from .workflows.stops import StopSignals
@@ -47,12 +52,24 @@ def dbos_config(settings: Settings) -> DBOSConfig:
         # No ping before every query DBOS makes (one more round trip and transaction each,
         # half of an idle pod's): a connection a database restart broke fails its query, is
         # dropped by SQLAlchemy, and DBOS retries the operation (its db_retry).
-        db_engine_kwargs={"pool_pre_ping": False},
+        # connect_args reach psycopg.connect as libpq parameters; they replace DBOS's own
+        # connect_args, so its defaults (application name, connect timeout) are given here too.
+        db_engine_kwargs={
+            "pool_pre_ping": False,
+            "connect_args": {
+                "application_name": "dbos_transact",
+                "connect_timeout": 10,
+                **tcp_options(settings),
+            },
+        },
+        scheduler_polling_interval_sec=settings.background_polling_s,  # we schedule nothing
     )
 
 
 async def start(rt: Runtime) -> None:
     s = rt.settings
+    if s.otel_endpoint:
+        tracing.configure(s)
     await rt.db.open()
     await rt.db.migrate()
     # Fence before DBOS launches: launch recovers this executor's PENDING workflows.
@@ -66,7 +83,11 @@ async def start(rt: Runtime) -> None:
     rt.buffer = JetStreamBuffer(s, rt.nc, on_republish=rt.metrics.republished)
     await rt.buffer.ensure_stream()
     rt.hub = TailHub(
-        rt.buffer, linger_s=s.tail_linger_s, liveness=rt.alive, max_bytes=s.tail_max_bytes
+        rt.buffer,
+        linger_s=s.tail_linger_s,
+        liveness=rt.alive,
+        max_bytes=s.tail_max_bytes,
+        max_lingering=s.max_attach_per_principal,
     )
     rt.runner = Runner(s, rt.store, rt.stops, rt.nc)
     await rt.runner.listen()
@@ -79,12 +100,14 @@ async def start(rt: Runtime) -> None:
             stops=rt.stops,
             metrics=rt.metrics,
             run_ended=rt.runner.run_ended,
+            run_waits=rt.runner.run_waits,
         )
     )
     recovering = await recoverable_runs(rt)
     DBOS(config=dbos_config(s))
     adopt_dbos_logger()
     quiet_background(s.background_polling_s)
+    quiet_queue_manager(s.background_polling_s)
     DBOS.launch()
     adopt_dbos_logger()
     rt.launched = True
@@ -97,6 +120,11 @@ async def start(rt: Runtime) -> None:
             extra={"runs": recovering},
         )
     await register_queue(s)
+    # The claim copies DBOS's predicate for this queue's configuration: read it once here,
+    # not per claim (DBOS's worker reads it every poll).
+    async with rt.db.pool.connection() as conn:
+        check_queue(await queue_row(conn, wf.QUEUE_NAME))
+    wake_queue_manager()  # DBOS's worker of the queue starts now, not at the next listing
     rt.adoption = Adoption(s, rt.db, rt.metrics, rt.buffer, started=rt.runner.start_soon)
     rt.runner.on_left = rt.adoption.move_queued
     await rt.adoption.heartbeat()  # this name's row says this version before the checks read it
@@ -108,6 +136,12 @@ async def start(rt: Runtime) -> None:
         await asyncio.to_thread(reenqueue, run_id, s.pod_name)
     rt.runner.start_soon()
     rt.background.append(asyncio.create_task(rt.adoption.run(), name="adoption"))
+    retention = Retention(s, rt.db, rt.metrics)
+    if retention.enabled:
+        rt.background.append(asyncio.create_task(retention.run(), name="retention"))
+    if s.fast_start:
+        net = rt.runner.starts.safety_net()
+        rt.background.append(asyncio.create_task(net, name="safety-net"))
     rt.metrics.attachers.set_function(lambda: rt.hub.attached if rt.hub else 0)
     rt.metrics.tails.set_function(lambda: len(rt.hub.tails) if rt.hub else 0)
     rt.metrics.inflight.set_function(lambda: _active_runs(rt))
@@ -166,6 +200,8 @@ async def stop(rt: Runtime) -> None:
         DBOS.destroy(destroy_registry=False)
         rt.launched = False
     wf.bind(None)
+    if rt.stops.poller is not None:
+        rt.stops.poller.close()
     if rt.runner is not None:
         await rt.runner.close()
     if rt.hub is not None:
@@ -182,6 +218,7 @@ async def stop(rt: Runtime) -> None:
         with contextlib.suppress(Exception):
             await rt.nc.drain()
     await rt.db.close()
+    tracing.shutdown()
     logger.info("pod stopped")
 
 
@@ -243,12 +280,23 @@ async def _abandon(tasks: list[asyncio.Task[Any]], limit_s: float = 5.0) -> None
 def create_app(settings: Settings) -> FastAPI:
     from .api import install
 
-    db = Database(settings.database_url.get_secret_value(), max_size=settings.db_pool_size)
+    url = settings.database_url.get_secret_value()
+    tcp = tcp_options(settings)
+    db = Database(
+        url,
+        max_size=settings.db_pool_size,
+        timeout=settings.db_pool_timeout_s,
+        connect_kwargs=tcp,
+    )
+    # The claim keeps keepalives but no tcp_user_timeout: a blip that cut its connection
+    # while the server still holds the session's lock would make the pod exit (ClaimLost);
+    # a dead server session is ended by the server's own keepalives.
+    claim_tcp = {k: v for k, v in tcp.items() if k != "tcp_user_timeout"}
     rt = Runtime(
         settings=settings,
         db=db,
         store=PgRunStore(db),
-        claim=ExecutorClaim(settings.database_url.get_secret_value(), settings.pod_name),
+        claim=ExecutorClaim(url, settings.pod_name, connect_kwargs=claim_tcp),
         metrics=Metrics(),
         stops=StopSignals(),
         source=load_source(settings),  # a plug-in that cannot load fails the start

@@ -14,10 +14,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Runs waiting in the DBOS queue (all pods share it). Sampled when /metrics is scraped.
-QUEUE_DEPTH_SQL = (
-    "SELECT count(*) AS n FROM dbos.workflow_status WHERE queue_name = %s AND status = 'ENQUEUED'"
-)
+# Runs waiting in the DBOS queue (all pods share it), and how long the oldest has waited
+# (DBOS's created_at: epoch milliseconds). Sampled when /metrics is scraped.
+QUEUE_DEPTH_SQL = """
+SELECT count(*) AS n,
+       coalesce(extract(epoch FROM now()) - min(created_at) / 1000.0, 0)::float8 AS oldest_s
+FROM dbos.workflow_status WHERE queue_name = %s AND status = 'ENQUEUED'
+"""
 
 
 class Metrics:
@@ -79,9 +82,28 @@ class Metrics:
             " NaN when the sample failed",
             registry=r,
         )
+        self.queue_oldest = Gauge(
+            "threadgate_queue_oldest_age_seconds",
+            "How long the oldest ENQUEUED run of the thread_runs queue has waited, all pods;"
+            " sampled at scrape, NaN when the sample failed",
+            registry=r,
+        )
         self.stranded = Gauge(
             "threadgate_stranded_runs",
             "PENDING runs under this pod's name with another application version",
+            registry=r,
+        )
+
+        self.retention_deleted = Counter(
+            "threadgate_retention_deleted_runs_total",
+            "Finished runs deleted by retention on this pod: part=workflow (their DBOS"
+            " workflow), part=conversation (their row and messages)",
+            ["part"],
+            registry=r,
+        )
+        self.retention_swept = Gauge(
+            "threadgate_retention_last_sweep_timestamp_seconds",
+            "When this pod last completed a retention sweep (0: never)",
             registry=r,
         )
 
@@ -90,6 +112,8 @@ class Metrics:
             self.attempts.labels(kind=kind)
         for status in ("success", "error", "cancelled", "interrupted"):
             self.runs_finished.labels(status=status)
+        for part in ("workflow", "conversation"):
+            self.retention_deleted.labels(part=part)
 
     def attempt(self, n: int, *, retry: bool = False) -> None:
         """Attempt `n` began; `retry`: the same execution tries again after a transient error."""
@@ -114,9 +138,11 @@ class Metrics:
                 cur = await conn.execute(QUEUE_DEPTH_SQL, (queue,))
                 row = await cur.fetchone()
             self.queue_depth.set(row["n"] if row else 0)
+            self.queue_oldest.set(max(0.0, row["oldest_s"]) if row else 0)
         except Exception as exc:  # the scrape still answers, with the depth unknown
             logger.warning("queue depth sample failed: %r", exc)
             self.queue_depth.set(float("nan"))
+            self.queue_oldest.set(float("nan"))
 
     def bind_gauge(self, gauge: Gauge, fn: Callable[[], float]) -> None:
         gauge.set_function(fn)

@@ -11,12 +11,13 @@ from nats.aio.client import Client as NATS
 
 from .identity import ALIVE_SQL, ExecutorClaim
 from .metrics import Metrics
+from .readiness import DependencyCheck
 from .settings import Settings
 from .sources import ReplySource
 from .store.db import Database
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer
-from .streams.tail import TailHub
+from .streams.hub import TailHub
 from .workflows import thread_run as wf
 from .workflows.stops import StopSignals
 
@@ -44,6 +45,7 @@ class Runtime:
     drain_deadline: float | None = None  # loop time: in-flight runs get drain_timeout_s, once
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     metrics_server: Any = None  # a uvicorn.Server on THREADGATE_METRICS_PORT, if set
+    dependency_checks: dict[str, DependencyCheck] = field(default_factory=dict)  # /readyz
 
     async def alive(self, pods: list[str]) -> set[str]:
         """Which of these pod names have a live process (their fencing claim is held)."""

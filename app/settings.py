@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from . import __version__
+from .buildinfo import app_version
 from .errors import ConfigError
 
 POD_NAME_HELP = (
@@ -50,7 +51,8 @@ class Settings(BaseSettings):
 
     env: Literal["dev", "production"] = "dev"
     pod_name: str = Field(default="", validation_alias=AliasChoices("POD_NAME", "pod_name"))
-    app_version: str = __version__
+    # The DBOS application version: the image's own (app/buildinfo.py); set it only in tests.
+    app_version: str = Field(default_factory=lambda: app_version(__version__))
     app_name: str = "threadgate"
 
     host: str = "0.0.0.0"
@@ -111,7 +113,10 @@ class Settings(BaseSettings):
     auto_adopt: bool = True
     drain_timeout_s: float = Field(default=25.0, ge=0)
     keepalive_s: float = Field(default=15.0, gt=0)
-    tail_linger_s: float = Field(default=30.0, ge=0)
+    # A tail (and its JetStream consumer) outlives its last client this long: a client back
+    # within it finds the thread's replies in memory; any pod serves it without one (v3).
+    # A principal keeps at most max_attach_per_principal such idle tails on a pod.
+    tail_linger_s: float = Field(default=3.0, ge=0)
     # What one thread's tail holds in memory, at most about (0: unbounded). A 100,000-chunk
     # reply costs ~57 MB; beyond the bound the oldest events are dropped, and a client that
     # needs them reads them from JetStream (streams/tail.py).
@@ -165,6 +170,58 @@ class Settings(BaseSettings):
 
     log_format: Literal["json", "text", "auto"] = "auto"
     log_level: str = "INFO"
+
+    # --- issue 25: day two in production ---
+    # Each dependency check of /readyz answers within this (concurrently): one that does not
+    # is reported `degraded`, so a hung PostgreSQL or NATS never outlasts the probe's timeout.
+    readiness_check_timeout_s: float = Field(default=1.0, gt=0)
+    # NATS client pings: a black-holed server is noticed after interval x outstanding (30 s),
+    # not nats-py's default 120 s x 2, and the client reconnects to another server.
+    nats_ping_interval_s: int = Field(default=10, ge=1)
+    nats_max_outstanding_pings: int = Field(default=3, ge=1)
+    # TCP settings of every PostgreSQL connection (the app's pool, the fencing claim, DBOS's
+    # engine). Keepalives find a dead peer under an idle connection; tcp_user_timeout ends a
+    # query whose packets go unacknowledged that long (a black-holed primary), instead of
+    # the kernel's ~15 minutes of retransmissions. 0 leaves the kernel's default.
+    pg_keepalives_idle_s: int = Field(default=10, ge=1)
+    pg_keepalives_interval_s: int = Field(default=5, ge=1)
+    pg_keepalives_count: int = Field(default=3, ge=1)
+    pg_tcp_user_timeout_s: float = Field(default=15.0, ge=0)
+    # Retention (app/retention.py, docs/deploy.md "Storage and retention"); 0 keeps forever.
+    # A finished run's DBOS workflow (status, inputs, step outputs) leaves after
+    # retention_days; its row and messages (the conversation) after messages_retention_days.
+    retention_days: float = Field(default=30, ge=0)
+    messages_retention_days: float = Field(default=0, ge=0)
+    retention_check_s: float = Field(default=3600, gt=0)  # one pod of the cluster sweeps
+    retention_batch: int = Field(default=200, ge=1)  # runs per delete transaction
+    # OpenTelemetry traces of runs (app/tracing.py): off unless an OTLP/HTTP endpoint is set,
+    # by the standard variable or ours (its base URL: traces go to <endpoint>/v1/traces).
+    otel_endpoint: str = Field(
+        default="",
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", "THREADGATE_OTEL_ENDPOINT", "otel_endpoint"
+        ),
+    )
+    otel_service_name: str = Field(
+        default="threadgate",
+        validation_alias=AliasChoices(
+            "OTEL_SERVICE_NAME", "THREADGATE_OTEL_SERVICE_NAME", "otel_service_name"
+        ),
+    )
+    # --- issue 27: database pool wait ---
+    # How long a query waits for a connection of the app's pool (psycopg_pool's own default)
+    # before failing with PoolTimeout, a transient error its callers retry: tests of an
+    # outage set it short instead of waiting out 30 s.
+    db_pool_timeout_s: float = Field(default=30.0, gt=0)
+    # --- issue 29: process layout ---
+    # Executing processes per pod (app/pod.py): one event loop per core. 1: the pod is one
+    # process, as before. N: a supervisor and N processes on the API port, executor ids
+    # POD_NAME, POD_NAME-1, ..., the pod's probes and metrics on its admin port
+    # (THREADGATE_METRICS_PORT, else the API port + 1).
+    processes: int = Field(default=1, ge=1, le=64)
+    # Set by the pod's supervisor for its processes: the API socket it listens on, inherited.
+    listen_fd: int = Field(default=-1, ge=-1)
+    metrics_host: str = ""  # where THREADGATE_METRICS_PORT listens (default: THREADGATE_HOST)
 
     @field_validator("pod_name")
     @classmethod

@@ -19,45 +19,23 @@ import sys
 import time
 from pathlib import Path
 
+from . import devstate
+from .devpod import POD_TITLE, RESTART_FIRST_S, Pod, describe_exit, ready, restart_delay
 from .devstack import NatsServer, Postgres, free_port, make_state_dir, wait_for
+from .devstate import DevError
+from .processes import start_time
 
-RESTART_FIRST_S = 1.0  # a dead pod is started again after 1 s, doubling on a crash loop,
-RESTART_CAP_S = 30.0  # up to 30 s,
-HEALTHY_S = 60.0  # back to 1 s once a process has lived a minute.
+__all__ = ["POD_TITLE", "DevError", "DevStack", "check_ports", "describe_exit", "restart_delay"]
+
 POD_STOP_S = 60.0  # a pod's drain on SIGTERM is 25 s by default: SIGKILL after this.
-POD_TITLE = "threadgate serve {name}"  # the pods' process title (`ps`, `threadgate dev kill`)
-
-
-class DevError(Exception):
-    """Why `threadgate dev` cannot go on, in one line, with its exit status."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Interrupted(BaseException):
     """Ctrl-C or SIGTERM while the stack was starting."""
 
 
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
-
-
-def restart_delay(previous: float, lived: float) -> float:
-    """How long to wait before starting a dead pod again: 1 s, doubling while it keeps dying
-    young, at most 30 s; back to 1 s once a process has lived a healthy minute."""
-    if lived >= HEALTHY_S or not previous:
-        return RESTART_FIRST_S
-    return min(previous * 2, RESTART_CAP_S)
-
-
 def _port_free(port: int) -> bool:
+    """Free on every address (whatever --host): a port in use anywhere is refused."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
@@ -92,52 +70,6 @@ def check_ports(pods: int, port: int, pg_port: int, nats_port: int) -> None:
             raise DevError(f"port {value} is in use ({flag}); try {flag} 0 (any free port)", 2)
 
 
-def _die_with_parent() -> None:
-    """In a pod's process, before exec: SIGTERM when the supervisor dies (even SIGKILLed)."""
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
-
-
-class _Pod:
-    """One pod name and port, like a StatefulSet member; `proc` is its current process."""
-
-    def __init__(self, name: str, port: int, env: dict[str, str]) -> None:
-        self.name, self.port, self.env = name, port, env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0  # time.monotonic() of the current process's start
-        self.delay = 0.0  # the last restart delay (0: none yet)
-        self.restart_at: float | None = None
-        self.announce = False  # say when it is ready again
-        self.pidfd: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://localhost:{self.port}"
-
-    def spawn(self) -> None:
-        env = {**self.env, "POD_NAME": self.name, "THREADGATE_PORT": str(self.port)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "threadgate.cli", "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            # Not in the terminal's process group: Ctrl-C reaches the supervisor only, which
-            # stops the pods with SIGTERM (a drain), in order.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # no threads here: the supervisor has none
-        )
-        self.started = time.monotonic()
-        self.restart_at = None
-        self.pidfd = None
-        with contextlib.suppress(AttributeError, OSError):
-            self.pidfd = os.pidfd_open(self.proc.pid)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 class DevStack:
     """`threadgate dev`: PostgreSQL, nats-server and N pods; a pod that dies is started again
     under its name and port (1 s doubling to 30 s on a crash loop, reset after a healthy
@@ -145,11 +77,19 @@ class DevStack:
     PostgreSQL. Writes `urls` (once every pod is ready) and `pods.json` in the state dir."""
 
     def __init__(
-        self, state: Path, *, pods: int, port: int, pg_port: int = 0, nats_port: int = 0
+        self,
+        state: Path,
+        *,
+        pods: int,
+        port: int,
+        pg_port: int = 0,
+        nats_port: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.state_arg = Path(state)
         self.n, self.port, self.pg_port, self.nats_port = pods, port, pg_port, nats_port
-        self.pods: list[_Pod] = []
+        self.host = host  # the pods' address; PostgreSQL and nats-server: 127.0.0.1 always
+        self.pods: list[Pod] = []
         self.pg: Postgres | None = None
         self.nats: NatsServer | None = None
         self.starting = True
@@ -167,19 +107,27 @@ class DevStack:
         return self.state_arg.resolve()
 
     def _write(self, name: str, text: str) -> None:
-        tmp = self.state / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.state / name)
+        devstate.write(self.state, name, text)
 
     def _record(self) -> None:
-        pg_pid = self.pg.proc.pid if self.pg and self.pg.proc else None
-        nats_pid = self.nats.proc.pid if self.nats and self.nats.proc else None
+        """pods.json: what `dev kill` and `dev demo` act on (pids with start times)."""
         pods = [
-            {"name": p.name, "pid": p.proc.pid if p.proc else None, "port": p.port, "url": p.url}
+            {
+                "name": p.name,
+                "pid": p.proc.pid if p.proc else None,
+                "started": p.start_ticks,
+                "port": p.port,
+                "url": p.url,
+            }
             for p in self.pods
         ]
-        body = {"supervisor": os.getpid(), "postgres": pg_pid, "nats": nats_pid, "pods": pods}
-        self._write("pods.json", json.dumps(body, indent=2) + "\n")
+        body = devstate.record(
+            (os.getpid(), start_time(os.getpid())),
+            pods,
+            postgres=self.pg.proc.pid if self.pg and self.pg.proc else None,
+            nats=self.nats.proc.pid if self.nats and self.nats.proc else None,
+        )
+        self._write(devstate.RECORD, json.dumps(body, indent=2) + "\n")
 
     def _lock(self) -> None:
         """One supervisor per state directory (its PostgreSQL data, its pod names)."""
@@ -215,6 +163,9 @@ class DevStack:
         if self.state_arg.exists():
             self._lock()  # before the port check: a running stack holds those ports
         check_ports(self.n, self.port, self.pg_port, self.nats_port)
+        if self.state_arg.exists():
+            # Notes of a `dev kill` that a previous stack never read: not for these pods.
+            shutil.rmtree(self.state_arg / devstate.KILLS, ignore_errors=True)
         make_state_dir(self.state_arg)
         if self.lock_fd is None:
             self._lock()
@@ -248,17 +199,21 @@ class DevStack:
         self.nats.start()
         self.say(f"nats-server with JetStream on 127.0.0.1:{self.nats.port}")
         env = dict(os.environ)
-        env.update(THREADGATE_DATABASE_URL=self.pg.url(), THREADGATE_NATS_URL=self.nats.url)
+        env.update(
+            THREADGATE_DATABASE_URL=self.pg.url(),
+            THREADGATE_NATS_URL=self.nats.url,
+            THREADGATE_HOST=self.host,  # not the pod default 0.0.0.0: auth is off in dev
+        )
         for i in range(self.n):
             port = self.port + i if self.port else free_port()
-            self.pods.append(_Pod(f"threadgate-{i}", port, env))
+            self.pods.append(Pod(f"threadgate-{i}", port, env))
         for pod in self.pods:
             pod.spawn()
         self._record()
         self.say(f"starting {self.n} pod(s) ...")
         for pod in self.pods:
             try:
-                wait_for(lambda p=pod: _ready(p.url), 120, pod.name, pod.proc)
+                wait_for(lambda p=pod: ready(p.url), 120, pod.name, pod.proc)
             except RuntimeError:
                 assert pod.proc is not None
                 raise DevError(
@@ -288,6 +243,7 @@ class DevStack:
             "",
             f'  try   {tg} post demo "hello" --attach',
             f"        curl -N {first}/threads/demo/attach   (waits for the thread's first run)",
+            f"        {tg} dev demo   (a pod dies mid-reply; the reply continues)",
             f"        {tg} dev kill {victim}   (the pod is started again)",
             "  Ctrl-C stops everything.",
             "",
@@ -304,9 +260,9 @@ class DevStack:
         os.set_blocking(wake_w, False)
         old_wakeup = signal.set_wakeup_fd(wake_w)
         sel.register(wake_r, selectors.EVENT_READ, None)
-        watched: dict[int, _Pod] = {}
+        watched: dict[int, Pod] = {}
 
-        def watch(pod: _Pod) -> None:
+        def watch(pod: Pod) -> None:
             if pod.pidfd is not None:
                 sel.register(pod.pidfd, selectors.EVENT_READ, pod)
                 watched[pod.pidfd] = pod
@@ -339,7 +295,7 @@ class DevStack:
                         pod.announce = True
                         watch(pod)
                         self._record()
-                    elif pod.announce and pod.alive and _ready(pod.url, timeout=0.5):
+                    elif pod.announce and pod.alive and ready(pod.url, timeout=0.5):
                         pod.announce = False
                         assert pod.proc is not None
                         took = time.monotonic() - pod.started
@@ -354,15 +310,18 @@ class DevStack:
                     os.close(pod.pidfd)
                     pod.pidfd = None
 
-    def _died(self, pod: _Pod) -> None:
+    def _died(self, pod: Pod) -> None:
         assert pod.proc is not None
         lived = time.monotonic() - pod.started
-        pod.delay = restart_delay(pod.delay, lived)
+        asked = devstate.kill_was_asked(self.state, pod.name, pod.proc.pid, pod.start_ticks)
+        # A death someone asked for is no crash loop: no backoff (the demo, tried again).
+        pod.delay = RESTART_FIRST_S if asked else restart_delay(pod.delay, lived)
         pod.restart_at = time.monotonic() + pod.delay
         pod.announce = False
+        how = describe_exit(pod.proc.returncode) + (" (threadgate dev kill)" if asked else "")
         self.say(
-            f"{pod.name} (pid {pod.proc.pid}) {describe_exit(pod.proc.returncode)} after "
-            f"{lived:.0f}s; starting it again in {pod.delay:.0f}s"
+            f"{pod.name} (pid {pod.proc.pid}) {how} after {lived:.0f}s; "
+            f"starting it again in {pod.delay:.0f}s"
         )
 
     def _stop(self) -> None:
@@ -391,8 +350,8 @@ class DevStack:
         if self.pg is not None and self.pg.proc is not None:
             self.pg.stop()
             self.say("PostgreSQL stopped")
-        with contextlib.suppress(FileNotFoundError):
-            (self.state / "pods.json").unlink()
+        devstate.remove(self.state, devstate.RECORD)
+        shutil.rmtree(self.state / devstate.KILLS, ignore_errors=True)
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
@@ -411,62 +370,3 @@ def _cli_name() -> str:
     with contextlib.suppress(ValueError):
         return str(exe.absolute().relative_to(Path.cwd()))
     return str(exe)
-
-
-def _ready(url: str, timeout: float = 2.0) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/readyz", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _title(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def find_pod(state: Path, name: str) -> int:
-    """The pid of the live process of pod `name`: from the supervisor's pods.json, else by
-    its process title (`threadgate serve NAME`)."""
-    title = POD_TITLE.format(name=name)
-    known: list[str] = []
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        for entry in json.loads((Path(state) / "pods.json").read_text())["pods"]:
-            known.append(entry["name"])
-            if entry["name"] == name and entry["pid"] and _title(entry["pid"]) == title:
-                return int(entry["pid"])
-    found = [int(d) for d in os.listdir("/proc") if d.isdigit() and _title(int(d)) == title]
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise DevError(
-            f"{len(found)} processes are titled {title!r} (pids {found}); "
-            "say which stack with --state-dir"
-        )
-    hint = f" (pods here: {', '.join(known)})" if known else "; is `threadgate dev` running here?"
-    raise DevError(f"no running pod named {name}{hint}")
-
-
-def clean_state(state: Path) -> None:
-    """Remove a stopped stack's state directory and the data directory it links to."""
-    import fcntl
-
-    state = Path(state)
-    if not state.exists():
-        return
-    fd = os.open(state / "dev.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise DevError(f"threadgate dev is running on {state}: stop it first", 2) from None
-    finally:
-        os.close(fd)
-    for entry in state.iterdir():
-        if entry.is_symlink() and entry.resolve().name.startswith("threadgate-pgdata-"):
-            shutil.rmtree(entry.resolve(), ignore_errors=True)
-    shutil.rmtree(state)

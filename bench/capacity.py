@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.harness import (
+    Others,
     Proc,
     Stack,
+    calm,
     machine,
     pct,
     pod,
@@ -241,59 +243,6 @@ def row(label: str, lv: Level) -> list[object]:
         f"{lv.others:.2f}",
         "pass" if lv.passed else "FAIL" + (f" ({lv.failures[0][:60]})" if lv.failures else ""),
     ]
-
-
-def _busy_ticks() -> int:
-    """CPU ticks spent by the whole machine so far (all CPUs, not idle or iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4]
-
-
-def _our_ticks() -> int:
-    """CPU ticks spent so far by this process and every process under it (the stack, pods)."""
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(stat[1]), []).append(int(entry.name))
-        ticks[int(entry.name)] = int(stat[11]) + int(stat[12])
-    total, todo = 0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo += children.get(pid, [])
-    return total
-
-
-class Others:
-    """CPU that processes outside this bench use (cores), measured between two looks: on a
-    shared machine it takes CPU from the pod and shows as lag."""
-
-    def __init__(self) -> None:
-        self.at, self.busy, self.ours = time.monotonic(), _busy_ticks(), _our_ticks()
-
-    def cores(self) -> float:
-        seconds = time.monotonic() - self.at
-        other = (_busy_ticks() - self.busy) - (_our_ticks() - self.ours)
-        return max(other, 0) / os.sysconf("SC_CLK_TCK") / max(seconds, 1e-3)
-
-
-async def calm(max_wait_s: float, below: float = 0.3) -> float:
-    """Wait (up to `max_wait_s`) until other processes use less than `below` cores over 3 s;
-    what they used over the last look."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        look = Others()
-        await asyncio.sleep(3)
-        other = look.cores()
-        if other < below or time.monotonic() > deadline:
-            return other
-        say(f"waiting for a calm machine: others use {other:.2f} cores")
 
 
 async def main(args: argparse.Namespace) -> str:

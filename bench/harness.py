@@ -206,10 +206,12 @@ class Proc:
         return await self.wait_ready(timeout)
 
     def rss_kb(self) -> int:
-        return proc_rss_kb(self.pid)
+        """RSS of the server's processes (a pod of several processes counts them all)."""
+        return group_rss_kb(self.pid)
 
     def cpu_s(self) -> float:
-        return proc_cpu_s(self.pid)
+        """CPU seconds of the server's process tree so far (each process of a pod)."""
+        return proc_tree_cpu_s(self.pid)
 
     async def kill(self) -> None:
         if self.alive:
@@ -301,9 +303,110 @@ def proc_tree_cpu_s(pid: int) -> float:
     return total
 
 
+def group_rss_kb(pid: int) -> int:
+    """RSS of a process and every process in its session (a server may fork workers)."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == pid or int(d.name) == pid:  # session id = the leader's pid
+                total += proc_rss_kb(int(d.name))
+    return total
+
+
+async def kill_group(p: Proc) -> None:
+    if p.alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        assert p.proc is not None
+        await asyncio.to_thread(p.proc.wait, 10)
+
+
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages, as `uptime` shows them."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# ---------------------------------------------------------------------------- the machine
+
+
+def busy_ticks() -> int:
+    """CPU ticks spent by the whole machine so far (all CPUs, not idle or iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+def our_ticks() -> int:
+    """CPU ticks spent so far by this process and every process under it (the stack, pods)."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(stat[1]), []).append(int(entry.name))
+        ticks[int(entry.name)] = int(stat[11]) + int(stat[12])
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+class Others:
+    """CPU that processes outside this bench use (cores), measured between two looks: on a
+    shared machine it takes CPU from the pod and shows as lag."""
+
+    def __init__(self) -> None:
+        self.at, self.busy, self.ours = time.monotonic(), busy_ticks(), our_ticks()
+
+    def cores(self) -> float:
+        seconds = time.monotonic() - self.at
+        other = (busy_ticks() - self.busy) - (our_ticks() - self.ours)
+        return max(other, 0) / os.sysconf("SC_CLK_TCK") / max(seconds, 1e-3)
+
+
+async def calm(max_wait_s: float, below: float = 0.3) -> float:
+    """Wait (up to `max_wait_s`) until other processes use less than `below` cores over 3 s;
+    what they used over the last look."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        look = Others()
+        await asyncio.sleep(3)
+        other = look.cores()
+        if other < below or time.monotonic() > deadline:
+            return other
+        say(f"waiting for a calm machine: others use {other:.2f} cores")
+
+
+def cpu_busy(seconds: float = 3.0) -> float:
+    """Share of all CPUs busy over `seconds` (anything running: other sessions included)."""
+
+    def snap() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields), idle
+
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.25) -> float:
+    """Wait (up to `limit_s`) until the machine is mostly idle; returns the last busy share."""
+    deadline = time.monotonic() + limit_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        say(f"machine {busy * 100:.0f} % busy before the run; waiting for quiet ...")
+        busy = cpu_busy(10.0)
+    return busy
 
 
 # ---------------------------------------------------------------------------- numbers

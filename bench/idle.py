@@ -1,9 +1,9 @@
 """What an idle pod costs: CPU (cores) and PostgreSQL transactions per second.
 
-One pod per configuration, each on a database of its own, nothing posted. After start-up
-settles, a window of W seconds: the pod's CPU time delta and its database's committed
-transactions (`pg_stat_database.xact_commit`, read PgCounters.SETTLE_S after the window so
-every backend has flushed). A readiness probe every 5 s, as a kubelet would, is included.
+One pod per configuration, each on a database of its own, warmed with two runs, then nothing
+posted: all of them idle in the same window of W seconds (bench.rigs.idle_all: each pod's
+process-tree CPU over the window, its database's committed transactions over the window and a
+settle after it, a readiness probe to each every 5 s as a kubelet would).
 
     python -m bench.idle [--window 30] [--base REV] [--env K=V ...]
 """
@@ -11,68 +11,37 @@ every backend has flushed). A readiness probe every 5 s, as a kubelet would, is 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import time
+import uuid
 from pathlib import Path
 
-import httpx
-
-from bench.harness import (
-    PgCounters,
-    Stack,
-    database_name,
-    machine,
-    pod,
-    pod_env,
-    run_async,
-    say,
-    table,
-    tree_at,
-)
-
-
-async def measure(
-    stack: Stack, name: str, env: dict[str, str], window: float, tree: Path | None
-) -> list[object]:
-    url = stack.new_database(f"idle_{name.replace('-', '_')}")
-    full = pod_env(url, stack.nats.url)
-    del full["THREADGATE_QUEUE_POLLING_S"]  # the product's default, not the benches' 0.05 s
-    full.update(env)
-    p = pod(name, full, stack.root, tree=tree)
-    await p.start()
-    counters = PgCounters(stack.admin_url, database_name(url))
-    try:
-        await asyncio.sleep(PgCounters.SETTLE_S)  # start-up's own transactions flush first
-        x0, _ = counters.read()
-        c0, t0 = p.cpu_s(), time.monotonic()
-        async with httpx.AsyncClient(timeout=5) as http:
-            while time.monotonic() - t0 < window:
-                await http.get(f"{p.url}/readyz")  # the kubelet's probe
-                await asyncio.sleep(5)  # the probe's period
-        cpu = (p.cpu_s() - c0) / (time.monotonic() - t0)
-        await asyncio.sleep(PgCounters.SETTLE_S)
-        x1, _ = counters.read()
-        # The settle's transactions are the same idle kind: divide by the whole span.
-        xact = (x1 - x0) / (time.monotonic() - t0)
-    finally:
-        counters.close()
-        await p.stop()
-    return [name, f"{cpu:.3f}", f"{xact:.1f}"]
+from bench.harness import Stack, machine, run_async, table, tree_at
+from bench.rigs import PodRig, idle_all
 
 
 async def main(args: argparse.Namespace) -> None:
-    configs: list[tuple[str, dict[str, str], Path | None]] = [("this tree", {}, None)]
-    if args.base:
-        sha, tree = tree_at(args.base)
-        configs.append((f"base {sha}", {}, tree))
-    for kv in args.env:
-        configs.append((f"env {kv}", dict([kv.split("=", 1)]), None))
+    log_dir = Path("/tmp") / f"threadgate-bench-logs-{uuid.uuid4().hex[:6]}"
+    log_dir.mkdir()
     rows = []
     with Stack() as stack:
-        for i, (label, env, tree) in enumerate(configs):
-            say(f"measuring {label} for {args.window:.0f}s ...")
-            row = await measure(stack, f"idle-{i}", env, args.window, tree)
-            rows.append([label, *row[1:]])
+        # polling_s None: the product's defaults, not the benches' fast queue poll.
+        rigs = [PodRig(stack, "this tree", polling_s=None, log_dir=log_dir)]
+        if args.base:
+            sha, tree = tree_at(args.base)
+            rigs.append(PodRig(stack, f"base {sha}", polling_s=None, log_dir=log_dir, tree=tree))
+        for kv in args.env:
+            k, v = kv.split("=", 1)
+            env = {k: v}
+            rigs.append(PodRig(stack, f"env {kv}", polling_s=None, log_dir=log_dir, extra_env=env))
+        try:
+            for rig in rigs:
+                await rig.open()
+            await idle_all(rigs, args.window)
+            for rig in rigs:
+                r = rig.result
+                rows.append([rig.label, f"{r.idle_cpu:.3f}", f"{r.idle_xact_s:.1f}"])
+        finally:
+            for rig in rigs:
+                await rig.close()
     print(f"Idle pod, {args.window:.0f} s window ({machine().get('cpu', '?')}):\n")
     print(table(["pod", "CPU (cores)", "committed xact/s"], rows))
 

@@ -21,11 +21,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,67 +33,17 @@ from bench.harness import (
     Proc,
     Stack,
     free_port,
+    group_rss_kb,
     ms,
     pct,
     pod,
     pod_env,
-    proc_rss_kb,
     run_async,
     say,
     table,
 )
+from bench.rigs import KILL_AFTER, KILL_CHUNKS, KILL_DELAY_MS, System, Turn
 from bench.sse import HttpConn, Stream, attach
-
-# Killed 12.5 s into a 20 s run: past LangGraph dev's 10 s persistence flush, so its run is on disk.
-KILL_CHUNKS, KILL_DELAY_MS, KILL_AFTER = 400, 50, 250
-
-
-def group_rss_kb(pid: int) -> int:
-    """RSS of a process and every process in its session (a server may fork workers)."""
-    total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == pid or int(d.name) == pid:  # session id = the leader's pid
-                total += proc_rss_kb(int(d.name))
-    return total
-
-
-async def kill_group(p: Proc) -> None:
-    if p.alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        assert p.proc is not None
-        await asyncio.to_thread(p.proc.wait, 10)
-
-
-@dataclass
-class Turn:
-    ttfc: float
-    stream: Stream
-
-
-class System:
-    name = ""
-    proc: Proc
-
-    async def start(self) -> None: ...
-    async def stop(self) -> None:
-        await self.proc.stop()
-
-    async def conversation(self) -> str:
-        return uuid.uuid4().hex[:12]
-
-    async def turn(self, conv: str, chunks: int, delay_ms: float) -> Turn:
-        raise NotImplementedError
-
-    async def kill_test(self) -> str:
-        raise NotImplementedError
-
-    def chunk_count(self, s: Stream) -> int:
-        return sum(1 for _, ev, _ in s.events if ev == "chunk")
 
 
 class Threadgate(System):

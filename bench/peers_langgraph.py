@@ -22,8 +22,8 @@ from typing import Any
 
 from threadgate.models.mock import mock_reply
 
-from bench.harness import REPO, Proc, free_port, say
-from bench.peers import KILL_AFTER, KILL_CHUNKS, KILL_DELAY_MS, System, Turn, kill_group
+from bench.harness import REPO, Proc, free_port, kill_group, say
+from bench.rigs import KILL_AFTER, KILL_CHUNKS, KILL_DELAY_MS, System, Turn
 from bench.sse import HttpConn, Stream, attach, get
 
 PEERS = REPO / "bench" / ".peers"

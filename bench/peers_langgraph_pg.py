@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import REPO, Proc, Stack, database_name, free_port, say
+from bench.rigs import CHUNKS, Rig, Sample
 from bench.sse import HttpConn, attach
-from bench.ttfc import CHUNKS, Rig, Sample
 
 PEERS = REPO / "bench" / ".peers"
 VENV = PEERS / "venv-pg"
@@ -193,10 +193,10 @@ class LangGraphPg:
             raise RuntimeError(f"POST /threads {resp.status}: {resp.body[:300]!r}")
         return str(resp.json()["thread_id"])
 
-    def body(self, chunks: int, **extra: Any) -> dict[str, Any]:
+    def body(self, chunks: int, delay_ms: float = 0, **extra: Any) -> dict[str, Any]:
         return {
             "assistant_id": self.assistant,
-            "input": {"chunks": chunks, "delay_ms": 0},
+            "input": {"chunks": chunks, "delay_ms": delay_ms},
             "stream_mode": ["custom"],
             **extra,
         }
@@ -222,12 +222,12 @@ class LangGraphTurns:
         self.conn = await HttpConn.open(self.port)
         self.thread = await self.server.new_thread(self.conn)
 
-    async def turn(self, chunks: int = CHUNKS, cold: bool = False) -> Sample:
+    async def turn(self, chunks: int = CHUNKS, cold: bool = False, delay_ms: float = 0) -> Sample:
         if self.conn is None or self.conn.lost.done():
             self.conn = await HttpConn.open(self.port)
         # enqueue, as threadgate's default: LangGraph's own default (reject) answers 409 while
         # the thread's previous run is still being finalized.
-        body = self.server.body(chunks, multitask_strategy="enqueue")
+        body = self.server.body(chunks, delay_ms, multitask_strategy="enqueue")
         wall0, t0 = time.time(), time.perf_counter()
         t_post, run_id = float("nan"), ""
         if self.shape == "join":
@@ -247,7 +247,8 @@ class LangGraphTurns:
             )
         try:
             assert stream.finished is not None
-            await asyncio.wait_for(stream.finished, 60)
+            # A streaming phase queues runs behind others (LangGraph runs 10 at a time).
+            await asyncio.wait_for(stream.finished, 60 + 10 * chunks * delay_ms / 1000)
         finally:
             sconn.close()
         got = sum(1 for _, ev, _ in stream.events if ev == "custom")

@@ -33,7 +33,7 @@ from bench.harness import (
     table,
     tree_at,
 )
-from bench.ttfc import run_phase
+from bench.rigs import run_phase
 
 PROTO = [sys.executable, "-m", "bench.proto_pod"]
 COUNT = [sys.executable, "-m", "bench.count_pod"]

@@ -22,12 +22,13 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.harness import REPO, machine, say, table
+from bench.harness import REPO, cpu_busy, machine, say, table, wait_quiet
 
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 
 # (name, extra args, time limit in seconds)
 BENCHES: list[tuple[str, list[str], int]] = [
+    ("round3", [], 1500),  # the side-by-side report of issue 29 (LangGraph pg included)
     ("ttfc", [], 240),
     ("ttfc_paths", [], 240),
     ("throughput", ["--repeats", "3"], 240),
@@ -39,30 +40,6 @@ BENCHES: list[tuple[str, list[str], int]] = [
     ("profile", ["--workload", "ttfc10", "--seconds", "10", "--top", "12"], 120),
     ("profile", ["--workload", "stream", "--seconds", "10", "--top", "12"], 120),
 ]
-
-
-def cpu_busy(seconds: float = 3.0) -> float:
-    """Share of all CPUs busy over `seconds` (anything running: other sessions included)."""
-
-    def snap() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields), idle
-
-    t0, i0 = snap()
-    time.sleep(seconds)
-    t1, i1 = snap()
-    return 1 - (i1 - i0) / max(1, t1 - t0)
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.25) -> float:
-    """Wait (up to `limit_s`) until the machine is mostly idle; returns the last busy share."""
-    deadline = time.monotonic() + limit_s
-    busy = cpu_busy()
-    while busy > threshold and time.monotonic() < deadline:
-        say(f"machine {busy * 100:.0f} % busy before the run; waiting for quiet ...")
-        busy = cpu_busy(10.0)
-    return busy
 
 
 def run_one(name: str, args: list[str], limit: int, log_dir: Path) -> tuple[str, list[object]]:

@@ -28,8 +28,8 @@ from typing import Any
 from threadgate.models.mock import mock_reply
 
 from bench.harness import PgCounters, Proc, Stack, ms, pct, pod, pod_env, run_async, say, table
+from bench.rigs import LEVELS, VariantResult, breakdown, run_phase
 from bench.sse import HttpConn, attach
-from bench.ttfc import LEVELS, VariantResult, breakdown, run_phase
 
 PROTO = [sys.executable, "-m", "bench.proto_pod"]
 TERMINAL = ("success", "error", "cancelled", "interrupted")

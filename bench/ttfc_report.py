@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from bench.harness import PgCounters, ms, pct, table
-from bench.ttfc import CHUNKS, THINK_S, Phase, VariantResult
+from bench.rigs import CHUNKS, THINK_S, Phase, VariantResult
 
 
 def _p(ph: Phase, q: float) -> float:

@@ -14,7 +14,11 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "installing threadgate${extra} and its dependencies into .venv (the first time: a minute or two) ..." >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".${extra}"
+    # setuptools says "Editable installation" (a warning of ten lines) for every editable
+    # install whose import package is not its directory's name (threadgate is app/): it is
+    # information about that layout, not a problem, and would be the only output here.
+    PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+      .venv/bin/python -m pip install --quiet -e ".${extra}"
     touch "$stamp"
   fi
 }

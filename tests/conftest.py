@@ -16,13 +16,19 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any, NoReturn
 
 import nats
 import psycopg
 import pytest
+from dbos import DBOS
 from nats.js.errors import NotFoundError
-from threadgate.devstack import NatsServer, Postgres, make_state_dir
+from threadgate.devstack import NatsServer, Postgres, make_state_dir, release_port
+from threadgate.store.db import dbos_url
+
+TEMPLATE = "threadgate_template"
 
 
 @dataclass
@@ -31,12 +37,25 @@ class Stack:
     pg: Postgres
     nats: NatsServer
 
-    def new_database(self, prefix: str) -> str:
-        """A fresh, empty database on the shared server; returns its URL."""
+    def new_database(self, prefix: str, *, empty: bool = False) -> str:
+        """A fresh database on the shared server; returns its URL. A copy of TEMPLATE (DBOS's
+        system tables and threadgate's, migrated: 1-2 s saved per pod start-up), or `empty`."""
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        template = "" if empty else f' TEMPLATE "{TEMPLATE}"'
         with psycopg.connect(self.pg.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"{template}'.encode())
         return self.pg.url(name)
+
+
+def make_template(pg: Postgres) -> None:
+    """TEMPLATE: a database with DBOS's migrations and threadgate's schema applied, as a pod's
+    start-up leaves it (the pods find both up to date and skip them)."""
+    with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{TEMPLATE}"'.encode())
+    DBOS.migrate(dbos_url(pg.url(TEMPLATE)))
+    schema = resources.files("threadgate.store").joinpath("schema.sql").read_text()
+    with psycopg.connect(pg.url(TEMPLATE), autocommit=True) as conn:
+        conn.execute(schema.encode())
 
 
 @pytest.fixture(scope="session")
@@ -51,10 +70,13 @@ def stack() -> Iterator[Stack]:
     pg.start()
     nats.start()
     try:
+        make_template(pg)
         yield Stack(root, pg, nats)
     finally:
         nats.stop()
         pg.stop()
+        release_port(nats.port)
+        release_port(pg.port)
         if not os.environ.get("THREADGATE_KEEP_TEST_STATE"):
             shutil.rmtree(root, ignore_errors=True)
 
@@ -93,5 +115,60 @@ def _drop_new_streams(request: pytest.FixtureRequest) -> Iterator[None]:
         _streams(url, new)
 
 
+def unavailable(why: str) -> NoReturn:
+    """Something a test needs is not on this machine: skip, saying why; under CI, fail."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set and this test cannot run: {why}", pytrace=False)
+    pytest.skip(why)
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# ---- order: the longest first ------------------------------------------------------------
+
+SUITES = ("multipod", "integration", "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `long` first (those with the largest `timeout` before the others), then
+    the multipod, integration and unit suites (each in file order): the parallel workers take
+    tests in this order, so the long ones overlap each other and the short ones fill the end,
+    instead of one long test starting last. Every worker sorts alike (xdist requires it)."""
+
+    def rank(item: pytest.Item) -> tuple[bool, float, int]:
+        names = {m.name for m in item.iter_markers()}
+        timeout = item.get_closest_marker("timeout")
+        budget = float(timeout.args[0]) if timeout and timeout.args else 0.0
+        suite = next((i for i, s in enumerate(SUITES) if s in names), len(SUITES))
+        return "long" not in names, -budget, suite
+
+    items.sort(key=rank)
+
+
+# ---- under CI nothing skips ------------------------------------------------------------------
+
+# (test id, reason) of every skipped test; with xdist, the controller gets the workers' reports.
+SKIPPED: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI a skipped test fails the run: a missing browser, driver, node or package must
+    not leave a green run that tested less than it says."""
+    controller = not hasattr(session.config, "workerinput")
+    if os.environ.get("CI") and SKIPPED and controller and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if os.environ.get("CI") and SKIPPED and not hasattr(config, "workerinput"):
+        terminalreporter.section("skipped under CI, which fails the run", red=True, bold=True)
+        for nodeid, reason in SKIPPED:
+            terminalreporter.line(f"{nodeid}: {reason}")

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,14 @@ from threadgate.devstack import NatsServer, Postgres, make_state_dir
 
 from tests.multipod.cluster import Cluster, pod_env, unique_names
 
+# Servers to use instead of starting them: PostgreSQL's URL (of its `postgres` database) and
+# the template database to copy, nats-server's URL.
+SHARED_PG, SHARED_TEMPLATE, SHARED_NATS = (
+    "THREADGATE_JS_STACK_PG",
+    "THREADGATE_JS_STACK_TEMPLATE",
+    "THREADGATE_JS_STACK_NATS",
+)
+
 
 def _say(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
@@ -43,18 +52,30 @@ def _say(obj: dict[str, Any]) -> None:
 
 async def _serve(pods: int, knobs: dict[str, str]) -> None:
     root = make_state_dir(Path(tempfile.mkdtemp(prefix="threadgate-js-", dir="/tmp")))
-    pg = Postgres(root / "pg", fast=True)
-    nats = NatsServer(root / "nats")
+    # Under pytest (tests/multipod/test_js_client.py), the session's servers: a database of
+    # its own (a copy of the migrated template) and a stream of its own on them.
+    shared_pg, shared_nats = os.environ.get(SHARED_PG), os.environ.get(SHARED_NATS)
+    pg = None if shared_pg else Postgres(root / "pg", fast=True)
+    nats = None if shared_nats else NatsServer(root / "nats")
     cluster: Cluster | None = None
     try:
-        await asyncio.to_thread(pg.start)
-        await asyncio.to_thread(nats.start)
+        if pg is not None:
+            await asyncio.to_thread(pg.start)
+        if nats is not None:
+            await asyncio.to_thread(nats.start)
+        server_url = shared_pg or pg.url("postgres")  # type: ignore[union-attr]
         name = f"js_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        template = f' TEMPLATE "{os.environ[SHARED_TEMPLATE]}"' if shared_pg else ""
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"{template}'.encode())
+        database_url = server_url.rsplit("/", 1)[0] + f"/{name}"
         stream, prefix = unique_names()
         env = pod_env(
-            database_url=pg.url(name), nats_url=nats.url, stream=stream, prefix=prefix, **knobs
+            database_url=database_url,
+            nats_url=shared_nats or nats.url,  # type: ignore[union-attr]
+            stream=stream,
+            prefix=prefix,
+            **knobs,
         )
         logs = root / "pods"
         logs.mkdir()
@@ -78,8 +99,10 @@ async def _serve(pods: int, knobs: dict[str, str]) -> None:
     finally:
         if cluster is not None:
             await cluster.stop()
-        nats.stop()
-        pg.stop()
+        if nats is not None:
+            nats.stop()
+        if pg is not None:
+            pg.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

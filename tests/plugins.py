@@ -78,3 +78,23 @@ class Picky(Scripted):
 
 def picky(settings: Settings) -> Picky:
     return Picky(settings)
+
+
+class Unstorable:
+    """Text and data PostgreSQL cannot store as they are (NUL, a lone surrogate)."""
+
+    reads_history = False
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[Part]:
+        delay = float(prompt.options.get("delay_ms", 0)) / 1000
+        for part in unstorable_reply():
+            await asyncio.sleep(delay)  # the source's pace, like a model's
+            yield part
+
+
+def unstorable_reply() -> list[Part]:
+    return ["p1\x00 ", Data("blob", {"s": "a\x00b", "u": "\ud800"}), "p2 \ud83d", "end"]
+
+
+def unstorable(settings: Settings) -> Unstorable:
+    return Unstorable()

@@ -22,7 +22,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..auth import Principal
@@ -30,10 +30,12 @@ from ..errors import InvalidRequest, RunNotFound, ThreadNotFound
 from ..ids import check_run_id, check_thread_id
 from ..store.runs import Run
 from ..streams.aisdk import DONE, HEADERS, UiMessageStream
+from ..streams.hub import TailHub
+from ..streams.position import Position, parse
 from ..streams.relay import relay
-from ..streams.tail import TailHub, ThreadTail
+from ..streams.tail import ThreadTail
 from . import runs
-from .attach import SseResponse, _event_id
+from .attach import LastEventIdHeader, LastEventIdQuery, SseResponse, place, sources
 from .deps import (
     AttachLimiterDep,
     HubDep,
@@ -47,6 +49,7 @@ from .deps import (
 )
 from .limits import AttachLimiter, AttachSlot
 from .schemas import RunCreate, Strategy, error_responses
+from .validation import invalid
 
 router = APIRouter(prefix="/ai-sdk", tags=["ai-sdk"])
 
@@ -128,21 +131,21 @@ async def chat(
             }
         )
     except ValidationError as exc:
-        problems = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
-        raise InvalidRequest("the message cannot be a run", problems=problems) from None
+        raise invalid(exc.errors(), lead="the message cannot be a run") from None
     # The stream's slot first: a run accepted and then refused a stream would run unseen.
     slot = _slot(rt, limiter, principal)
     try:
         accepted = await runs.create_run(
             principal, thread_id, create, runner, rt, Response(), idempotency_key
         )
-        tail = await hub.acquire(thread_id)
+        tail = await hub.acquire(thread_id, principal.name)
+        run = await rt.store.get_run(thread_id, accepted.run_id)
+        if run is None:
+            raise RunNotFound()
     except BaseException:
         slot.release()
         raise
-    return ui_stream_response(
-        rt, hub, tail, slot, thread_id, accepted.run_id, reader_of(principal), None
-    )
+    return ui_stream_response(rt, hub, tail, slot, run, reader_of(principal), Position(run.run_id))
 
 
 @router.get(
@@ -161,21 +164,23 @@ async def resume(
     hub: HubDep,
     limiter: AttachLimiterDep,
     run_id: Annotated[str | None, Query(description="This run, even if it has ended")] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id: Annotated[
-        str | None, Query(description="Same as the Last-Event-ID header")
-    ] = None,
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id: LastEventIdQuery = None,
 ) -> Response:
-    """The thread's active run (or `run_id`) as a UI message stream, from its start."""
-    after = _event_id(last_event_id_header, last_event_id)
+    """The thread's active run (or `run_id`, or the run of Last-Event-ID, from there) as a UI
+    message stream."""
+    raw = last_event_id_header if last_event_id_header is not None else last_event_id
+    parsed = parse(raw)
     reader = reader_of(principal)
+    if isinstance(parsed, Position) and parsed.done:
+        return Response(status_code=204)
     # Reads filtered by the reader in the statement that reads (no check-then-read window).
-    run: Run | None
-    if run_id is not None:
+    run: Run | None = None
+    if run_id is not None and parsed is None:
         run = await rt.store.get_run(thread_id, check_run_id(run_id), reader=reader)
         if run is None:
             raise RunNotFound()
-    else:
+    elif parsed is None:
         run = await rt.store.latest_run(thread_id, reader=reader)
         if run is None:
             # Someone else's thread is 404; one with no run yet has nothing to resume.
@@ -185,11 +190,33 @@ async def resume(
             return Response(status_code=204)
     slot = _slot(rt, limiter, principal)
     try:
-        tail = await hub.acquire(thread_id)
+        tail = await hub.acquire(thread_id, principal.name)
     except BaseException:
         slot.release()
         raise
-    return ui_stream_response(rt, hub, tail, slot, thread_id, run.run_id, reader, after)
+    try:
+        if run is None:
+            where = await place(rt, tail, thread_id, reader, raw)
+            run, pos = where.run, where.pos
+            if run is None or pos is None:
+                raise RunNotFound()
+            if where.lost:
+                pos = Position(run.run_id, parts=1)  # the encoder starts the reader over
+            if pos.done:
+                raise _Ended()
+        else:
+            pos = Position(run.run_id)
+    except BaseException as exc:
+        hub.release(tail)
+        slot.release()
+        if isinstance(exc, _Ended):
+            return Response(status_code=204)
+        raise
+    return ui_stream_response(rt, hub, tail, slot, run, reader, pos)
+
+
+class _Ended(Exception):
+    pass
 
 
 def _slot(rt: RuntimeDep, limiter: AttachLimiter, principal: Principal) -> AttachSlot:
@@ -205,17 +232,20 @@ def ui_stream_response(
     hub: TailHub,
     tail: ThreadTail,
     slot: AttachSlot,
-    thread_id: str,
-    run_id: str,
+    run: Run,
     reader: str | None,
-    after: int | None,
+    pos: Position,
 ) -> SseResponse:
-    """A run as a UI message stream, from its first event (after `after`: the frames a
-    reader had are folded in, not sent). Its slot and its tail, both acquired by the caller,
-    are held until it ends, however it ends."""
-    headers = {**HEADERS, "x-threadgate-thread-id": thread_id, "x-threadgate-run-id": run_id}
+    """A run as a UI message stream from the client's place (a fresh one: from the run's
+    first event). Its slot and its tail, both acquired by the caller, are held until it
+    ends, however it ends."""
+    headers = {
+        **HEADERS,
+        "x-threadgate-thread-id": run.thread_id,
+        "x-threadgate-run-id": run.run_id,
+    }
     return SseResponse(
-        _ui_stream(rt, tail, thread_id, run_id, reader, after),
+        _ui_stream(rt, tail, run, reader, pos),
         slot=slot,
         release=lambda: hub.release(tail),
         media_type="text/event-stream",
@@ -224,21 +254,17 @@ def ui_stream_response(
 
 
 async def _ui_stream(
-    rt: RuntimeDep,
-    tail: ThreadTail,
-    thread_id: str,
-    run_id: str,
-    reader: str | None,
-    after: int | None,
+    rt: RuntimeDep, tail: ThreadTail, run: Run, reader: str | None, pos: Position
 ) -> AsyncIterator[bytes]:
-    """The run from its first event (what api/attach.py's _stream relays), encoded; the
-    encoder folds in silently what a resuming client had."""
-
-    async def lookup() -> Run | None:
-        return await rt.store.get_run(thread_id, run_id, reader=reader)
-
-    encoder = UiMessageStream(thread_id, run_id, after=after)
-    batches = relay(tail, run_id, lookup, last_event_id=None, keepalive_s=rt.settings.keepalive_s)
+    """The run's events from the client's place, encoded. The relay runs in its mode for a
+    reader that cannot cut a reply short: any cut starts it over (`reset-step`)."""
+    encoder = UiMessageStream(run.thread_id, run.run_id, pos)
+    if encoder.restart:
+        # A place without the encoder's state (a native or v2 id): the reader starts over.
+        yield encoder.reset_first()
+        pos = encoder.pos = Position(run.run_id, text="")
+    src = sources(rt, tail, run, reader)
+    batches = relay(pos, run, src, keepalive_s=rt.settings.keepalive_s, truncate=False)
     async for batch in batches:
         out = encoder.encode(batch)
         if out:

@@ -1,9 +1,9 @@
-"""GET /threads/{id}/attach: the SSE stream of the thread's latest run."""
+"""GET /threads/{id}/attach: the SSE stream of the thread's latest run, or of the run a client
+comes back to (its Last-Event-ID, contract v3), served by any pod."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
@@ -13,8 +13,9 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import InvalidRequest, ThreadNotFound
 from ..store.runs import Run
-from ..streams.events import KEEPALIVE, sse_frame
-from ..streams.relay import finished_in_log, relay
+from ..streams.events import KEEPALIVE, reset, sse_frame
+from ..streams.position import Position, parse
+from ..streams.relay import Sources, frames, legacy_place, relay, stored_fold
 from ..streams.tail import ThreadTail
 from .deps import (
     AttachLimiterDep,
@@ -36,17 +37,69 @@ SSE_HEADERS = {
     "Connection": "keep-alive",
 }
 
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
+LastEventIdQuery = Annotated[str | None, Query(description="Same as the Last-Event-ID header")]
 
-_EVENT_ID = re.compile(r"[0-9]{1,19}")
+
+def sources(rt: RuntimeDep, tail: ThreadTail, run: Run, reader: str | None) -> Sources:
+    """Where the run's parts are held, for one client."""
+    thread_id, run_id = run.thread_id, run.run_id
+
+    async def lookup() -> Run | None:
+        return await rt.store.get_run(thread_id, run_id, reader=reader)
+
+    async def stored(ended: Run) -> Any:
+        return stored_fold(ended, await rt.store.stored_reply(ended.run_id))
+
+    buffer = rt.buffer
+    if buffer is None:
+        return Sources(tail, lookup, stored)
+    return Sources(
+        tail,
+        lookup,
+        stored,
+        read_after=lambda after: buffer.read_after(thread_id, after),
+        event_at=lambda seq: buffer.event_at(thread_id, seq),
+    )
 
 
-def _event_id(header: str | None, query: str | None) -> int | None:
-    raw = header if header is not None else query
-    if raw is None or raw == "":
-        return None
-    if not _EVENT_ID.fullmatch(raw):  # ASCII digits: str.isdigit() takes "²"
-        raise InvalidRequest("Last-Event-ID must be a stream sequence (a non-negative integer)")
-    return int(raw)
+class Place:
+    """Where a client's stream begins: a run and the client's place in it (`pos` None: the
+    thread has no run yet); `lost`: it came back with an id whose place cannot be known."""
+
+    def __init__(self, run: Run | None, pos: Position | None, lost: bool = False) -> None:
+        self.run, self.pos, self.lost = run, pos, lost
+
+
+async def place(
+    rt: RuntimeDep, tail: ThreadTail, thread_id: str, reader: str | None, raw: str | None
+) -> Place:
+    """The client's place from its Last-Event-ID (none: the latest run, from its start)."""
+    parsed = parse(raw)
+    if isinstance(parsed, Position):
+        run = await rt.store.get_run(thread_id, parsed.run_id, reader=reader)
+        if run is None:
+            raise InvalidRequest("Last-Event-ID names no run of this thread")
+        return Place(run, parsed)
+    if isinstance(parsed, int) and parsed > 0:
+        latest = await rt.store.latest_run(thread_id, reader=reader)
+        if latest is None:
+            return Place(None, None)
+        pos = None
+        if rt.buffer is not None:
+            pos = await legacy_place(parsed, sources(rt, tail, latest, reader))
+            newest = await rt.buffer.last_sequence(thread_id)
+            if pos is None and parsed >= newest and not latest.active:
+                # At or past the subject's newest event, the latest run ended: a v2 client
+                # there holds its `done` (what the v2 contract said too).
+                return Place(latest, Position(latest.run_id, done=True))
+        if pos is not None:
+            run = await rt.store.get_run(thread_id, pos.run_id, reader=reader)
+            if run is not None:
+                return Place(run, pos)
+        return Place(latest, Position(latest.run_id), lost=True)
+    latest = await rt.store.latest_run(thread_id, reader=reader)
+    return Place(latest, Position(latest.run_id) if latest is not None else None)
 
 
 @router.get(
@@ -59,7 +112,7 @@ def _event_id(header: str | None, query: str | None) -> int | None:
         },
         204: {
             "description": "Nothing to stream: the thread has no run (with wait=false), or the"
-            " Last-Event-ID is at or after the run's `done` (an EventSource stops on 204)"
+            " Last-Event-ID is the run's `done` (an EventSource stops on 204)"
         },
         **error_responses(400, 401, 404, 429, 503),
     },
@@ -70,10 +123,8 @@ async def attach(
     rt: RuntimeDep,
     hub: HubDep,
     limiter: AttachLimiterDep,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id: Annotated[
-        str | None, Query(description="Same as the Last-Event-ID header")
-    ] = None,
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id: LastEventIdQuery = None,
     wait: Annotated[
         bool,
         Query(
@@ -86,40 +137,55 @@ async def attach(
         Query(description="ai-sdk: the Vercel AI SDK's UI message stream (docs/clients.md)"),
     ] = "sse",
 ) -> Response:
-    """Replay the thread's latest run from its first event, follow it live, end after `done`."""
-    after = _event_id(last_event_id_header, last_event_id)
+    """The thread's latest run from its first event (or the client's run from its place),
+    followed live, ending after `done`."""
+    raw = last_event_id_header if last_event_id_header is not None else last_event_id
     reader = reader_of(principal)
-    run = await rt.store.latest_run(thread_id, reader=reader)
-    if run is None:
-        # Someone else's thread is 404; one that does not exist yet has no run.
-        await require_reader(rt, principal, thread_id, ThreadNotFound)
-        if not wait or format == "ai-sdk":
-            return Response(status_code=204)
+    parsed = parse(raw)  # a malformed id is 400 before anything is held
+    if isinstance(parsed, Position) and parsed.done:
+        if await rt.store.get_run(thread_id, parsed.run_id, reader=reader) is None:
+            raise InvalidRequest("Last-Event-ID names no run of this thread")
+        return Response(status_code=204)
     slot = limiter.acquire(
         principal.name,
         per_principal=rt.settings.max_attach_per_principal,
         per_pod=rt.settings.max_attach_per_pod,
     )
     try:
-        tail = await hub.acquire(thread_id)
+        tail = await hub.acquire(thread_id, principal.name)
     except BaseException:
         slot.release()
         raise
-    if format == "ai-sdk" and run is not None:
-        from .aisdk import ui_stream_response  # aisdk imports this module
-
-        return ui_stream_response(rt, hub, tail, slot, thread_id, run.run_id, reader, after)
-    if run is not None and after is not None and finished_in_log(tail, run.run_id, after):
+    try:
+        where = await place(rt, tail, thread_id, reader, raw)
+        if where.run is None:
+            # Someone else's thread is 404; one that does not exist yet has no run.
+            await require_reader(rt, principal, thread_id, ThreadNotFound)
+            if not wait or format == "ai-sdk":
+                raise _NoContent()
+        elif where.pos is not None and where.pos.done:
+            raise _NoContent()
+    except BaseException as exc:
         hub.release(tail)
         slot.release()
-        return Response(status_code=204)
+        if isinstance(exc, _NoContent):
+            return Response(status_code=204)
+        raise
+    if format == "ai-sdk" and where.run is not None and where.pos is not None:
+        from .aisdk import ui_stream_response  # aisdk imports this module
+
+        return ui_stream_response(rt, hub, tail, slot, where.run, reader, where.pos)
     return SseResponse(
-        _stream(rt, tail, thread_id, run, reader, after),
+        _stream(rt, tail, thread_id, where, reader),
         slot=slot,
         release=lambda: hub.release(tail),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+class _NoContent(Exception):
+    pass
 
 
 class SseResponse(StreamingResponse):
@@ -148,16 +214,12 @@ class SseResponse(StreamingResponse):
 
 
 async def _stream(
-    rt: RuntimeDep,
-    tail: ThreadTail,
-    thread_id: str,
-    run: Run | None,
-    reader: str | None,
-    after: int | None,
+    rt: RuntimeDep, tail: ThreadTail, thread_id: str, where: Place, reader: str | None
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     keepalive_s = rt.settings.keepalive_s
     every, last_write = 0.5, loop.time()
+    run = where.run
     while run is None:
         # A new thread: wait for its first run, woken by its subject and checked in the
         # database, filtered by the reader (a thread someone else creates meanwhile stays
@@ -165,7 +227,6 @@ async def _stream(
         seen = tail.last_seq
         run = await rt.store.latest_run(thread_id, reader=reader)
         if run is not None:
-            after = None
             break
         owner = await rt.store.thread_owner(thread_id)
         if owner is not None and reader is not None and owner != reader:
@@ -175,10 +236,10 @@ async def _stream(
         if loop.time() - last_write >= keepalive_s - 0.01:
             yield KEEPALIVE
             last_write = loop.time()
-    run_id = run.run_id
-
-    async def lookup() -> Run | None:
-        return await rt.store.get_run(thread_id, run_id, reader=reader)
-
-    async for batch in relay(tail, run_id, lookup, last_event_id=after, keepalive_s=keepalive_s):
-        yield b"".join(sse_frame(e) for e in batch) if batch else KEEPALIVE
+    pos = where.pos if where.pos is not None and where.run is run else Position(run.run_id)
+    if where.lost:
+        # Back with an id this server can no longer place: whatever it holds is dropped.
+        yield sse_frame(reset(run.run_id, 0), pos.id())
+    src = sources(rt, tail, run, reader)
+    async for batch in relay(pos, run, src, keepalive_s=keepalive_s):
+        yield frames(batch) if batch else KEEPALIVE

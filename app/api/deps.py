@@ -11,7 +11,7 @@ from ..auth import Principal, authenticate
 from ..errors import Forbidden, NotFound, ThreadNotFound, Unauthorized, Unavailable
 from ..ids import THREAD_ID_PATTERN, check_thread_id
 from ..runtime import Runtime
-from ..streams.tail import TailHub
+from ..streams.hub import TailHub
 from ..workflows.runner import Runner
 from .limits import AttachLimiter
 

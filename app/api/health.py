@@ -9,6 +9,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ..readiness import DependencyCheck, check_all
 from ..runtime import Runtime
 from ..workflows.thread_run import QUEUE_NAME
 from .deps import RuntimeDep
@@ -35,17 +36,27 @@ async def readyz(rt: RuntimeDep) -> JSONResponse:
     its claim exits. `status` says `degraded` while a dependency is away.
     """
     serving = {"dbos": rt.launched and rt.queue_worker_alive(), "accepting": not rt.draining}
-    deps = {
-        "postgres": await rt.db.ping(),
-        "nats": rt.buffer is not None and await rt.buffer.ping(),
-        "claim": rt.claim.held,
-    }
+    # Concurrent and bounded: a frozen PostgreSQL or NATS costs THREADGATE_READINESS_CHECK_
+    # TIMEOUT_S (1 s), well inside the probe's timeout, and reads `degraded`.
+    deps = await check_all(_dependency_checks(rt), rt.settings.readiness_check_timeout_s)
+    deps["claim"] = rt.claim.held
     ready = all(serving.values())
     status = "not_ready" if not ready else "ready" if all(deps.values()) else "degraded"
     return JSONResponse(
         {"status": status, "pod": rt.settings.pod_name, "checks": {**serving, **deps}},
         status_code=200 if ready else 503,
     )
+
+
+def _dependency_checks(rt: Runtime) -> dict[str, DependencyCheck]:
+    if not rt.dependency_checks:
+
+        async def nats() -> bool:
+            return rt.buffer is not None and await rt.buffer.ping()
+
+        rt.dependency_checks["postgres"] = DependencyCheck("postgres", rt.db.ping)
+        rt.dependency_checks["nats"] = DependencyCheck("nats", nats)
+    return rt.dependency_checks
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -74,17 +85,26 @@ class _QuietServer(uvicorn.Server):
 
 
 def metrics_server(rt: Runtime) -> uvicorn.Server:
-    """GET /metrics alone on THREADGATE_METRICS_PORT: scraped in-cluster, never public."""
+    """GET /metrics on THREADGATE_METRICS_PORT (scraped in-cluster, never public), and the
+    probes: a pod's supervisor (app/pod.py) asks each of its processes there."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     async def scrape() -> Response:
         return await _render(rt)
 
+    async def alive() -> JSONResponse:
+        return await healthz(rt)
+
+    async def ready() -> JSONResponse:
+        return await readyz(rt)
+
     app.add_api_route("/metrics", scrape, methods=["GET"])
+    app.add_api_route("/healthz", alive, methods=["GET"])
+    app.add_api_route("/readyz", ready, methods=["GET"])
 
     config = uvicorn.Config(
         app,
-        host=rt.settings.host,
+        host=rt.settings.metrics_host or rt.settings.host,
         port=rt.settings.metrics_port,
         lifespan="off",
         log_config=None,

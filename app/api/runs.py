@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
+from .. import tracing
 from ..errors import InvalidCursor, InvalidRequest, RunNotFound, ThreadNotFound
 from ..ids import check_run_id
 from ..sources import check_options
@@ -30,6 +31,7 @@ from .pages import (
     run_cursor,
     runs_page,
 )
+from .responses import SafeJSONResponse
 from .schemas import (
     MessageList,
     RunAccepted,
@@ -70,6 +72,8 @@ async def create_run(
     rt: RuntimeDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
+    # W3C trace context of a client that traces (app/tracing.py): the run's trace continues it.
+    traceparent: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> RunAccepted:
     """Accept a message and reply to it as a durable run; attach to watch the reply stream."""
     if len(body.input) > rt.settings.max_input_chars:
@@ -83,12 +87,13 @@ async def create_run(
     if idempotency_key is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
     check_options(rt.source, body.model_options)  # each source checks its own options
-    run, created = await runner.submit(
-        thread_id,
-        RunRequest(body.input, body.multitask_strategy, body.model_options, body.timeout_s),
-        idempotency_key=idempotency_key,
-        owner=None if principal.anonymous else principal.name,
-    )
+    with tracing.accepting(thread_id, {"traceparent": traceparent} if traceparent else {}):
+        run, created = await runner.submit(
+            thread_id,
+            RunRequest(body.input, body.multitask_strategy, body.model_options, body.timeout_s),
+            idempotency_key=idempotency_key,
+            owner=None if principal.anonymous else principal.name,
+        )
     if created:
         rt.metrics.runs_accepted.inc()
     else:
@@ -127,7 +132,9 @@ PageCursor = Annotated[
 
 
 @router.get(
-    "/threads/{thread_id}/runs", response_model=RunList, responses=error_responses(400, 401, 404)
+    "/threads/{thread_id}/runs",
+    response_model=RunList,
+    responses=error_responses(400, 401, 404),
 )
 async def list_runs(
     principal: PrincipalDep,
@@ -162,6 +169,7 @@ async def list_runs(
 @router.post(
     "/threads/{thread_id}/runs/{run_id}/cancel",
     response_model=RunOut,
+    response_class=SafeJSONResponse,
     responses=error_responses(400, 401, 404, 409, 503),
 )
 async def cancel_run(

@@ -12,6 +12,22 @@ from ..store.runs import Run
 
 Strategy = Literal["enqueue", "reject", "interrupt"]
 
+# Every option of the mock model (app/models/mock.py), as /docs shows it; a unit test keeps
+# this list and the mock's own in step.
+MOCK_OPTION_DOCS = {
+    "chunks": "how many chunks (default THREADGATE_MOCK_CHUNKS, 20; at most 100000)",
+    "delay_ms": "milliseconds before each chunk (default THREADGATE_MOCK_DELAY_MS, 50; 0-60000)",
+    "fail": '"transient" (retried) or "permanent" (the run ends `error`) at chunk `fail_at`',
+    "fail_at": "the chunk index where `fail` strikes (default 0)",
+    "fail_attempts": "`fail` strikes on the first n attempts only (default: every attempt)",
+    "vary": "true: chunk i of attempt a reads `chunk-{i}.{a} `, so any mix of attempts shows",
+    "data_every": "every n-th part is a data event `tick` {i, attempt}",
+    "refuse_continue": "true: after a crash the reply is regenerated (a `reset`), not continued",
+}
+MOCK_OPTIONS_DOC = "The mock model (THREADGATE_MODEL=mock, the default) takes: " + "; ".join(
+    f"`{name}`: {text}" for name, text in MOCK_OPTION_DOCS.items()
+)
+
 
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -24,7 +40,9 @@ class RunCreate(BaseModel):
     )
     model_options: dict[str, Any] = Field(
         default_factory=dict,
-        description='Provider options; the mock takes "chunks", "delay_ms", "fail"',
+        description="Options of the reply source, checked by it (400 for an unknown key or a"
+        " bad value). " + MOCK_OPTIONS_DOC,
+        examples=[{"chunks": 200, "delay_ms": 50, "vary": True}],
     )
     timeout_s: float | None = Field(
         default=None,
@@ -90,8 +108,12 @@ class RunAccepted(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="Stable: invalid_request, thread_busy, run_not_found, ...")
+    message: str = Field(description="For people; a 400 names each field and rule")
+    details: dict[str, Any] | None = Field(
+        default=None,
+        description="More, by error: a 400's `problems`, each {loc, field, rule, msg, limits?}",
+    )
 
 
 class RunOut(BaseModel):

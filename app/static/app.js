@@ -11,7 +11,8 @@
 // Demo and testing: `chunks`, `delay_ms`, `fail`, `fail_at`, `fail_attempts`, `vary`,
 // `data_every` and `refuse_continue` in the page's query string are sent as `model_options`
 // with every message (the mock model honours them), e.g. /?chunks=40&delay_ms=50&vary=1;
-// `thread` opens that thread.
+// `thread` opens that thread; a thread with no run yet is followed from its first run on,
+// whoever posts it.
 import {
   attach,
   cancel as cancelRun,
@@ -55,6 +56,7 @@ const state = {
   thread: null,
   older: null, // the cursor of the history's next (older) page; null: all of it is shown
   follow: null, // AbortController of the current attach
+  waiting: false, // that attach waits for the thread's first run (sending stays possible)
   reply: null, // the client's state of the reply being followed
 };
 
@@ -296,16 +298,28 @@ function startReply(runId) {
 function stopFollowing() {
   if (state.follow) state.follow.abort();
   state.follow = null;
+  state.waiting = false;
   setConn("idle");
 }
 
 // Follow the thread's latest run to its `done` (threadgate-client does the reconnecting).
-async function follow() {
+// `first`: the thread has no run yet; wait for its first one, whoever posts it (another tab,
+// the CLI, `threadgate dev demo`), and show it live.
+async function follow({ first = false } = {}) {
   stopFollowing();
   const ctrl = new AbortController();
   state.follow = ctrl;
+  state.waiting = first;
   const thread = state.thread;
   const mine = () => state.follow === ctrl;
+  const seen = (s) => {
+    if (!state.waiting || !mine() || !s.runId) return;
+    state.waiting = false; // a run began: its user message is stored, show it above the reply
+    startReply(s.runId);
+    loadMessages(BASE, thread, { token: token() || undefined })
+      .then((history) => mine() && mergeHistory(history.messages))
+      .catch(() => {});
+  };
   // The client gives a run's parts from its first one: a bubble this stream has not drawn
   // yet starts empty (whatever it showed came from an earlier stream or the history).
   const drawn = new Set();
@@ -324,17 +338,20 @@ async function follow() {
       onReset: (s) => mine() && clearParts(li(s)),
       onText: (text, s) => mine() && appendText(li(s), text),
       onData: (part, s) => mine() && appendData(li(s), part),
-      onUpdate: (s) => mine() && render(s),
+      onUpdate: (s) => mine() && (seen(s), render(s)),
+      wait: first,
       onStatus: (st) => mine() && setConn(st.connection === "closed" ? "idle" : st.connection),
     });
     if (!mine()) return;
     state.follow = null;
+    state.waiting = false;
     setConn("idle");
     if (reply) await finish();
     else setBusy(false);
   } catch (err) {
     if (!mine() || err.name === "AbortError") return;
     state.follow = null;
+    state.waiting = false;
     setConn("idle");
     setBusy(false);
     showError(err);
@@ -411,6 +428,8 @@ async function openThread(id) {
     } else if (run) {
       const r = { runId: run.run_id, done: true, status: run.status, error: run.error, attempt: run.attempt };
       setRunStatus(run.status, describe(r), run.run_id);
+    } else {
+      follow({ first: true });
     }
   } catch (err) {
     showError(err);
@@ -425,7 +444,7 @@ function newThreadId() {
 async function send(event) {
   event.preventDefault();
   const text = el.input.value;
-  if (!text.trim() || !state.thread || state.follow) return;
+  if (!text.trim() || !state.thread || (state.follow && !state.waiting)) return;
   clearError();
   el.send.disabled = true;
   try {

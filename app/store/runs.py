@@ -12,6 +12,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from .db import Database
+from .replies import StoredPart, merged, pack, restore, storable, unpack
 
 RunStatus = Literal["pending", "running", "success", "error", "cancelled", "interrupted"]
 ACTIVE: tuple[str, ...] = ("pending", "running")
@@ -42,7 +43,6 @@ class Run:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     output: str | None = None
     output_status: str | None = None
-    output_parts: list[dict[str, Any]] | None = None
     version: str | None = None  # the application version its workflow was queued under
     remaining_s: float | None = None  # of its time budget, by the database's clock
 
@@ -86,23 +86,37 @@ class RunStore(Protocol):
 
 
 _RUN_COLUMNS = """
-    r.run_id, r.thread_id, r.seq, r.status, r.attempt, r.executor, r.accepted_by, r.input,
+    r.run_id, r.thread_id, r.seq, r.status, r.attempt, r.executor, r.accepted_by,
+    coalesce(u.content, r.input) AS input, coalesce(u.escaped, false) AS input_escaped,
     r.model_options, r.multitask_strategy, r.idempotency_key, r.request_hash, r.stop_requested,
     r.timeout_s, r.error, r.created_at, r.started_at, r.finished_at, r.replays, r.attempts,
-    m.content AS output, m.status AS output_status, m.parts AS output_parts
+    m.content AS output, m.status AS output_status, coalesce(m.escaped, false) AS output_escaped
 """
 # Appended to a query over runs `r`: the thread's owner must be the reader (%s twice; NULL:
 # anyone may read).
 _READER = """AND (%s::text IS NULL OR EXISTS (
     SELECT 1 FROM threadgate.threads t WHERE t.thread_id = r.thread_id AND t.owner = %s))"""
-_RUN_FROM = """
-    FROM threadgate.runs r
+_REPLY_JOINS = """
     LEFT JOIN threadgate.messages m ON m.run_id = r.run_id AND m.role = 'assistant'
+    LEFT JOIN threadgate.messages u ON u.run_id = r.run_id AND u.role = 'user'
 """
+_RUN_FROM = f"FROM threadgate.runs r {_REPLY_JOINS}"
 
 
 def _run(row: dict[str, Any]) -> Run:
+    row["input"] = restore(row["input"] or "", row.pop("input_escaped"))
+    escaped = row.pop("output_escaped")
+    if row["output"] is not None:
+        row["output"] = restore(row["output"], escaped)
     return Run(**row)
+
+
+def _message(row: dict[str, Any]) -> Message:
+    content = restore(row.pop("content"), row.pop("escaped"))
+    layout, parts = row.pop("layout"), row.pop("parts")
+    if layout is not None:
+        parts = merged(unpack(content, layout))
+    return Message(content=content, parts=parts, **row)
 
 
 def _thread_lock_key(thread_id: str) -> str:
@@ -135,15 +149,27 @@ class PgRunStore:
                 )
 
     @contextlib.asynccontextmanager
-    async def principal_lock(self, conn: AsyncConnection[Any], owner: str) -> AsyncIterator[None]:
-        """Serialize counting and accepting one principal's runs across pods, on the
-        connection of a thread lock (always taken after it: no lock-order cycle)."""
+    async def accepting(self, thread_id: str) -> AsyncIterator[AsyncConnection[Any]]:
+        """One transaction for accepting a run on a thread: the thread's lock first (a
+        transaction lock, so no unlock statement: it goes at commit, or with the session if
+        the process dies), then the caller's reads, the run's insert and its workflow's
+        enqueue row. All of it commits or none of it does: no run without its workflow.
+
+        The lock is its own statement: a read in the same statement would see a snapshot
+        taken before the lock was granted.
+        """
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (_thread_lock_key(thread_id),),
+            )
+            yield conn
+
+    async def principal_lock(self, conn: AsyncConnection[Any], owner: str) -> None:
+        """Serialize counting and accepting one principal's runs across pods until the
+        accept's transaction ends (always taken after the thread's: no lock-order cycle)."""
         key = f"threadgate.principal:{owner}"
-        await conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
-        try:
-            yield
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
 
     async def count_active(
         self, conn: AsyncConnection[Any], *, owner: str | None, accepted_by: str
@@ -163,21 +189,25 @@ class PgRunStore:
         return int(row["owner"]), int(row["pod"])
 
     async def insert_run(self, conn: AsyncConnection[Any], new: NewRun) -> Run:
-        """Record an accepted run and its user message: one statement, so one transaction
-        and one round trip (foreign keys are checked at the statement's end)."""
+        """Record an accepted run and its user message: one statement (foreign keys are
+        checked at the statement's end). Its `created_at` is the clock now, not the
+        transaction's start: the accept's transaction began before the thread's lock was
+        granted, and the thread's runs are created in the order they took it."""
         cur = await conn.execute(
             f"""WITH t AS (
                     INSERT INTO threadgate.threads (thread_id, owner) VALUES (%s, %s)
                     ON CONFLICT (thread_id) DO NOTHING),
                 r AS (
-                    INSERT INTO threadgate.runs (run_id, thread_id, accepted_by, input,
+                    INSERT INTO threadgate.runs (run_id, thread_id, accepted_by,
                         model_options, multitask_strategy, idempotency_key, request_hash,
-                        timeout_s)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *),
+                        timeout_s, created_at)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, clock_timestamp())
+                    RETURNING *),
                 u AS (
-                    INSERT INTO threadgate.messages (run_id, role, thread_id, content)
-                    SELECT run_id, 'user', thread_id, input FROM r)
-                SELECT {_RUN_COLUMNS} FROM r
+                    INSERT INTO threadgate.messages (run_id, role, thread_id, content, escaped)
+                    SELECT run_id, 'user', thread_id, %s, %s FROM r
+                    RETURNING content, escaped)
+                SELECT {_RUN_COLUMNS} FROM r CROSS JOIN u
                 LEFT JOIN threadgate.messages m ON false""",
             (
                 new.thread_id,
@@ -185,12 +215,12 @@ class PgRunStore:
                 new.run_id,
                 new.thread_id,
                 new.accepted_by,
-                new.input,
                 Jsonb(new.model_options),
                 new.multitask_strategy,
                 new.idempotency_key,
                 new.request_hash,
                 new.timeout_s,
+                *storable(new.input),
             ),
         )
         row = await cur.fetchone()
@@ -286,25 +316,28 @@ class PgRunStore:
         (None: anyone) may see the thread."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                f"""SELECT m.run_id, m.role, m.content, m.status, m.created_at, m.parts
+                f"""SELECT m.run_id, m.role, m.content, m.escaped, m.layout, m.status,
+                          m.created_at, m.parts
                    FROM threadgate.messages m JOIN threadgate.runs r ON r.run_id = m.run_id
                    WHERE m.thread_id = %s {_READER}
+                     AND (m.role = 'user' OR r.status = ANY(%s))
                    ORDER BY r.seq, CASE m.role WHEN 'user' THEN 0 ELSE 1 END""",
-                (thread_id, reader, reader),
+                (thread_id, reader, reader, list(TERMINAL)),
             )
-            return [Message(**row) for row in await cur.fetchall()]
+            return [_message(row) for row in await cur.fetchall()]
 
     async def history(self, thread_id: str, before_seq: int) -> list[Message]:
         """Messages of the runs accepted before `before_seq` that got a reply: a model prompt."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                """SELECT m.run_id, m.role, m.content, m.status, m.created_at
+                """SELECT m.run_id, m.role, m.content, m.escaped, m.layout, m.status,
+                          m.created_at, m.parts
                    FROM threadgate.messages m JOIN threadgate.runs r ON r.run_id = m.run_id
                    WHERE m.thread_id = %s AND r.seq < %s AND r.status = 'success'
                    ORDER BY r.seq, CASE m.role WHEN 'user' THEN 0 ELSE 1 END""",
                 (thread_id, before_seq),
             )
-            return [Message(**row) for row in await cur.fetchall()]
+            return [_message(row) for row in await cur.fetchall()]
 
     async def begin_attempt(
         self, run_id: str, executor: str, *, kind: str, timeout_s: float
@@ -326,20 +359,22 @@ class PgRunStore:
                             replays = replays + CASE WHEN %(first)s::boolean AND attempt > 0
                                                      AND NOT handoff THEN 1 ELSE 0 END,
                             handoff = false,
-                            attempts = attempts || jsonb_build_object(
+                            attempts = attempts || (jsonb_build_object(
                                 'attempt', attempt + 1, 'executor', %(executor)s::text,
                                 'kind', CASE WHEN NOT %(first)s::boolean THEN 'retry'
                                              WHEN attempt = 0 THEN 'first'
                                              ELSE 'replay' END)
+                                -- a run's first attempt has nothing to keep: it begins the
+                                -- reply (later attempts record it: record_kept)
+                                || CASE WHEN attempt = 0 THEN jsonb_build_object('kept', 0)
+                                        ELSE jsonb_build_object() END)
                         WHERE run_id = %(run_id)s RETURNING *)
                     SELECT {_RUN_COLUMNS},
                            extract(epoch FROM r.started_at
                                + make_interval(secs => least(coalesce(r.timeout_s, %(timeout)s),
                                                              %(timeout)s))
                                - now())::float8 AS remaining_s
-                    FROM r
-                    LEFT JOIN threadgate.messages m
-                      ON m.run_id = r.run_id AND m.role = 'assistant'""",
+                    FROM r {_REPLY_JOINS}""",
                 {
                     "executor": executor,
                     "first": kind == "first",
@@ -350,78 +385,156 @@ class PgRunStore:
             row = await cur.fetchone()
             return _run(row) if row else None
 
-    async def record_resume(self, run_id: str, attempt: int, resume_from: int) -> None:
-        """Note in the run's attempt list that `attempt` continued after `resume_from` parts."""
+    async def record_kept(self, run_id: str, attempt: int, kept: int) -> None:
+        """Note, before the attempt publishes anything, how many of the reply's parts it keeps
+        (0: it regenerates the reply): the lineage that decides, on any pod and after the run
+        ended, whether a client's parts are still a prefix of the reply (streams/relay.py).
+        `resume_from` is kept beside it for people (an attempt that continued)."""
         async with self.db.pool.connection() as conn:
             await conn.execute(
                 """UPDATE threadgate.runs
                    SET attempts = (SELECT coalesce(jsonb_agg(CASE WHEN (a->>'attempt')::int = %s
-                                          THEN a || jsonb_build_object('resume_from', %s::int)
+                                          THEN (a - 'resume_from')
+                                               || jsonb_build_object('kept', %s::int)
+                                               || CASE WHEN %s::int > 0
+                                                  THEN jsonb_build_object('resume_from', %s::int)
+                                                  ELSE '{}'::jsonb END
                                           ELSE a END ORDER BY n), '[]'::jsonb)
                                    FROM jsonb_array_elements(attempts) WITH ORDINALITY x(a, n))
                    WHERE run_id = %s""",
-                (attempt, resume_from, run_id),
+                (attempt, kept, kept, kept, run_id),
             )
 
-    async def run_state(self, run_id: str, timeout_s: float) -> tuple[str | None, int, float]:
-        """What an executing attempt polls: (stop requested, newest attempt, seconds left)."""
+    async def runs_state(self, run_ids: list[str]) -> dict[str, tuple[str | None, int]]:
+        """What a process polls for the runs it executes: {run: (stop requested, newest
+        attempt)}, in one query."""
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                """SELECT stop_requested, attempt,
-                          extract(epoch FROM coalesce(started_at, now())
-                              + make_interval(secs => least(coalesce(timeout_s, %(t)s), %(t)s))
-                              - now())::float8 AS remaining_s
-                   FROM threadgate.runs WHERE run_id = %(run_id)s""",
-                {"t": timeout_s, "run_id": run_id},
+                "SELECT run_id, stop_requested, attempt FROM threadgate.runs"
+                " WHERE run_id = ANY(%s)",
+                (run_ids,),
             )
-            row = await cur.fetchone()
-            if row is None:
-                return None, 0, 0.0
-            return row["stop_requested"], row["attempt"], row["remaining_s"]
+            return {r["run_id"]: (r["stop_requested"], r["attempt"]) for r in await cur.fetchall()}
 
     async def hand_off(self, run_ids: list[str], handed: bool = True) -> None:
         """A draining pod leaves these runs to be replayed, or a suspect waits its turn: a
-        crash meanwhile is not theirs (`handed=False`: it is again)."""
+        crash meanwhile is not theirs (`handed=False`: it is again).
+
+        DBOS counts every dispatch of a workflow (`recovery_attempts`) and dead-letters it past
+        its bound: a hand-off takes its dispatch off that count, so that DBOS's bound (a
+        backstop for pods that die before a run begins an attempt, app/workflows/thread_run.py)
+        counts crashes only, as threadgate's own `replays` do (dbos==3.4.0's column)."""
+        step = -1 if handed else 1
         async with self.db.pool.connection() as conn:
             await conn.execute(
-                "UPDATE threadgate.runs SET handoff = %s WHERE run_id = ANY(%s)", (handed, run_ids)
+                """WITH r AS (
+                       UPDATE threadgate.runs SET handoff = %s
+                       WHERE run_id = ANY(%s) AND handoff <> %s RETURNING run_id)
+                   UPDATE dbos.workflow_status w
+                   SET recovery_attempts = greatest(coalesce(w.recovery_attempts, 0) + %s, 0)
+                   FROM r WHERE w.workflow_uuid = r.run_id""",
+                (handed, run_ids, handed, step),
             )
+
+    async def store_reply(
+        self, run_id: str, thread_id: str, attempt: int, parts: list[StoredPart], status: str
+    ) -> bool:
+        """Store the reply an attempt ends with (again if a re-run of the step ends it anew),
+        unless a newer attempt has begun since (a fenced process stores nothing). One
+        statement. Whether it was stored."""
+        text, layout = pack(parts)
+        content, escaped = storable(text)
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """INSERT INTO threadgate.messages
+                       (run_id, role, thread_id, content, escaped, layout, status)
+                   SELECT %s, 'assistant', %s, %s, %s, %s, %s
+                   FROM threadgate.runs WHERE run_id = %s AND attempt = %s
+                   ON CONFLICT (run_id, role) DO UPDATE
+                   SET content = excluded.content, escaped = excluded.escaped,
+                       layout = excluded.layout, status = excluded.status, parts = NULL""",
+                (run_id, thread_id, content, escaped, layout, status, run_id, attempt),
+            )
+            return cur.rowcount == 1
+
+    async def stored_reply(self, run_id: str) -> list[StoredPart] | None:
+        """An ended run's reply by parts (None: no reply was stored)."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT content, escaped, layout, parts FROM threadgate.messages
+                   WHERE run_id = %s AND role = 'assistant'""",
+                (run_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        content = restore(row["content"], row["escaped"])
+        if row["layout"] is None and row["parts"]:  # stored before layouts, with data parts
+            return [
+                p["text"] if p["type"] == "text" else (str(p["name"]), p.get("payload"))
+                for p in row["parts"]
+            ]
+        return unpack(content, row["layout"])
 
     async def finish(
         self,
         run_id: str,
-        thread_id: str,
         status: RunStatus,
         *,
-        reply: str | None,
-        reply_status: str = "complete",
-        parts: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
-    ) -> None:
-        """Store the reply (once: a re-run keeps the first) and the final status, atomically:
-        one statement, one round trip. `parts`: the reply's ordered parts when it has data."""
+    ) -> bool:
+        """The run's final status (its reply, if any, is stored already), in one statement that
+        also says whether a run of the thread waits behind it (pending): the thread's next run
+        to claim as the workflow ends."""
         async with self.db.pool.connection() as conn:
-            await conn.execute(
-                """WITH reply AS (
-                       INSERT INTO threadgate.messages
-                           (run_id, role, thread_id, content, status, parts)
-                       SELECT %s, 'assistant', %s, %s, %s, %s WHERE %s
-                       ON CONFLICT (run_id, role) DO NOTHING)
-                   UPDATE threadgate.runs SET status = %s, error = %s,
-                       finished_at = coalesce(finished_at, now())
-                   WHERE run_id = %s""",
-                (
-                    run_id,
-                    thread_id,
-                    reply,
-                    reply_status,
-                    Jsonb(parts) if parts is not None else None,
-                    reply is not None,
-                    status,
-                    Jsonb(error) if error is not None else None,
-                    run_id,
-                ),
+            cur = await conn.execute(
+                """UPDATE threadgate.runs r SET status = %s, error = %s,
+                       finished_at = coalesce(r.finished_at, now())
+                   WHERE r.run_id = %s
+                   RETURNING EXISTS (
+                       SELECT 1 FROM threadgate.runs n
+                       WHERE n.thread_id = r.thread_id AND n.seq > r.seq
+                         AND n.status = 'pending') AS waits""",
+                (status, Jsonb(error) if error is not None else None, run_id),
             )
+            row = await cur.fetchone()
+            return bool(row and row["waits"])
+
+    async def end_abandoned(
+        self, run_id: str, executor: str, status: RunStatus, error: dict[str, Any] | None
+    ) -> int | None:
+        """Finish a run row whose workflow DBOS ended without us (an operator's cancel, a failed
+        workflow), in one statement: its final status and, while no later run of its thread
+        has begun, one more attempt that keeps nothing — to announce with `done`, so that its
+        clients drop the parts no stored reply has. That attempt, None when there is none to
+        announce (a later run began: nothing may publish for this one now)."""
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(
+                """WITH later AS (
+                       SELECT EXISTS (
+                           SELECT 1 FROM threadgate.runs me JOIN threadgate.runs l
+                             ON l.thread_id = me.thread_id AND l.seq > me.seq
+                           WHERE me.run_id = %(run)s AND l.attempt > 0) AS begun)
+                   UPDATE threadgate.runs r
+                   SET status = %(status)s, error = %(error)s,
+                       finished_at = coalesce(r.finished_at, now()),
+                       attempt = r.attempt + CASE WHEN later.begun THEN 0 ELSE 1 END,
+                       attempts = r.attempts || CASE WHEN later.begun THEN '[]'::jsonb
+                           ELSE jsonb_build_array(jsonb_build_object(
+                               'attempt', r.attempt + 1, 'executor', %(me)s::text,
+                               'kind', 'ended', 'kept', 0)) END
+                   FROM later
+                   WHERE r.run_id = %(run)s AND r.status IN ('pending', 'running')
+                   RETURNING r.attempt, later.begun""",
+                {
+                    "run": run_id,
+                    "status": status,
+                    "error": Jsonb(error) if error is not None else None,
+                    "me": executor,
+                },
+            )
+            row = await cur.fetchone()
+        return None if row is None or row["begun"] else int(row["attempt"])
 
     async def request_stop(
         self, run_id: str, reason: str, *, conn: AsyncConnection[Any] | None = None
@@ -442,8 +555,7 @@ class PgRunStore:
                         finished_at = CASE WHEN attempt = 0 THEN now() ELSE finished_at END
                     WHERE run_id = %s AND status IN ('pending', 'running')
                     RETURNING *)
-                SELECT {_RUN_COLUMNS} FROM r
-                LEFT JOIN threadgate.messages m ON m.run_id = r.run_id AND m.role = 'assistant'""",
+                SELECT {_RUN_COLUMNS} FROM r {_REPLY_JOINS}""",
             (reason, reason, run_id),
         )
         row = await cur.fetchone()

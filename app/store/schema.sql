@@ -63,6 +63,23 @@ CREATE TABLE IF NOT EXISTS threadgate.executors (
     app_version  text NOT NULL,
     last_seen    timestamptz NOT NULL DEFAULT now()
 );
+-- A reply is read back part by part (a client resuming inside an ended run): its layout
+-- (app/store/replies.py); content PostgreSQL cannot hold as it is (NUL) is stored escaped.
+ALTER TABLE threadgate.messages ADD COLUMN IF NOT EXISTS layout text;
+ALTER TABLE threadgate.messages ADD COLUMN IF NOT EXISTS escaped boolean NOT NULL DEFAULT false;
+-- A run's input is stored once, as its user message (runs.input: rows from before).
+ALTER TABLE threadgate.runs ALTER COLUMN input DROP NOT NULL;
+
+-- Retention (app/retention.py) deletes finished runs oldest first.
+CREATE INDEX IF NOT EXISTS runs_finished
+    ON threadgate.runs (finished_at) WHERE status IN ('success', 'error', 'cancelled', 'interrupted');
+
+-- The trace context of a run's POST (app/tracing.py), written only by pods that trace: the pod
+-- that executes the run continues that trace. Goes with the run.
+CREATE TABLE IF NOT EXISTS threadgate.run_traces (
+    run_id       text PRIMARY KEY REFERENCES threadgate.runs (run_id) ON DELETE CASCADE,
+    traceparent  text NOT NULL
+);
 
 -- Quotas per principal (app/store/quotas.py): counters kept up to date as rows are written,
 -- so that a POST reads two rows instead of scanning a principal's runs or messages.
@@ -78,6 +95,7 @@ BEGIN
         INSERT INTO threadgate.usage (owner, threads, stored_bytes)
         SELECT t.owner, count(*),
                coalesce(sum((SELECT sum(octet_length(m.content)
+                                        + coalesce(octet_length(m.layout), 0)
                                         + coalesce(octet_length(m.parts::text), 0))
                              FROM threadgate.messages m WHERE m.thread_id = t.thread_id)), 0)
         FROM threadgate.threads t GROUP BY t.owner;
@@ -90,9 +108,9 @@ CREATE TABLE IF NOT EXISTS threadgate.usage_daily (
     PRIMARY KEY (owner, day)
 );
 
--- A message's bytes (its text and parts, uncompressed: what a client sent and was sent) count
--- while it is stored, whoever writes or deletes it (a reply stored again, retention): the
--- difference of each change goes to the thread owner's counter.
+-- A message's bytes (its text, layout and legacy parts, uncompressed: what a client sent and
+-- was sent) count while it is stored, whoever writes or deletes it (a reply stored again,
+-- retention): the difference of each change goes to the thread owner's counter.
 CREATE OR REPLACE FUNCTION threadgate.count_message_bytes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -101,11 +119,13 @@ DECLARE
     v_thread text;
 BEGIN
     IF TG_OP <> 'DELETE' THEN
-        v_new := octet_length(NEW.content) + coalesce(octet_length(NEW.parts::text), 0);
+        v_new := octet_length(NEW.content) + coalesce(octet_length(NEW.layout), 0)
+                 + coalesce(octet_length(NEW.parts::text), 0);
         v_thread := NEW.thread_id;
     END IF;
     IF TG_OP <> 'INSERT' THEN
-        v_old := octet_length(OLD.content) + coalesce(octet_length(OLD.parts::text), 0);
+        v_old := octet_length(OLD.content) + coalesce(octet_length(OLD.layout), 0)
+                 + coalesce(octet_length(OLD.parts::text), 0);
         v_thread := OLD.thread_id;
     END IF;
     IF v_new <> v_old THEN
@@ -119,7 +139,8 @@ CREATE OR REPLACE TRIGGER messages_bytes AFTER INSERT OR UPDATE OR DELETE ON thr
     FOR EACH ROW EXECUTE FUNCTION threadgate.count_message_bytes();
 
 -- Charge one accepted run to its principal, or name the quota it would exceed (and charge
--- nothing). `p_bytes`: what its input will take (its user message counts once inserted). One call, one transaction: the rows are locked from the check to the update, so
+-- nothing). `p_bytes`: what its input will take (its user message counts once inserted).
+-- One call, one transaction: the rows are locked from the check to the update, so
 -- pods accepting at once cannot overshoot. A quota of 0 is off.
 CREATE OR REPLACE FUNCTION threadgate.charge(
     p_owner text, p_thread text, p_bytes bigint,

@@ -1,31 +1,27 @@
 """A run's events as the Vercel AI SDK UI message stream (`x-vercel-ai-ui-message-stream: v1`).
 
-One `UiMessageStream` per client turns the relay's event batches into `data: {json}` SSE
-frames that the `ai` package's reader (`readUIMessageStream`, `useChat`) validates and folds
-into one assistant UIMessage whose id is the run id:
+One `UiMessageStream` per client turns the relay's batches into `data: {json}` SSE frames that
+the `ai` package's reader (`readUIMessageStream`, `useChat`, `Chat`) folds into one assistant
+UIMessage whose id is the run id. The relay (streams/relay.py, in its mode for readers that
+cannot cut a reply) already sends one coherent sequence, so the encoder only translates:
 
 - the stream opens with `start` (messageId = run id) and `start-step`; a run's attempts all
   live in that one step;
 - `chunk` → `text-delta` of an open text part (`text-start` first); a `data` event ends the
   open text part and becomes a `data-<name>` part (id `d<attempt>.<index>`), so text and data
   keep their order in `message.parts`;
-- `reset` (a regenerating attempt) → `text-end`, then `reset-step`, which makes the reader
-  drop every part of the step — the partial reply — with no error; a transient
-  `data-threadgate-reset` part tells the app it happened (`onData`), and the new attempt's
-  text comes as new text parts. An `error` part was the other choice: it would make `useChat`
-  report a failure for a run that then succeeds;
-- `run_started` with `resume_from: k` (a continued attempt) → nothing to reconcile: the deltas
-  just continue. Only if this client holds parts from index k on (written by an attempt that
-  did not survive) are they cut: `reset-step`, then the kept parts 0..k-1 again;
-- `stalled` → a transient `data-threadgate-stalled` part `{executor, message}`; every
-  `run_started` sends a transient `data-threadgate-attempt` part, which clears it;
+- `reset` (the reply starts over) → `text-end`, then `reset-step`, which makes the reader
+  drop every part of the step with no error; a transient `data-threadgate-reset` part tells
+  the app it happened (`onData`), and the reply's parts follow again from the first;
+- `run_started` → a transient `data-threadgate-attempt` part `{attempt, resume_from?}`;
+  `stalled` → a transient `data-threadgate-stalled` part `{executor, message}`;
 - `done` → `text-end`, `error` (errorText, status `error` only), `finish-step`, `finish`
   (finishReason `stop` | `error` | `other`, messageMetadata `{"threadgate": {...}}`), and the
   route ends the body with `data: [DONE]`.
 
-Part ids depend only on the events (`t<attempt>.<first index>`), never on what this client was
-sent before: a client that reconnects with Last-Event-ID gets a fresh encoder that replays the
-run silently up to that id and continues with ids the reader already knows.
+The id on a batch's last frame is the client's place (streams/position.py) with the encoder's
+own state in it (the open text part), so a reader that reconnects with Last-Event-ID on any
+pod continues the same text part. The encoder holds no parts: its memory is a few fields.
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ import json
 from typing import Any
 
 from .events import KEEPALIVE, Event
+from .position import Position
 
 HEADERS = {
     "x-vercel-ai-ui-message-stream": "v1",
@@ -53,75 +50,67 @@ def _frame(chunk: dict[str, Any]) -> bytes:
 
 
 class UiMessageStream:
-    """One client's encoder. `after`: the Last-Event-ID the client resumes after (events up to
-    it were sent before: they are folded into the state, not sent again)."""
+    """One client's encoder. `pos` is the relay's place for this client: a fresh stream's, or
+    a resumed one's (its `text` says which text part the reader has open)."""
 
-    def __init__(self, thread_id: str, run_id: str, *, after: int | None = None) -> None:
+    def __init__(self, thread_id: str, run_id: str, pos: Position) -> None:
         self.thread_id = thread_id
         self.run_id = run_id
-        self.after = after or 0
-        self.attempt = 0
-        self.parts: dict[int, Event] = {}  # held parts (chunk and data events) by index
-        self.text_id: str | None = None  # the open text part
-        self.opened = False
+        self.pos = pos
+        resumed = pos.parts > 0 or pos.attempt > 0
+        self.opened = resumed  # the reader has `start` and `start-step` already
+        self.restart = resumed and pos.text is None  # a place with no encoder state in it
+        self.text_id: str | None = pos.text or None
+        self.attempt = pos.attempt
         self.finished = False
-        self.anchored = False  # an event of the stream (seq > 0) was seen
-        self._out: list[dict[str, Any]] = []
-
-    # ---- the wire -------------------------------------------------------------------------
+        self._out: list[bytes] = []
 
     def encode(self, batch: list[Event]) -> bytes:
         """The frames for one relay batch (empty batch: a keepalive comment)."""
         if not batch:
             return KEEPALIVE
-        frames: list[bytes] = []
         if not self.opened:
             self.opened = True
             self._emit({"type": "start", "messageId": self.run_id, "messageMetadata": self._meta()})
             self._emit({"type": "start-step"})
-            self._flush(frames, silent=self.after > 0)
-        last_seq = 0
-        for i, ev in enumerate(batch):
-            if ev.seq:
-                self.anchored = True
-            elif self.after and not self.anchored and ev.type != "reset":
-                # Rebuilt from the store (the run's events left the stream): the log cannot
-                # say what this resumed reader holds, so it starts the step over.
-                self.anchored = True
-                self._end_text()
-                self._emit({"type": "reset-step"})
-                self.parts.clear()
+        for ev in batch:
             self._apply(ev)
-            seq = ev.seq or _next_seq(batch, i)  # a reset is sent with the event it precedes
-            self._flush(frames, silent=0 < seq <= self.after)
-            last_seq = max(last_seq, ev.seq)
-        if frames and last_seq > self.after:
-            # The resume point goes on the batch's last frame: a client that has it has all.
-            frames[-1] = b"id: %d\n" % last_seq + frames[-1]
-        return b"".join(frames)
+        self.pos.text = self.text_id or ""
+        if not self._out:
+            return b""
+        self._out[-1] = b"id: %s\n" % self.pos.id().encode() + self._out[-1]
+        frames, self._out = b"".join(self._out), []
+        return frames
 
     def _emit(self, chunk: dict[str, Any]) -> None:
-        self._out.append(chunk)
-
-    def _flush(self, frames: list[bytes], *, silent: bool) -> None:
-        if not silent:
-            frames.extend(_frame(c) for c in self._out)
-        self._out.clear()
+        self._out.append(_frame(chunk))
 
     def _meta(self, **more: Any) -> dict[str, Any]:
         return {"threadgate": {"thread_id": self.thread_id, "run_id": self.run_id, **more}}
 
-    # ---- the rules ------------------------------------------------------------------------
-
     def _apply(self, ev: Event) -> None:
-        if self.finished or ev.run_id != self.run_id:
+        if self.finished:
             return
         if ev.type == "run_started":
-            self._started(ev)
+            self.attempt = max(self.attempt, ev.attempt)
+            info: dict[str, Any] = {"attempt": ev.attempt}
+            if ev.resume_from is not None:
+                info["resume_from"] = ev.resume_from
+            self._transient("attempt", info)
         elif ev.type == "reset":
-            self._reset(ev.attempt)
-        elif ev.type in ("chunk", "data"):
-            self._part(ev)
+            self._end_text()
+            self._emit({"type": "reset-step"})
+            self._transient("reset", {"attempt": ev.attempt})
+        elif ev.type == "chunk":
+            if self.text_id is None:
+                self.text_id = f"t{ev.attempt}_{ev.index}"
+                self._emit({"type": "text-start", "id": self.text_id})
+            self._emit({"type": "text-delta", "id": self.text_id, "delta": ev.text or ""})
+        elif ev.type == "data":
+            self._end_text()
+            self._emit(
+                {"type": f"data-{ev.name}", "id": f"d{ev.attempt}.{ev.index}", "data": ev.data}
+            )
         elif ev.type == "stalled":
             executor = ev.executor or "the pod"
             message = f"{executor} went away, resuming…"
@@ -129,62 +118,14 @@ class UiMessageStream:
         elif ev.type == "done":
             self._done(ev)
 
-    def _started(self, ev: Event) -> None:
-        if ev.attempt < self.attempt:
-            return  # a superseded attempt's straggler
-        if ev.resume_from is not None:
-            k = ev.resume_from
-            if any(i >= k and p.attempt < ev.attempt for i, p in self.parts.items()):
-                self._cut(lambda i, p: i < k or p.attempt >= ev.attempt, ev.attempt)
-        elif ev.attempt > self.attempt and self.parts:
-            self._reset(ev.attempt)  # the relay sends `reset` first; this is the fallback
-        self.attempt = max(self.attempt, ev.attempt)
-        info: dict[str, Any] = {"attempt": ev.attempt}
-        if ev.resume_from is not None:
-            info["resume_from"] = ev.resume_from
-        self._transient("attempt", info)
-
-    def _reset(self, attempt: int) -> None:
-        self._end_text()
+    def reset_first(self) -> bytes:
+        """For a reader back with a place that says nothing of its open text part (a native
+        or v2 id): it drops what it holds, and the reply comes again from its first part."""
         self._emit({"type": "reset-step"})
-        self._transient("reset", {"attempt": attempt})
-        self.parts.clear()
-        self.attempt = max(self.attempt, attempt)
-
-    def _cut(self, keep: Any, attempt: int) -> None:
-        """Drop held parts that `keep(index, part)` refuses: the reader can only drop a whole
-        step, so the step is reset and the kept parts are sent again."""
-        kept = {i: p for i, p in sorted(self.parts.items()) if keep(i, p)}
-        self._end_text()
-        self._emit({"type": "reset-step"})
-        self.parts = {}
-        for p in kept.values():
-            self._send_part(p, attempt)
-
-    def _part(self, ev: Event) -> None:
-        assert ev.index is not None
-        if ev.attempt < self.attempt or ev.index in self.parts:
-            return  # a straggler, or a duplicate of a part this client holds
-        if ev.attempt > self.attempt:
-            # Its run_started was not seen: held parts from its index on are superseded.
-            if any(i >= ev.index for i in self.parts):
-                self._cut(lambda i, p: i < (ev.index or 0), ev.attempt)
-            self.attempt = ev.attempt
-        self._send_part(ev, ev.attempt)
-
-    def _send_part(self, ev: Event, attempt: int) -> None:
-        assert ev.index is not None
-        self.parts[ev.index] = ev
-        if ev.type == "chunk":
-            if self.text_id is None:
-                self.text_id = f"t{attempt}.{ev.index}"
-                self._emit({"type": "text-start", "id": self.text_id})
-            self._emit({"type": "text-delta", "id": self.text_id, "delta": ev.text or ""})
-        else:
-            self._end_text()
-            self._emit(
-                {"type": f"data-{ev.name}", "id": f"d{ev.attempt}.{ev.index}", "data": ev.data}
-            )
+        self._transient("reset", {"attempt": self.attempt})
+        self.text_id, self.restart = None, False
+        frames, self._out = b"".join(self._out), []
+        return frames
 
     def _end_text(self) -> None:
         if self.text_id is not None:
@@ -208,10 +149,3 @@ class UiMessageStream:
         reason = FINISH_REASON.get(status, "other")
         self._emit({"type": "finish", "finishReason": reason, "messageMetadata": meta})
         self.finished = True
-
-
-def _next_seq(batch: list[Event], i: int) -> int:
-    for ev in batch[i + 1 :]:
-        if ev.seq:
-            return ev.seq
-    return 0

@@ -68,6 +68,10 @@ async def connect_nats(
         "connect_timeout": 2,
         "allow_reconnect": True,
         "pending_size": 64 * 1024 * 1024,
+        # A server that stops answering (frozen, black-holed) is left after interval x
+        # outstanding pings, not nats-py's default of 120 s x 2.
+        "ping_interval": settings.nats_ping_interval_s,
+        "max_outstanding_pings": settings.nats_max_outstanding_pings,
     }
     if settings.nats_user:
         options["user"] = settings.nats_user
@@ -272,11 +276,20 @@ class JetStreamBuffer:
             raise StreamUnavailable(f"reading {self.subject(thread_id)}: {exc!r}") from exc
 
     def read_after(self, thread_id: str, after_seq: int) -> AsyncGenerator[list[Event], None]:
-        """A thread's events after `after_seq`, in pages (streams/history.py): what a tail
-        dropped from memory, for a client that needs it."""
+        """A thread's events after `after_seq` (0: all), in pages, up to its newest now
+        (streams/history.py): what a tail does not hold, for a client that needs it."""
         from .history import read_after
 
         return read_after(self.js, self.stream, self.subject(thread_id), after_seq)
+
+    async def event_at(self, thread_id: str, seq: int) -> Event | None:
+        """The thread's event at stream sequence `seq`, if the stream still holds it."""
+        from .history import event_at
+
+        return await event_at(self.js, self.stream, self.subject(thread_id), seq)
+
+    async def close_subscription(self, sub: Any) -> None:
+        await close_ordered(self.js, self.stream, sub)
 
     async def ordered_subscribe(
         self, thread_id: str, start_seq: int, cb: Callable[[Any], Awaitable[None]]
@@ -305,6 +318,18 @@ class JetStreamBuffer:
             )
 
         return await with_retry(subscribe, self.settings.nats_outage_limit_s, "subscribe")
+
+
+async def close_ordered(js: JetStreamContext, stream: str, sub: Any) -> None:
+    """Unsubscribe an ordered consumer and delete it on the server at once (left alone, an
+    ephemeral consumer stays until its inactive threshold: a thousand attach-and-hang-ups
+    would leave a thousand consumers heartbeating)."""
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+    name = getattr(sub, "_consumer", None)
+    if name:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, name)
 
 
 def stream_seq(msg: Any) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import weakref
 from collections import deque
@@ -19,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
@@ -71,6 +71,7 @@ class Acks:
         if self.sub is None:
             self.prefix = f"{self.nc.new_inbox()}."
             self.sub = await self.nc.subscribe(f"{self.prefix}>", cb=self._on_ack)
+            direct(self.sub, self._on_ack_now)
 
     def register(self, publisher: JetStreamPublisher) -> int:
         pid = next(self._ids)
@@ -78,23 +79,89 @@ class Acks:
         return pid
 
     async def _on_ack(self, msg: Any) -> None:
+        self._on_ack_now(msg)
+
+    def _on_ack_now(self, msg: Any) -> None:
         pid, _, n = msg.subject[len(self.prefix) :].partition(".")
         publisher = self.publishers.get(int(pid))
         if publisher is not None:
-            await publisher._acked(int(n), _parse_ack(msg))
+            publisher._acked(int(n), _parse_ack(msg))
 
 
 def _parse_ack(msg: Any) -> Ack | Exception:
     if msg.headers and msg.headers.get("Status") == "503":
         return NoStreamResponseError()  # no stream leader: nobody to store it (an election)
     try:
-        body = json.loads(msg.data)
+        body = orjson.loads(msg.data)
         if "error" in body:
             error: Exception = APIError.from_error(body["error"])
             return error
         return Ack(int(body["seq"]), body.get("duplicate") is True)
     except Exception as exc:  # not an ack: treated as a missing one
         return exc
+
+
+def publish_now(nc: NATS, subject: str, reply: str, msg_id: str, payload: bytes) -> bool:
+    """A JetStream publish with its message id, straight into nats-py's outgoing buffer: the
+    HPUB that `Client.publish` writes, without awaiting two coroutines, a future and a queue
+    put per message (nats-py 2.x: `_pending`, `_pending_data_size`, `_flush_queue`, which its
+    flusher task writes out; tests/unit/test_publisher_fast.py checks them). Our subjects and
+    ids hold no whitespace (thread ids are checked, ids are ours). False, and nothing sent,
+    when this cannot be done here (not connected, the buffer full, a payload too large):
+    `Client.publish` then does it, or raises."""
+    c: Any = nc
+    flush = getattr(c, "_flush_queue", None)
+    if flush is None or not nc.is_connected or len(payload) > c._max_payload:
+        return False
+    head = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
+    cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject.encode(),
+        reply.encode(),
+        len(head),
+        len(head) + len(payload),
+        head,
+        payload,
+    )
+    if c._max_pending_size > 0 and c._pending_data_size + len(cmd) > c._max_pending_size:
+        return False
+    c._pending.append(cmd)
+    c._pending_data_size += len(cmd)
+    stats = c.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(payload)
+    if flush.empty():  # as Client._send_publish does: one wake-up of the flusher at a time
+        flush.put_nowait(asyncio.get_running_loop().create_future())
+    return True
+
+
+class _Direct(asyncio.Queue[Any]):
+    """Stands in for a nats-py subscription's pending queue: a message is handled as nats-py
+    hands it over, on its read loop, instead of being queued for the subscription's task (a
+    queue put and get and a task switch per ack; acks were a quarter of a chunk's cost)."""
+
+    def __init__(self, sub: Any, handle: Callable[[Any], None]) -> None:
+        super().__init__()
+        self.sub = sub
+        self.handle = handle
+
+    def put_nowait(self, msg: Any) -> None:
+        self.sub._pending_size -= len(msg.data)  # nats-py counts it in before handing over
+        try:
+            self.handle(msg)
+        except Exception:
+            logger.exception("handling an ack failed")
+
+
+def direct(sub: Any, handle: Callable[[Any], None]) -> bool:
+    """Deliver `sub`'s messages to `handle` from nats-py's read loop (nats-py 2.x keeps a
+    subscription's undelivered messages in `Subscription._pending_queue`, filled by
+    `Client._process_msg` with put_nowait: tests/unit/test_publisher_fast.py checks it). False,
+    and nothing changed, where that is not so: the subscription's callback is used then."""
+    queue = getattr(sub, "_pending_queue", None)
+    if not isinstance(queue, asyncio.Queue) or not hasattr(sub, "_pending_size"):
+        return False
+    sub._pending_queue = _Direct(sub, handle)
+    return True
 
 
 class JetStreamPublisher:
@@ -217,7 +284,10 @@ class JetStreamPublisher:
             and self.nc.is_connected
             and len(self.inflight) < self.settings.publish_window
         ):
-            await self._send_held()
+            try:
+                await self._send_held()
+            except Exception:
+                logger.exception("sending a held chunk failed", extra=self._log())
 
     def _held_too_long(self) -> None:
         self._timer = None
@@ -239,36 +309,36 @@ class JetStreamPublisher:
         self.sent += 1
         slot = _Slot(self.sent, data, msg_id, asyncio.get_running_loop().time())
         self.inflight.append(slot)
+        reply = f"{self.reply_prefix}{slot.n}"
         try:
-            await self.nc.publish(
-                self.subject,
-                data,
-                reply=f"{self.reply_prefix}{slot.n}",
-                headers={"Nats-Msg-Id": msg_id},
-            )
+            if not publish_now(self.nc, self.subject, reply, msg_id, data):
+                await self.nc.publish(
+                    self.subject, data, reply=reply, headers={"Nats-Msg-Id": msg_id}
+                )
         except Exception as exc:
             slot.error = exc  # settled as a missing ack: published again
 
     # -- acks
 
-    async def _acked(self, n: int, result: Ack | Exception) -> None:
-        if not self.inflight:
+    def _acked(self, n: int, result: Ack | Exception) -> None:
+        """An ack (or why there is none), on nats-py's read loop: nothing here may wait."""
+        inflight = self.inflight
+        if not inflight:
             return
-        i = n - self.inflight[0].n
-        if not 0 <= i < len(self.inflight):
+        i = n - inflight[0].n
+        if not 0 <= i < len(inflight):
             return  # already settled (or republished one by one meanwhile)
-        slot = self.inflight[i]
-        if isinstance(result, Ack):
+        slot = inflight[i]
+        if type(result) is Ack:
             slot.ack = result
         else:
-            slot.error = result
-        if self._waiter is not None and n == self._waiting_for and not self._waiter.done():
-            self._waiter.set_result(None)
-        if n == self.sent and self.held is not None:
-            try:
-                await self._send_held_aside()  # the ack it waited for: the held chunk goes
-            except Exception:
-                logger.exception("sending a held chunk failed", extra=self._log())
+            slot.error = result  # type: ignore[assignment]
+        waiter = self._waiter
+        if waiter is not None and n == self._waiting_for and not waiter.done():
+            waiter.set_result(None)
+        if n == self.sent and self.held is not None and (self._late is None or self._late.done()):
+            # The ack it waited for: the held chunk goes (from a task: sending may wait).
+            self._late = asyncio.ensure_future(self._send_held_aside())
 
     def _drain_acked(self) -> None:
         """Settle, without waiting, the oldest messages whose acks came in order."""

@@ -1,11 +1,21 @@
-"""What one attached client receives: its run's events from the shared tail, one coherent reply.
+"""What one client receives: the rest of its run from its place, wherever the parts are held.
 
-The client rules of contract v2 live in `step`, a pure function over a small `Cursor`: a
-continued attempt (`run_started.resume_from: k`) goes on from part k with no `reset` (the
-client keeps its first k parts); an attempt that regenerates the reply gets a `reset` first
-for a client that holds parts. Stragglers of a superseded attempt, duplicates and the far
-side of a gap (a part whose predecessor was never stored) are never sent, so a client never
-holds a part past k when a continued attempt begins.
+A client's place (streams/position.py) says it holds parts 0..n-1 of run R as of attempt a.
+`advance` is the one rule, a pure function of that place and a fold of R (streams/reply.py):
+
+1. If an attempt after a keeps fewer than n parts, the client is told first: a regenerating
+   attempt (or, for a client that cannot cut, any such attempt) gets a `reset` and the reply
+   starts over from part 0; a continuation that keeps k < n gets its `run_started`
+   (`resume_from: k`) and the client keeps parts 0..k-1 (the v2 meaning).
+2. Then R's parts from index n on, in index order, each after the `run_started` of its
+   attempt when that attempt is newer than the client's; never an index twice, never past a
+   part it does not have.
+3. `done` last, once the client holds every part.
+
+`relay` only chooses which fold serves the client: the pod's tail (a cache), else R's events
+read from JetStream, else R's stored reply once R has ended. A source that cannot say what
+part n is — a tail that dropped it, a read that found nothing more, a subject purged by the
+next run — is never taken for the end: the next source is asked, or the relay waits.
 """
 
 from __future__ import annotations
@@ -16,293 +26,289 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from ..errors import StreamUnavailable
 from ..store.runs import TERMINAL, Run
-from .events import Event, chunk, done, reset, run_started, stalled
-from .reply import fold
+from .events import Event, chunk, data, done, part_frame, reset, run_started, sse_frame, stalled
+from .position import Position
+from .reply import Reply
 from .tail import ThreadTail
 
 logger = logging.getLogger(__name__)
 
-RunLookup = Callable[[], Awaitable[Run | None]]
-# One write to a client at most (plus one frame): a slow reader catching up on a long log gets
-# it in pieces as its socket drains, not as one copy of the whole backlog per client.
+# One write to a client at most (plus one frame): a slow reader catching up on a long reply
+# gets it in pieces as its socket drains, not as one copy of the whole backlog per client.
 MAX_WRITE_BYTES = 64 * 1024
+RECHECK_S = 0.5  # first wait before asking the database again about a run no fold serves
 
 
-@dataclass(slots=True)
-class Cursor:
-    """A client's position: the last sequence processed, and the reply it holds.
-
-    `parts`: how many parts of the run the client holds (indexes 0..parts-1). `unsure`: it
-    came back with a Last-Event-ID the log can no longer account for: it may hold anything.
-    `quiet_until`: it came back with a Last-Event-ID the tail no longer holds in memory: the
-    events up to it are read again from JetStream to know what it holds, and not sent.
-    """
-
-    seq: int = 0
-    attempt: int = 0
-    parts: int = 0
-    unsure: bool = False
-    stalled_sent: int = 0  # the attempt whose `stalled` this client got
-    quiet_until: int = 0
-
-
-def step(cursor: Cursor, run_id: str, ev: Event) -> list[Event]:
-    """The events to send for one log event."""
-    cursor.seq = max(cursor.seq, ev.seq)
-    if ev.run_id != run_id:
-        return []  # another run's event
-    if ev.type == "done":
-        return [ev]  # the run's one `done` is final, whichever attempt wrote it
-    if ev.attempt < cursor.attempt:
-        return []  # a straggler of a superseded attempt
+def advance(
+    pos: Position, reply: Reply, *, truncate: bool = True, budget: int = MAX_WRITE_BYTES
+) -> list[Event]:
+    """The events that take a client at `pos` forward in `reply`, which must hold part
+    `pos.parts` if it has it (`reply.first <= pos.parts`). Updates `pos`."""
     out: list[Event] = []
-    if ev.type == "run_started":
-        k = ev.resume_from
-        if k is None:
-            if cursor.parts or cursor.unsure:
-                out.append(reset(run_id, ev.attempt))
-            cursor.parts = 0
+    while (cut := reply.cut(pos.attempt, pos.parts)) is not None:
+        k = cut.resume_from or 0
+        if truncate and k and cut.type == "run_started":
+            pos.attempt, pos.parts, pos.seq = cut.attempt, k, cut.seq
+            out.append(_marker(cut, pos))
         else:
-            # A continued attempt's parts come from a subject that held its first k parts
-            # when the log began (a purge point): a client unsure of what it holds is one
-            # that missed that point, and met a regenerating `run_started` first.
-            cursor.parts = min(cursor.parts, k) if not cursor.unsure else k
-        cursor.attempt, cursor.unsure = ev.attempt, False
-        out.append(ev)
-        return out
-    cursor.attempt = ev.attempt
-    if ev.part:
-        if ev.index != cursor.parts:
-            return []  # a duplicate, or the far side of a gap: the next attempt resends it
-        cursor.parts += 1
-    out.append(ev)
+            base = reply.lineage[0]
+            pos.attempt, pos.parts, pos.seq = base.attempt, 0, base.seq
+            out += [_marker(reset(reply.run_id, base.attempt), pos), _marker(base, pos)]
+    size = 0
+    while reply.first <= pos.parts < reply.total and size < budget:
+        part = reply.part(pos.parts)
+        if part.attempt > pos.attempt:
+            started = reply.started_of(part.attempt)
+            if started is not None and started.attempt > pos.attempt:
+                pos.attempt, pos.seq = part.attempt, started.seq
+                out.append(_marker(started, pos))
+            pos.attempt = part.attempt
+        pos.parts += 1
+        pos.seq = part.seq
+        if part.attempt < pos.attempt:
+            # Told by another source as an earlier attempt's (a stored reply labels its parts
+            # with the final attempt): a client would drop it as a straggler.
+            part = part.with_seq(part.seq)
+            part.attempt = pos.attempt
+            part_frame(part)
+        out.append(part)
+        size += len(part.frame) or 64
+    newest = reply.started
+    if (
+        newest is not None
+        and newest.attempt > pos.attempt
+        and pos.parts == reply.total
+        and pos.parts >= (newest.resume_from or 0)
+    ):
+        pos.attempt, pos.seq = newest.attempt, newest.seq
+        out.append(_marker(newest, pos))
+    if reply.done is not None and pos.parts == reply.total and not pos.done:
+        pos.done, pos.seq = True, reply.done.seq
+        out.append(_marker(reply.done, pos))
     return out
 
 
-def replay_from_store(run: Run) -> list[Event]:
-    """A finished run whose events left the stream (expired or purged): rebuild from the rows."""
-    attempt = max(run.attempt, 1)
-    events = [run_started(run.run_id, attempt)]
-    if run.output is not None:
-        events.append(chunk(run.run_id, attempt, 0, run.output))
-    status = run.status if run.status in TERMINAL else "error"
-    events.append(done(run.run_id, attempt, status, run.error))  # type: ignore[arg-type]
-    return events
+def _marker(ev: Event, pos: Position) -> Event:
+    """An event that is not a part, with this client's place as its id (its own frame)."""
+    copy = ev.with_seq(ev.seq)
+    copy.frame = sse_frame(copy, pos.id())
+    return copy
 
 
-def resumed_cursor(tail: ThreadTail, run_id: str, last_event_id: int) -> Cursor:
-    """The position of a client back with a Last-Event-ID: what it holds is what the log says
-    it was sent, when the log still reaches back that far."""
-    head = tail.head
-    ours = head is not None and head.run_id == run_id
-    if ours and tail.spilled(last_event_id):
-        # The tail dropped that part of the run from memory: from the run's first event in
-        # JetStream, sending nothing up to the client's.
-        assert head is not None
-        return Cursor(seq=head.seq - 1, quiet_until=last_event_id)
-    if tail.missed(last_event_id):
-        return Cursor(seq=last_event_id, unsure=True)
-    if ours and head is not None and tail.trimmed_seq >= head.seq:
-        # The log begins inside the run: from where the reply stood at its beginning.
-        cursor = Cursor(
-            seq=tail.trimmed_seq, attempt=tail.spilled_attempt, parts=tail.spilled_parts
-        )
-        for ev in tail.upto(last_event_id):
-            step(cursor, run_id, ev)
-        cursor.seq = last_event_id
-        return cursor
-    folded = fold(run_id, tail.upto(last_event_id))
-    return Cursor(seq=last_event_id, attempt=folded.attempt, parts=len(folded.parts))
+def frames(batch: list[Event]) -> bytes:
+    """A batch as SSE: markers carry their own frame, parts the pod's shared one."""
+    return b"".join(e.frame or part_frame(e) for e in batch)
 
 
-def finished_in_log(tail: ThreadTail, run_id: str, seq: int) -> bool:
-    """The run's `done` is in the log at or before `seq` (a client there has it all)."""
-    return any(e.type == "done" and e.run_id == run_id for e in tail.upto(seq))
+@dataclass(slots=True)
+class Sources:
+    """Where a run's parts are held: the pod's tail, JetStream, the database."""
+
+    tail: ThreadTail
+    lookup: Callable[[], Awaitable[Run | None]]  # the run's row now
+    stored: Callable[[Run], Awaitable[Reply]]  # the fold of an ended run's stored reply
+    read_after: Callable[[int], AsyncGenerator[list[Event], None]] | None = None
+    event_at: Callable[[int], Awaitable[Event | None]] | None = None
 
 
 async def relay(
-    tail: ThreadTail,
-    run_id: str,
-    lookup: RunLookup,
+    pos: Position,
+    run: Run,
+    src: Sources,
     *,
-    last_event_id: int | None,
     keepalive_s: float,
-    recheck_s: float = 0.5,
+    truncate: bool = True,
 ) -> AsyncIterator[list[Event]]:
-    """Replay the run from the tail's log, follow it live, end after its `done`.
-
-    Yields batches of events to send (an empty batch: send a keepalive); the caller encodes
-    them (SSE frames, or another wire format).
-    """
+    """Batches of events that take the client from `pos` to its run's `done` (an empty batch:
+    time for a keepalive). `pos` is kept up to date: after each batch it is the client's."""
     loop = asyncio.get_running_loop()
-    if last_event_id:
-        # This pod's log may not hold what the client already has yet: a tail just started, or
-        # one a few events behind the pod the client came from (each pod gets the events on
-        # its own). Read from it now, the client would look as if it held fewer parts, and
-        # every later part would be dropped as the far side of a gap (seen: a client back on
-        # another pod got only `done`; in the nemesis, a reply short of its last two parts).
-        # Wait until the log reaches the client's event, keepalives meanwhile.
-        reached = await _reached(tail, last_event_id)
-        while not reached():
-            seen = tail.last_seq
-            await tail.wait(seen, keepalive_s)
-            if tail.last_seq == seen and not reached():
-                yield []
-        cursor = resumed_cursor(tail, run_id, last_event_id)
-    else:
-        cursor = Cursor(seq=tail.start_of(run_id))
+    tail = src.tail
     last_write = loop.time()
-    next_check, check_every = loop.time() + recheck_s, recheck_s
-    while True:
-        if tail.spilled(cursor.seq):
-            # The tail dropped these events from memory (a huge reply): read from JetStream.
-            finished = False
-            try:
-                async with contextlib.aclosing(_backfill(tail, run_id, cursor)) as batches:
-                    async for spilled in batches:
-                        yield spilled
-                        last_write = loop.time()
-                        if any(e.type == "done" and e.run_id == run_id for e in spilled):
-                            finished = True
-                            break
-            except Exception as exc:  # NATS away: as for a log that lost them (below)
-                logger.warning("reading a reply's start from JetStream failed: %r", exc)
-                cursor = Cursor(seq=tail.trimmed_seq, attempt=cursor.attempt, unsure=True)
-            if finished:
-                return
-            continue  # the tail may have dropped more meanwhile
-        if tail.missed(cursor.seq):
-            # Slowed by its socket, the client fell behind what the log holds: the run's end
-            # is in the database once it has one (the next run purged the subject).
-            run = await lookup()
-            if run is not None and run.status in TERMINAL and not _done_in_log(tail, run_id):
-                yield _stored_ending(cursor, run)
-                return
-            cursor = Cursor(seq=tail.trimmed_seq, attempt=cursor.attempt, unsure=True)
-        batch: list[Event] = []
-        size = 0
-        finished = more = False
-        seen = tail.last_seq  # anything taken after this wakes the wait below at once
-        for ev in tail.after(cursor.seq):
-            for e in step(cursor, run_id, ev):
-                batch.append(e)
-                size += len(e.frame) or 64
-                finished = e.type == "done"
-            if finished:
-                break
-            if size >= MAX_WRITE_BYTES:
-                more = True
-                break
-        if not finished and tail.stalled is not None:
-            stalled_run, stalled_attempt, executor = tail.stalled
-            if stalled_run == run_id and cursor.stalled_sent < stalled_attempt:
-                cursor.stalled_sent = stalled_attempt
-                batch.append(stalled(run_id, stalled_attempt, executor))
-        if batch:
-            yield batch
-            last_write = loop.time()
-        if finished:
-            return
-        if more:
-            continue  # the rest is already in the log: no waiting
-        now = loop.time()
-        shown = cursor.parts > 0 or cursor.attempt > 0
-        head = tail.head
-        # The thread moved on to a later run while this one's `done` never reached the log
-        # (a resubscription after NATS came back started past the purge that removed it).
-        moved_on = head is not None and head.run_id != run_id and cursor.seq >= head.seq
-        if (not shown or moved_on) and tail.caught_up.is_set() and now >= next_check:
-            # Nothing (more) of the run is in the stream: if it has ended, its end is stored.
-            run = await lookup()
-            if run is not None and run.status in TERMINAL and not _done_in_log(tail, run_id):
-                yield _stored_ending(cursor, run)
-                return
+    check_at, check_every = loop.time() + RECHECK_S, RECHECK_S  # the next look at the row
+    stream_at, stream_every = 0.0, RECHECK_S  # the next read from JetStream allowed
+    stored: Reply | None = None
+    ended_seen = False
+    stalled_sent = 0
+    while not pos.done:
+        seen = tail.last_seq
+        view = tail.view(pos.run_id)
+        ended = run.status in TERMINAL or tail.later_than(run.seq) or pos.run_id in tail.ended
+        if view is not None and view.complete and view.first <= pos.parts:
+            batch = advance(pos, view, truncate=truncate)
+            stall = tail.stalled
+            if (
+                stall is not None
+                and stall[0] == pos.run_id
+                and stall[1] > stalled_sent
+                and tail.current is view
+                and not pos.done
+            ):
+                stalled_sent = stall[1]
+                batch.append(_marker(stalled(*stall), pos))
+            if batch:
+                yield batch
+                last_write = loop.time()
+                continue
+            if not ended:
+                # Live and caught up: what comes next reaches the tail. A run ended with no
+                # `done` reaching this tail (published before it subscribed again) is found
+                # by a look at its row once the tail has been silent for a while.
+                if loop.time() >= check_at and loop.time() - tail.last_event_at >= keepalive_s:
+                    run = await _look(src, run)
+                    check_at = loop.time() + keepalive_s
+                    if run.status in TERMINAL:
+                        continue
+                await tail.wait(seen, max(last_write + keepalive_s - loop.time(), 0.001))
+                if loop.time() >= last_write + keepalive_s:
+                    yield []
+                    last_write = loop.time()
+                continue
+        if not ended and view is not None and view.complete and loop.time() >= stream_at:
+            # The tail dropped the parts this client needs (a long reply): JetStream has them.
+            sent = False
+            async for batch in _from_stream(pos, src, truncate):
+                yield batch
+                sent = True
+                last_write = loop.time()
+            if sent:
+                stream_every = RECHECK_S
+                continue
+            stream_at, stream_every = loop.time() + stream_every, min(2 * stream_every, keepalive_s)
+        if ended and not ended_seen:
+            ended_seen, check_at = True, loop.time()  # look for its end now, then back off
+        if loop.time() >= check_at:
+            run = await _look(src, run)
+            if run.status in TERMINAL:
+                stored = stored or await _stored(src, run)
+            if stored is not None:
+                batch = advance(pos, stored, truncate=truncate)
+                if batch:
+                    yield batch
+                    last_write = loop.time()
+                    continue
             check_every = min(check_every * 2, keepalive_s)
-            next_check = loop.time() + check_every
-        if now >= last_write + keepalive_s:
+            check_at = loop.time() + check_every
+        if loop.time() >= last_write + keepalive_s:
             yield []
-            last_write = now
-        deadline = last_write + keepalive_s
-        if not shown or moved_on:
-            deadline = min(deadline, next_check)
+            last_write = loop.time()
+        deadline = min(last_write + keepalive_s, check_at, max(stream_at, loop.time()))
         await tail.wait(seen, max(deadline - loop.time(), 0.001))
 
 
-async def _reached(tail: ThreadTail, last_event_id: int) -> Callable[[], bool]:
-    """When the log holds everything a client back at `last_event_id` was sent: the subject's
-    newest event bounds it (an id of an event purged since is never reached). Without an
-    answer from JetStream (away), a tail that caught up with the subject is taken at its word.
-    """
-    if tail.last_seq >= last_event_id:
-        return lambda: True
-    if tail.subject_last is not None:
-        try:
-            target = min(last_event_id, await tail.subject_last())
-        except Exception as exc:
-            logger.warning("cannot read the subject's newest sequence: %r", exc)
-        else:
-            return lambda: tail.last_seq >= target
-    return lambda: tail.caught_up.is_set() or tail.last_seq >= last_event_id
+async def _look(src: Sources, run: Run) -> Run:
+    """The run's row now; with the database away, the one known (the client waits, with
+    keepalives: an outage is never the end of a stream)."""
+    try:
+        return await src.lookup() or run
+    except Exception as exc:
+        logger.debug("reading a run's row failed: %r", exc)
+        return run
 
 
-async def _backfill(
-    tail: ThreadTail, run_id: str, cursor: Cursor
+async def _stored(src: Sources, run: Run) -> Reply | None:
+    try:
+        return await src.stored(run)
+    except Exception as exc:
+        logger.debug("reading a stored reply failed: %r", exc)
+        return None
+
+
+async def _from_stream(
+    pos: Position, src: Sources, truncate: bool
 ) -> AsyncGenerator[list[Event], None]:
-    """The client's events that left the tail's memory, read from JetStream, stepped like the
-    log's, in batches of about MAX_WRITE_BYTES. The cursor ends where the log took over when
-    the reading stopped (the relay reads again if the tail dropped more meanwhile), or at the
-    run's `done`."""
-    assert tail.history is not None
-    head = tail.head
-    first = head is not None and cursor.seq == head.seq - 1  # the run's first event comes next
-    reached = 0  # every event of the subject up to here was read (or is lost)
-    batch: list[Event] = []
-    size = 0
-    async with contextlib.aclosing(tail.history(cursor.seq)) as pages:
+    """The client's parts from JetStream while the tail cannot serve them: read from the hint
+    when the subject still holds the client's event there, else from the subject's first
+    event. Stops at `done`, when the tail can serve again, when the subject has nothing more
+    now, or when it does not hold the run's reply (purged by the next run, expired)."""
+    assert src.read_after is not None
+    after, fold = 0, Reply(pos.run_id)
+    if pos.seq and pos.parts and src.event_at is not None:
+        with contextlib.suppress(Exception):
+            held = await src.event_at(pos.seq)
+            if held is not None and held.run_id == pos.run_id:
+                after, fold = pos.seq, Reply.resumed(pos.run_id, pos.attempt, pos.parts, pos.seq)
+    try:
+        async with contextlib.aclosing(src.read_after(after)) as pages:
+            async for page in pages:
+                for ev in page:
+                    if ev.run_id == pos.run_id:
+                        fold.apply(ev)
+                    elif ev.type == "run_started" and fold.lineage:
+                        return  # a later run began: the rest of this one was purged
+                if fold.lineage and not fold.complete:
+                    return  # the run's reply does not begin in the subject (expired)
+                while batch := advance(pos, fold, truncate=truncate):
+                    yield batch
+                    if pos.done:
+                        return
+                fold.forget(pos.parts)  # what the client holds is not kept
+                if fold.first > pos.parts:
+                    return
+                live = src.tail.view(pos.run_id)
+                if live is not None and live.complete and live.first <= pos.parts:
+                    return  # the tail holds the rest
+    except StreamUnavailable as exc:
+        logger.warning("reading a reply from JetStream failed: %s", exc.message)
+    except Exception as exc:  # NATS away: the relay asks again later
+        logger.warning("reading a reply from JetStream failed: %r", exc)
+
+
+def stored_fold(run: Run, parts: list[str | tuple[str, object]] | None) -> Reply:
+    """The fold of an ended run from its row: the lineage its attempts recorded, its stored
+    parts (all of the final attempt), then `done`."""
+    reply = Reply(run.run_id)
+    final = max(run.attempt, 1)
+    lineage: list[Event] = []
+    recorded = any("kept" in entry for entry in run.attempts)
+    for entry in run.attempts:
+        kept = entry.get("kept")
+        if kept is None and not recorded:
+            # Recorded before attempts said what they kept: continued, or taken as
+            # regenerated (a reset at worst, never a wrong reply).
+            kept = entry.get("resume_from", 0)
+        if kept is None:
+            continue  # it died before deciding: it published nothing
+        attempt = int(entry.get("attempt", 0))
+        ev = run_started(run.run_id, attempt, int(kept) or None, entry.get("executor"), run.seq)
+        lineage = [ev] if not kept else [*lineage, ev]
+    reply.lineage = lineage or [run_started(run.run_id, final, None, run.executor, run.seq)]
+    final = reply.lineage[-1].attempt  # later attempts published nothing
+    reply.complete = True
+    for i, p in enumerate(parts or []):
+        if isinstance(p, str):
+            reply.parts.append(chunk(run.run_id, final, i, p))
+        else:
+            name, payload = p
+            reply.parts.append(data(run.run_id, final, i, str(name), payload))
+    status = run.status if run.status in TERMINAL else "error"
+    reply.done = done(run.run_id, max(run.attempt, final), status, run.error)  # type: ignore[arg-type]
+    return reply
+
+
+async def legacy_place(seq: int, src: Sources) -> Position | None:
+    """The place of a client back with a v2 id (the stream sequence of its last event), read
+    from JetStream: the fold of its run's events up to there. None when the stream no longer
+    holds that event or its run's beginning: what the client holds cannot be known."""
+    if src.event_at is None or src.read_after is None:
+        return None
+    held = await src.event_at(seq)
+    if held is None:
+        return None
+    if held.type == "done":
+        return Position(held.run_id, held.attempt, 0, seq, done=True)
+    fold = Reply(held.run_id)
+    async with contextlib.aclosing(src.read_after(0)) as pages:
         async for page in pages:
             for ev in page:
-                if ev.seq <= cursor.seq:
-                    continue
-                if first and head is not None and ev.seq != head.seq:
-                    # The stream lost the run's beginning (its limits): as a log that did.
-                    cursor.unsure = True
-                    reached = tail.trimmed_seq
+                if ev.seq > seq:
                     break
-                first = False
-                if ev.seq > tail.trimmed_seq:
-                    reached = tail.trimmed_seq  # the log holds the rest
-                    break
-                out = step(cursor, run_id, ev)
-                if ev.seq <= cursor.quiet_until:
-                    continue  # the client has it: only what it holds is counted
-                batch += out
-                size += sum(len(e.frame) or 64 for e in out)
-                if any(e.type == "done" for e in out):
-                    yield batch
-                    return
-                if size >= MAX_WRITE_BYTES:
-                    yield batch
-                    batch, size = [], 0
+                fold.apply(ev)
+                fold.forget(fold.total)  # counted, not kept
             else:
-                continue  # the page is used up: the next one
+                continue
             break
-        else:
-            reached = tail.trimmed_seq  # the subject has nothing more now
-    # Set before the last yield: the tail may drop more while the client writes it.
-    cursor.seq = max(cursor.seq, reached)
-    if batch:
-        yield batch
-
-
-def _stored_ending(cursor: Cursor, run: Run) -> list[Event]:
-    """The stored reply in place of events the stream no longer has (a `reset` first for a
-    client that may hold some of them)."""
-    events = replay_from_store(run)
-    if cursor.parts or cursor.unsure:
-        return [reset(run.run_id, events[0].attempt), *events]
-    return events
-
-
-def _done_in_log(tail: ThreadTail, run_id: str) -> bool:
-    return any(ev.type == "done" and ev.run_id == run_id for ev in tail.log)
+    if not fold.complete:
+        return None
+    return Position(held.run_id, fold.attempt, fold.total, seq)

@@ -36,9 +36,9 @@ from ..settings import Settings
 from ..store.db import Database
 from ..store.runs import PgRunStore
 from ..streams.buffer import StreamBuffer
-from ..streams.events import DoneStatus, done
+from ..streams.events import DoneStatus, done, run_started
 from .internals import reenqueue
-from .thread_run import STEP_NAMES, WORKFLOW_NAME
+from .thread_run import RETIRED_STEPS, STEP_NAMES, WORKFLOW_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ ORDER BY w.created_at
 
 # Run rows that wait for a workflow DBOS has already ended.
 UNFINISHED_SQL = """
-SELECT r.run_id, r.thread_id, r.attempt, w.status AS workflow_status
+SELECT r.run_id, r.thread_id, r.attempt, r.seq, w.status AS workflow_status
 FROM threadgate.runs r JOIN dbos.workflow_status w ON w.workflow_uuid = r.run_id
 WHERE r.status IN ('pending', 'running')
   AND w.status IN ('ERROR', 'CANCELLED', 'MAX_RECOVERY_ATTEMPTS_EXCEEDED')
@@ -110,7 +110,10 @@ class StrandedRun:
     @property
     def compatible(self) -> bool:
         """Its recorded steps are a prefix of today's: replaying it under this version is safe."""
-        return self.steps == list(STEP_NAMES[: len(self.steps)])
+        steps = list(self.steps)
+        while steps and steps[-1] in RETIRED_STEPS:  # now code: it runs again, idempotent
+            steps.pop()
+        return steps == list(STEP_NAMES[: len(steps)])
 
 
 class Adoption:
@@ -298,12 +301,15 @@ class Adoption:
                     code, message = ENDED_BY_DBOS[r["workflow_status"]]
                     status: DoneStatus = "cancelled" if code == "cancelled" else "error"
                     error = None if status == "cancelled" else {"code": code, "message": message}
-                    await self.store.finish(
-                        r["run_id"], r["thread_id"], status, reply=None, error=error
+                    attempt = await self.store.end_abandoned(
+                        r["run_id"], self.settings.pod_name, status, error
                     )
-                    if self.buffer is not None:
-                        pub = self.buffer.publisher(r["thread_id"], r["run_id"], r["attempt"])
-                        await pub.publish(done(r["run_id"], r["attempt"], status, error), "done")
+                    if attempt is not None and self.buffer is not None:
+                        run_id, seq = r["run_id"], r["seq"]
+                        pub = self.buffer.publisher(r["thread_id"], run_id, attempt)
+                        me = self.settings.pod_name
+                        await pub.publish(run_started(run_id, attempt, None, me, seq), "start")
+                        await pub.publish(done(run_id, attempt, status, error), "done")
                         await pub.flush()
                     finished.append(r["run_id"])
                     logger.warning(

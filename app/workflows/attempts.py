@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -19,11 +20,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import InvalidDataEvent, ModelError, PermanentModelError, StreamUnavailable
+from .. import tracing
+from ..errors import InvalidDataEvent, ModelError, PermanentModelError
 from ..sources import ContinuationRefused, Data, Part, Prompt, continues, reads_history
 from ..store.runs import Run
 from ..streams.events import Event, chunk, data, run_started
-from ..streams.reply import fold, stored_parts
+from .endings import Held, end, read_prefix
 from .stops import Watch
 from .thread_run import Outcome, RunDeps, error, fault, is_transient, log_fields
 
@@ -34,13 +36,14 @@ SUSPECT_REPLAYS = 1  # a run replayed this many times already replays alone (`_a
 
 
 async def reply(d: RunDeps, thread_id: str, run_id: str) -> Outcome:
-    """Attempts until one ends the run (success, error, a stop, the time budget)."""
+    """Attempts until one ends the run (success, error, a stop, the time budget). However it
+    ends, its reply (the parts its clients hold) is stored before this returns."""
     fault(d, "before_begin", thread_id)
     watch = d.stops.watch(run_id)
     try:
         async with _alone(d, thread_id, run_id, watch) as stopped:
             if stopped:
-                return Outcome(status=watch.reason or "cancelled", attempt=0, text="", error=None)
+                return Outcome(status=watch.reason or "cancelled", attempt=0, error=None)
             return await _attempts(d, thread_id, run_id, watch)
     finally:
         d.stops.forget(run_id)
@@ -57,6 +60,13 @@ async def _alone(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Async
     its turn is marked handed off: a crash meanwhile is not its own. Yields True if the run was
     asked to stop while it waited.
     """
+    from .starts import claimed
+
+    facts = claimed(run_id)  # what this process's claim saw (None: DBOS's worker, recovery)
+    if facts is not None and (facts.attempt == 0 or facts.replays < SUSPECT_REPLAYS):
+        # Exact: the claim made the workflow ours; only an execution of it changes these.
+        yield False
+        return
     try:
         run = await d.store.get_run(thread_id, run_id)
     except Exception as exc:  # the attempts wait out an outage; a suspect then runs beside others
@@ -116,13 +126,13 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
                 extra=log_fields(run_id, thread_id, 0),
             )
             if await d.stops.wait(run_id, delay):
-                return Outcome(status=watch.reason or "cancelled", attempt=0, text="", error=None)
+                return Outcome(status=watch.reason or "cancelled", attempt=0, error=None)
             continue
         replayed = kind == "first" and run is not None and run.attempt > 1
         kind = "retry"
         if run is None:
             logger.error("run row missing", extra=log_fields(run_id, thread_id, 0))
-            return Outcome(status="error", attempt=0, text="", error=error("orphan", "no run row"))
+            return Outcome(status="error", attempt=0, error=error("orphan", "no run row"))
         attempt = run.attempt
         log = log_fields(run_id, thread_id, attempt)
         logger.info(
@@ -132,48 +142,44 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
         )
         if d.metrics is not None:
             d.metrics.attempt(attempt, retry=not replayed and attempt > 1)
+        await tracing.attempt_began(d.store.db, run, replayed)
         if replayed and run.replays > s.max_replays:
             logger.error("run replayed %d times after crashes: ending it", run.replays, extra=log)
-            return Outcome(
-                status="error",
-                attempt=attempt,
-                text="",
-                error=error(
+            return await end(
+                d,
+                run,
+                attempt,
+                None,
+                "error",
+                error(
                     "crashed_repeatedly",
                     f"the run's pod died {run.replays} times while running it",
                 ),
             )
         if run.stop_requested:
-            return Outcome(status=run.stop_requested, attempt=attempt, text="", error=None)
+            return await end(d, run, attempt, None, run.stop_requested, None)
         remaining = run.remaining_s if run.remaining_s is not None else s.run_timeout_s
         if remaining <= 0:
-            return _timed_out(d, run, attempt)
+            return await end(d, run, attempt, None, "error", _timed_out(d, run))
+        held = Held()
         try:
             async with asyncio.timeout(remaining) as budget, _polling(d, run, attempt, watch):
-                return await _stream_attempt(d, run, attempt, may_continue, watch)
+                status = await _stream_attempt(d, run, attempt, may_continue, watch, held)
+            return await end(d, run, attempt, held.parts, status, None)
         except TimeoutError:
             if not budget.expired():
                 raise
             logger.warning("run timed out", extra=log)
-            return _timed_out(d, run, attempt)
-        except ContinuationRefused as exc:
-            logger.warning("source refused to continue, regenerating: %s", exc.message, extra=log)
-            may_continue = False
-            continue
+            return await end(d, run, attempt, held.parts, "error", _timed_out(d, run))
         except ModelError as exc:
             if not exc.transient:
                 logger.warning("model failed permanently: %s", exc.message, extra=log)
-                return Outcome(
-                    status="error", attempt=attempt, text="", error=error(exc.code, exc.message)
-                )
+                return await end(d, run, attempt, held.parts, "error", error(exc.code, exc.message))
             model_retries += 1
             if model_retries > s.max_retries:
                 logger.warning("retries exhausted: %s", exc.message, extra=log)
-                return Outcome(
-                    status="error",
-                    attempt=attempt,
-                    text="",
-                    error=error("retries_exhausted", exc.message),
+                return await end(
+                    d, run, attempt, held.parts, "error", error("retries_exhausted", exc.message)
                 )
             delay = _backoff(d, model_retries)
             cause: Exception = exc
@@ -187,69 +193,44 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
             cause = exc
         logger.warning("attempt failed, next in %.1fs: %r", delay, cause, extra=log)
         if await d.stops.wait(run_id, delay):
-            return Outcome(status=watch.reason or "cancelled", attempt=attempt, text="", error=None)
+            return await end(d, run, attempt, held.parts, watch.reason or "cancelled", None)
 
 
 def _backoff(d: RunDeps, n: int) -> float:
     return float(min(d.settings.retry_base_s * 2 ** min(n - 1, 30), d.settings.retry_cap_s))
 
 
-def _timed_out(d: RunDeps, run: Run, attempt: int) -> Outcome:
+def _timed_out(d: RunDeps, run: Run) -> dict[str, Any]:
     limit = run.timeout_s or d.settings.run_timeout_s
-    return Outcome(
-        status="error",
-        attempt=attempt,
-        text="",
-        error=error("timeout", f"the run exceeded {limit:.0f}s"),
-    )
+    return error("timeout", f"the run exceeded {limit:.0f}s")
 
 
 @contextlib.asynccontextmanager
 async def _polling(d: RunDeps, run: Run, attempt: int, watch: Watch) -> AsyncIterator[None]:
     """Now and then read the run's row: a stop whose control message was missed, or a newer
     attempt begun by another process (after a database outage a survivor may have adopted
-    this pod's runs): then this execution stops at once, recording nothing."""
+    this pod's runs): then this execution stops at once, recording nothing. One read per
+    process for all its runs (stops.StopPoller)."""
     task = asyncio.current_task()
-    s = d.settings
 
-    async def poll() -> None:
-        while True:
-            await asyncio.sleep(s.stop_poll_s)
-            try:
-                reason, newest, _ = await d.store.run_state(run.run_id, s.run_timeout_s)
-            except Exception:
-                continue  # the database is away: the attempt goes on, the next poll retries
-            if newest > attempt:
-                logger.error(
-                    "attempt %d began elsewhere: this execution stops",
-                    newest,
-                    extra=log_fields(run.run_id, run.thread_id, attempt),
-                )
-                watch.superseded = True
-                if task is not None:
-                    task.cancel()
-                return
-            if reason:
-                d.stops.request(run.run_id, reason)
+    def heard(reason: str | None, newest: int) -> bool:
+        if newest > attempt:
+            logger.error(
+                "attempt %d began elsewhere: this execution stops",
+                newest,
+                extra=log_fields(run.run_id, run.thread_id, attempt),
+            )
+            watch.superseded = True
+            if task is not None:
+                task.cancel()
+            return False
+        if reason:
+            d.stops.request(run.run_id, reason)
+        return True
 
-    poller = asyncio.create_task(poll())
-    try:
+    poller = d.stops.polling(d.store.runs_state, d.settings.stop_poll_s)
+    with poller.polled(run.run_id, heard):
         yield
-    finally:
-        poller.cancel()
-
-
-async def _read_prefix(d: RunDeps, run: Run) -> list[Event]:
-    try:
-        events = await d.buffer.read_subject(run.thread_id)
-    except StreamUnavailable as exc:
-        logger.warning(
-            "the reply's parts cannot be read, regenerating: %s",
-            exc.message,
-            extra=log_fields(run.run_id, run.thread_id, run.attempt),
-        )
-        return []
-    return fold(run.run_id, events).parts
 
 
 def _part_of(ev: Event) -> Part:
@@ -257,18 +238,15 @@ def _part_of(ev: Event) -> Part:
 
 
 async def _stream_attempt(
-    d: RunDeps, run: Run, attempt: int, may_continue: bool, watch: Watch
-) -> Outcome:
+    d: RunDeps, run: Run, attempt: int, may_continue: bool, watch: Watch, held: Held
+) -> str:
+    """One attempt: continue after the parts in the subject, or regenerate (purge); then
+    stream the source's parts. `held` has the attempt's reply as it grows (so an attempt that
+    fails still says what its clients hold). The status it ends with."""
     s = d.settings
     thread_id, run_id = run.thread_id, run.run_id
     history = await d.store.history(thread_id, run.seq) if reads_history(d.model) else []
-    prefix = await _read_prefix(d, run) if attempt > 1 and may_continue else []
-    resume_from = len(prefix) or None  # nothing to keep: regenerate from the start
-    if resume_from is None:
-        fault(d, "before_purge", thread_id)
-        await d.buffer.purge(thread_id)
-    else:
-        await d.store.record_resume(run_id, attempt, resume_from)
+    prefix = await read_prefix(d, run) if attempt > 1 and may_continue else []
     prompt = Prompt(
         messages=[{"role": m.role, "content": m.content} for m in history]
         + [{"role": "user", "content": run.input}],
@@ -276,50 +254,72 @@ async def _stream_attempt(
         attempt=attempt,
         prefix_parts=tuple(_part_of(e) for e in prefix),
     )
+    task = asyncio.current_task()
+    stream: AsyncIterator[Part] | None = None
+    pending: Part | object = _END  # a continuation's first part, read before it is announced
+    failed: Exception | None = None  # ... or the failure that came instead
+    stop: str | None = None
+    if prefix:
+        # Asked first, so that a source that refuses to continue is known before anything is
+        # announced: the attempt then regenerates, and its record says so (not resume_from).
+        stream = _open(d, prompt)
+        try:
+            pending = await _pull(stream, watch, task)
+        except ContinuationRefused as exc:
+            logger.warning(
+                "source refused to continue, regenerating: %s",
+                exc.message,
+                extra=log_fields(run_id, thread_id, attempt),
+            )
+            await _close(stream)
+            stream, prefix = None, []
+            prompt = dataclasses.replace(prompt, prefix_parts=())
+        except _Stopped:
+            stop = watch.reason
+        except Exception as exc:  # the attempt still says what it keeps, then fails
+            failed = exc
+    kept = len(prefix)
+    if attempt > 1:  # a first attempt's record says it already (begin_attempt)
+        await d.store.record_kept(run_id, attempt, kept)
+    if not kept:
+        fault(d, "before_purge", thread_id)
+        await d.buffer.purge(thread_id)
     pub = d.buffer.publisher(thread_id, run_id, attempt)
-    await pub.publish(run_started(run_id, attempt, resume_from, s.pod_name), "start")
+    await pub.publish(run_started(run_id, attempt, kept or None, s.pod_name, run.seq), "start")
     if s.fault_point:
         await pub.flush()
         fault(d, "after_start", thread_id)
-    parts = list(prefix)
-    index = len(parts)
-    stop: str | None = None
-    task = asyncio.current_task()
-    stream = _open(d, prompt)
-    items = aiter(stream)
+    held.parts = list(prefix)
+    index = kept
+    if failed is not None:
+        await _close(stream)
+        raise failed
+    if stream is None:
+        stream = _open(d, prompt)
     try:
-        while True:
-            watch.waiting = task  # a stop cancels the wait for the source's next part
-            try:
-                item = await anext(items)
-            except StopAsyncIteration:
-                break
-            except asyncio.CancelledError:
-                if watch.woke and task is not None and task.uncancel() == 0:
-                    watch.woke = False
+        while not stop:
+            if pending is not _END:
+                item, pending = pending, _END
+            else:
+                try:
+                    item = await _pull(stream, watch, task)
+                except _Stopped:
                     stop = watch.reason
                     break
-                raise
-            except ModelError:
-                raise
-            except Exception as exc:
-                # A plug-in's own failure: permanent, and only its class reaches clients.
-                logger.exception(
-                    "reply source failed", extra=log_fields(run_id, thread_id, attempt)
-                )
-                raise PermanentModelError(f"the reply source failed: {type(exc).__name__}") from exc
-            finally:
-                watch.waiting = None
+                if item is _END:
+                    break
+            assert isinstance(item, str | Data)
             # Under load the publisher holds a chunk back and merges the text deltas that
-            # follow into it (streams/publisher.py, coalescing): that chunk, already in
-            # `parts`, grows; a merged delta takes no event and no index of its own.
+            # follow into it (streams/publisher.py, coalescing): that chunk, already held,
+            # grows; a merged delta takes no event and no index of its own.
             if isinstance(item, str) and pub.merge(item):
                 merged = True
             else:
                 ev = _event(d, run_id, attempt, index, item)
                 merged = await pub.part(ev)
                 if not merged:
-                    parts.append(ev)
+                    held.parts.append(ev)
+            tracing.chunk(run_id)
             if d.metrics is not None:
                 d.metrics.chunk()
                 if index == 0 and attempt == 1 and not merged:
@@ -328,28 +328,55 @@ async def _stream_attempt(
                     )
             if not merged:
                 if s.fault_point:
-                    await _faults(d, pub, thread_id, index, index - len(prefix))
+                    await _faults(d, pub, thread_id, index, index - kept)
                 index += 1
             stop = watch.reason
-            if stop:
-                break
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+        await _close(stream)
     await pub.flush()
     fault(d, "after_chunks", thread_id)
-    text = "".join(p.text or "" for p in parts if p.type == "chunk")
     if stop:
         logger.info("run stopped: %s", stop, extra=log_fields(run_id, thread_id, attempt))
-    return Outcome(
-        status=stop or "success",
-        attempt=attempt,
-        text=text,
-        error=None,
-        parts=stored_parts(parts),
-    )
+    return stop or "success"
+
+
+_END = object()  # the source has nothing more
+
+
+class _Stopped(Exception):
+    """A stop was asked for while the attempt waited on its source."""
+
+
+async def _pull(
+    stream: AsyncIterator[Part], watch: Watch, task: asyncio.Task[Any] | None
+) -> Part | object:
+    """The source's next part (`_END` at its end), its wait cancelled by a stop (a stalled
+    model must not delay a cancel until its own timeout). A plug-in's own failure is
+    permanent, and only its class reaches clients."""
+    watch.waiting = task
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return _END
+    except asyncio.CancelledError:
+        if watch.woke and task is not None and task.uncancel() == 0:
+            watch.woke = False
+            raise _Stopped() from None
+        raise
+    except ModelError:
+        raise
+    except Exception as exc:
+        logger.exception("reply source failed")
+        raise PermanentModelError(f"the reply source failed: {type(exc).__name__}") from exc
+    finally:
+        watch.waiting = None
+
+
+async def _close(stream: AsyncIterator[Part] | None) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 def _open(d: RunDeps, prompt: Prompt) -> AsyncIterator[Part]:

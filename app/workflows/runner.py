@@ -1,10 +1,10 @@
-"""Submitting runs to the thread queue, starting them on events, and stopping them.
+"""Submitting runs to the thread queue, and stopping them.
 
-Runs start on events, not on a poll: the accepting pod claims a new run at once; a pod that
-finishes a run claims what became startable (the thread's next run); a pod that cannot (it
-drains, or leaves) asks the others on the NATS control subject. Every claim is DBOS's own
-partitioned claim, so one run per thread holds whoever claims; DBOS's queue poll
-(THREADGATE_QUEUE_POLLING_S) is only the safety net for a lost event.
+A run is accepted in one transaction: its row, its user message and its DBOS workflow's
+enqueue row commit together (no run is ever accepted without its workflow). It then starts on
+an event (app/workflows/starts.py): this process claims an idle thread's run at once; a run
+accepted behind a busy thread is announced on the NATS control subject, so that the process
+running the thread claims it when its run ends. DBOS's queue poll is only the safety net.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 from nats.aio.client import Client as NATS
 from psycopg import AsyncConnection
 
+from .. import tracing
 from ..errors import (
     IdempotencyMismatch,
     RunFinished,
@@ -34,7 +35,8 @@ from ..ids import new_run_id
 from ..settings import Settings
 from ..store import quotas
 from ..store.runs import TERMINAL, NewRun, PgRunStore, Run
-from .internals import claim_and_start
+from .internals import enqueue_in, workflow_row
+from .starts import Starts
 from .stops import STOP_REASONS, StopSignals
 from .thread_run import QUEUE_NAME, thread_run
 
@@ -63,10 +65,16 @@ class RunRequest:
 
 
 async def register_queue(settings: Settings) -> None:
+    """The thread queue. Its safety-net poll is ours (Starts.safety_net, one statement every
+    THREADGATE_QUEUE_POLLING_S); DBOS's own worker polls it too, as a second net, every
+    THREADGATE_BACKGROUND_POLLING_S (with event start off, at the queue polling interval)."""
+    polling = settings.queue_polling_s
+    if settings.fast_start:
+        polling = max(polling, settings.background_polling_s)
     await DBOS.register_queue_async(
         QUEUE_NAME,
         partition_concurrency=1,
-        polling_interval_sec=settings.queue_polling_s,
+        polling_interval_sec=polling,
         on_conflict="always_update",
     )
 
@@ -87,21 +95,33 @@ class Runner:
     """Accepts runs (with multitask strategies and idempotency) and delivers stop requests."""
 
     def __init__(
-        self, settings: Settings, store: PgRunStore, stops: StopSignals, nc: NATS | None
+        self,
+        settings: Settings,
+        store: PgRunStore,
+        stops: StopSignals,
+        nc: NATS | None,
+        starts: Starts | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.stops = stops
         self.nc = nc
+        self.starts = starts or Starts(settings, store.db, queue=QUEUE_NAME, kick=self.kick)
         self._sub: Any = None
-        self._kicks: set[asyncio.Task[None]] = set()
-        self._sweeping = False  # a fast-start sweep is under way
-        self._sweep_again = False  # a run was accepted during it
+        self._tasks: set[asyncio.Future[None]] = set()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # thread -> (lock, users)
         self._accept_lock = asyncio.Lock()  # counting and inserting, for the pod's limit
-        self.draining = False
+        self._uncommitted = 0  # accepts of this process counted and inserted, not committed
         # A pod of another version left: its queued runs may be ours now (adoption's move).
         self.on_left: Callable[[], Awaitable[object]] | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.starts.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.starts.draining = value
 
     @contextlib.asynccontextmanager
     async def _local_lock(self, thread_id: str) -> AsyncIterator[None]:
@@ -129,12 +149,19 @@ class Runner:
 
         `owner` is the submitting principal: a new thread becomes theirs, and someone else's
         thread answers ThreadNotFound. None (auth off) records no owner and checks none.
+        One transaction on one connection (store.accepting): whatever else an accept must do
+        with the run (a quota's charge) goes on `conn` before the block ends.
         """
         digest = request.digest()
+        stopped: list[tuple[str, str]] = []
         # One accept per thread at a time in this process before a pool connection is taken:
         # otherwise a burst of POSTs on one thread parks every connection on the thread's
         # advisory lock, and the holder cannot get the one more it needs.
-        async with self._local_lock(thread_id), self.store.thread_lock(thread_id) as conn:
+        async with (
+            contextlib.AsyncExitStack() as until_committed,
+            self._local_lock(thread_id),
+            self.store.accepting(thread_id) as conn,
+        ):
             # Under the thread lock, the only place threads are created: no race with a
             # concurrent first POST by someone else.
             if owner is not None:
@@ -147,7 +174,8 @@ class Runner:
                     if existing.request_hash != digest:
                         raise IdempotencyMismatch(run_id=existing.run_id)
                     if existing.active:
-                        await enqueue(existing)  # heals an accept whose enqueue never happened
+                        # Accepted by an older version whose enqueue never happened: heal it.
+                        await enqueue_in(conn, self._workflow(existing, None))
                     return existing, False
             active = await self.store.active_runs(conn, thread_id)
             if request.multitask_strategy == "reject" and active:
@@ -174,34 +202,71 @@ class Runner:
                         timeout_s=request.timeout_s,
                     ),
                 )
-            # Behind the thread's active runs, in their version (see enqueue).
-            await enqueue(run, active[-1].version if active else None)
-            if request.multitask_strategy == "interrupt":
-                for other in active:
-                    # On the lock's connection. A run that ended meanwhile needs no stop: the
-                    # new run is accepted all the same.
-                    stopped = await self.store.request_stop(other.run_id, "interrupted", conn=conn)
-                    if stopped is not None:
-                        await self.announce_stop(other.run_id, stopped.stop_requested or "")
+                until_committed.enter_context(self._uncommitted_accept())
+                await tracing.accepted(conn, run.run_id)  # before any pod can start it
+                # Behind the thread's active runs, in their version (see enqueue).
+                version = active[-1].version if active else None
+                await enqueue_in(conn, self._workflow(run, version))
+                if request.multitask_strategy == "interrupt":
+                    for other in active:
+                        # A run that ended meanwhile needs no stop: the new run is accepted
+                        # all the same.
+                        gone = await self.store.request_stop(other.run_id, "interrupted", conn=conn)
+                        if gone is not None:
+                            stopped.append((other.run_id, gone.stop_requested or ""))
+        for run_id, reason in stopped:
+            await self.announce_stop(run_id, reason)
         logger.info(
             "run accepted",
             extra={"thread_id": thread_id, "run_id": run.run_id, "status": run.status},
         )
-        self.start_soon()
+        self._spawn(self._start(thread_id, busy=bool(active)))
         return run, True
+
+    @contextlib.contextmanager
+    def _uncommitted_accept(self) -> Iterator[None]:
+        """An accept of this process counted and inserted, until its transaction ends (the
+        pod's limit counts it: its row is not visible to the next count before the commit)."""
+        self._uncommitted += 1
+        try:
+            yield
+        finally:
+            self._uncommitted -= 1
+
+    def _workflow(self, run: Run, version: str | None) -> dict[str, Any]:
+        return workflow_row(
+            thread_run,
+            (run.thread_id, run.run_id),
+            queue=QUEUE_NAME,
+            workflow_id=run.run_id,
+            partition=run.thread_id,
+            version=version,
+        )
+
+    async def _start(self, thread_id: str, *, busy: bool) -> None:
+        """Start a run just accepted: claim it here when its thread was idle; when the claim
+        finds the thread busy (its previous run still ending) or it was busy, the process
+        running the thread claims it when that run ends (`waiting`)."""
+        idle = not busy and not self.starts.draining and self.settings.fast_start
+        if idle and await self.starts.claim(thread_id):
+            return
+        await self.announce_waiting(thread_id)
 
     @contextlib.asynccontextmanager
     async def _active_limits(
         self, conn: AsyncConnection[Any], owner: str | None, replaced: list[Run]
     ) -> AsyncIterator[None]:
         """Accept (the body: the insert) only within the active-run limits, else 429: a
-        principal's runs across the cluster (counted under the principal's lock, so pods
-        accepting at once cannot overshoot) and the runs this pod accepted (counted under a
-        lock of this process). Runs an `interrupt` replaces do not count."""
+        principal's runs across the cluster (counted under the principal's lock, which holds
+        until the accept commits, so pods accepting at once cannot overshoot) and the runs
+        this pod accepted (counted under a lock of this process, with its accepts inserted but
+        not yet committed). Runs an `interrupt` replaces do not count."""
         s = self.settings
-        principal = self.store.principal_lock(conn, owner) if owner else contextlib.nullcontext()
-        async with principal, self._accept_lock:
+        if owner:
+            await self.store.principal_lock(conn, owner)
+        async with self._accept_lock:
             mine, here = await self.store.count_active(conn, owner=owner, accepted_by=s.pod_name)
+            here += self._uncommitted
             mine -= len(replaced)
             here -= sum(1 for r in replaced if r.accepted_by == s.pod_name)
             if owner and mine >= s.max_active_runs_per_principal:
@@ -216,52 +281,37 @@ class Runner:
             yield
 
     def start_soon(self) -> None:
-        """Claim the queue's startable runs now rather than at the next queue poll.
+        """Claim every startable run of the queue now (start-up, a kick, adoption)."""
+        self.starts.sweep()
 
-        Sweeps are coalesced: one at a time, and any number of events during a sweep cause
-        one more. A burst of POSTs costs a sweep or two, not one each (each sweep claims every
-        startable run of the queue). A draining pod claims nothing.
-        """
-        if self.draining or not self.settings.fast_start:
-            return
-        if self._sweeping:
-            self._sweep_again = True
-            return
-        self._sweeping = True
-        task = asyncio.create_task(self._sweep())
-        self._kicks.add(task)
-        task.add_done_callback(self._kicks.discard)
+    def run_ended(self, thread_id: str, run_id: str) -> None:
+        """A run executing here ended: its thread's next run may start now."""
+        self.starts.run_ended(thread_id, run_id)
 
-    def run_ended(self) -> None:
-        """A run executing here ended: its thread's next run may start now. A draining pod
-        leaves it to the others (a kick on the control subject)."""
-        if self.draining:
-            task = asyncio.create_task(self.kick())
-            self._kicks.add(task)
-            task.add_done_callback(self._kicks.discard)
-        else:
-            self.start_soon()
+    def run_waits(self, thread_id: str) -> None:
+        """The finish of a run executing here found a run waiting behind it."""
+        self.starts.heard_waiting(thread_id)
 
     async def kick(self, **why: str) -> None:
         """Ask every pod to claim startable runs (`left`: a pod of that version left)."""
+        await self._control({"kick": 1, **why})
+
+    async def announce_waiting(self, thread_id: str) -> None:
+        """A run was accepted behind the thread's active run (this process hears it too)."""
+        if not await self._control({"waiting": thread_id}):
+            self.starts.heard_waiting(thread_id)
+
+    async def _control(self, body: dict[str, Any]) -> bool:
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
-                await self.nc.publish(
-                    self.settings.control_subject, json.dumps({"kick": 1, **why}).encode()
-                )
+                await self.nc.publish(self.settings.control_subject, json.dumps(body).encode())
+                return True
+        return False
 
-    async def _sweep(self) -> None:
-        try:
-            while True:
-                self._sweep_again = False
-                try:
-                    await asyncio.to_thread(claim_and_start, QUEUE_NAME)
-                except Exception as exc:  # the queue worker's next poll does it instead
-                    logger.debug("claiming startable runs failed: %r", exc)
-                if not self._sweep_again:
-                    return
-        finally:
-            self._sweeping = False
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def cancel(self, thread_id: str, run_id: str, *, writer: str | None = None) -> Run:
         """Cancel a queued or running run of a thread `writer` owns (None: anyone's)."""
@@ -285,12 +335,7 @@ class Runner:
 
     async def announce_stop(self, run_id: str, reason: str) -> None:
         self.stops.request(run_id, reason)
-        if self.nc is not None and self.nc.is_connected:
-            with contextlib.suppress(Exception):
-                await self.nc.publish(
-                    self.settings.control_subject,
-                    json.dumps({"stop": run_id, "reason": reason}).encode(),
-                )
+        await self._control({"stop": run_id, "reason": reason})
 
     async def listen(self) -> None:
         """Hear stop requests made on other pods, and their requests to claim runs."""
@@ -300,6 +345,9 @@ class Runner:
         async def on_msg(msg: Any) -> None:
             with contextlib.suppress(Exception):
                 body = json.loads(msg.data)
+                if "waiting" in body:
+                    self.starts.heard_waiting(str(body["waiting"]))
+                    return
                 if "kick" in body:
                     if body.get("left") and self.on_left is not None:
                         await self.on_left()

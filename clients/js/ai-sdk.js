@@ -127,7 +127,7 @@ export function threadgateFetch(opts = {}) {
             if (frame.startsWith(":")) continue; // a keepalive
             held += frame;
             const done = /^data: ?\[DONE\]$/m.test(frame);
-            const id = /^id: ?(\d+)$/m.exec(frame);
+            const id = /^id: ?(.+)$/m.exec(frame); // opaque: contract v3 ids are not numbers
             if (done || id) {
               if (id) lastId = id[1];
               controller.enqueue(encoder.encode(held));

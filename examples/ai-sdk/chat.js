@@ -118,6 +118,15 @@ function render() {
           li.append(block);
         }
       }
+      // A stopped reply keeps what was shown of it, as threadgate stores it; it says so.
+      const ended = m.metadata?.threadgate?.status;
+      if (m.role === "assistant" && (ended === "cancelled" || ended === "interrupted")) {
+        li.dataset.stopped = ended;
+        const note = document.createElement("div");
+        note.className = "stopped";
+        note.textContent = ended === "cancelled" ? "stopped" : "interrupted by a newer message";
+        li.append(note);
+      }
       return li;
     }),
   );
@@ -135,7 +144,9 @@ $("form").addEventListener("submit", (event) => {
   chat.sendMessage({ text });
 });
 // Stop cancels the run in threadgate (chat.stop() alone would only stop reading it): the
-// stream then ends by itself with the run's `done`.
+// stream then ends by itself with the run's `done`. The partial reply stays on the page,
+// marked stopped, and after a reload too: threadgate stores a cancelled run's partial reply
+// (what its clients saw), and the page shows the stored conversation as it is.
 $("stop").addEventListener("click", async () => {
   const last = chat.messages[chat.messages.length - 1];
   if (chat.status !== "streaming" || !last || last.role !== "assistant") return;
@@ -148,6 +159,7 @@ const stored = await fetch(`/threads/${chatId}/messages`).then((r) => (r.ok ? r.
 chat.messages = [...stored.messages].reverse().map((m) => ({
   id: m.role === "assistant" ? m.run_id : `user-${m.run_id}`,
   role: m.role,
+  metadata: { threadgate: { run_id: m.run_id, status: m.status } },
   parts:
     Array.isArray(m.parts) && m.parts.length
       ? m.parts.map((p) => (p.type === "data" ? { type: `data-${p.name}`, data: p.payload } : { type: "text", text: p.text }))

@@ -8,9 +8,15 @@ import { createServer, request as httpRequest } from "node:http";
 import { request as httpsRequest } from "node:https";
 import { dirname, extname, join, normalize, sep } from "node:path";
 import { fileURLToPath } from "node:url";
+import { problems } from "./requirements.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const MODULES = join(HERE, "node_modules");
+const missing = problems(MODULES);
+if (missing.length) {
+  for (const line of missing) console.error(`threadgate AI SDK example: ${line}`);
+  process.exit(1);
+}
 const UPSTREAM = new URL(process.env.THREADGATE_URL || "http://localhost:8000");
 const PORT = Number(process.env.PORT || 3000);
 const HOST = process.env.HOST || "127.0.0.1";

@@ -28,3 +28,15 @@ async def test_attach_speaks_the_ai_sdk_ui_message_stream(pod: Pod) -> None:
     # A thread with no run: nothing to resume (useChat's resume expects 204).
     empty = await pod.http.get(f"/threads/{unique()}/attach", params={"format": "ai-sdk"})
     assert empty.status_code == 204
+
+
+@pytest.mark.parametrize("fmt", [None, "ai-sdk"])
+async def test_attach_tells_proxies_not_to_buffer(pod: Pod, fmt: str | None) -> None:
+    """`X-Accel-Buffering: no` on both formats: nginx (and proxies that honour it) would
+    otherwise hold the stream's events back in its buffer."""
+    thread = unique()
+    await pod.client.post(thread, "hi", model_options={"chunks": 1})
+    params = {"format": fmt} if fmt else {}
+    async with pod.http.stream("GET", f"/threads/{thread}/attach", params=params) as resp:
+        assert resp.status_code == 200
+        assert resp.headers.get("x-accel-buffering") == "no"

@@ -298,3 +298,24 @@ async def test_auth_off_is_open(pod: Pod) -> None:
     assert resp.status_code == 202
     assert len((await pod.http.get(f"/threads/{thread}/runs")).json()["runs"]) == 2
     assert await pod.runtime.store.thread_owner(thread) == "alice"
+
+
+async def test_a_thread_created_with_auth_off_is_admin_only_once_auth_is_on(pod: Pod) -> None:
+    """docs/security.md: a thread created while auth was off has no owner; once auth is on,
+    only admins read it, nobody writes to it, and it is 404 to everyone else."""
+    thread = unique()
+    resp = await pod.http.post(
+        f"/threads/{thread}/runs", json={"input": "open", "model_options": {"chunks": 2}}
+    )
+    assert resp.status_code == 202
+    run_id = resp.json()["run_id"]
+    assert await pod.runtime.store.thread_owner(thread) == ""
+    with pod_settings(pod, **AUTH_ON):
+        async with client(pod, "root") as root:
+            assert [r["run_id"] for r in await root.runs(thread)] == [run_id]
+            assert (await root.reply(thread)).text == mock_reply(2)
+        for who in ("alice", "bob"):
+            got = await pod.http.get(f"/threads/{thread}/runs", headers=key(who))
+            assert got.status_code == 404, (who, got.text)
+            assert (await post(pod, thread, who)).status_code == 404
+        assert (await post(pod, thread, "root")).status_code == 404  # admins only read

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from threadgate import cli
 from threadgate.client import RESTARTED
+from threadgate.devstack import free_port, release_port
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.integration.conftest import Pod
+from tests.integration.knobs import AUTH_ON, KEYS, pod_settings
+from tests.multipod.cluster import wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +36,16 @@ class Result:
     err: str
 
 
-async def tg(pod: Pod, *args: str) -> Result:
+async def tg(pod: Pod | str, *args: str, **env_vars: str) -> Result:
     """`threadgate ARGS --url <pod>` as a process (the pod runs on this test's event loop)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADGATE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADGATE_")} | env_vars
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "threadgate.cli",
         *args,
         "--url",
-        pod.url,
+        pod if isinstance(pod, str) else pod.url,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -115,10 +125,72 @@ async def test_attach_to_a_thread_without_a_run_says_so(pod: Pod) -> None:
 
 async def test_a_refused_request_is_one_line_and_exit_4(pod: Pod) -> None:
     r = await tg(pod, "post", "bad.id", "hi")
-    assert r.code == cli.REFUSED
-    assert "invalid_thread_id, HTTP 400" in one_line(r.err)
+    assert r.code == cli.USAGE  # checked before anything is sent
+    assert "'bad.id' is not a thread id" in one_line(r.err)
     r = await tg(pod, "post", unique(), "hi", "-o", "chunks=-1")
-    assert r.code == cli.REFUSED and "HTTP 400" in one_line(r.err)
+    assert r.code == cli.REFUSED
+    assert one_line(r.err) == (
+        "threadgate: model_options: chunks must be a non-negative integer"
+        " (invalid_request, HTTP 400)"
+    )
+
+
+async def test_a_400_names_the_field_and_the_rule(pod: Pod) -> None:
+    """They said `request body or parameters are invalid` for both."""
+    r = await tg(pod, "post", unique(), "")
+    assert r.code == cli.REFUSED
+    assert one_line(r.err) == (
+        "threadgate: input: String should have at least 1 character (invalid_request, HTTP 400)"
+    )
+    r = await tg(pod, "runs", unique(), "--limit", "0")
+    assert r.code == cli.REFUSED
+    assert one_line(r.err) == (
+        "threadgate: limit (query parameter): Input should be greater than or equal to 1"
+        " (invalid_request, HTTP 400)"
+    )
+
+
+async def test_messages_show_data_parts_and_errors(pod: Pod) -> None:
+    thread = unique()
+    ok = await tg(pod, "post", thread, "hi", "-o", "chunks=3", "-o", "data_every=2", "--attach")
+    assert ok.code == cli.OK, ok
+    # A data part first, then text, then data last: no blank line anywhere, one line break
+    # before each data part that follows text.
+    assert ok.out == 'chunk-0 \n[tick] {"i": 1, "attempt": 1}\nchunk-2 \n', ok.out
+    first = await tg(pod, "post", unique(), "x", "-o", "chunks=2", "-o", "data_every=1", "--attach")
+    assert first.out == ('[tick] {"i": 0, "attempt": 1}\n[tick] {"i": 1, "attempt": 1}\n'), (
+        first.out
+    )
+    failed = await tg(pod, "post", thread, "fail", "-o", "fail=permanent", "--attach")
+    assert failed.code == cli.RUN_ERROR
+    text = await tg(pod, "messages", thread)
+    assert text.code == cli.OK, text
+    assert text.out.splitlines() == [
+        "     user: hi",
+        "assistant: chunk-0 ",
+        '           [tick] {"i": 1, "attempt": 1}',
+        "           chunk-2 ",
+        "     user: fail",
+        "assistant [error]: (no reply) model_permanent: mock model: permanent failure requested",
+    ]
+
+
+async def test_run_tells_continued_from_regenerated(pod: Pod) -> None:
+    thread = unique()
+    options = ["chunks=6", "delay_ms=20", "fail=transient", "fail_at=3", "fail_attempts=1"]
+    args = [a for o in [*options, "vary=true"] for a in ("-o", o)]
+    posted = await tg(pod, "post", thread, "hi", *args, "--attach", "--json")
+    run_id = json.loads(posted.out)["run_id"]
+    shown = await tg(pod, "run", thread, run_id)
+    assert shown.code == cli.OK, shown
+    assert shown.out.splitlines()[-1] == "  the reply: continued: parts 0..2 kept, then attempt 2's"
+    thread = unique()
+    args += ["-o", "refuse_continue=true"]
+    posted = await tg(pod, "post", thread, "hi", *args, "--attach", "--json")
+    run_id = json.loads(posted.out)["run_id"]
+    shown = await tg(pod, "run", thread, run_id)
+    assert shown.out.splitlines()[-1].startswith("  the reply: regenerated by attempt "), shown.out
+    assert "continued after" not in shown.out, shown.out
 
 
 async def test_a_run_that_ends_in_error_exits_6(pod: Pod) -> None:
@@ -178,3 +250,122 @@ async def test_a_continued_reply_prints_on_seamlessly(pod: Pod) -> None:
     assert r.code == cli.OK, r
     assert RESTARTED not in r.out
     assert r.out == "chunk-0.1 chunk-1.1 chunk-2.1 chunk-3.2 chunk-4.2 chunk-5.2 \n"
+
+
+async def test_an_interrupted_run_exits_7(pod: Pod) -> None:
+    thread = unique()
+    first = await pod.client.post(thread, "long", model_options={"chunks": 500, "delay_ms": 20})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADGATE_")}
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "threadgate.cli", "attach", thread, "--url", pod.url),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    # Following the first run (it printed a chunk of it): now another run interrupts it.
+    assert (await asyncio.wait_for(proc.stdout.read(8), 60)).startswith(b"chunk-0")
+    await pod.client.post(thread, "now", strategy="interrupt", model_options={"chunks": 1})
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == cli.RUN_STOPPED, err
+    assert "was interrupted" in err.decode()
+    assert (await pod.client.run(thread, first["run_id"]))["status"] == "interrupted"
+
+
+async def test_a_server_error_exits_5() -> None:
+    """Any 5xx: one line naming it, exit 5 (here a server that fails every request)."""
+
+    async def fail(request: Request) -> Response:
+        return JSONResponse({"error": {"code": "internal", "message": "boom"}}, status_code=500)
+
+    app = Starlette(routes=[Route("/{path:path}", fail, methods=["GET", "POST"])])
+    async with serve(app) as url:
+        r = await tg(url, "runs", unique())
+    assert r.code == cli.SERVER_ERROR, r
+    assert "500" in one_line(r.err)
+
+
+async def test_attach_wait_follows_the_threads_first_run(pod: Pod) -> None:
+    thread = unique()
+    before = await attachers(pod)
+    waiting = asyncio.create_task(tg(pod, "attach", thread, "--wait"))
+    # The run is posted once the command's attach is open and waiting (the pod counts it).
+    async with asyncio.timeout(60):
+        while await attachers(pod) <= before:
+            assert not waiting.done(), waiting.result()
+            await asyncio.sleep(0.05)
+    await pod.client.post(thread, "first", model_options={"chunks": 3})
+    r = await waiting
+    assert r.code == cli.OK, r
+    assert r.out == mock_reply(3) + "\n"
+
+
+async def test_post_with_an_idempotency_key_makes_one_run(pod: Pod) -> None:
+    thread = unique()
+    args = ("post", thread, "once", "-o", "chunks=1", "--idempotency-key", "cli-k", "--json")
+    a, b = await tg(pod, *args), await tg(pod, *args)
+    assert a.code == b.code == cli.OK, (a, b)
+    assert json.loads(a.out)["run_id"] == json.loads(b.out)["run_id"]
+    other = await tg(pod, "post", thread, "other", "--idempotency-key", "cli-k")
+    assert other.code == cli.REFUSED and "idempotency_mismatch" in one_line(other.err)
+    assert len(await pod.client.runs(thread)) == 1
+
+
+async def test_the_token_comes_from_the_flag_or_the_environment(pod: Pod) -> None:
+    thread = unique()
+    with pod_settings(pod, **AUTH_ON):
+        refused = await tg(pod, "runs", thread)
+        assert refused.code == cli.REFUSED and "401" in one_line(refused.err)
+        by_flag = await tg(pod, "runs", thread, "--token", KEYS["alice"])
+        assert by_flag.code == cli.OK, by_flag
+        by_env = await tg(pod, "runs", thread, THREADGATE_TOKEN=KEYS["alice"])
+        assert by_env.code == cli.OK, by_env
+        wrong = await tg(pod, "runs", thread, "--token", "nope", THREADGATE_TOKEN=KEYS["alice"])
+        assert wrong.code == cli.REFUSED  # the flag wins over the environment
+
+
+async def test_cancel_no_wait_answers_before_the_run_has_stopped(pod: Pod) -> None:
+    thread = unique()
+    run = await pod.client.post(thread, "long", model_options={"chunks": 500, "delay_ms": 20})
+    await wait_run(pod.client, thread, run["run_id"], lambda r: r["status"] == "running")
+    r = await tg(pod, "cancel", thread, run["run_id"], "--no-wait", "--json")
+    assert r.code == cli.OK, r
+    assert json.loads(r.out)["status"] == "running"  # asked to stop, not stopped yet
+    final = await wait_run(pod.client, thread, run["run_id"])
+    assert final["status"] == "cancelled"
+
+
+async def test_runs_limit(pod: Pod) -> None:
+    thread = unique()
+    ids = [
+        (await pod.client.post(thread, f"{i}", model_options={"chunks": 1}))["run_id"]
+        for i in range(3)
+    ]
+    r = await tg(pod, "runs", thread, "--limit", "2", "--json")
+    assert r.code == cli.OK, r
+    assert [x["run_id"] for x in json.loads(r.out)] == ids[:0:-1]  # the newest two, newest first
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Starlette) -> AsyncIterator[str]:
+    """`app` on a free port of this event loop; its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        release_port(port)
+
+
+async def attachers(pod: Pod) -> float:
+    """The pod's open attach streams (its `threadgate_active_attachers` gauge)."""
+    text = (await pod.http.get("/metrics")).text
+    line = next(x for x in text.splitlines() if x.startswith("threadgate_active_attachers "))
+    return float(line.split()[1])

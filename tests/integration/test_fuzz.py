@@ -51,6 +51,7 @@ SEED = 20261123
 MAX_EXAMPLES = 10
 
 
+@pytest.mark.long
 async def test_schemathesis(pod: Pod, tmp_path: Path) -> None:
     args = [
         str(ST),

@@ -112,7 +112,8 @@ async def test_cancel_running_run_stops_within_a_chunk(pod: Pod) -> None:
     await asyncio.wait_for(live.task, 30)
     assert live.reply.status == "cancelled"
     assert held <= len(live.reply.chunks) <= held + 2
-    assert (await pod.client.run(thread, run["run_id"]))["output"] is None
+    # The partial reply its clients saw is stored with the run (contract v3).
+    assert (await pod.client.run(thread, run["run_id"]))["output"] == live.reply.text
     # cancelled twice: 409; the thread takes its next run at once
     resp = await pod.http.post(f"/threads/{thread}/runs/{run['run_id']}/cancel")
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "run_finished"
@@ -147,6 +148,32 @@ async def test_idempotent_post(pod: Pod) -> None:
     # keys are per thread
     d = await pod.http.post(f"/threads/{unique()}/runs", json=body, headers=headers)
     assert d.status_code == 202
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"input": "other"},
+        {"model_options": {"chunks": 3}},
+        {"model_options": {"chunks": 2, "delay_ms": 7}},
+        {"timeout_s": 60},
+        {"multitask_strategy": "reject"},
+    ],
+    ids=["input", "model_options", "an_added_option", "timeout_s", "strategy"],
+)
+async def test_a_key_reused_with_any_other_field_is_409(pod: Pod, change: dict[str, Any]) -> None:
+    """Same Idempotency-Key, a body that differs in any one field the run is made of: 409
+    idempotency_mismatch naming the first run, never that run returned for another request."""
+    thread = unique()
+    body: dict[str, Any] = {"input": "once", "model_options": {"chunks": 2}}
+    headers = {"Idempotency-Key": "k-field"}
+    first = await pod.http.post(f"/threads/{thread}/runs", json=body, headers=headers)
+    assert first.status_code == 202
+    again = await pod.http.post(f"/threads/{thread}/runs", json={**body, **change}, headers=headers)
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert error["code"] == "idempotency_mismatch"
+    assert first.json()["run_id"] in again.text
 
 
 async def test_concurrent_duplicate_posts_make_one_run(pod: Pod) -> None:
@@ -209,9 +236,15 @@ async def test_a_regenerated_retry_resets_clients_exactly_once(pod: Pod) -> None
     }
     await pod.client.post(thread, "x", model_options=options)
     reply = await pod.client.reply(thread)
-    # attempt 2 is refused the continuation; attempt 3 regenerates the whole reply
-    assert reply.text == mock_reply(6, {0: 3}) and reply.status == "success"
-    assert [e.data["attempt"] for e in reply.events if e.event == "reset"] == [3]
+    # attempt 2 is refused the continuation before it says anything: it regenerates the
+    # whole reply (its record says so: no resume_from)
+    assert reply.text == mock_reply(6, {0: 2}) and reply.status == "success"
+    assert [e.data["attempt"] for e in reply.events if e.event == "reset"] == [2]
+    run = (await pod.client.runs(thread))[0]
+    assert [(a["attempt"], a.get("resume_from"), a["kept"]) for a in run["attempts"]] == [
+        (1, None, 0),
+        (2, None, 0),
+    ]
 
 
 async def test_exhausted_retries_end_with_error(pod: Pod) -> None:

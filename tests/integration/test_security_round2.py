@@ -121,6 +121,7 @@ def auth_on(pod: Pod) -> Iterator[None]:
         yield
 
 
+@pytest.mark.long
 async def test_reads_racing_a_threads_first_post_never_leak(pod: Pod, auth_on: None) -> None:
     """bob polls a thread's messages, runs, attach (at once and waiting for the first run)
     and the AI SDK resume route, each on its own connection, while alice makes the thread's

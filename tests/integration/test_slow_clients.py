@@ -113,8 +113,13 @@ async def test_a_slow_body_is_408(pod: Pod) -> None:
             try:
                 async with asyncio.timeout(20):
                     while not answer.done():
-                        writer.write(b"x")  # one byte at a time, never the whole body
-                        await writer.drain()
+                        try:
+                            writer.write(b"x")  # one byte at a time, never the whole body
+                            await writer.drain()
+                        except ConnectionError:
+                            # The pod answered and closed between our check and this byte
+                            # (a busy machine widens that window): its answer is read below.
+                            pass
                         await asyncio.wait([answer], timeout=0.1)
                     status, _headers, body, closed = await answer
             finally:

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 from threadgate.client import AsyncClient, Reply, SseEvent
-from threadgate.devstack import free_port
+from threadgate.devstack import free_port, release_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = [sys.executable, "-m", "threadgate.cli", "serve"]
@@ -251,7 +251,10 @@ class Cluster:
         return AsyncClient([p.url for p in (pods or self.pods)])
 
     async def stop(self) -> None:
+        """Kill every process; the pods' ports go back to the kernel (no restart after this)."""
         await asyncio.gather(*(p.kill() for p in self.all_pods if p.alive))
+        for p in self.all_pods:
+            release_port(p.port)
 
     @contextlib.asynccontextmanager
     async def supervised(self, backoff_s: float = 0.2) -> AsyncIterator[Supervisor]:
@@ -334,6 +337,56 @@ async def wait_run(
             raise TimeoutError(f"run {run_id} not there after {timeout:.0f}s: {run}")
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.25)
+
+
+async def stored_messages(cluster: Cluster, thread: str) -> list[tuple[datetime, dict[str, Any]]]:
+    """Every message JetStream holds on the thread's subject, with the time it was stored:
+    read by a consumer of our own, as many as the stream's own count for the subject says."""
+    import nats
+    from nats.js.api import DeliverPolicy
+
+    env = cluster.env
+    stream = env["THREADGATE_STREAM_NAME"]
+    subject = f"{env['THREADGATE_SUBJECT_PREFIX']}.thread.{thread}"
+    nc = await nats.connect(env["THREADGATE_NATS_URL"].split(","))
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        sub = await js.subscribe(
+            subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            out = []
+            for _ in range(count):
+                msg = await sub.next_msg(timeout=10)
+                out.append((msg.metadata.timestamp, json.loads(msg.data)))
+            return out
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
+
+
+async def metric(pod: Pod, name: str) -> float:
+    """A counter or gauge of the pod's /metrics (summed over its labels)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"{pod.url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((f"{name} ", f"{name}{{"))
+    )
+
+
+async def wait_metric(pod: Pod, name: str, at_least: float, timeout: float = 30.0) -> float:
+    """Poll the pod's /metrics until `name` reaches `at_least`; its value then."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (value := await metric(pod, name)) < at_least:
+        assert loop.time() < deadline, f"{pod.name}: {name} = {value}, never {at_least}"
+        await asyncio.sleep(0.05)  # paces polling another process's metrics
+    return value
 
 
 async def running_on(

@@ -2,17 +2,18 @@
 Chromium, against real pods behind the example's own server: a reply, a reload mid-reply
 (resume), and the SIGKILL of the pod running the reply.
 
-Needs node and npm (the first run installs the example's packages with `npm ci`) and the
-browser of test_browser.py; skipped without them, failed with `CI` set.
+Needs node >= 22 (ai 7's requirement; tests/node.py brings it from the npm registry where the
+machine's node is older), npm (the first run installs the example's packages with `npm ci`)
+and the browser of test_browser.py; skipped without them, failed with `CI` set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,8 @@ from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
 from tests.multipod.cluster import REPO, Cluster, running_on, wait_run
-from tests.multipod.test_browser import browser  # noqa: F401 (the browser fixture)
+from tests.multipod.test_browser import browser, browser_first  # noqa: F401 (fixtures)
+from tests.node import AI_SDK_NODE, node, npm_ci
 
 pytestmark = pytest.mark.multipod
 
@@ -32,27 +34,22 @@ EXAMPLE = REPO / "examples" / "ai-sdk"
 
 
 def need_node() -> str:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set and node/npm are missing", pytrace=False)
-        pytest.skip("needs node >= 18 and npm")
-    installed = EXAMPLE / "node_modules" / ".package-lock.json"
-    lock = EXAMPLE / "package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=EXAMPLE,
-            check=True,
-            timeout=600,
-        )
-    return node
+    """node >= 22 (ai 7 requires it) with the example's locked packages installed."""
+    found = node(AI_SDK_NODE)
+    npm_ci(EXAMPLE)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def node_first() -> None:
+    """node and the example's packages, checked before the test's cluster starts."""
+    need_node()
 
 
 @contextlib.asynccontextmanager
 async def example_server(upstream: str) -> AsyncIterator[str]:
     """`node server.mjs` in front of a pod; its URL once it answers."""
-    node = need_node()
+    node = need_node(EXAMPLE)
     port = free_port()
     env = {**os.environ, "THREADGATE_URL": upstream, "PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(
@@ -188,15 +185,49 @@ async def test_example_page_sends_resumes_and_stops(cluster: Cluster, browser: A
         await until(browser, "return document.querySelectorAll('#messages li').length === 4")
         await send(browser, "a long one")
         third = await latest_run(cluster, thread, after=second)
+        # The new run's own message streaming (the one before it also holds `chunk-3 `: a
+        # Stop while the chat was still `submitted` did nothing, and the run ran to its end).
         await until(
             browser,
-            f"const m = (() => {{ {MESSAGE} }})(); return m && m.text.includes('chunk-3 ');",
+            f"const m = (() => {{ {MESSAGE} }})();"
+            " return m && m.id === arguments[0] && m.status === 'streaming'"
+            " && m.text.includes('chunk-3 ');",
+            third,
+        )
+        # The page's stop handler does nothing unless the chat says `streaming` (chat.js).
+        await until(
+            browser, "return document.getElementById('status').dataset.status === 'streaming'"
         )
         browser.find_element(By.ID, "stop").click()
         async with cluster.client() as client:
             run3 = await wait_run(client, thread, third)
         assert run3["status"] == "cancelled"
         await until(browser, "return document.getElementById('status').dataset.status === 'ready'")
+        # The stopped reply keeps what was shown of it, marked stopped ...
+        stopped = browser.execute_script(
+            "const li = document.querySelector(`#messages li.assistant[data-id='${arguments[0]}']`);"
+            " return li && {stopped: li.dataset.stopped,"
+            " text: [...li.querySelectorAll('.text')].map(s => s.textContent).join('')};",
+            third,
+        )
+        assert stopped["stopped"] == "cancelled" and stopped["text"].startswith("chunk-0 chunk-1")
+        # ... and a reload shows what threadgate stored for it, no more, no less: the partial
+        # reply, marked stopped, once a cancelled run stores what its clients saw (this round,
+        # the lead's change); no message while it stores none.
+        browser.get(f"{url}/?chat={thread}")
+        await until(browser, "return document.querySelectorAll('#messages li').length >= 5")
+        async with cluster.client() as client:
+            stored = [
+                m for m in await client.messages(thread)
+                if m["role"] == "assistant" and m["run_id"] == third
+            ]  # fmt: skip
+        shown = browser.execute_script(
+            "return [...document.querySelectorAll(`#messages li.assistant[data-id='${arguments[0]}']`)]"
+            ".map(li => [li.dataset.stopped || null,"
+            " [...li.querySelectorAll('.text')].map(s => s.textContent).join('')]);",
+            third,
+        )
+        assert shown == [[stored[0]["status"], stored[0]["content"]] for _ in stored[:1]]
 
 
 @pytest.mark.cluster(size=2)
@@ -237,3 +268,44 @@ async def test_example_page_survives_the_executor_being_killed(
     assert run["status"] == "success" and run["attempt"] == 2
     assert re.fullmatch(r"(chunk-\d+\.1 )+(chunk-\d+\.2 )+", run["output"]), run["output"]
     assert reply["text"] == run["output"]
+
+
+CHECK = """
+import { problems } from "./requirements.mjs";
+console.log(JSON.stringify(problems(process.argv[1], process.argv[2])));
+"""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("ai", "node_version", "expected"),
+    [
+        ("7.0.173", "22.9.0", []),
+        (
+            "6.0.333",
+            "22.9.0",
+            [
+                "ai 6.0.333 is installed, threadgate needs ai 7 (ai 6's DefaultChatTransport"
+                " rejects the reset-step chunk of a regenerated reply): run `npm ci` here"
+            ],
+        ),
+        ("7.0.173", "20.20.2", ["node 20.20.2 is too old: ai 7 requires node >= 22"]),
+    ],
+)
+def test_the_example_refuses_ai_6_and_old_node_in_one_line(
+    tmp_path: Any, ai: str, node_version: str, expected: list[str]
+) -> None:
+    """ai 6 would end a regenerated reply in `error` (it rejects `reset-step`): the example's
+    server says so and exits before serving anything."""
+    found = node()
+    (tmp_path / "ai").mkdir()
+    (tmp_path / "ai" / "package.json").write_text(f'{{"name": "ai", "version": "{ai}"}}')
+    out = subprocess.run(
+        [found, "--input-type=module", "-e", CHECK, str(tmp_path), node_version],
+        cwd=EXAMPLE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == expected

@@ -28,10 +28,13 @@ import psycopg
 import pytest
 from threadgate.client import AsyncClient
 from threadgate.devstack import Postgres
+from threadgate.devstate import DevError
+from threadgate.devstate import clean as clean_state
 from threadgate.models.mock import mock_reply
-from threadgate.supervisor import DevError, clean_state
 
+from tests.conftest import unique
 from tests.multipod.cluster import Attacher, wait_run
+from tests.multipod.test_browser import browser, until  # noqa: F401 (a fixture, for the demo)
 
 pytestmark = pytest.mark.multipod
 
@@ -89,18 +92,38 @@ class Dev:
             await asyncio.sleep(0.1)  # paces polling for the file, the readiness signal
         return path
 
-    async def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """A client command run where the newcomer runs it (its URL from .threadgate/urls)."""
+    async def cli(
+        self, *args: str, cwd: Path | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """A command run where the newcomer runs it (its URL from .threadgate/urls)."""
         env = {k: v for k, v in os.environ.items() if k != "THREADGATE_URL"}
         return await asyncio.to_thread(
             subprocess.run,
             [*CLI, *args],
-            cwd=self.cwd,
+            cwd=cwd or self.cwd,
             env=env,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
+
+    async def wait_restarted(self, name: str, old_pid: int, timeout: float = 90) -> dict[str, Any]:
+        """The pod's next process, once pods.json names it and it answers /readyz."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            now = {p["name"]: p for p in self.pods()["pods"]}[name]
+            if now["pid"] != old_pid:
+                break
+            assert loop.time() < deadline, self.text()[-4000:]
+            await asyncio.sleep(0.1)  # paces polling pods.json for the new process
+        async with httpx.AsyncClient(timeout=5) as http:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get(f"{now['url']}/readyz")).status_code == 200:
+                        return now
+                assert loop.time() < deadline, self.text()[-4000:]
+                await asyncio.sleep(0.1)  # paces polling /readyz of the restarted pod
 
     def cleanup(self) -> None:
         """Whatever a failed test left running: the supervisor, then what it recorded."""
@@ -148,7 +171,7 @@ def start_dev(tmp_path: Path, dev_env: dict[str, str]):  # type: ignore[no-untyp
     devs: list[Dev] = []
 
     def start(*args: str) -> Dev:
-        cwd = private_dir(tmp_path)
+        cwd = private_dir(tmp_path / f"stack{len(devs)}")
         output = tmp_path / f"dev{len(devs)}.out"
         with open(output, "wb") as out:
             proc = subprocess.Popen(
@@ -290,3 +313,190 @@ def test_postgres_from_a_private_directory_with_its_binaries_there_too(tmp_path:
         pg.stop(kill=True)
         shutil.rmtree(pg.data_dir, ignore_errors=True)
         # The copy of the binaries stays: it is the machine's, shared by every private checkout.
+
+
+# ---- two stacks side by side: `dev kill` never reaches the other's processes (issue 28) ----
+
+DECOY = "import setproctitle, time; setproctitle.setproctitle({title!r}); time.sleep(600)"
+
+
+def listening(pids: list[int]) -> set[str]:
+    """The addresses the processes listen on (TCP, v4 and v6), from /proc."""
+    inodes: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[8:-1])
+    found: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                address, port = fields[1].split(":")
+                found.add(f"{_address(address)}:{int(port, 16)}")
+    return found
+
+
+def _address(hexed: str) -> str:
+    raw = bytes.fromhex(hexed)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+@pytest.fixture
+def decoy() -> Iterator[subprocess.Popen[bytes]]:
+    """A process titled as a pod is (`ps` shows `threadgate serve threadgate-0`)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DECOY.format(title="threadgate serve threadgate-0")]
+    )
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.timeout(400)
+async def test_dev_kill_acts_on_its_own_stack_only(  # type: ignore[no-untyped-def]
+    start_dev, tmp_path: Path, decoy: subprocess.Popen[bytes]
+) -> None:
+    a = start_dev("--pods", "1", "--port", "0")
+    b = start_dev("--pods", "1", "--port", "0")
+    await a.wait_file("urls")
+    await b.wait_file("urls")
+    a_pod = a.pods()["pods"][0]
+    b_all = b.pods()
+    b_pids = [p["pid"] for p in b_all["pods"]] + [b_all["postgres"], b_all["nats"]]
+
+    # Everything of a stack listens on loopback only (--host: the pods' 127.0.0.1 default).
+    a_all = a.pods()
+    addresses = listening([a_pod["pid"], a_all["postgres"], a_all["nats"]])
+    assert addresses and all(x.startswith("127.0.0.1:") for x in addresses), addresses
+
+    # From a directory with no stack: one line, exit 2, nothing signalled.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    lost = await a.cli("dev", "kill", "threadgate-0", cwd=elsewhere)
+    assert lost.returncode == 2, lost
+    assert lost.stdout == "" and len(lost.stderr.splitlines()) == 1, lost.stderr
+    assert "no threadgate dev is running" in lost.stderr
+
+    # From stack A's directory: A's pod, by its recorded pid; B and the decoy untouched.
+    killed = await a.cli("dev", "kill", "threadgate-0")
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    assert f"(pid {a_pod['pid']})" in killed.stdout
+    back = await a.wait_restarted("threadgate-0", a_pod["pid"])
+    assert not alive(a_pod["pid"])
+    assert all(alive(pid) for pid in b_pids), (b_pids, b.text()[-2000:])
+    assert decoy.poll() is None
+
+    # Asked for twice in a row, the restart waits 1 s each time: no crash-loop backoff.
+    again = await a.cli("dev", "kill", "threadgate-0")
+    assert again.returncode == 0, again.stderr
+    await a.wait_restarted("threadgate-0", back["pid"])
+    said = [line for line in a.text().splitlines() if "(threadgate dev kill)" in line]
+    assert len(said) == 2 and all(line.endswith("starting it again in 1s") for line in said)
+
+    # The other stack, named with --state-dir: its pod only.
+    a_now = a.pods()["pods"][0]["pid"]
+    other = await a.cli("dev", "kill", "threadgate-0", "--state-dir", str(b.state))
+    assert other.returncode == 0, other.stderr
+    await b.wait_restarted("threadgate-0", b_all["pods"][0]["pid"])
+    assert alive(a_now) and decoy.poll() is None
+    assert all(alive(pid) for pid in b_pids[1:])  # B's servers
+    for dev in (a, b):
+        dev.proc.send_signal(signal.SIGTERM)
+    for dev in (a, b):
+        assert await asyncio.to_thread(dev.proc.wait, 120) == 0, dev.text()[-3000:]
+
+
+# ---- the crash demo: `threadgate dev demo`, and the page showing it live (issue 28) --------
+
+# The page's view while the demo runs: the attempts the reply's bubble showed while it was
+# still streaming, and every connection state of the page's own stream.
+PAGE_WATCH = """
+window.__demo = {streaming: [], conn: []};
+const note = () => {
+  const li = document.querySelector('li.msg.assistant');
+  if (li && li.dataset.state !== 'success' && li.dataset.attempt) {
+    const a = li.dataset.attempt;
+    if (window.__demo.streaming.at(-1) !== a) window.__demo.streaming.push(a);
+  }
+  const c = document.getElementById('conn').dataset.state;
+  if (window.__demo.conn.at(-1) !== c) window.__demo.conn.push(c);
+};
+const all = {subtree: true, childList: true, characterData: true, attributes: true};
+new MutationObserver(note).observe(document.getElementById('messages'), all);
+new MutationObserver(note).observe(document.getElementById('conn'), all);
+note();
+"""
+
+
+@pytest.mark.timeout(400)
+async def test_dev_demo_kills_the_running_pod_and_the_reply_continues(  # type: ignore[no-untyped-def]
+    start_dev, request: pytest.FixtureRequest
+) -> None:
+    dev = start_dev("--pods", "2", "--port", "0")
+    await dev.wait_file("urls")
+    before = {p["name"]: p for p in dev.pods()["pods"]}
+    page_pod = before["threadgate-0"]
+    thread = unique("demo")
+    driver = _browser(request)
+    if driver is not None:
+        # Opened before the demo posts: a thread with no run yet, which the page waits on.
+        driver.get(f"{page_pod['url']}/?thread={thread}")
+        await _until(driver, "return document.getElementById('conn').dataset.state === 'live'")
+        driver.execute_script(PAGE_WATCH)
+
+    demo = await dev.cli(
+        "dev", "demo", "--thread", thread, "--chunks", "120", "--kill-at", "30", timeout=300
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr + dev.text()[-3000:]
+    out = demo.stdout
+    print(f"\n{out}")  # shown with -s: what a newcomer sees
+    assert f"watch it live: {page_pod['url']}/?thread={thread}" in out
+    assert "SIGKILL to threadgate-1" in out  # the pod running it: never the page's
+    assert "→ continued, exactly once" in out, out
+    assert "threadgate-1 (pid" in dev.text() and "(threadgate dev kill)" in dev.text()
+    now = {p["name"]: p for p in dev.pods()["pods"]}
+    assert now["threadgate-0"]["pid"] == page_pod["pid"] and alive(page_pod["pid"])
+    assert now["threadgate-1"]["pid"] != before["threadgate-1"]["pid"]
+
+    async with AsyncClient(page_pod["url"]) as client:
+        runs = await client.runs(thread)
+        (stored,) = [
+            m["content"] for m in await client.messages(thread) if m["role"] == "assistant"
+        ]
+    assert len(runs) == 1 and runs[0]["attempt"] >= 2
+    if driver is not None:
+        await _until(
+            driver,
+            "const li = document.querySelector('li.msg.assistant');"
+            " return li && li.dataset.state === 'success';",
+        )
+        shown = driver.execute_script(
+            "return [...document.querySelectorAll('li.msg.assistant .text > span')]"
+            ".map(s => s.textContent).join('')"
+        )
+        assert shown == stored
+        watched = driver.execute_script("return window.__demo")
+        # The switch happened live: attempt 1 then attempt 2 while the reply streamed, and
+        # the page's own stream never had to reconnect (its pod stayed up).
+        assert watched["streaming"][:2] == ["1", "2"], watched
+        assert "reconnecting" not in watched["conn"], watched
+        print(f"the page saw attempts {watched['streaming']}, connection {watched['conn']}")
+
+
+def _browser(request: pytest.FixtureRequest) -> Any:
+    """Headless Chromium when the machine has it (CI must: test_browser's rule), else None."""
+    try:
+        return request.getfixturevalue("browser")
+    except pytest.skip.Exception:
+        return None
+
+
+async def _until(driver: Any, script: str, timeout: float = 60) -> Any:
+    return await until(driver, script, timeout=timeout)

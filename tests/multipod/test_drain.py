@@ -44,7 +44,9 @@ async def assistant_messages(pod: Pod, thread: str) -> list[tuple[str, str]]:
 @pytest.mark.cluster(size=2, drain_timeout_s=20)
 async def test_sigterm_lets_the_run_in_flight_finish_then_exits_0(cluster: Cluster) -> None:
     thread = unique()
-    chunks = 40  # 2 s of reply: SIGTERM lands with ~1.7 s of it left
+    # 6 s of reply: SIGTERM lands with ~5.7 s of it left, a window in which the draining pod
+    # is seen answering 503 however busy the machine (2 s was not always enough).
+    chunks = 120
     async with cluster.client() as client:
         run_id = (await client.post(thread, "x", model_options={"chunks": chunks, "delay_ms": 50}))[
             "run_id"

@@ -19,7 +19,7 @@ from threadgate.client import AsyncClient
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import Stack, unique
-from tests.multipod.cluster import Attacher, Cluster, Pod, at, running_on, wait_run
+from tests.multipod.cluster import Attacher, Cluster, Pod, at, metric, running_on, wait_run
 from tests.multipod.conftest import StartCluster
 
 pytestmark = pytest.mark.multipod
@@ -67,8 +67,10 @@ async def stored_events(cluster: Cluster, thread: str) -> list[dict[str, Any]]:
 
 async def readyz(url: str) -> str:
     """The pod's readiness: `ready`, `degraded` (a dependency is away), `not_ready`, or
-    `down` when nothing answers."""
-    async with httpx.AsyncClient(timeout=2) as http:
+    `down` when nothing answers within the readiness probe's 3 s (k8s/base: timeoutSeconds).
+    During a PostgreSQL outage the pod's own ping waits 2 s: a 2 s client timeout raced it
+    and saw `down` instead of `degraded` (seen once)."""
+    async with httpx.AsyncClient(timeout=3) as http:
         try:
             return str((await http.get(f"{url}/readyz")).json()["status"])
         except httpx.TransportError:
@@ -84,19 +86,30 @@ async def wait_readyz(url: str, status: str, timeout: float = 30) -> float:
     return time.monotonic() - t0
 
 
+@pytest.mark.long
 async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack) -> None:
     """nats-server stops and starts mid-reply, for less than THREADGATE_NATS_OUTAGE_LIMIT_S
     (30 s): the attempt waits the outage out (its publishes are retried under the same
     message ids, and JetStream drops what it already stored), so the run keeps attempt 1, no
-    client gets a `reset` and the subject holds each chunk once. The pods' tails resubscribe:
+    client gets a `reset` and every client gets each chunk once. The pods' tails resubscribe:
     the clients attached to them never reconnect. A chunk every 2 ms, so that publishes are in
-    flight when the server stops (the log shows "publish ack missing, republishing")."""
+    flight when the server stops (a 0.2 s publish timeout: the outage outlasts it, so they are
+    sent again, which the executor counts).
+
+    The subject itself may hold a chunk twice, and that is the publisher's repair, not a
+    duplicate: the messages written to the socket as the server stopped are lost, while the
+    next one, still in nats-py's buffer, is sent first on reconnect; the lost ones, published
+    again, are stored after it, and so it is stored once more, under a new id, after them
+    (app/streams/publisher.py). Readers take only the next index, so its first copy is skipped
+    as the far side of a gap. Read that way, the subject holds each chunk once, and every copy
+    skipped is an index ahead (never one already taken) and one repair the executor logged."""
     chunks = 1500
-    cluster = await start_cluster(size=2, mock_delay_ms=40)
+    cluster = await start_cluster(size=2, mock_delay_ms=40, publish_timeout_s=0.2)
     client = cluster.client()
     thread = unique()
     options = {"chunks": chunks, "vary": True, "delay_ms": 2}
     run = await client.post(thread, "through a NATS restart", model_options=options)
+    executor = await running_on(client, cluster, thread, run["run_id"])
     attachers = [Attacher([p.url], thread).start() for p in cluster.pods]
     await attachers[0].wait_chunk(300)
     stack.nats.stop()
@@ -107,26 +120,51 @@ async def test_nats_restart_mid_reply(start_cluster: StartCluster, stack: Stack)
     final = await wait_run(client, thread, run["run_id"], timeout=60)
     stored = mock_reply(chunks, {0: 1})
     assert final["status"] == "success" and final["output"] == stored
-    assert final["attempts"] == [{"attempt": 1, "executor": final["executor"], "kind": "first"}]
+    assert final["attempts"] == [
+        {"attempt": 1, "executor": final["executor"], "kind": "first", "kept": 0}
+    ]
     for a in attachers:
         reply = await a.result(60)
         assert reply.status == "success" and reply.text == stored
         assert (reply.resets, reply.resumes, reply.duplicates) == (0, 0, 0)
         assert "reset" not in [e.event for e in a.events]
+    # The outage caught publishes: the executor sent some again.
+    assert await metric(executor, "threadgate_publish_retries_total") > 0
     events = await stored_events(cluster, thread)
-    assert [e["type"] for e in events] == ["run_started"] + ["chunk"] * chunks + ["done"]
-    assert [e["index"] for e in events if e["type"] == "chunk"] == list(range(chunks))
+    assert [e["type"] for e in events if e["type"] != "chunk"] == ["run_started", "done"]
+    assert events[0]["type"] == "run_started" and events[-1]["type"] == "done"
+    taken, ahead = read_in_order([e for e in events if e["type"] == "chunk"])
+    assert [e["index"] for e in taken] == list(range(chunks))
+    assert "".join(e["text"] for e in taken) == stored
+    repairs = executor.log_text().count("stored out of order")
+    assert len(ahead) == repairs, (ahead, repairs)
     await assert_one_reply(client, thread, run["run_id"], stored)
     # How long after NATS was back the first chunk reached a client (none can arrive while it
     # is down). Generous: the attempt itself would give up at the 30 s outage limit.
-    ahead = attachers[0]
+    first = attachers[0]
     flowing = next(
         t - back
-        for e, t in zip(ahead.events, ahead.arrived, strict=True)
+        for e, t in zip(first.events, first.arrived, strict=True)
         if e.event == "chunk" and t >= back
     )
     assert flowing < 30
-    print(f"\nNATS back → chunks flowing again at an attacher: {flowing:.2f}s")
+    print(f"\nNATS back → chunks flowing again at an attacher: {flowing:.2f}s; repairs {repairs}")
+
+
+def read_in_order(
+    chunks: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A subject's chunks as readers take them (only the next index) and the copies they
+    skip, each of which must be ahead of the next index: one behind would be a duplicate."""
+    taken: list[dict[str, Any]] = []
+    ahead: list[dict[str, Any]] = []
+    for e in chunks:
+        if e["index"] == len(taken):
+            taken.append(e)
+        else:
+            assert e["index"] > len(taken), f"chunk {e['index']} stored again after it was taken"
+            ahead.append(e)
+    return taken, ahead
 
 
 async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: Stack) -> None:
@@ -152,7 +190,8 @@ async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: St
         await wait_readyz(executor.url, "degraded")
         await attacher.wait_chunk(chunks - 1)  # the whole reply, with the database away
         last_chunk = time.time()
-        await wait_logged(executor, "Database connection failed")  # the workflow waits
+        # The reply step waits to store the reply (it ends the step: done comes after).
+        await wait_logged(executor, "storing the reply failed, retrying")
     finally:
         stack.pg.start()
     took = await wait_readyz(executor.url, "ready", timeout=60)
@@ -161,7 +200,9 @@ async def test_postgres_restart_mid_reply(start_cluster: StartCluster, stack: St
     final = await wait_run(client, thread, run["run_id"], timeout=60)
     stored = mock_reply(chunks, {0: 1})
     assert final["status"] == "success" and final["output"] == stored
-    assert final["attempts"] == [{"attempt": 1, "executor": executor.name, "kind": "first"}]
+    assert final["attempts"] == [
+        {"attempt": 1, "executor": executor.name, "kind": "first", "kept": 0}
+    ]
     assert at(final["finished_at"]).timestamp() > last_chunk  # finished after the outage
     reply = await attacher.result(60)
     assert reply.status == "success" and reply.text == stored
@@ -270,3 +311,81 @@ async def test_stranded_version_is_reported_and_adopted(start_cluster: StartClus
     assert final["status"] == "success" and final["attempt"] == 2
     assert final["attempts"][1]["kind"] == "replay"
     await assert_one_reply(client, thread, run["run_id"], mock_reply(30, continued(final)))
+
+
+async def test_an_attach_during_a_nats_outage_waits_the_limit_then_503(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """A client attaching while nats-server is away (its thread has no tail on the pod yet)
+    is held for THREADGATE_NATS_OUTAGE_LIMIT_S (3 s here), then answered 503 with a JSON
+    error: never a hang, never an empty 200."""
+    cluster = await start_cluster(size=1, nats_outage_limit_s=3)
+    pod = cluster.pods[0]
+    thread = unique()
+    async with cluster.client() as client:
+        run = await client.post(thread, "before", model_options={"chunks": 2})
+        await wait_run(client, thread, run["run_id"])
+    stack.nats.stop()
+    try:
+        await wait_readyz(pod.url, "degraded")
+        async with httpx.AsyncClient(timeout=60) as http:
+            t0 = time.monotonic()
+            resp = await http.get(f"{pod.url}/threads/{thread}/attach")
+            took = time.monotonic() - t0
+    finally:
+        stack.nats.start()
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"]
+    assert took >= 3 - 0.2, took  # it waited the outage limit before answering
+    print(f"\nattach during the outage answered 503 after {took:.1f}s (limit 3 s)")
+
+
+async def test_a_run_whose_budget_runs_out_during_a_nats_outage_ends_timeout(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """THREADGATE_RUN_TIMEOUT_S (4 s) passes while nats-server is away (6 s): the run does not
+    wait the outage out past its budget, nor end `error/internal`; once NATS is back it ends
+    `error/timeout`, with its `done`, and the thread takes the next run."""
+    cluster = await start_cluster(size=1, run_timeout_s=4, nats_outage_limit_s=2, mock_delay_ms=50)
+    pod = cluster.pods[0]
+    thread = unique()
+    async with cluster.client() as client:
+        run = await client.post(thread, "long", model_options={"chunks": 400, "vary": True})
+        watcher = Attacher([pod.url], thread, reconnects=100).start()
+        await watcher.wait_chunk(3)
+        stack.nats.stop()
+        try:
+            await wait_run(
+                client,
+                thread,
+                run["run_id"],
+                lambda r: at(r["started_at"]).timestamp() + 6 < time.time(),
+            )  # the budget has passed, NATS still away
+        finally:
+            stack.nats.start()
+        final = await wait_run(client, thread, run["run_id"], timeout=60)
+        assert final["status"] == "error", final
+        assert final["error"]["code"] == "timeout", final
+        reply = await watcher.result(60)
+        assert reply.status == "error" and reply.error == final["error"]
+        nxt = await client.post(thread, "next", model_options={"chunks": 2})
+        assert (await wait_run(client, thread, nxt["run_id"]))["status"] == "success"
+
+
+async def test_a_request_during_a_postgres_outage_is_503_not_500(
+    start_cluster: StartCluster, stack: Stack
+) -> None:
+    """PostgreSQL away: a request that needs it waits THREADGATE_DB_POOL_TIMEOUT_S (1 s here),
+    then is answered 503 `unavailable` (retry, here or elsewhere), never 500 `internal`."""
+    cluster = await start_cluster(size=1, db_pool_timeout_s=1)
+    pod = cluster.pods[0]
+    stack.pg.stop()
+    try:
+        async with httpx.AsyncClient(base_url=pod.url, timeout=30) as http:
+            listed = await http.get(f"/threads/{unique()}/runs")
+            posted = await http.post(f"/threads/{unique()}/runs", json={"input": "x"})
+    finally:
+        stack.pg.start()
+    for resp in (listed, posted):
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "unavailable"

@@ -135,6 +135,7 @@ async def executing(pod: Pod, convs: list[Conversation], *, left: int, timeout: 
             await asyncio.sleep(0.02)  # paces polling the runs' executors
 
 
+@pytest.mark.long
 @pytest.mark.cluster(size=3, mock_delay_ms=DELAY_MS, drain_timeout_s=10)
 async def test_rolling_restart_under_load(cluster: Cluster) -> None:
     """Pod after pod gets SIGTERM while it executes a long run (3 s of reply) besides the
@@ -185,6 +186,7 @@ async def test_rolling_restart_under_load(cluster: Cluster) -> None:
     print(f"\n{len(runs)} runs; {load.refused} POSTs answered 503 and retried on another pod")
 
 
+@pytest.mark.long
 @pytest.mark.cluster(size=3, mock_delay_ms=DELAY_MS)
 async def test_chaos_kills_and_a_nats_restart(cluster: Cluster, stack: Stack) -> None:
     seed = int(os.environ.get("THREADGATE_CHAOS_SEED", time.time_ns() % 1_000_000))

@@ -19,9 +19,20 @@ import httpx
 import nats
 import pytest
 from threadgate.client import AsyncClient, Reply, parse_sse
+from threadgate.settings import load_settings
+from threadgate.streams.buffer import JetStreamBuffer, connect_nats
 
 from tests.conftest import Stack, unique
-from tests.multipod.cluster import Attacher, Cluster, pod_env, unique_names, wait_run
+from tests.multipod.cluster import (
+    Attacher,
+    Cluster,
+    metric,
+    pod_env,
+    running_on,
+    unique_names,
+    wait_metric,
+    wait_run,
+)
 from tests.multipod.ha import NatsCluster
 
 pytestmark = pytest.mark.multipod
@@ -161,6 +172,7 @@ async def check_run(
 
 
 # The slowest of the multipod suite with test_pg_failover (about a minute each).
+@pytest.mark.long
 async def test_stream_leader_killed_mid_reply(
     stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -230,12 +242,14 @@ def longest_silence(attacher: Attacher) -> float:
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
+@pytest.mark.long
 async def test_quorum_lost_then_back(
     stack: Stack, nats_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Two of three servers die mid-reply: no stream leader can be elected. Publishing waits
-    THREADGATE_NATS_OUTAGE_LIMIT_S, then the attempt fails as transient and the run waits
-    within its time budget; once a quorum is back the run goes on. Nothing is lost."""
+    THREADGATE_NATS_OUTAGE_LIMIT_S, then each run's attempt fails as transient (seen per run)
+    and the run waits within its time budget; once a quorum is back the reply continues: the
+    next attempt resumes from the parts stored (`resume_from`, no `reset`). Nothing is lost."""
     pods, stream = await start_pods(
         stack,
         nats_cluster,
@@ -260,14 +274,19 @@ async def test_quorum_lost_then_back(
         other = next(n for n in nats_cluster.names if n != leader)
         nats_cluster.kill(leader)
         nats_cluster.kill(other)
-        # The documented outage behaviour: each run's attempt gives up past the limit.
-        failed = re.compile(r'"msg": "attempt failed, next in [^"]*StreamUnavailable')
 
-        def gave_up() -> int:
-            return sum(len(failed.findall(p.log_text())) for p in pods.pods)
+        # The documented outage behaviour: each run's attempt gives up past the limit.
+        def gave_up() -> set[str]:
+            return {
+                str(r.get("run_id"))
+                for p in pods.pods
+                for r in p.log_records()
+                if r.get("msg", "").startswith("attempt failed, next in")
+                and "StreamUnavailable" in r.get("msg", "")
+            }
 
         async with asyncio.timeout(60):
-            while gave_up() < len(threads):  # noqa: ASYNC110 - reading other processes' logs
+            while not set(runs.values()) <= gave_up():  # noqa: ASYNC110 - other processes' logs
                 await asyncio.sleep(0.1)
         nats_cluster.restart(leader)  # two of three: a quorum again
         late = {
@@ -284,6 +303,20 @@ async def test_quorum_lost_then_back(
             }
             attempts[t] = await check_run(client, t, runs[t], replies)
         print(f"\nquorum lost mid-reply: attempts per run {sorted(attempts.values())}")
+        # The reply continued after the outage: every later attempt resumed, no client reset.
+        regenerated = {}
+        for t in threads:
+            final = await client.run(t, runs[t])
+            assert len(final["attempts"]) >= 2, final["attempts"]  # the outage failed one
+            if not all(a.get("resume_from") for a in final["attempts"][1:]):
+                regenerated[t] = (final["attempts"], live[t].reply.resets)
+        if regenerated:
+            # Known defect (app/workflows/attempts.py, the stream core's owner): the retry
+            # begins while the quorum is still away, cannot read the stored parts ("the
+            # reply's parts cannot be read, regenerating: JetStream read failed for 3s:
+            # TimeoutError()") and regenerates with a `reset`: a read timeout taken for "no
+            # parts". Once fixed, this branch never runs: make it an assertion.
+            pytest.xfail(f"the reply was regenerated, not continued: {regenerated}")
     finally:
         await pods.stop()
 
@@ -295,7 +328,8 @@ async def test_publishes_lost_with_their_leader_are_stored_again_in_order(
     stores the publishes that follow the election before the swallowed ones are found
     missing (a window wider than the reply: acks are settled at the end): their acks come
     back below the sequence of the republished ones. Before, that broke the attempt
-    (AttemptBroken: a new attempt); now they are published again after them."""
+    (AttemptBroken: a new attempt); now they are published again after them: the executor
+    logs each such repair, and there is at least one."""
     pods, stream = await start_pods(
         stack, nats_cluster, tmp_path_factory.mktemp("pods"), publish_window=1000
     )
@@ -306,21 +340,23 @@ async def test_publishes_lost_with_their_leader_are_stored_again_in_order(
         run = await client.post(thread, "x", model_options=opts)
         live = Attacher(pods.urls, thread, reconnects=20).start()
         await live.wait_chunk(5)
+        executor = await running_on(client, pods, thread, run["run_id"])
         leader = await stream_leader(nats_cluster, stream)
         nats_cluster.pause(leader)
-        seen = len(live.events)
-        # publishes go on meanwhile, into the frozen leader's route: lost with it
-        await asyncio.sleep(0.5)
-        assert len(live.events) == seen, "the frozen leader stored something"
+        # Publishes go on meanwhile, into the frozen leader's route, lost with it: a few of
+        # them, counted by the executor (no sleep standing in for them).
+        published = await metric(executor, "threadgate_chunks_published_total")
+        await wait_metric(executor, "threadgate_chunks_published_total", published + 5)
         nats_cluster.kill(leader)
         nats_cluster.restart(leader)
         reply = await live.result(120)
         attempts = await check_run(
             client, thread, run["run_id"], {"in-flight": reply, "after": await client.reply(thread)}
         )
-        republished = sum(p.log_text().count("stored out of order") for p in pods.pods)
+        republished = executor.log_text().count("stored out of order")
         print(f"\nattempts {attempts}; parts published again after their successors: {republished}")
         assert attempts == 1
+        assert republished >= 1, "no publish was stored out of order: the fault did not land"
     finally:
         await pods.stop()
 
@@ -359,3 +395,31 @@ async def test_a_pod_started_while_jetstream_has_no_quorum_waits_for_it(
         with contextlib.suppress(BaseException):
             await starting
         await pods.stop()
+
+
+async def test_replicas_are_raised_at_start_and_never_lowered(nats_cluster: NatsCluster) -> None:
+    """A start with more replicas raises the stream's; one with fewer (a pod with an older
+    config, or an operator who raised them by hand) leaves them: lowering is the operator's."""
+    tag = unique("r")[2:]
+    urls = ",".join(nats_cluster.servers[n].url for n in nats_cluster.names)
+
+    async def start(replicas: int) -> int:
+        settings = load_settings(
+            pod_name="replicas-test",
+            nats_url=urls,
+            stream_name=f"REP_{tag}",
+            subject_prefix=f"rep{tag}",
+            stream_replicas=replicas,
+            stream_max_bytes=16 * 1024**2,
+        )
+        nc = await connect_nats(settings, "replicas-test")
+        try:
+            await JetStreamBuffer(settings, nc).ensure_stream()
+            info = await nc.jetstream().stream_info(settings.stream_name)
+            return int(info.config.num_replicas or 1)
+        finally:
+            await nc.close()
+
+    assert await start(1) == 1
+    assert await start(3) == 3  # raised
+    assert await start(1) == 3  # never lowered

@@ -6,12 +6,22 @@ version bump of one pod, interrupt and cancel storms, while every thread posts r
 `vary` reply, so any mix of attempts shows) and follows them with a fast, a slow or a
 reconnecting client. When the faults stop, every invariant is checked for every accepted run:
 
-- it reaches a final status within a bound;
+- it reaches a final status within a bound, one the faults explain: `success`, or
+  `interrupted` / `cancelled` on a storm's thread when a storm asked for it; never `error`
+  (no run here is poisoned, so not even `crashed_repeatedly`);
 - each `success` has exactly one stored assistant message, equal to its `output`;
+- every stored reply is the mock's `vary` pattern: chunk i of attempt a reads `chunk-{i}.{a} `,
+  every index once, in order, attempts never going back (a continued reply is an attempt's
+  chunks then a later attempt's), all the requested chunks for a `success`;
 - every client reconstructed exactly the stored reply of the run it followed (after applying
-  `reset`): no duplicate, no gap, no mix;
+  `reset`), and its text is that pattern too (a duplicate both share fails): no duplicate, no
+  gap, no mix;
 - a thread's runs never overlap and finish in the order they were accepted;
+- the schedule's faults happened: the pods' exits match the kills, SIGTERMs and the version
+  bump, the pods saw each NATS and PostgreSQL restart, storms interrupted runs;
 - every pod ends ready.
+
+Clients are one function per kind (`CLIENTS`): a new kind is one more function.
 
 The seed is printed; `NEMESIS_SEED=<seed>` replays a schedule, `NEMESIS_MINUTES=30` runs a long
 one (the default is short enough for CI).
@@ -24,9 +34,12 @@ import contextlib
 import itertools
 import os
 import random
+import re
+import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +72,13 @@ class Followed:
 class Tally:
     faults: Counter[str] = field(default_factory=Counter)
     accepted: dict[str, str] = field(default_factory=dict)  # run id -> thread
+    chunks: dict[str, int] = field(default_factory=dict)  # run id -> chunks asked for
+    storm_threads: set[str] = field(default_factory=set)
+    cancelled: set[str] = field(default_factory=set)  # run ids a storm asked to cancel
     followed: list[Followed] = field(default_factory=list)
     post_errors: Counter[str] = field(default_factory=Counter)
+    bumped: Pod | None = None  # the pod restarted under the next app version
+    termed: set[int | None] = field(default_factory=set)  # pids sent SIGTERM
 
 
 async def post(
@@ -80,42 +98,96 @@ async def post(
             await asyncio.sleep(0.2)  # paces retries of a refused POST
 
 
-async def follow(urls: list[str], thread: str, kind: str, rng: random.Random) -> Reply:
-    """One client of a thread's latest run until its `done`: fast, slow or reconnecting."""
-    reply = Reply()
-    last_id: str | None = None
+Client = Callable[[list[str], str, random.Random], Awaitable[Reply]]
+
+
+async def attach_once(
+    http: httpx.AsyncClient,
+    url: str,
+    thread: str,
+    reply: Reply,
+    last_id: str | None,
+    after_event: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[str | None, bool]:
+    """One attach: apply its events to `reply` until `done`, the pod going away, or
+    `after_event` answering True (hang up). The last event id, and whether the reply is
+    whole (`done` seen, or a resume at or after it: 204)."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    try:
+        async with http.stream("GET", f"{url}/threads/{thread}/attach", headers=headers) as resp:
+            if resp.status_code == 204:
+                if last_id:
+                    return last_id, True  # resumed at or after `done`: it has it all
+                await asyncio.sleep(0.1)  # paces a retry: nothing to follow yet
+                return last_id, False
+            if resp.status_code != 200:
+                await asyncio.sleep(0.2)  # paces a retry of a refused attach
+                return last_id, False
+            async for ev in parse_sse(resp.aiter_lines()):
+                if ev.id:
+                    last_id = ev.id
+                reply.apply(ev)
+                if ev.event == "done":
+                    return last_id, True
+                if after_event is not None and await after_event():
+                    return last_id, False
+    except httpx.HTTPError:
+        await asyncio.sleep(0.2)  # the pod went away: reconnect elsewhere
+    return last_id, False
+
+
+async def follow(
+    urls: list[str],
+    thread: str,
+    rng: random.Random,
+    after_event: Callable[[], Awaitable[bool]] | None = None,
+) -> Reply:
+    """Attach to a thread's latest run until its `done`, on a random pod each time, resuming
+    with Last-Event-ID after every break."""
+    reply, last_id, whole = Reply(), None, False
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http:
-        while reply.status is None:
-            url = rng.choice(urls)
-            headers = {"Last-Event-ID": last_id} if last_id else {}
-            budget = rng.randint(3, 15) if kind == "reconnecting" else None
-            try:
-                async with http.stream(
-                    "GET", f"{url}/threads/{thread}/attach", headers=headers
-                ) as resp:
-                    if resp.status_code == 204:
-                        if last_id:
-                            return reply  # resumed at or after `done`: it has it all
-                        await asyncio.sleep(0.1)  # paces a retry: nothing to follow yet
-                        continue
-                    if resp.status_code != 200:
-                        await asyncio.sleep(0.2)  # paces a retry of a refused attach
-                        continue
-                    async for ev in parse_sse(resp.aiter_lines()):
-                        if ev.id:
-                            last_id = ev.id
-                        reply.apply(ev)
-                        if ev.event == "done":
-                            break
-                        if kind == "slow":
-                            await asyncio.sleep(rng.uniform(0.01, 0.1))  # a slow reader
-                        if budget is not None:
-                            budget -= 1
-                            if budget <= 0:
-                                break  # hang up; come back with Last-Event-ID
-            except httpx.HTTPError:
-                await asyncio.sleep(0.2)  # the pod went away: reconnect elsewhere
+        while not whole:
+            last_id, whole = await attach_once(
+                http, rng.choice(urls), thread, reply, last_id, after_event
+            )
     return reply
+
+
+async def fast_client(urls: list[str], thread: str, rng: random.Random) -> Reply:
+    """Reads every event as it comes."""
+    return await follow(urls, thread, rng)
+
+
+async def slow_client(urls: list[str], thread: str, rng: random.Random) -> Reply:
+    """Takes 10-100 ms over each event."""
+
+    async def read_slowly() -> bool:
+        await asyncio.sleep(rng.uniform(0.01, 0.1))  # a slow reader
+        return False
+
+    return await follow(urls, thread, rng, read_slowly)
+
+
+async def reconnecting_client(urls: list[str], thread: str, rng: random.Random) -> Reply:
+    """Hangs up after 3-15 events each time and comes back with Last-Event-ID."""
+    budget = rng.randint(3, 15)
+
+    async def hang_up() -> bool:
+        nonlocal budget
+        budget -= 1
+        if budget > 0:
+            return False
+        budget = rng.randint(3, 15)
+        return True
+
+    return await follow(urls, thread, rng, hang_up)
+
+
+CLIENTS: dict[str, Client] = {
+    "fast": fast_client,
+    "slow": slow_client,
+    "reconnecting": reconnecting_client,
+}
 
 
 async def thread_worker(
@@ -128,8 +200,9 @@ async def thread_worker(
             if run_id is None:
                 return
             tally.accepted[run_id] = thread
-            kind = rng.choice(["fast", "slow", "reconnecting"])
-            reply = await follow(cluster.urls, thread, kind, rng)
+            tally.chunks[run_id] = options["chunks"]
+            kind = rng.choice(sorted(CLIENTS))
+            reply = await CLIENTS[kind](cluster.urls, thread, rng)
             tally.followed.append(Followed(thread, run_id, kind, reply))
             await asyncio.sleep(rng.uniform(0.5, 3))  # the user reads the reply
 
@@ -151,10 +224,12 @@ async def storms(
             for run_id in await asyncio.gather(*burst):
                 if run_id is not None:
                     tally.accepted[run_id] = thread
+                    tally.chunks[run_id] = 30
             tally.faults["interrupt storm"] += 1
             with contextlib.suppress(Exception):
                 for run in await client.runs(thread, limit=5):
                     if run["status"] not in TERMINAL and rng.random() < 0.5:
+                        tally.cancelled.add(run["run_id"])  # asked for, answered or not
                         with contextlib.suppress(Exception):
                             await client.cancel(thread, run["run_id"])
                             tally.faults["cancel"] += 1
@@ -178,9 +253,14 @@ async def nemesis(
             weights=[5, 3, 2, 1 if pg_restarts < 2 else 0, 1 if not bumped else 0],
         )[0]
         if action == "kill" and alive:
-            await rng.choice(alive).kill()
+            pod = rng.choice(alive)
+            if pod.pid in tally.termed:
+                tally.faults["kill while draining"] += 1  # its SIGTERM's exit is this one
+            await pod.kill()
         elif action == "term" and alive:
-            rng.choice(alive).send_term()
+            pod = rng.choice(alive)
+            tally.termed.add(pod.pid)
+            pod.send_term()
         elif action == "nats":
             stack.nats.stop(kill=rng.random() < 0.5)
             await asyncio.sleep(rng.uniform(0.5, 4))  # the outage
@@ -196,13 +276,16 @@ async def nemesis(
         elif action == "bump" and alive:
             pod = rng.choice(alive)
             pod.env["THREADGATE_APP_VERSION"] = "nemesis-v2"  # the supervisor restarts it so
+            tally.termed.add(pod.pid)
             pod.send_term()
             bumped = True
+            tally.bumped = pod
         else:
             continue
         tally.faults[action] += 1
 
 
+@pytest.mark.long
 @pytest.mark.timeout(MINUTES * 60 + 2 * SETTLE_S + 300)
 async def test_nemesis(start_cluster: StartCluster, stack: Stack) -> None:
     seed = int(os.environ.get("NEMESIS_SEED", random.randrange(2**32)))
@@ -223,7 +306,7 @@ async def test_nemesis(start_cluster: StartCluster, stack: Stack) -> None:
     )
     threads = [f"nem-{seed % 10_000}-{i}" for i in range(THREADS)]
     storm_threads = threads[-5:]
-    tally = Tally()
+    tally = Tally(storm_threads=set(storm_threads))
     stop = asyncio.Event()
     async with cluster.supervised() as sup:
         workers = [
@@ -239,7 +322,8 @@ async def test_nemesis(start_cluster: StartCluster, stack: Stack) -> None:
             await asyncio.gather(*workers)
         for pod in cluster.pods:
             await pod.wait_ready(120)
-        await check_invariants(cluster, tally)
+        runs = await check_invariants(cluster, tally)
+        check_faults_happened(cluster, sup, tally, runs)
     print(
         f"nemesis: seed {seed}, {MINUTES} min, faults {dict(tally.faults)} (pod exits "
         f"{len(sup.exits)}), runs {len(tally.accepted)}, clients {len(tally.followed)} "
@@ -247,7 +331,8 @@ async def test_nemesis(start_cluster: StartCluster, stack: Stack) -> None:
     )
 
 
-async def check_invariants(cluster: Cluster, tally: Tally) -> None:
+async def check_invariants(cluster: Cluster, tally: Tally) -> dict[str, dict[str, Any]]:
+    """Every invariant of the module docstring but the faults'; the runs by id."""
     async with cluster.client() as client:
         runs: dict[str, dict[str, Any]] = {}
         loop = asyncio.get_running_loop()
@@ -278,6 +363,14 @@ async def check_invariants(cluster: Cluster, tally: Tally) -> None:
         unfinished = [r for r in runs.values() if r["status"] not in TERMINAL]
         assert not unfinished, unfinished
         assert set(tally.accepted) <= set(runs)
+        for run_id in tally.accepted:
+            run = runs[run_id]
+            assert run["status"] in explained_statuses(run, tally), run
+            if run["output"] is not None:
+                whole = tally.chunks[run_id] if run["status"] == "success" else None
+                assert_vary_pattern(run["output"], run, whole)
+            else:
+                assert run["status"] != "success", run
         for f in tally.followed:
             run = runs[f.run_id] if f.reply.run_id == f.run_id else runs.get(f.reply.run_id or "")
             assert run is not None, f
@@ -285,10 +378,71 @@ async def check_invariants(cluster: Cluster, tally: Tally) -> None:
             assert f.reply.duplicates == 0, (f.kind, run["run_id"])
             if run["status"] in ("success", "interrupted") and run["output"] is not None:
                 assert f.reply.text == run["output"], (f.kind, run["run_id"], run["attempts"])
+            assert_vary_pattern(f.reply.text, run, None)
         for pod in cluster.pods:
             async with httpx.AsyncClient(timeout=5) as http:
                 ready = (await http.get(f"{pod.url}/readyz")).json()
             assert ready["status"] == "ready", (pod.name, ready)
+    return runs
+
+
+def explained_statuses(run: dict[str, Any], tally: Tally) -> set[str]:
+    """The final statuses the schedule can explain for a run: `success`; on a storm's thread
+    `interrupted` (a later run of its burst interrupted it) and, when a storm asked to cancel
+    it, `cancelled`. Never `error`: nothing here makes a run fail, and a pod killed under a
+    run is replayed (only a run poisoned on purpose, which the nemesis has none of, may end
+    `crashed_repeatedly`)."""
+    allowed = {"success"}
+    if run["thread_id"] in tally.storm_threads:
+        allowed.add("interrupted")
+        if run["run_id"] in tally.cancelled:
+            allowed.add("cancelled")
+    return allowed
+
+
+VARY_CHUNK = re.compile(r"chunk-(\d+)\.(\d+) ")
+
+
+def assert_vary_pattern(text: str, run: dict[str, Any], chunks: int | None) -> None:
+    """`text` is the mock's `vary` reply of `run` (or a prefix of it): chunk i of attempt a
+    is `chunk-{i}.{a} `; every index from 0 once, in order; the attempts never go back (a
+    continued reply is an attempt's chunks, then a later attempt's) and are attempts the run
+    had; with `chunks`, all of them. Coalescing merges chunks into one part, never changes
+    their text, so this holds whatever the parts were."""
+    tokens = VARY_CHUNK.findall(text)
+    assert "".join(f"chunk-{i}.{a} " for i, a in tokens) == text, (run["run_id"], text)
+    indexes = [int(i) for i, _ in tokens]
+    attempts = [int(a) for _, a in tokens]
+    assert indexes == list(range(len(indexes))), (run["run_id"], text)
+    assert attempts == sorted(attempts), (run["run_id"], text)
+    assert all(1 <= a <= run["attempt"] for a in attempts), (run["run_id"], run["attempt"], text)
+    if chunks is not None:
+        assert len(indexes) == chunks, (run["run_id"], chunks, text)
+
+
+def check_faults_happened(
+    cluster: Cluster, sup: Supervisor, tally: Tally, runs: dict[str, dict[str, Any]]
+) -> None:
+    """What the schedule did, seen from the pods: a schedule whose faults never landed would
+    pass every invariant above without having tested anything."""
+    f = tally.faults
+    killed = sum(1 for _, code in sup.exits if code == -signal.SIGKILL)
+    others = len(sup.exits) - killed
+    assert killed == f["kill"], (sup.exits, dict(f))
+    # Every SIGTERM (a drain, or the version bump's) ended its pod, by itself or by a SIGKILL
+    # that came while it drained.
+    assert others >= f["term"] + f["bump"] - f["kill while draining"], (sup.exits, dict(f))
+    logs = [p.log_text() for p in cluster.pods]
+    assert sum(t.count("nats pod reconnected") for t in logs) >= f["nats"], dict(f)
+    assert sum(t.count("executor claim re-acquired") for t in logs) >= f["pg"], dict(f)
+    if tally.bumped is not None:
+        assert "Application version: nemesis-v2" in tally.bumped.log_text(), tally.bumped.name
+    if f["interrupt storm"]:
+        ended = Counter(
+            runs[r]["status"] for r, t in tally.accepted.items() if t in tally.storm_threads
+        )
+        assert ended["interrupted"] >= 1, (ended, dict(f))
+    assert f["kill"] + f["term"] + f["nats"] + f["pg"] + f["bump"] > 0, dict(f)
 
 
 __all__ = ["Pod"]

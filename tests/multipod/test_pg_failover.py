@@ -142,5 +142,8 @@ async def test_primary_killed_mid_reply_standby_promoted(
             f"promoted {t_promoted - t_kill:.1f}s after the kill; runs seen finished "
             f"{', '.join(f'{x:.1f}' for x in sorted(done_at.values()))} s after the promotion"
         )
+        # The docs' promise (README, Failure behaviour): accepted runs finish once, in the
+        # attempt they began (streaming) or will begin (accepted around the kill).
+        assert set(attempts.values()) == {1}, attempts
     finally:
         await pods.stop()

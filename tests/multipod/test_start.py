@@ -25,7 +25,9 @@ async def test_a_new_run_starts_on_the_pod_that_accepted_it(cluster: Cluster) ->
                 run = await on_pod.post(thread, "hi", model_options={"chunks": 2})
             final = await wait_run(client, thread, run["run_id"])
             assert final["status"] == "success" and final["executor"] == pod.name
-            assert final["attempts"] == [{"attempt": 1, "executor": pod.name, "kind": "first"}]
+            assert final["attempts"] == [
+                {"attempt": 1, "executor": pod.name, "kind": "first", "kept": 0}
+            ]
 
 
 @pytest.mark.cluster(queue_polling_s=60)
@@ -50,19 +52,28 @@ async def test_a_draining_pod_hands_the_threads_next_run_over(
     start_cluster: StartCluster, deaf: bool
 ) -> None:
     """The pod ending a thread's run is draining: it claims nothing and kicks the others on
-    the control subject. A pod that misses every control message (`deaf`: it listens on
-    another subject) still starts the run, at its queue poll."""
-    per_pod = {1: {"THREADGATE_CONTROL_SUBJECT": f"deaf.{unique()}"}} if deaf else None
-    cluster = await start_cluster(size=2, per_pod=per_pod, drain_timeout_s=30)
+    the control subject. The queue poll is 60 s away here, so the other pod can start the run
+    within the test's 30 s only on that kick. A pod that misses every control message
+    (`deaf`: it listens on another subject) still starts the run, at its queue poll (2 s, the
+    default). The other pod is down while the first run is accepted and claimed, so no poll of
+    its can take that run first: the draining pod must be the one ending it."""
+    deaf_pod = {"THREADGATE_CONTROL_SUBJECT": f"deaf.{unique()}"}
+    polling = {} if deaf else {"queue_polling_s": 60}
+    cluster = await start_cluster(
+        size=2, per_pod={1: deaf_pod} if deaf else None, drain_timeout_s=30, **polling
+    )
     draining, other = cluster.pods
+    await other.kill()
     thread = unique()
     async with cluster.client([draining]) as on_draining, cluster.client([other]) as on_other:
-        first = await on_draining.post(thread, "one", model_options={"chunks": 30, "delay_ms": 30})
+        # Long enough to outlast the other pod's restart: it ends while its pod drains.
+        first = await on_draining.post(thread, "one", model_options={"chunks": 150, "delay_ms": 40})
         assert (await running_on(on_draining, cluster, thread, first["run_id"])) is draining
+        await other.restart(deaf_pod if deaf else None)
         second = await on_draining.post(thread, "two", model_options={"chunks": 3, "vary": True})
         watcher = Attacher([other.url], thread).start()
         draining.send_term()
-        b = await wait_run(on_other, thread, second["run_id"], timeout=60)
+        b = await wait_run(on_other, thread, second["run_id"], timeout=30)
         a = await wait_run(on_other, thread, first["run_id"])
         assert await draining.wait_exit(60) == 0
     assert a["status"] == "success" and a["executor"] == draining.name

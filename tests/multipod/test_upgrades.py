@@ -41,6 +41,36 @@ async def test_runs_queued_under_the_old_version_run_after_a_deploy(
             assert (await http.get("/admin/stranded")).json()["runs"] == []
 
 
+async def test_runs_queued_under_a_version_whose_last_pod_left_move_to_a_live_pod(
+    start_cluster: StartCluster,
+) -> None:
+    """Across pods, not at a start: a long run and two queued behind it on the v1 pod; a v2
+    pod already runs. The v1 pod drains and leaves for good (a rolling deploy's last old pod):
+    the live v2 pod moves the queued runs to its version (its checks, or the kick the leaving
+    pod sends) and runs them; nothing restarts."""
+    cluster = await start_cluster(
+        size=2,
+        app_version="v1",
+        per_pod={1: {"THREADGATE_APP_VERSION": "v2"}},
+        drain_timeout_s=60,
+        adopt_check_s=0.5,
+        auto_adopt="false",  # stranded runs' adoption would take them too: only the move here
+    )
+    old, new = cluster.pods
+    thread = unique()
+    async with cluster.client([old]) as on_old, cluster.client([new]) as on_new:
+        long = await on_old.post(thread, "long", model_options={"chunks": 20, "delay_ms": 50})
+        queued = [await on_old.post(thread, f"q{i}", model_options={"chunks": 3}) for i in (1, 2)]
+        assert (await running_on(on_old, cluster, thread, long["run_id"])) is old
+        assert await old.term() == 0  # and it never comes back
+        assert (await on_new.run(thread, long["run_id"]))["status"] == "success"
+        for q in queued:
+            final = await wait_run(on_new, thread, q["run_id"], timeout=60)
+            assert final["status"] == "success" and final["attempt"] == 1
+            assert final["executor"] == new.name
+        assert new.starts == 1  # moved by a live pod, not at a start
+
+
 async def test_adopt_takes_only_the_stranded_runs(start_cluster: StartCluster) -> None:
     """A pod back on v2 with a run stranded under v1 and a live v2 run streaming: adopting used
     to recover every PENDING run under the name, live ones included (attempt 2, a reset)."""

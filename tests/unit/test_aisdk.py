@@ -1,4 +1,4 @@
-"""The AI SDK encoder (streams/aisdk.py) on hand-made event sequences.
+"""The AI SDK encoder (streams/aisdk.py) on what the relay sends for hand-made event sequences.
 
 `fold` applies the chunks the way the `ai` package's processUIMessageStream does for the parts
 we send (text, data, reset-step, transient data); the package itself reads real pods' streams
@@ -8,30 +8,28 @@ in clients/js/test/aisdk.test.js.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
 from threadgate.streams.aisdk import DONE, UiMessageStream
-from threadgate.streams.events import Event, chunk, data, done, reset, run_started, stalled
+from threadgate.streams.events import Event, chunk, data, done, run_started, stalled
+from threadgate.streams.position import Position, parse
+from threadgate.streams.relay import _marker, advance
+from threadgate.streams.reply import Reply
+from threadgate.streams.reply import fold as fold_events
 
 pytestmark = pytest.mark.unit
 
-R, T = "run-1", "thread-1"
+R, T = str(uuid.UUID(int=7)), "thread-1"
 
 
 def seq(events: list[Event], start: int = 1) -> list[Event]:
-    """Number stored events like JetStream does (a reset is made by the relay: no sequence)."""
-    out, n = [], start
-    for ev in events:
-        if ev.type == "reset":
-            out.append(ev)
-        else:
-            out.append(ev.with_seq(n))
-            n += 1
-    return out
+    """Number stored events like JetStream does."""
+    return [ev.with_seq(n) for n, ev in enumerate(events, start=start)]
 
 
-def frames(raw: bytes) -> list[tuple[int | None, dict[str, Any]]]:
+def frames(raw: bytes) -> list[tuple[str | None, dict[str, Any]]]:
     """(id, chunk) of each frame; the id only on frames that carry one."""
     out = []
     for block in raw.decode().split("\n\n"):
@@ -40,7 +38,7 @@ def frames(raw: bytes) -> list[tuple[int | None, dict[str, Any]]]:
         eid, body = None, None
         for line in block.split("\n"):
             if line.startswith("id: "):
-                eid = int(line[4:])
+                eid = line[4:]
             elif line.startswith("data: "):
                 body = line[6:]
         assert body is not None and body != "[DONE]"
@@ -85,11 +83,21 @@ def fold(stream: list[dict[str, Any]]) -> dict[str, Any]:
     return msg
 
 
-def encode_all(events: list[Event], *, after: int | None = None, split: int = 1) -> bytes:
-    enc = UiMessageStream(T, R, after=after)
+def encode_all(
+    events: list[Event], *, pos: Position | None = None, budget: int = 1, reply: Reply | None = None
+) -> bytes:
+    """What a client at `pos` (None: a fresh one) gets for the run these events make: the
+    relay's batches (about `budget` bytes each, in its mode for readers that cannot cut),
+    encoded."""
+    reply = reply or fold_events(R, events)
+    place = pos or Position(R)
+    enc = UiMessageStream(T, R, place)
     out = b""
-    for i in range(0, len(events), split):
-        out += enc.encode(events[i : i + split])
+    if enc.restart:
+        out = enc.reset_first()
+        place = enc.pos = Position(R, text="")
+    while batch := advance(place, reply, truncate=False, budget=budget):
+        out += enc.encode(batch)
     return out
 
 
@@ -102,87 +110,54 @@ def cs(attempt: int, lo: int, hi: int) -> list[Event]:
 
 
 def test_a_plain_reply() -> None:
-    raw = encode_all(seq([run_started(R, 1), *cs(1, 0, 3), done(R, 1, "success")]))
-    out = chunks(raw)
-    assert out[0] == {
-        "type": "start",
-        "messageId": R,
-        "messageMetadata": {"threadgate": {"thread_id": T, "run_id": R}},
-    }
-    assert [c["type"] for c in out] == [
-        "start",
-        "start-step",
-        "data-threadgate-attempt",
-        "text-start",
-        "text-delta",
-        "text-delta",
-        "text-delta",
-        "text-end",
-        "finish-step",
-        "finish",
-    ]
-    assert out[-1]["finishReason"] == "stop"
-    assert out[-1]["messageMetadata"]["threadgate"]["status"] == "success"
+    out = chunks(encode_all(seq([run_started(R, 1), *cs(1, 0, 3), done(R, 1, "success")])))
+    types = [c["type"] for c in out]
+    assert types[:2] == ["start", "start-step"] and types[-2:] == ["finish-step", "finish"]
     msg = fold(out)
     assert msg["id"] == R and msg["text"] == vary(1, 0, 3)
-    # One id per batch, on its last frame: the stream sequence of the batch's last event.
-    assert [eid for eid, _ in frames(raw) if eid is not None] == [1, 2, 3, 4, 5]
+    assert msg["finish"]["finishReason"] == "stop"
 
 
-def test_regenerated_reply_resets_the_step_without_an_error() -> None:
-    events = seq(
-        [
-            run_started(R, 1),
-            *cs(1, 0, 4),
-            reset(R, 2),
-            run_started(R, 2),
-            *cs(2, 0, 5),
-            done(R, 2, "success"),
-        ]
+def test_a_regenerated_reply_resets_the_step_without_an_error() -> None:
+    """A client that read attempt 1's parts, then attempt 2 regenerated: reset-step, then the
+    new reply; no `error` part."""
+    first = seq([run_started(R, 1), *cs(1, 0, 3)])
+    pos = Position(R)
+    enc = UiMessageStream(T, R, pos)
+    seen = enc.encode(advance(pos, fold_events(R, first), truncate=False))
+    later = fold_events(R, seq([run_started(R, 2), *cs(2, 0, 4), done(R, 2, "success")], 10))
+    rest = enc.encode(advance(pos, later, truncate=False))
+    out = chunks(seen) + chunks(rest)
+    assert {"type": "reset-step"} in out and not any(c["type"] == "error" for c in out)
+    assert fold(out)["text"] == vary(2, 0, 4)
+
+
+def test_a_continued_reply_just_continues_the_deltas() -> None:
+    events = seq([run_started(R, 1), *cs(1, 0, 3), run_started(R, 2, 3), *cs(2, 3, 5)])
+    out = chunks(encode_all([*events, done(R, 2, "success").with_seq(99)]))
+    assert {"type": "reset-step"} not in out
+    assert fold(out)["text"] == vary(1, 0, 3) + vary(2, 3, 5)
+
+
+def test_a_continuation_that_cuts_held_parts_starts_the_reader_over() -> None:
+    pos = Position(R)
+    enc = UiMessageStream(T, R, pos)
+    seen = enc.encode(
+        advance(pos, fold_events(R, seq([run_started(R, 1), *cs(1, 0, 5)])), truncate=False)
     )
-    out = chunks(encode_all(events))
-    types = [c["type"] for c in out]
-    assert "error" not in types
-    cut = types.index("reset-step")
-    assert types[cut - 1] == "text-end" and types[cut + 1] == "data-threadgate-reset"
-    assert out[cut + 1] == {
-        "type": "data-threadgate-reset",
-        "data": {"attempt": 2},
-        "transient": True,
-    }
-    msg = fold(out)
-    assert msg["text"] == vary(2, 0, 5)
-    assert [p["type"] for p in msg["parts"]] == ["step-start", "text"]
-
-
-def test_continued_reply_just_continues_the_deltas() -> None:
-    events = seq(
-        [
-            run_started(R, 1),
-            *cs(1, 0, 3),
-            run_started(R, 2, resume_from=3),
-            *cs(2, 3, 6),
-            done(R, 2, "success"),
-        ]
+    cut = fold_events(
+        R,
+        seq(
+            [
+                run_started(R, 1),
+                *cs(1, 0, 5),
+                run_started(R, 2, 3),
+                *cs(2, 3, 6),
+                done(R, 2, "success"),
+            ]
+        ),
     )
-    out = chunks(encode_all(events))
-    assert "reset-step" not in [c["type"] for c in out]
-    assert [c["type"] for c in out].count("text-start") == 1
-    assert fold(out)["text"] == vary(1, 0, 3) + vary(2, 3, 6)
-
-
-def test_continuation_that_cuts_held_parts_resends_the_kept_ones() -> None:
-    events = seq(
-        [
-            run_started(R, 1),
-            *cs(1, 0, 5),
-            run_started(R, 2, resume_from=3),
-            *cs(2, 3, 6),
-            done(R, 2, "success"),
-        ]
-    )
-    out = chunks(encode_all(events))
-    assert [c["type"] for c in out].count("reset-step") == 1
+    out = chunks(seen) + chunks(enc.encode(advance(pos, cut, truncate=False, budget=10**6)))
     assert fold(out)["text"] == vary(1, 0, 3) + vary(2, 3, 6)
 
 
@@ -190,41 +165,32 @@ def test_data_events_are_parts_in_order() -> None:
     events = seq(
         [
             run_started(R, 1),
-            chunk(R, 1, 0, "a "),
-            data(R, 1, 1, "tool_call", {"name": "search", "args": {"q": "x"}}),
-            chunk(R, 1, 2, "b "),
-            data(R, 1, 1, "tool_call", {"dup": True}),
+            *cs(1, 0, 2),
+            data(R, 1, 2, "cite", {"u": 1}),
+            *cs(1, 3, 4),
             done(R, 1, "success"),
         ]
     )
-    out = chunks(encode_all(events))
-    msg = fold(out)
-    assert [p["type"] for p in msg["parts"]] == ["step-start", "text", "data-tool_call", "text"]
-    assert msg["parts"][2] == {
-        "type": "data-tool_call",
-        "id": "d1.1",
-        "data": {"name": "search", "args": {"q": "x"}},
-    }
-    assert msg["text"] == "a b "
+    msg = fold(chunks(encode_all(events)))
+    assert [p["type"] for p in msg["parts"]] == ["step-start", "text", "data-cite", "text"]
 
 
 def test_stalled_is_a_transient_part() -> None:
-    events = seq([run_started(R, 1), *cs(1, 0, 2), stalled(R, 1, "threadgate-2")])
-    out = chunks(encode_all(events))
+    pos = Position(R)
+    enc = UiMessageStream(T, R, pos)
+    out = chunks(enc.encode([_marker(stalled(R, 1, "threadgate-1"), pos)]))
     assert out[-1] == {
         "type": "data-threadgate-stalled",
-        "data": {"executor": "threadgate-2", "message": "threadgate-2 went away, resuming…"},
+        "data": {"executor": "threadgate-1", "message": "threadgate-1 went away, resuming…"},
         "transient": True,
     }
 
 
 def test_an_error_run_sends_an_error_part_then_finish() -> None:
-    err = {"code": "model_error", "message": "the model failed"}
-    out = chunks(encode_all(seq([run_started(R, 1), *cs(1, 0, 1), done(R, 1, "error", err)])))
-    assert [c["type"] for c in out][-4:] == ["text-end", "error", "finish-step", "finish"]
-    assert out[-3] == {"type": "error", "errorText": "the model failed"}
+    err = {"code": "model_error", "message": "boom"}
+    out = chunks(encode_all(seq([run_started(R, 1), done(R, 1, "error", err)])))
+    assert {"type": "error", "errorText": "boom"} in out
     assert out[-1]["finishReason"] == "error"
-    assert out[-1]["messageMetadata"]["threadgate"]["error"] == err
 
 
 @pytest.mark.parametrize("status", ["cancelled", "interrupted"])
@@ -234,31 +200,14 @@ def test_a_stopped_run_finishes_with_reason_other(status: str) -> None:
     assert out[-1]["messageMetadata"]["threadgate"]["status"] == status
 
 
-def test_stragglers_duplicates_and_other_runs_are_dropped() -> None:
-    events = seq(
-        [
-            run_started(R, 1),
-            *cs(1, 0, 2),
-            reset(R, 2),
-            run_started(R, 2),
-            chunk(R, 1, 2, "late "),
-            chunk("other", 2, 0, "x "),
-            *cs(2, 0, 2),
-            *cs(2, 1, 2),
-            done(R, 2, "success"),
-        ]
-    )
-    assert fold(chunks(encode_all(events)))["text"] == vary(2, 0, 2)
-
-
 def test_keepalive_and_done_marker() -> None:
-    assert UiMessageStream(T, R).encode([]) == b": keepalive\n\n"
+    assert UiMessageStream(T, R, Position(R)).encode([]) == b": keepalive\n\n"
     assert DONE == b"data: [DONE]\n\n"
 
 
-@pytest.mark.parametrize("split", [1, 2, 3])
-def test_a_resumed_client_continues_with_the_part_ids_it_knows(split: int) -> None:
-    """Resume after every batch id: the frames sent before + the resumed stream = the whole."""
+def test_a_resumed_reader_continues_with_the_part_ids_it_knows() -> None:
+    """Back after any batch with that batch's id: the frames before + the resumed stream
+    fold into the whole message (the open text part goes on under the same id)."""
     events = seq(
         [
             run_started(R, 1),
@@ -270,36 +219,24 @@ def test_a_resumed_client_continues_with_the_part_ids_it_knows(split: int) -> No
             done(R, 2, "success"),
         ]
     )
-    whole = frames(encode_all(events, split=split))
+    whole = frames(encode_all(events))
+    want = fold([c for _, c in whole])
     for cut, (eid, _) in enumerate(whole):
         if eid is None:
             continue
+        back = parse(eid)
+        assert isinstance(back, Position) and (back.done or back.text is not None)
         before = [c for _, c in whole[: cut + 1]]
-        rest = chunks(encode_all(events, after=eid, split=split))
-        assert before + rest == [c for _, c in whole], f"resumed after {eid}"
+        if back.done:
+            continue
+        rest = chunks(encode_all(events, pos=back))
+        assert fold(before + rest) == want, f"resumed after {eid}"
 
 
-def test_a_resumed_client_after_a_purge_converges_on_the_new_attempt() -> None:
-    """A regenerating attempt purged attempt 1: the resumed stream replays only attempt 2, and
-    the reader's message ends the same."""
-    first = seq([run_started(R, 1), *cs(1, 0, 3)])
-    second = seq([reset(R, 2), run_started(R, 2), *cs(2, 0, 6), done(R, 2, "success")], start=4)
-    enc = UiMessageStream(T, R)
-    seen = enc.encode(first) + enc.encode(second[:4])  # through chunk 1 of attempt 2: id 6
-    assert frames(seen)[-1][0] == 6
-    resumed = encode_all(second[1:], after=6)  # the log now holds attempt 2 only
-    msg = fold(chunks(seen) + chunks(resumed))
-    assert msg["text"] == vary(2, 0, 6)
-    assert msg["finish"]["finishReason"] == "stop"
-
-
-def test_a_resumed_reader_of_a_run_rebuilt_from_the_store_starts_the_step_over() -> None:
-    """The run's events left the stream: the relay rebuilds it from the row (no sequences)."""
-    first = seq([run_started(R, 1), *cs(1, 0, 3)])
-    enc = UiMessageStream(T, R)
-    seen = enc.encode(first)
-    stored = [run_started(R, 1), chunk(R, 1, 0, vary(1, 0, 5)), done(R, 1, "success")]
-    resumed = chunks(encode_all(stored, after=4))
+def test_a_reader_back_with_a_place_without_encoder_state_starts_over() -> None:
+    """A native SSE id (or a v2 one) says nothing of the reader's open text part."""
+    events = seq([run_started(R, 1), *cs(1, 0, 5), done(R, 1, "success")])
+    seen = chunks(encode_all(seq([run_started(R, 1), *cs(1, 0, 3)])))
+    resumed = chunks(encode_all(events, pos=Position(R, 1, 3, 4)))
     assert resumed[0] == {"type": "reset-step"}
-    msg = fold(chunks(seen) + resumed)
-    assert msg["text"] == vary(1, 0, 5)
+    assert fold(seen + resumed)["text"] == vary(1, 0, 5)

@@ -292,3 +292,35 @@ def test_check_config_refuses_bad_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="principal:key"):
         check_config(settings(api_keys="no-colon"))
     check_config(load_settings(auth="off", jwt_secret="short"))  # off: nothing is checked
+
+
+def test_a_token_over_8_kib_is_refused_even_when_it_is_a_configured_key() -> None:
+    """The bound holds before any lookup: a key of 8 KiB works, one character more never does
+    (an otherwise valid credential, so only the bound can refuse it)."""
+    longest, too_long = "k" * MAX_TOKEN_CHARS, "k" * (MAX_TOKEN_CHARS + 1)
+    s = settings(api_keys=f"alice:{longest},bob:{too_long}")
+    assert authenticate(s, bearer(longest), None) == Principal("alice")
+    assert authenticate(s, bearer(too_long), None) is None
+    assert authenticate(s, None, too_long) is None  # ?access_token= too
+
+
+def test_a_kid_in_the_jwks_wins_else_the_pem(
+    tmp_path: Path, rsa_key: Any, other_rsa_key: Any
+) -> None:
+    """Both a PEM key and a JWKS file: a token whose `kid` the JWKS has is checked with that
+    key; any other token (no kid, or a kid the JWKS lacks) with the PEM key."""
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(pem(rsa_key))
+    path = jwks(tmp_path / "jwks.json", {"rotated": other_rsa_key})
+    s = settings(
+        jwt_public_key_file=str(key_file),
+        jwt_jwks_file=str(path),
+        jwt_audience=AUD,
+        jwt_issuer=ISS,
+    )
+    alice = Principal("alice")
+    assert authenticate(s, bearer(rs256(other_rsa_key, "rotated")), None) == alice  # JWKS wins
+    assert authenticate(s, bearer(rs256(rsa_key, "rotated")), None) is None  # not the PEM's
+    assert authenticate(s, bearer(rs256(rsa_key)), None) == alice  # no kid: the PEM
+    assert authenticate(s, bearer(rs256(rsa_key, "elsewhere")), None) == alice  # unknown kid
+    assert authenticate(s, bearer(rs256(other_rsa_key)), None) is None  # no kid, not the PEM's

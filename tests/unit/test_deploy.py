@@ -43,6 +43,8 @@ from threadgate.main import create_app
 from threadgate.metrics import Metrics
 from threadgate.settings import Settings, load_settings
 
+from tests.conftest import unavailable
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,8 +55,8 @@ LOCK = ROOT / "requirements.lock"
 SECRET_EXAMPLE = K8S / "base" / "secret.example.yaml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
-# name → directory (relative to k8s/) that `kubectl kustomize` builds. "optional" is an
-# overlay written into the clone only (prod + the optional components), so they render too.
+# name → directory (relative to k8s/) that `kubectl kustomize` builds. "optional" is prod with
+# the optional components (monitoring, keda): overlays/prod-autoscaled.
 BUILDS = {
     "k8s": ".",
     "dev": "overlays/dev",
@@ -62,16 +64,17 @@ BUILDS = {
     "prod-bundled": "overlays/prod-bundled",
     "prod-ha": "overlays/prod-ha",
     "base": "base",
-    "optional": "overlays/optional",
+    "optional": "overlays/prod-autoscaled",
 }
 OPTIONAL_COMPONENTS = ("monitoring", "keda")
-EXPECTED_REPLICAS = {
+# None: KEDA's HPA owns the count (components/keda removes spec.replicas).
+EXPECTED_REPLICAS: dict[str, int | None] = {
     "k8s": 1,
     "dev": 1,
     "prod": 3,
     "prod-bundled": 3,
     "prod-ha": 3,
-    "optional": 3,
+    "optional": None,
 }
 WITH_BUNDLED_DEPS = {"k8s", "dev", "prod-bundled"}
 # components/nats-cluster (a 3-node JetStream cluster) and components/cnpg (CloudNativePG)
@@ -144,18 +147,15 @@ def fresh_clone_files() -> list[Path]:
 
 
 def copy_clone(root: Path) -> Path:
-    """k8s/ as a fresh clone has it under `root`, plus the overlay of the optional components."""
+    """k8s/ as a fresh clone has it under `root`."""
     for rel in fresh_clone_files():
         if (ROOT / rel).is_file():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, root / rel)
-    optional = root / "k8s" / BUILDS["optional"]
-    optional.mkdir(parents=True)
-    components = "".join(f"\n  - ../../components/{c}" for c in OPTIONAL_COMPONENTS)
-    (optional / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - ../prod\ncomponents:{components}\n"
+    optional = yaml.safe_load(
+        (root / "k8s" / BUILDS["optional"] / "kustomization.yaml").read_text()
     )
+    assert {c.rsplit("/", 1)[-1] for c in optional["components"]} >= set(OPTIONAL_COMPONENTS)
     return root / "k8s"
 
 
@@ -177,7 +177,7 @@ def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
 
 def rendered(clone_k8s: Path, build: str) -> tuple[dict[str, Any], ...]:
     if KUBECTL is None:
-        pytest.skip(NO_KUBECTL)
+        unavailable(NO_KUBECTL)
     return kustomize(clone_k8s / BUILDS[build])
 
 
@@ -621,7 +621,9 @@ def test_no_app_version_anywhere(objects: tuple[dict[str, Any], ...]) -> None:
     """The image's package version is the DBOS application version: a manifest that set it
     too could disagree with the image it runs (a `kustomize edit set image` away)."""
     assert "THREADGATE_APP_VERSION" not in container_env(objects)
-    assert image_tag(tg_container(objects)["image"]) == project_version() == __version__
+    # <package version>-<build>: the tag names one build (tests/unit/test_deploy_day2.py).
+    assert image_tag(tg_container(objects)["image"]).startswith(f"{project_version()}-")
+    assert project_version() == __version__
 
 
 def test_no_app_version_in_any_file() -> None:
@@ -633,7 +635,7 @@ def test_no_app_version_in_any_file() -> None:
 def test_base_deploys_this_version() -> None:
     (sts,) = load_yaml_docs(K8S / "base" / "statefulset.yaml")
     container = sts["spec"]["template"]["spec"]["containers"][0]
-    assert image_tag(container["image"]) == project_version(), (
+    assert image_tag(container["image"]).startswith(f"{project_version()}-"), (
         "k8s/base/statefulset.yaml deploys another version than pyproject.toml: bump the image "
         "tag with the package version"
     )
@@ -686,6 +688,12 @@ def test_secret_example() -> None:
     assert "POSTGRES_PASSWORD" in SECRET_EXAMPLE.read_text()  # documented for prod-bundled
 
 
+def _runtime_stub() -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(settings=Settings(metrics_port=9090))
+
+
 def test_probes_hit_routes_the_app_serves(
     objects: tuple[dict[str, Any], ...], app_paths: Routes
 ) -> None:
@@ -696,10 +704,17 @@ def test_probes_hit_routes_the_app_serves(
     # Liveness must not depend on Postgres or NATS: /healthz only says the process is alive.
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "startupProbe" in container
+    # On the metrics port, where a pod of several processes answers for the pod as a whole
+    # (app/pod.py) and a one-process pod's metrics server answers the same routes.
+    from threadgate.api.health import metrics_server
+
+    admin_paths = {r.path for r in metrics_server(_runtime_stub()).config.app.routes}
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         http = container[probe]["httpGet"]
         assert http["path"] in app_paths, f"{probe} {http['path']} is not a route"
-        assert http["port"] in ("http", port_names["http"]), f"{probe} is not on the API port"
+        assert http["path"] in admin_paths, f"{probe} {http['path']} is not an admin route"
+        assert http["port"] in ("metrics", port_names["metrics"]), f"{probe}: not the admin port"
+    assert container_env(objects)["THREADGATE_METRICS_PORT"] == str(port_names["metrics"])
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
     startup = container["startupProbe"]
@@ -835,7 +850,7 @@ def test_network_policy(objects: tuple[dict[str, Any], ...]) -> None:
 @pytest.mark.parametrize("build", sorted(EXPECTED_REPLICAS))
 def test_overlays(build: str, clone_k8s: Path) -> None:
     objs = rendered(clone_k8s, build)
-    assert tg_statefulset(objs)["spec"]["replicas"] == EXPECTED_REPLICAS[build]
+    assert tg_statefulset(objs)["spec"].get("replicas") == EXPECTED_REPLICAS[build]
     env = container_env(objs)
     assert env["THREADGATE_STREAM_REPLICAS"] == str(STREAM_REPLICAS[build])
     bundled = build in WITH_BUNDLED_DEPS
@@ -847,6 +862,15 @@ def test_overlays(build: str, clone_k8s: Path) -> None:
     assert (find(objs, "Secret", "threadgate-secrets") is not None) is (build in ("k8s", "dev"))
     if bundled:
         assert env["THREADGATE_NATS_URL"] == "nats://nats:4222"
+        # ~20 connections per executing process, for every pod and a rolling update's surge.
+        pg = find(objs, "StatefulSet", "postgres")
+        assert pg is not None
+        args = pg["spec"]["template"]["spec"]["containers"][0].get("args", [])
+        limit = int(
+            next((a.split("=", 1)[1] for a in args if a.startswith("max_connections=")), 100)
+        )
+        budget = 20 * int(env.get("THREADGATE_PROCESSES", "1")) * (EXPECTED_REPLICAS[build] + 1)
+        assert limit >= budget, (limit, budget)
     elif build in WITH_NATS_CLUSTER:
         assert len(env["THREADGATE_NATS_URL"].split(",")) == 3, "every member of the cluster"
     else:
@@ -855,7 +879,8 @@ def test_overlays(build: str, clone_k8s: Path) -> None:
         image = tg_container(objs)["image"]
         assert image.split("/")[0] == "registry.example.com", "prod: a registry-qualified image"
         res = tg_container(objs)["resources"]
-        assert res["requests"]["cpu"] in ("1", 1)
+        # A core per executing process (docs/deploy.md, "Process layout").
+        assert str(res["requests"]["cpu"]) == env["THREADGATE_PROCESSES"]
 
 
 @pytest.mark.parametrize("build", PRODUCTION)
@@ -1096,7 +1121,12 @@ def app_metric_names() -> set[str]:
 
 def test_custom_resources(clone_k8s: Path) -> None:
     objs = rendered(clone_k8s, "optional")
-    custom = {o["kind"]: o for o in objs if o["kind"] in CR_SCHEMAS}
+    # threadgate's own (components/monitoring also has a PodMonitor for CloudNativePG's pods)
+    custom = {
+        o["kind"]: o
+        for o in objs
+        if o["kind"] in CR_SCHEMAS and not o["metadata"]["name"].endswith("-pg")
+    }
     assert set(custom) == set(CR_SCHEMAS)
     for kind, obj in custom.items():
         assert obj["apiVersion"] == CR_API[kind]
@@ -1116,7 +1146,10 @@ def test_custom_resources(clone_k8s: Path) -> None:
     rules = [r for g in custom["PrometheusRule"]["spec"]["groups"] for r in g["rules"]]
     for rule in rules:
         named = set(re.findall(r"\bthreadgate_[a-z_]+", rule["expr"]))
-        assert named and named <= metrics, (rule["alert"], named - metrics)
+        # kube-state-metrics, the kubelet's volume stats, CloudNativePG's instances
+        external = set(re.findall(r"\b(?:kube|kubelet|cnpg)_[a-z_]+", rule["expr"]))
+        assert named or external, rule["alert"]
+        assert named <= metrics, (rule["alert"], named - metrics)
     docs = OPERATIONS.read_text()
     alerted = {m for r in rules for m in re.findall(r"\bthreadgate_[a-z_]+", r["expr"])}
     alerts = docs[docs.index("Worth alerting on") :]
@@ -1140,10 +1173,13 @@ def test_custom_resources(clone_k8s: Path) -> None:
     assert all(p["periodSeconds"] >= drain + adopt for p in down["policies"])
     assert down.get("selectPolicy", "Max") != "Disabled"
     assert scaled["minReplicaCount"] >= 1
+    # Busy pods (tests/unit/test_deploy_day2.py says more): CPU, and runs in flight per pod.
+    assert {t["type"] for t in scaled["triggers"]} == {"cpu", "prometheus"}
     for trigger in scaled["triggers"]:
-        assert set(re.findall(r"\bthreadgate_[a-z_]+", trigger["metadata"]["query"])) == {
-            "threadgate_queue_depth"
-        }
+        if trigger["type"] == "prometheus":
+            assert set(re.findall(r"\bthreadgate_[a-z_]+", trigger["metadata"]["query"])) == {
+                "threadgate_runs_in_flight"
+            }
 
 
 # ---------------------------------------------------------------------------- HA dependencies
@@ -1169,6 +1205,7 @@ CNPG_CLUSTER = strict(
                         "method": {"enum": ["any", "first"]},
                         "number": {"type": "integer", "minimum": 1},
                         "dataDurability": {"enum": ["required", "preferred"]},
+                        "failoverQuorum": {"type": "boolean"},
                     },
                     ("method", "number"),
                 ),
@@ -1177,6 +1214,19 @@ CNPG_CLUSTER = strict(
         ),
         "bootstrap": strict({"initdb": strict({"database": STR, "owner": STR})}),
         "storage": strict({"size": STR, "storageClass": STR}),
+        "plugins": {
+            "type": "array",
+            "items": strict(
+                {
+                    "name": STR,
+                    "enabled": {"type": "boolean"},
+                    "isWALArchiver": {"type": "boolean"},
+                    "parameters": {"type": "object", "additionalProperties": STR},
+                },
+                ("name",),
+            ),
+        },
+        "topologySpreadConstraints": {"type": "array"},
         "affinity": strict(
             {
                 "enablePodAntiAffinity": {"type": "boolean"},
@@ -1193,7 +1243,7 @@ CNPG_CLUSTER = strict(
     },
     ("instances",),
 )
-CUSTOM_KINDS = {*CR_SCHEMAS, "Cluster"}
+CUSTOM_KINDS = {*CR_SCHEMAS, "Cluster", "ScheduledBackup", "ObjectStore"}
 
 
 def nats_conf_routes(conf: str) -> list[str]:
@@ -1294,7 +1344,8 @@ def test_cnpg_cluster(build: str, clone_k8s: Path) -> None:
     assert spec["affinity"]["topologyKey"] == "kubernetes.io/hostname"
     params = spec["postgresql"]["parameters"]
     assert int(params["tcp_keepalives_idle"]) <= 60  # a dead node's claims are dropped soon
-    assert int(params["max_connections"]) >= 20 * (EXPECTED_REPLICAS[build] + 1)
+    processes = int(container_env(objs).get("THREADGATE_PROCESSES", "1"))
+    assert int(params["max_connections"]) >= 20 * processes * (EXPECTED_REPLICAS[build] + 1)
     res = spec["resources"]
     assert "cpu" not in res["limits"] and res["requests"]["memory"] == res["limits"]["memory"]
 
@@ -1341,7 +1392,7 @@ def test_compose_threadgate_services() -> None:
         assert env.get("THREADGATE_WORKERS", "1") == "1"
         assert "THREADGATE_FAULT_POINT" not in env
         assert "THREADGATE_APP_VERSION" not in env  # the image's own version
-        assert image_tag(svc["image"]) == project_version()
+        assert image_tag(svc["image"]).startswith(f"{project_version()}-")
         assert svc["restart"] == "unless-stopped"
         assert "build" in svc
         assert [str(p) for p in svc["ports"]] == [f"{8000 + i}:8000"]

@@ -1,23 +1,28 @@
-"""The shared tail log and a client's cursor: resets, stragglers, resumes."""
+"""The one rule (`advance`), the tail as a cache, and the relay choosing where parts come from.
+
+The sequences of issue 24 that reach the relay are reproduced here in process (each failed on
+the relay of contract v2); tests/integration/test_resume.py runs them against real JetStream,
+PostgreSQL and pods.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from datetime import UTC, datetime
+import uuid
 
 import pytest
-from threadgate.store.runs import Run
 from threadgate.streams.events import Event, chunk, done, run_started
-from threadgate.streams.relay import Cursor, relay, resumed_cursor, step
+from threadgate.streams.position import Position, parse
+from threadgate.streams.relay import advance
+from threadgate.streams.reply import Reply, fold
 from threadgate.streams.tail import ThreadTail
+
+from tests.unit.world import StrictClient, World, follow, new_run
 
 pytestmark = pytest.mark.unit
 
-
-def feed(tail: ThreadTail, *events: Event) -> None:
-    for i, ev in enumerate(events, start=tail.last_seq + 1):
-        tail.add(ev.with_seq(i))
+R = str(uuid.UUID(int=1))
+NEXT = str(uuid.UUID(int=2))
 
 
 def label(e: Event) -> str:
@@ -25,113 +30,127 @@ def label(e: Event) -> str:
     return f"{e.type}:{e.attempt}:{extra}"
 
 
-def play(cursor: Cursor, tail: ThreadTail, run_id: str) -> list[str]:
-    out: list[str] = []
-    for ev in tail.after(cursor.seq):
-        sent = step(cursor, run_id, ev)
-        out += [label(e) for e in sent]
-        if any(e.type == "done" for e in sent):
-            break
-    return out
+def stored(*events: Event) -> list[Event]:
+    return [e.with_seq(i) for i, e in enumerate(events, start=1)]
 
 
-def fresh(tail: ThreadTail, run_id: str) -> Cursor:
-    return Cursor(seq=tail.start_of(run_id))
+def parts(n: int, attempt: int = 1, start: int = 0, run: str = R) -> list[Event]:
+    return [chunk(run, attempt, i, f"c{i}.{attempt} ") for i in range(start, start + n)]
 
 
-async def test_a_regenerating_attempt_starts_a_segment_and_resets_a_client_that_saw_chunks() -> (
-    None
-):
-    tail = ThreadTail("t")
-    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
-    c = fresh(tail, "r")
-    assert play(c, tail, "r") == ["run_started:1:", "chunk:1:0", "chunk:1:1"]
-    feed(tail, run_started("r", 2), chunk("r", 2, 0, "a"))
-    assert play(c, tail, "r") == ["reset:2:", "run_started:2:", "chunk:2:0"]
-    # a late attacher sees only the new attempt, without a reset
-    assert play(fresh(tail, "r"), tail, "r") == ["run_started:2:", "chunk:2:0"]
+# ---- the rule ------------------------------------------------------------------------------
 
 
-async def test_a_continued_attempt_goes_on_without_a_reset() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
-    c = fresh(tail, "r")
-    assert play(c, tail, "r") == ["run_started:1:", "chunk:1:0", "chunk:1:1"]
-    feed(tail, run_started("r", 2, resume_from=2), chunk("r", 2, 2, "c"), done("r", 2, "success"))
-    assert play(c, tail, "r") == ["run_started:2:2", "chunk:2:2", "done:2:"]
-    # a late attacher gets one coherent reply: attempt 1's parts, then attempt 2's
-    late = play(fresh(tail, "r"), tail, "r")
-    assert late == [
+def test_a_fresh_client_gets_a_continued_reply_in_index_order_each_attempt_announced() -> None:
+    reply = fold(R, stored(run_started(R, 1), *parts(4), run_started(R, 2, 2), *parts(2, 2, 2)))
+    pos = Position(R)
+    got = [label(e) for e in advance(pos, reply)]
+    assert got == [
         "run_started:1:",
         "chunk:1:0",
         "chunk:1:1",
-        "run_started:2:2",
+        "run_started:2:2",  # parts 2 and 3 of attempt 1 are void: never sent
         "chunk:2:2",
-        "done:2:",
+        "chunk:2:3",
+    ]
+    assert (pos.attempt, pos.parts) == (2, 4)
+
+
+def test_a_client_of_an_attempt_that_was_regenerated_since_gets_a_reset() -> None:
+    reply = fold(R, stored(run_started(R, 3), *parts(2, 3)))  # attempt 3 regenerated
+    pos = Position(R, attempt=1, parts=40)
+    got = [label(e) for e in advance(pos, reply)]
+    assert got == ["reset:3:", "run_started:3:", "chunk:3:0", "chunk:3:1"]
+
+
+def test_a_continuation_that_keeps_fewer_parts_than_held_cuts_them() -> None:
+    reply = fold(R, stored(run_started(R, 1), *parts(5), run_started(R, 2, 3), *parts(1, 2, 3)))
+    pos = Position(R, attempt=1, parts=5)
+    assert [label(e) for e in advance(pos, reply)] == ["run_started:2:3", "chunk:2:3"]
+    # A reader that cannot cut (the AI SDK's) starts over instead.
+    pos = Position(R, attempt=1, parts=5)
+    got = [label(e) for e in advance(pos, reply, truncate=False)]
+    assert got[:2] == ["reset:1:", "run_started:1:"] and got[-2:] == [
+        "run_started:2:3",
+        "chunk:2:3",
     ]
 
 
-async def test_the_far_side_of_a_gap_is_never_sent() -> None:
+def test_a_client_that_holds_done_gets_nothing_and_ids_say_what_it_holds() -> None:
+    reply = fold(R, stored(run_started(R, 1), *parts(2), done(R, 1, "success")))
+    pos = Position(R)
+    batch = advance(pos, reply)
+    assert pos.done and [e.type for e in batch][-1] == "done"
+    last = parse(pos.id())
+    assert isinstance(last, Position) and last.done and last.parts == 2
+    assert advance(last, reply) == []
+
+
+def test_a_part_id_is_the_place_after_it_for_any_client() -> None:
+    reply = fold(R, stored(run_started(R, 1), *parts(3)))
+    pos = Position(R)
+    for ev in advance(pos, reply):
+        if ev.part:
+            from threadgate.streams.events import part_frame
+
+            place = parse(part_frame(ev).split(b"\n")[0][4:].decode())
+            assert isinstance(place, Position)
+            assert (place.run_id, place.attempt, place.parts, place.seq) == (
+                R,
+                ev.attempt,
+                (ev.index or 0) + 1,
+                ev.seq,
+            )
+
+
+def test_a_v2_id_and_garbage() -> None:
+    assert parse("4242") == 4242
+    assert parse(None) is None and parse("") is None
+    from threadgate.errors import InvalidRequest
+
+    for bad in ("²", "abc", "x" * 300, "AAAAAAAAAAAAAAAAAAAAAA.1.2"):
+        with pytest.raises(InvalidRequest):
+            parse(bad)
+
+
+# ---- the tail ------------------------------------------------------------------------------
+
+
+async def test_an_older_runs_events_never_begin_a_run_in_the_tail() -> None:
+    """Sequence 5: a `done` (or a run_started) of an earlier run published late, in the
+    middle of the thread's next run, is that run's business only."""
     tail = ThreadTail("t")
-    # attempt 1 lost part 1 but stored part 2; attempt 2 continues after part 0
-    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 2, "x"))
-    c = fresh(tail, "r")
-    assert play(c, tail, "r") == ["run_started:1:", "chunk:1:0"]
-    feed(tail, run_started("r", 2, resume_from=1), chunk("r", 2, 1, "b"), chunk("r", 2, 2, "c"))
-    assert play(c, tail, "r") == ["run_started:2:1", "chunk:2:1", "chunk:2:2"]
+    for ev in stored(run_started(NEXT, 1, run_seq=2), *parts(3, run=NEXT), done(R, 1, "error")):
+        tail.add(ev)
+    tail.add(run_started(R, 2, run_seq=1).with_seq(10))
+    assert tail.current is not None and tail.current.run_id == NEXT
+    assert tail.view(R) is None and tail.view(NEXT) is not None
+    assert tail.view(NEXT).total == 3  # type: ignore[union-attr]
 
 
-async def test_stragglers_of_a_dead_attempt_are_not_sent() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("r", 2), chunk("r", 1, 7, "old"), chunk("r", 2, 0, "new"))
-    assert play(fresh(tail, "r"), tail, "r") == ["run_started:2:", "chunk:2:0"]
-
-
-async def test_earlier_runs_events_are_skipped_and_done_ends() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("old", 1), chunk("old", 1, 0, "x"), done("old", 1, "success"))
-    c = fresh(tail, "new")
-    assert play(c, tail, "new") == []
-    feed(tail, run_started("new", 1), chunk("new", 1, 0, "y"), done("new", 1, "success"))
-    assert play(c, tail, "new") == ["run_started:1:", "chunk:1:0", "done:1:"]
-
-
-async def test_resume_mid_attempt_continues_without_reset() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
-    c = resumed_cursor(tail, "r", 2)
-    assert play(c, tail, "r") == ["chunk:1:1"]
-
-
-async def test_resume_from_a_dead_attempt_gets_a_reset() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("r", 1), chunk("r", 1, 0, "a"), chunk("r", 1, 1, "b"))
-    feed(tail, run_started("r", 2), chunk("r", 2, 0, "a"))
-    c = resumed_cursor(tail, "r", 2)  # the client last saw attempt 1's chunk 0
-    assert play(c, tail, "r") == ["chunk:1:1", "reset:2:", "run_started:2:", "chunk:2:0"]
-
-
-async def test_a_client_behind_the_log_gets_a_reset_when_it_may_hold_anything() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("a", 1), chunk("a", 1, 0, "x"), done("a", 1, "success"))
-    feed(tail, run_started("b", 1), done("b", 1, "success"))
-    feed(tail, run_started("c", 1), chunk("c", 1, 0, "z"))
-    assert tail.missed(2) and not tail.missed(tail.trimmed_seq)
-    assert [e.run_id for e in tail.log] == ["b", "b", "c", "c"]  # a's segment is gone
-
-
-async def test_a_done_without_chunks_of_a_later_run_starts_a_segment() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("a", 1), done("a", 1, "success"), done("b", 1, "cancelled"))
-    assert play(fresh(tail, "b"), tail, "b") == ["done:1:"]
+async def test_a_bounded_tail_drops_the_earlier_run_first_then_the_oldest_parts() -> None:
+    tail = ThreadTail("t", max_bytes=20_000)
+    for i, ev in enumerate(
+        [
+            run_started(R, 1, run_seq=1),
+            *parts(10),
+            done(R, 1, "success"),
+            run_started(NEXT, 1, run_seq=2),
+            *parts(60, run=NEXT),
+        ],
+        start=1,
+    ):
+        tail.add(ev.with_seq(i))
+    assert tail.view(R) is None
+    view = tail.view(NEXT)
+    assert view is not None and view.first > 0 and view.total == 60
+    assert tail.held_bytes <= 20_000
 
 
 async def test_a_wait_returns_at_once_when_the_log_changed_since_the_client_looked() -> None:
-    """An event taken while the client was writing (between its look and its wait) is not
-    left for the next event or the keepalive to deliver."""
     tail = ThreadTail("t")
     seen = tail.last_seq
-    feed(tail, run_started("r", 1))
+    tail.add(run_started(R, 1).with_seq(1))
     await asyncio.wait_for(tail.wait(seen, timeout=30), 1)
 
 
@@ -142,7 +161,7 @@ async def test_one_event_wakes_every_waiter_and_deadlines_wake_only_their_own() 
     quick = asyncio.ensure_future(tail.wait(v, timeout=0.05))
     await asyncio.wait_for(quick, 1)  # woken by the tail's timer
     assert not any(w.done() for w in slow)
-    feed(tail, run_started("r", 1))
+    tail.add(run_started(R, 1).with_seq(1))
     await asyncio.wait_for(asyncio.gather(*slow), 1)
     assert tail._waiters == {}
 
@@ -170,139 +189,156 @@ def test_stream_seq_reads_the_reply_subject_like_nats_py() -> None:
         assert stream_seq(msg) == msg.metadata.sequence.stream == 4242
 
 
-def stored_run(run_id: str, output: str) -> Run:
-    now = datetime.now(UTC)
-    return Run(
-        run_id=run_id,
-        thread_id="t",
-        seq=1,
-        status="success",
-        attempt=1,
-        executor="p",
-        accepted_by="p",
-        input="x",
-        model_options={},
-        multitask_strategy="enqueue",
-        idempotency_key=None,
-        request_hash=None,
-        stop_requested=None,
-        timeout_s=None,
-        error=None,
-        created_at=now,
-        started_at=now,
-        finished_at=now,
-        output=output,
-    )
+# ---- the relay: the sequences of issue 24 ---------------------------------------------------
 
 
-async def relay_labels(
-    tail: ThreadTail, run_id: str, output: str, after: Callable[[], None]
-) -> list[str]:
-    """Relay `run_id` to a client that reads one batch, then stops reading while `after`
-    changes the tail (its socket is full), then reads to the end."""
-
-    async def lookup() -> Run:
-        return stored_run(run_id, output)
-
-    gen = relay(tail, run_id, lookup, last_event_id=None, keepalive_s=5, recheck_s=0.01)
-    got = [label(e) for e in await anext(gen)]
-    after()
-    async with asyncio.timeout(5):
-        async for batch in gen:
-            got += [label(e) for e in batch]
-    return got
+def world_with(*runs: str) -> World:
+    world = World()
+    for i, run_id in enumerate(runs, start=1):
+        world.runs[run_id] = new_run(run_id, i)
+    return world
 
 
-async def test_a_slow_client_finds_its_runs_end_after_the_next_run_began() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("r1", 1), chunk("r1", 1, 0, "a"))
-
-    def later() -> None:
-        feed(tail, chunk("r1", 1, 1, "b"), done("r1", 1, "success"))
-        feed(tail, run_started("r2", 1), chunk("r2", 1, 0, "z"), done("r2", 1, "success"))
-
-    got = await relay_labels(tail, "r1", "ab", later)
-    assert got == ["run_started:1:", "chunk:1:0", "chunk:1:1", "done:1:"]
+def publish_run(world: World, run_id: str, events: list[Event], status: str = "success") -> None:
+    for ev in events:
+        world.publish(ev)
+    final = fold(run_id, world.events)
+    world.replies[run_id] = [p.text or "" for p in final.parts]
+    world.runs[run_id].status = status  # type: ignore[assignment]
+    world.runs[run_id].attempt = final.attempt
+    world.publish(done(run_id, final.attempt, status))  # type: ignore[arg-type]
 
 
-async def test_a_slow_client_two_runs_behind_gets_a_reset_and_the_stored_reply() -> None:
-    tail = ThreadTail("t")
-    feed(tail, run_started("r1", 1), chunk("r1", 1, 0, "a"))
+async def test_sequence_1_resume_after_a_regeneration_on_a_pod_with_no_tail() -> None:
+    world = world_with(R)
+    run = world.runs[R]
+    run.attempts = [{"attempt": 1, "kept": 0}]
+    world.publish(run_started(R, 1, run_seq=1))
+    for ev in parts(40):
+        world.publish(ev)
+    client = StrictClient()
+    home = world.tail()
+    assert not await follow(world, home, R, client, Position(R), hang_up_after=41)
+    # The executor dies; attempt 3 regenerates (attempt 2 died before deciding).
+    run.attempts += [{"attempt": 2}, {"attempt": 3, "kept": 0}]
+    world.purge()
+    publish_run(world, R, [run_started(R, 3, run_seq=1), *parts(20, 3)])
+    back = parse(client.last_id)
+    assert isinstance(back, Position) and back.parts == 40
+    for tail in (world.tail(), ThreadTail("t")):  # a fresh pod, and one with nothing at all
+        c = StrictClient()
+        c.parts = list(client.parts)
+        again = parse(client.last_id)
+        assert isinstance(again, Position)
+        assert await follow(world, tail, R, c, again)
+        assert c.parts == world.replies[R]
 
-    def later() -> None:
-        feed(tail, chunk("r1", 1, 1, "b"), done("r1", 1, "success"))
-        feed(tail, run_started("r2", 1), done("r2", 1, "success"))
-        feed(tail, run_started("r3", 1), done("r3", 1, "success"))
 
-    got = await relay_labels(tail, "r1", "ab", later)
-    assert got[:2] == ["run_started:1:", "chunk:1:0"]
-    assert got[2:] == ["reset:1:", "run_started:1:", "chunk:1:0", "done:1:"]
+async def test_sequence_3_a_slow_reader_of_a_long_reply_while_the_next_run_purges() -> None:
+    world = world_with(R, NEXT)
+    home = world.tail(max_bytes=4000)  # holds a few parts: the rest comes from elsewhere
+    publish_run(world, R, [run_started(R, 1, run_seq=1), *parts(300)])
+    client = StrictClient()
+    assert not await follow(world, home, R, client, Position(R), hang_up_after=20)
+    world.purge()  # the thread's next run
+    publish_run(world, NEXT, [run_started(NEXT, 1, run_seq=2), *parts(50, run=NEXT)])
+    back = parse(client.last_id)
+    assert isinstance(back, Position)
+    assert await follow(world, home, R, client, back)
+    assert client.parts == world.replies[R] and len(client.parts) == 300
+
+
+async def test_sequence_4_a_slow_client_of_the_previous_run_when_the_next_fills_the_tail() -> None:
+    world = world_with(R, NEXT)
+    home = world.tail(max_bytes=30_000)
+    publish_run(world, R, [run_started(R, 1, run_seq=1), *parts(1900)])
+    client = StrictClient()
+    reading = asyncio.create_task(follow(world, home, R, client, Position(R), slow=0.001))
+    await asyncio.sleep(0.003)
+    world.purge()
+    publish_run(world, NEXT, [run_started(NEXT, 1, run_seq=2), *parts(600, run=NEXT)])
+    assert await asyncio.wait_for(reading, 20)
+    assert client.parts == world.replies[R] and len(client.parts) == 1900
+
+
+async def test_sequence_5_late_attachers_of_the_next_run_despite_a_stale_done() -> None:
+    world = world_with(R, NEXT)
+    publish_run(world, R, [run_started(R, 1, run_seq=1), *parts(5)])
+    world.purge()
+    world.publish(run_started(NEXT, 1, run_seq=2))
+    for ev in parts(300, run=NEXT)[:150]:
+        world.publish(ev)
+    world.publish(done(R, 2, "error"))  # a reconciler's `done`, late
+    for ev in parts(300, run=NEXT)[150:]:
+        world.publish(ev)
+    publish_run(world, NEXT, [])
+    for tail in (world.tail(), world.tail(max_bytes=5000)):
+        client = StrictClient()
+        assert await follow(world, tail, NEXT, client, Position(NEXT))
+        assert client.parts == world.replies[NEXT] and len(client.parts) == 300
 
 
 async def test_a_run_whose_done_never_reached_the_tail_ends_from_the_store() -> None:
-    """After NATS came back, the tail resubscribed past the purge that removed the run's
-    `done`: the next run's events arrive, the client's run has ended in the database."""
-    tail = ThreadTail("t")
-    feed(tail, run_started("r1", 1), chunk("r1", 1, 0, "a"))
-
-    def later() -> None:
-        feed(tail, run_started("r2", 1), chunk("r2", 1, 0, "z"))
-
-    got = await relay_labels(tail, "r1", "ab", later)
-    assert got[:2] == ["run_started:1:", "chunk:1:0"]
-    assert got[2:] == ["reset:1:", "run_started:1:", "chunk:1:0", "done:1:"]
-
-
-async def test_a_client_back_on_a_tail_still_catching_up_gets_the_rest() -> None:
-    """Back with Last-Event-ID on a pod whose tail of the thread has just started: the log
-    does not reach the client's event yet. Read from it then, the client looked as if it
-    held nothing and every later part was dropped as the far side of a gap (only `done`)."""
-    tail = ThreadTail("t")
-    tail._target_seq = 6  # the subject's last sequence when the tail started
-    events = [run_started("r", 1)] + [chunk("r", 1, i, f"c{i} ") for i in range(4)]
-    events.append(done("r", 1, "success"))
-
-    async def lookup() -> Run:
-        return stored_run("r", "c0 c1 c2 c3 ")
-
-    # the client holds run_started and chunks 0 and 1 (sequences 1-3)
-    gen = relay(tail, "r", lookup, last_event_id=3, keepalive_s=5, recheck_s=0.01)
-    first = asyncio.ensure_future(anext(gen))
-    await asyncio.sleep(0)  # the relay waits for the log to reach sequence 3
-    feed(tail, *events)
-    got = [label(e) for e in await first]
-    async with asyncio.timeout(5):
-        async for batch in gen:
-            got += [label(e) for e in batch]
-    assert got == ["chunk:1:2", "chunk:1:3", "done:1:"]
+    """The tail subscribed again after the next run purged the subject: it never sees the
+    first run's `done`; its clients end from the stored reply, not at a keepalive forever."""
+    world = world_with(R, NEXT)
+    tail = world.tail()
+    world.publish(run_started(R, 1, run_seq=1))
+    for ev in parts(10):
+        world.publish(ev)
+    world.drop(tail)  # the tail's consumer is gone (NATS restarted)
+    world.publish(done(R, 1, "success"))
+    world.replies[R] = [p.text or "" for p in parts(10)]
+    world.runs[R].status = "success"
+    world.purge()
+    world.publish(run_started(NEXT, 1, run_seq=2))
+    tail.add(world.events[-1])  # resubscribed after the purge
+    client = StrictClient()
+    assert await asyncio.wait_for(follow(world, tail, R, client, Position(R)), 5)
+    assert client.parts == world.replies[R]
 
 
-async def test_a_client_back_on_a_tail_behind_the_pod_it_left_gets_the_rest() -> None:
-    """Back with Last-Event-ID on a pod whose tail is caught up but a few events behind the
-    pod the client came from (each pod gets the events on its own). Placed at once, the client
-    looked as if it held two parts, not four, and its last part was dropped as the far side
-    of a gap (the nemesis: a reply short of its last parts). It waits for the subject's newest
-    event, then goes on from what it holds."""
-    tail = ThreadTail("t")
-    tail.caught_up.set()
-    events = [run_started("r", 1)] + [chunk("r", 1, i, f"c{i} ") for i in range(5)]
-    events.append(done("r", 1, "success"))
+async def test_a_reply_for_reading_from_its_middle_on() -> None:
+    reply = Reply.resumed(R, 2, 7, 100)
+    reply.apply(chunk(R, 2, 7, "x").with_seq(101))
+    reply.apply(run_started(R, 3, 5).with_seq(102))
+    assert reply.cut(2, 7) is not None and reply.cut(2, 5) is None
 
-    async def newest() -> int:
-        return 5  # chunk 3's: the client got it from the other pod
 
-    tail.subject_last = newest
+async def test_a_database_outage_is_waited_out_with_keepalives() -> None:
+    """Its row unreadable (PostgreSQL away), a client whose run ended elsewhere keeps its
+    stream (keepalives) and ends from the stored reply once the database is back."""
+    world = world_with(R, NEXT)
+    tail = world.tail()
+    world.publish(run_started(R, 1, run_seq=1))
+    for ev in parts(4):
+        world.publish(ev)
+    world.drop(tail)
+    world.publish(done(R, 1, "success"))
+    world.replies[R] = [p.text or "" for p in parts(4)]
+    world.runs[R].status = "success"
+    world.purge()
+    tail.add(world.publish(run_started(NEXT, 1, run_seq=2)))
+    src = world.sources(tail, R)
+    down = True
 
-    async def lookup() -> Run:
-        return stored_run("r", "c0 c1 c2 c3 c4 ")
+    async def lookup() -> object:
+        if down:
+            raise ConnectionError("the database is away")
+        return world.runs[R]
 
-    feed(tail, *events[:3])  # this pod's log: run_started, chunks 0 and 1
-    gen = relay(tail, "r", lookup, last_event_id=5, keepalive_s=5, recheck_s=0.01)
-    first = asyncio.ensure_future(anext(gen))
-    await asyncio.sleep(0)  # the relay waits for the log to reach sequence 5
-    feed(tail, *events[3:])
-    got = [label(e) for e in await first]
-    async with asyncio.timeout(5):
-        async for batch in gen:
-            got += [label(e) for e in batch]
-    assert got == ["chunk:1:4", "done:1:"]
+    src.lookup = lookup  # type: ignore[assignment]
+    from threadgate.streams.relay import relay
+
+    pos = Position(R, 1, 4, 5)
+    running = world.runs[R]
+    running.status = "running"  # what the pod read before the outage
+    stream = relay(pos, running, src, keepalive_s=0.02)
+    batches = [await anext(stream) for _ in range(3)]
+    assert batches == [[], [], []]  # keepalives, not an end
+    down = False
+    world.runs[R] = new_run(R, 1)
+    world.runs[R].status = "success"
+    world.runs[R].attempts = [{"attempt": 1, "kept": 0}]
+    got = [e.type async for batch in stream for e in batch]
+    assert got == ["done"] and pos.done

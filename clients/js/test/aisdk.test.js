@@ -208,8 +208,8 @@ for (const mode of ["continued", "regenerated"]) {
         const attempt = chunks.find((c) => c.type === "data-threadgate-attempt" && c.data.attempt === 2);
         assert.ok(Number.isInteger(attempt.data.resume_from));
       } else {
-        assert.equal(stored.attempt, 3); // the refused continuation cost attempt 2
-        assert.match(stored.output, /^(chunk-\d+\.3 ){60}$/);
+        assert.equal(stored.attempt, 2); // a refused continuation regenerates in the same attempt
+        assert.match(stored.output, /^(chunk-\d+\.2 ){60}$/);
         assert.ok(chunks.some((c) => c.type === "reset-step"), "the reader dropped attempt 1's text");
         assert.ok(chunks.some((c) => c.type === "data-threadgate-reset" && c.transient));
       }
