@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pydantic_core
@@ -24,7 +21,7 @@ from ..errors import InvalidCursor, InvalidRequest
 from ..settings import Settings
 from ..store import pages
 from ..store.db import Database
-from ..store.pages import BATCH_BYTES, SLICE_BYTES, Field, Key, MessageHead, RunHead
+from ..store.pages import BATCH_BYTES, SLICE_BYTES, Key, MessageHead, RunHead, Stored
 
 MAX_SEQ = 2**63 - 1  # a bigint
 
@@ -87,54 +84,24 @@ def _open(head: dict[str, Any]) -> bytes:
     return _json(head)[:-1]
 
 
-def _text(value: bytes | None) -> bytes:
-    """A stored text (UTF-8) as a JSON string."""
-    if value is None:
-        return b"null"
-    return json.dumps(value.decode("utf-8"), ensure_ascii=False).encode()
+async def _null() -> AsyncIterator[bytes]:
+    yield b"null"
 
 
-async def _text_slices(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """A stored text read in slices, as one JSON string (a slice may cut a character in
-    two: the decoder keeps its first bytes for the next slice)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    yield b'"'
-    async for piece in pieces:
-        text = decoder.decode(piece)
-        if text:
-            yield json.dumps(text, ensure_ascii=False)[1:-1].encode()
-    yield json.dumps(decoder.decode(b"", final=True), ensure_ascii=False)[1:-1].encode() + b'"'
+async def _bytes(value: str) -> AsyncIterator[bytes]:
+    yield value.encode()
 
 
-@dataclass(frozen=True, slots=True)
-class Value:
-    """A value to write: its field, its size in bytes (about: parts are known by their stored
-    size), and for parts their number. `size` None: absent (null)."""
-
-    field: Field
-    size: int | None
-    count: int = 0
-
-    @property
-    def large(self) -> bool:
-        if self.size is None:
-            return False
-        return self.size > SLICE_BYTES and (self.field == "content" or self.count > 1)
+Values = Callable[[Stored | None], list[AsyncIterator[bytes]]]
 
 
-def _parts(count: int | None, stored: int | None) -> Value:
-    # jsonb compresses: its JSON text is often several times what it takes on disk.
-    return Value("parts", None if count is None else 8 * (stored or 0), count or 0)
-
-
-def _groups(values: Sequence[Sequence[Value]]) -> list[list[int]]:
+def _groups(sizes: Sequence[int]) -> list[list[int]]:
     """The heads' indexes grouped for reading: neighbours whose values are small, up to about
     BATCH_BYTES together; a head with a large value alone (it is read in pieces)."""
     groups: list[list[int]] = []
     total = 0
-    for i, vs in enumerate(values):
-        size = sum(v.size or 0 for v in vs)
-        if any(v.large for v in vs):
+    for i, size in enumerate(sizes):
+        if size > SLICE_BYTES:
             groups.append([i])
             total = BATCH_BYTES + 1  # nothing joins it
         elif groups and total + size <= BATCH_BYTES and len(groups[-1]) < 1000:
@@ -146,62 +113,71 @@ def _groups(values: Sequence[Sequence[Value]]) -> list[list[int]]:
     return groups
 
 
-async def _values(
-    db: Database, keys: Sequence[Key], values: Sequence[Sequence[Value]]
-) -> AsyncIterator[tuple[int, list[bytes | AsyncIterator[bytes] | None]]]:
-    """Each head's values, in order: whole bytes when small, an iterator of pieces when large
-    (consume it before asking for the next head's)."""
-    for group in _groups(values):
-        whole = sorted({v.field for i in group for v in values[i] if v.size and not v.large})
-        read = await pages.small_values(db, [keys[i] for i in group], tuple(whole)) if whole else {}
-        for i in group:
-            out: list[bytes | AsyncIterator[bytes] | None] = []
-            for v in values[i]:
-                if v.size is None:
-                    out.append(None)
-                elif not v.large:
-                    out.append(read.get(keys[i], {}).get(v.field))
-                elif v.field == "content":
-                    out.append(pages.text_slices(db, keys[i], v.size))
-                else:
-                    out.append(pages.part_ranges(db, keys[i], v.count))
-            yield i, out
-
-
-async def _value(value: bytes | AsyncIterator[bytes] | None, *, text: bool) -> AsyncIterator[bytes]:
-    """A value as JSON: a text as a string, stored JSON (parts) as it is."""
-    if value is None:
-        yield b"null"
-    elif isinstance(value, bytes):
-        yield _text(value) if text else value
-    elif text:
-        async for piece in _text_slices(value):
-            yield piece
-    else:
-        async for piece in value:
-            yield piece
-
-
 async def _page(
     opening: bytes,
     db: Database,
-    keys: Sequence[Key],
-    values: Sequence[Sequence[Value]],
+    keys: Sequence[Key | None],
+    sizes: Sequence[int],
+    values: Sequence[Values],
     head: Callable[[int], dict[str, Any]],
     names: Sequence[str],
+    *,
+    layouts: bool,
     closing: bytes = b"]}",
 ) -> AsyncIterator[bytes]:
     """`opening`, the objects (each head's members, then its values under `names`), comma
-    separated, `closing`."""
+    separated, `closing`. A head's values come from its stored values read whole with its
+    group's (`values(stored)`), or, when large, read in pieces (`values(None)`); a head
+    without a key has none stored."""
     yield opening
-    async for i, read in _values(db, keys, values):
-        yield (b"," if i else b"") + _open(head(i))
-        for name, v, value in zip(names, values[i], read, strict=True):
-            yield f',"{name}":'.encode()
-            async for piece in _value(value, text=v.field == "content"):
-                yield piece
-        yield b"}"
+    for group in _groups(sizes):
+        small = [k for i in group if (k := keys[i]) is not None and sizes[i] <= SLICE_BYTES]
+        read = await pages.small_values(db, small, layouts=layouts) if small else {}
+        for i in group:
+            key = keys[i]
+            stored = read.get(key) if key is not None else None
+            if key is not None and sizes[i] <= SLICE_BYTES and stored is None:
+                stored = Stored("", None, None)  # gone since its head was read (retention)
+            yield (b"," if i else b"") + _open(head(i))
+            for name, value in zip(names, values[i](stored), strict=True):
+                yield f',"{name}":'.encode()
+                async for piece in value:
+                    yield piece
+            yield b"}"
     yield closing
+
+
+def _message_values(db: Database, h: MessageHead) -> Values:
+    """A message's `content` and `parts` (null for a text-only message: its content says it
+    all), from its stored values or read in pieces."""
+    key = (h.run_id, h.role)
+
+    def values(stored: Stored | None) -> list[AsyncIterator[bytes]]:
+        def content() -> AsyncIterator[str]:
+            if stored:
+                return pages.one(stored.content)
+            return pages.chars(db, key, "content", h.content_bytes)
+
+        parts: AsyncIterator[bytes]
+        if h.has_data:
+            layout = (
+                pages.one(stored.layout or "")
+                if stored
+                else pages.chars(db, key, "layout", h.layout_bytes or 0, pages.LINES_BYTES)
+            )
+            text = pages.unescaped(content()) if h.escaped else content()
+            parts = pages.parts_json(layout, text, ascii_only=h.escaped)
+        elif h.legacy_parts is not None:
+            parts = (
+                _bytes(stored.parts or "[]")
+                if stored
+                else pages.part_ranges(db, key, h.legacy_parts)
+            )
+        else:
+            parts = _null()
+        return [pages.text_json(content(), escaped=h.escaped), parts]
+
+    return values
 
 
 def messages_page(
@@ -225,12 +201,11 @@ def messages_page(
             opening,
             db,
             [(h.run_id, h.role) for h in heads],
-            [
-                (Value("content", h.content_bytes), _parts(h.parts_count, h.parts_stored))
-                for h in heads
-            ],
+            [h.size for h in heads],
+            [_message_values(db, h) for h in heads],
             head,
             ("content", "parts"),
+            layouts=True,
         )
     )
 
@@ -252,6 +227,31 @@ def _run(h: RunHead) -> dict[str, Any]:
     }
 
 
+def _output(db: Database, h: RunHead) -> Values:
+    """A run's `output`: its reply's text (null before one is stored)."""
+    key = (h.run_id, "assistant")
+
+    def values(stored: Stored | None) -> list[AsyncIterator[bytes]]:
+        if h.output_bytes is None:
+            return [_null()]
+        text = (
+            pages.one(stored.content) if stored else pages.chars(db, key, "content", h.output_bytes)
+        )
+        return [pages.text_json(text, escaped=h.output_escaped)]
+
+    return values
+
+
+def _run_values(
+    db: Database, heads: Sequence[RunHead]
+) -> tuple[list[Key | None], list[int], list[Values]]:
+    return (
+        [(h.run_id, "assistant") if h.output_bytes is not None else None for h in heads],
+        [h.output_bytes or 0 for h in heads],
+        [_output(db, h) for h in heads],
+    )
+
+
 def runs_page(
     db: Database, heads: list[RunHead], next_cursor: str | None, next_before: int | None
 ) -> JsonStream:
@@ -261,10 +261,10 @@ def runs_page(
         _page(
             opening,
             db,
-            [(h.run_id, "assistant") for h in heads],
-            [(Value("content", h.output_bytes),) for h in heads],
+            *_run_values(db, heads),
             lambda i: _run(heads[i]),
             ("output",),
+            layouts=False,
         )
     )
 
@@ -275,10 +275,10 @@ def run_answer(db: Database, head: RunHead) -> JsonStream:
         _page(
             b"",
             db,
-            [(head.run_id, "assistant")],
-            [(Value("content", head.output_bytes),)],
+            *_run_values(db, [head]),
             lambda i: _run(head),
             ("output",),
+            layouts=False,
             closing=b"",
         )
     )

@@ -7,9 +7,11 @@ import json
 from typing import Any
 
 import pytest
+from psycopg.types.json import Jsonb
 from threadgate.ids import new_run_id
 from threadgate.store import pages
-from threadgate.store.runs import NewRun
+from threadgate.store.replies import StoredPart, merged
+from threadgate.store.runs import NewRun, RunStatus
 
 from tests.conftest import unique
 from tests.integration.conftest import Pod
@@ -21,14 +23,15 @@ pytestmark = pytest.mark.integration
 async def stored_run(
     pod: Pod,
     thread: str,
-    reply: str | None,
-    parts: list[dict[str, Any]] | None = None,
+    reply: str | list[StoredPart] | None,
     *,
     owner: str = "",
     user: str = "hello",
+    status: RunStatus = "success",
 ) -> str:
-    """A finished run written by the store's own functions (the path a run takes to store its
-    reply), without running it: a reply of any size in no time."""
+    """A run written by the store's own functions (the path a run takes to store its reply
+    and end), without running it: a reply of any size in no time. `reply`: its text, or its
+    parts (text, or (name, payload)); None: no reply and the run not ended."""
     store = pod.runtime.store
     run_id = new_run_id()
     async with pod.runtime.db.pool.connection() as conn:
@@ -36,7 +39,10 @@ async def stored_run(
             conn,
             NewRun(run_id=run_id, thread_id=thread, input=user, accepted_by="test", owner=owner),
         )
-    await store.finish(run_id, thread, "success", reply=reply, parts=parts)
+    if reply is not None:
+        parts = [reply] if isinstance(reply, str) else reply
+        assert await store.store_reply(run_id, thread, 0, parts, "complete")
+        await store.finish(run_id, status)
     return run_id
 
 
@@ -148,41 +154,143 @@ async def test_runs_pages_follow_the_cursor_and_the_old_before(pod: Pod) -> None
 async def test_parts_only_for_messages_with_data_and_never_doubled(pod: Pod) -> None:
     thread = unique()
     await stored_run(pod, thread, "plain text reply")
-    parts = [{"type": "text", "text": "a "}, {"type": "data", "name": "tick", "payload": {"i": 1}}]
-    await stored_run(pod, thread, "a ", parts)
+    await stored_run(pod, thread, ["a ", ("tick", {"i": 1}), "b", "c"])
     messages = (await pod.http.get(f"/threads/{thread}/messages")).json()["messages"]
     by_role = [(m["role"], m["content"], m["parts"]) for m in messages]
     assert by_role == [
-        ("assistant", "a ", parts),
+        (
+            "assistant",
+            "a bc",
+            [
+                {"type": "text", "text": "a "},
+                {"type": "data", "name": "tick", "payload": {"i": 1}},
+                {"type": "text", "text": "bc"},  # merged, as the store's reader merges them
+            ],
+        ),
         ("user", "hello", None),
         ("assistant", "plain text reply", None),  # was copied into parts: doubled
         ("user", "hello", None),
     ]
 
 
+async def test_a_reply_shows_once_its_run_has_ended(pod: Pod) -> None:
+    """As the store's reader: the reply of a run still going is not shown (it may be stored
+    again); a stopped run's partial reply is, with its status."""
+    thread = unique()
+    going = await stored_run(pod, thread, None)
+    await pod.runtime.store.store_reply(going, thread, 0, ["not final"], "complete")
+    stopped = await stored_run(pod, thread, ["half", ("t", 1)], status="cancelled")
+    async with pod.runtime.db.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE threadgate.messages SET status = 'cancelled' WHERE run_id = %s", (stopped,)
+        )
+    page = (await pod.http.get(f"/threads/{thread}/messages")).json()["messages"]
+    assert [(m["run_id"], m["role"]) for m in page] == [
+        (stopped, "assistant"),
+        (stopped, "user"),
+        (going, "user"),
+    ]
+    listed = [(m["run_id"], m["role"], m["content"]) for m in page]
+    assert listed == list(reversed(await old_order(pod, thread)))
+    assert (going, "assistant", "not final") not in listed
+    assert page[0]["status"] == "cancelled" and page[0]["content"] == "half"
+
+
 SLICE = pages.SLICE_BYTES
+
+
+def as_json(value: Any) -> Any:
+    """What a JSON client reads of `value` (an escaped high and low surrogate read as one)."""
+    return json.loads(json.dumps(value))
+
+
+# A reply PostgreSQL cannot store as it is: stored escaped; every odd character a text may hold.
+ODD = ["p1\x00 ", ("blob", {"s": "a\x00b", "u": "\ud800"}), "p2 \ud83d", "end", '😀é€"\\\n']
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+async def test_unstorable_text_comes_back_as_the_reply_was(pod: Pod, size: str) -> None:
+    """Escaped content (NUL, lone surrogates) in /messages, /runs and GET of a run: the
+    stored reply as the store reads it, small (read whole) and past a slice (read in pieces,
+    an escape never cut)."""
+    thread = unique()
+    many = 1 if size == "small" else 3 * SLICE // 40
+    reply: list[StoredPart] = [
+        p if isinstance(p, str) else (p[0], {**p[1], "n": i}) for i in range(many) for p in ODD
+    ]
+    run_id = await stored_run(pod, thread, reply, user="ask \x00 \udfff")
+    head = (await pages.message_heads(pod.runtime.db, thread, limit=2))[0]
+    assert head.escaped and head.has_data and (head.size > SLICE) == (size == "large")
+    want = [
+        [m.run_id, m.role, m.content, m.parts] for m in await pod.runtime.store.messages(thread)
+    ]
+    resp = await pod.http.get(f"/threads/{thread}/messages")
+    assert resp.status_code == 200
+    page = resp.json()["messages"]
+    got = [[m["run_id"], m["role"], m["content"], m["parts"]] for m in page]
+    assert got == as_json(list(reversed(want)))
+    assert page[0]["parts"] == as_json(merged(reply))
+    assert page[1]["content"] == "ask \x00 \udfff" and page[1]["parts"] is None
+    text = "".join(p for p in reply if isinstance(p, str))
+    for path in (f"/threads/{thread}/runs/{run_id}", f"/threads/{thread}/runs"):
+        body = (await pod.http.get(path)).json()
+        run = body["runs"][0] if "runs" in body else body
+        assert run["output"] == as_json(text)
+
+
+async def test_replies_stored_before_layouts_are_read_from_their_parts(pod: Pod) -> None:
+    """A reply stored as jsonb parts and no layout (rows from before): read as they are,
+    small and past a slice (in ranges of whole parts)."""
+    thread = unique()
+    small = [{"type": "text", "text": "old "}, {"type": "data", "name": "d", "payload": [1]}]
+    large = [{"type": "data", "name": "tick", "payload": {"i": i}} for i in range(20000)]
+    ids = {}
+    for name, parts in (("small", small), ("large", large), ("text", None)):
+        ids[name] = await stored_run(pod, thread, "old ")
+        async with pod.runtime.db.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE threadgate.messages SET layout = NULL, parts = %s"
+                " WHERE run_id = %s AND role = 'assistant'",
+                (Jsonb(parts) if parts is not None else None, ids[name]),
+            )
+    heads = {
+        h.run_id: h
+        for h in await pages.message_heads(pod.runtime.db, thread, limit=9)
+        if h.role == "assistant"
+    }
+    assert heads[ids["large"]].size > SLICE and heads[ids["small"]].size < SLICE
+    page = (await pod.http.get(f"/threads/{thread}/messages")).json()["messages"]
+    replies = {m["run_id"]: m for m in page if m["role"] == "assistant"}
+    assert replies[ids["small"]]["parts"] == small
+    assert replies[ids["large"]]["parts"] == large
+    assert replies[ids["text"]]["parts"] is None
+    assert all(m["content"] == "old " for m in replies.values())
 
 
 @pytest.mark.parametrize("chars", ["x", "é", "€", "😀", 'q"\\\n\x01'])
 async def test_values_past_a_slice_come_whole(pod: Pod, chars: str) -> None:
-    """A value read in slices: a character cut by a slice, JSON escapes, every byte there."""
+    """A value read in slices: characters of every width, JSON escapes, every byte there;
+    text parts taken from the content as the layout says, across the content's slices."""
     thread = unique()
     text = (chars * (3 * SLICE // len(chars.encode()) + 7))[: 3 * SLICE // 2 + 3]
     text = "start " + text + " end"
-    many = [{"type": "data", "name": "tick", "payload": {"i": i, "s": chars}} for i in range(20000)]
-    parts = [{"type": "text", "text": text}, *many]
-    big = await stored_run(pod, thread, text, parts)
+    many: list[StoredPart] = []
+    for i in range(20000):
+        many += [("tick", {"i": i, "s": chars}), chars * (i % 3)]
+    reply: list[StoredPart] = [text, *many]
+    big = await stored_run(pod, thread, reply)
     small = await stored_run(pod, thread, "small")
     resp = await pod.http.get(f"/threads/{thread}/messages")
     messages = resp.json()["messages"]
     assert [m["run_id"] for m in messages] == [small, small, big, big]
-    reply = messages[2]
-    assert reply["content"] == text and reply["parts"] == parts
-    assert len(json.dumps(parts)) > 2 * SLICE  # the parts too were read in slices
+    whole = "".join(p for p in reply if isinstance(p, str))
+    got = messages[2]
+    assert got["content"] == whole and got["parts"] == merged(reply)
+    assert len(json.dumps(got["parts"])) > 2 * SLICE  # the parts too were read in slices
     runs = (await pod.http.get(f"/threads/{thread}/runs")).json()["runs"]
-    assert [r["output"] for r in runs] == ["small", text]
+    assert [r["output"] for r in runs] == ["small", whole]
     one = (await pod.http.get(f"/threads/{thread}/runs/{big}")).json()
-    assert one["output"] == text and one["run_id"] == big and one["status"] == "success"
+    assert one["output"] == whole and one["run_id"] == big and one["status"] == "success"
     assert {k: v for k, v in one.items() if k != "output"} == {
         k: v for k, v in runs[1].items() if k != "output"
     }

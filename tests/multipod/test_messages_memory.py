@@ -1,11 +1,14 @@
-"""What reading a big conversation costs a pod: 8 clients at once GET the messages of a 14 MB
-thread from a `threadgate serve` pod; its resident memory may grow by at most 64 MiB.
+"""What reading a big conversation costs a pod: 8 clients at once GET the messages of a
+thread of ~18 MB of JSON from a `threadgate serve` pod; its resident memory may grow by at
+most 64 MiB.
 
 Before pages were streamed, one such GET cost the pod ~121 MiB at its peak and eight at once
-+554 MiB (issue 26; this test measured +497 MiB and a /healthz of 6.2 s on that build). The thread is two runs of 100,000 data parts each (what the mock streams
-with `chunks: 100000, data_every: 1`), written by the store's own `insert_run` and `finish`
-(what a run's steps call) rather than streamed by two runs of ~100 s each: the rows are those
-a run stores, and the read path, which this measures, is the pod's own.
++554 MiB (issue 26; this test measured +497 MiB and a /healthz of 6.2 s on that build). The
+thread is three runs of 100,000 parts each, as the mock streams them with `chunks: 100000`:
+`data_every: 1` (all data parts), `data_every: 2` (text and data in turn), and the same with
+text PostgreSQL stores escaped (NUL). They are written by the store's own `store_reply` and
+`finish` (what a run's steps call) rather than streamed by three runs of ~100 s each: the rows
+are those a run stores, and the read path, which this measures, is the pod's own.
 
 The peak is the kernel's (VmHWM, reset through /proc/<pid>/clear_refs before the GETs), not
 a sample; without the right to reset it the test samples VmRSS every 5 ms instead.
@@ -23,6 +26,7 @@ import httpx
 import pytest
 from threadgate.ids import new_run_id
 from threadgate.store.db import Database
+from threadgate.store.replies import StoredPart, merged
 from threadgate.store.runs import NewRun, PgRunStore
 
 from tests.multipod.conftest import StartCluster
@@ -49,28 +53,37 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
+def replies() -> list[list[StoredPart]]:
+    """The three replies: data parts only; text and data in turn; the same, escaped."""
+
+    def tick(i: int) -> StoredPart:
+        return ("tick", {"i": i, "attempt": 1})
+
+    return [
+        [tick(i) for i in range(PARTS)],
+        [tick(i) if i % 2 else f"chunk-{i} " for i in range(PARTS)],
+        [tick(i) if i % 2 else f"chunk-{i} é\x00" for i in range(PARTS)],
+    ]
+
+
 async def build_thread(url: str, thread: str) -> int:
-    """Two finished runs of PARTS data parts each; the stored parts' JSON size."""
+    """The thread of `replies()`, each a finished run; the bytes they are stored in."""
     db = Database(url, max_size=2)
     await db.open()
     store = PgRunStore(db)
     try:
-        for _ in range(2):
+        for parts in replies():
             run_id = new_run_id()
             async with db.pool.connection() as conn:
                 await store.insert_run(
                     conn, NewRun(run_id=run_id, thread_id=thread, input="go", accepted_by="test")
                 )
-            parts = [
-                {"type": "data", "name": "tick", "payload": {"i": i, "attempt": 1}}
-                for i in range(PARTS)
-            ]
-            await store.finish(run_id, thread, "success", reply="", parts=parts)
-            del parts
+            assert await store.store_reply(run_id, thread, 0, parts, "complete")
+            await store.finish(run_id, "success")
         async with db.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT sum(octet_length(parts::text)) AS n FROM threadgate.messages"
-                " WHERE thread_id = %s",
+                "SELECT sum(octet_length(content) + coalesce(octet_length(layout), 0)) AS n"
+                " FROM threadgate.messages WHERE thread_id = %s",
                 (thread,),
             )
             row = await cur.fetchone()
@@ -79,13 +92,12 @@ async def build_thread(url: str, thread: str) -> int:
         await db.close()
 
 
-async def test_eight_readers_of_a_14_mb_thread(start_cluster: StartCluster) -> None:
+async def test_eight_readers_of_an_18_mb_thread(start_cluster: StartCluster) -> None:
     cluster = await start_cluster(size=1)
     pod = cluster.pods[0]
     assert pod.pid is not None
     thread = "big-thread"
     stored = await build_thread(cluster.env["THREADGATE_DATABASE_URL"], thread)
-    assert stored > 13_000_000
 
     async with httpx.AsyncClient(base_url=pod.url, timeout=120) as http:
         # Warm: the routes' code paths once, on a small thread.
@@ -137,26 +149,26 @@ async def test_eight_readers_of_a_14_mb_thread(start_cluster: StartCluster) -> N
         assert health.status_code == 200
 
     sizes = [len(b) for b in bodies]
-    assert len(set(bodies)) == 1  # every reader got the same page
-    page = json.loads(bodies[0])
-    replies = [m for m in page["messages"] if m["role"] == "assistant"]
-    assert [len(m["parts"]) for m in replies] == [PARTS, PARTS]
-    assert replies[0]["parts"][-1]["payload"] == {"i": PARTS - 1, "attempt": 1}
     grew_mib = (peak_kib - idle_kib) / 1024
     print(
-        f"\n{CLIENTS} x GET /messages of a {stored / 1e6:.1f} MB thread (answers"
+        f"\n{CLIENTS} x GET /messages of a thread stored in {stored / 1e6:.1f} MB (answers"
         f" {sizes[0] / 1e6:.1f} MB each): idle {idle_kib / 1024:.0f} MiB, peak"
         f" {peak_kib / 1024:.0f} MiB (+{grew_mib:.1f} MiB, {'VmHWM' if exact else 'sampled'}),"
         f" {took:.1f} s for all; /healthz meanwhile: {len(health_s)} probes, slowest"
         f" {max(health_s):.2f} s"
     )
     assert grew_mib <= BOUND_MIB
-    assert all(s > 13_000_000 for s in sizes)
+    assert len(set(bodies)) == 1  # every reader got the same page
+    assert all(s > 17_000_000 for s in sizes)
+    page = json.loads(bodies[0])
+    got = [m["parts"] for m in page["messages"] if m["role"] == "assistant"]
+    assert got == [merged(r) for r in reversed(replies())]  # newest first
 
 
 async def test_eight_readers_of_a_big_run_and_a_page_of_runs(start_cluster: StartCluster) -> None:
     """The run listing and a run's status read a reply's text, never its parts: 8 at once of
-    each cost the pod little (GET of a run parsed its 100,000 parts: +309 MiB for 8)."""
+    each cost the pod little (GET of a run parsed its 100,000 parts: +309 MiB for 8, before
+    replies were stored by layout)."""
     cluster = await start_cluster(size=1)
     pod = cluster.pods[0]
     assert pod.pid is not None
