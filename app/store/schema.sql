@@ -98,7 +98,7 @@ BEGIN
                                         + coalesce(octet_length(m.layout), 0)
                                         + coalesce(octet_length(m.parts::text), 0))
                              FROM threadgate.messages m WHERE m.thread_id = t.thread_id)), 0)
-        FROM threadgate.threads t GROUP BY t.owner;
+        FROM threadgate.threads t WHERE t.owner <> '' GROUP BY t.owner;
     END IF;
 END $$;
 CREATE TABLE IF NOT EXISTS threadgate.usage_daily (
@@ -110,7 +110,9 @@ CREATE TABLE IF NOT EXISTS threadgate.usage_daily (
 
 -- A message's bytes (its text, layout and legacy parts, uncompressed: what a client sent and
 -- was sent) count while it is stored, whoever writes or deletes it (a reply stored again,
--- retention): the difference of each change goes to the thread owner's counter.
+-- retention): the difference of each change goes to the thread owner's counter. Threads of
+-- no owner (auth off: no quota) are not counted: one row for all of them would serialize
+-- every accept and every reply stored on its lock.
 CREATE OR REPLACE FUNCTION threadgate.count_message_bytes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -130,7 +132,8 @@ BEGIN
     END IF;
     IF v_new <> v_old THEN
         INSERT INTO threadgate.usage AS u (owner, stored_bytes)
-        SELECT t.owner, v_new - v_old FROM threadgate.threads t WHERE t.thread_id = v_thread
+        SELECT t.owner, v_new - v_old FROM threadgate.threads t
+        WHERE t.thread_id = v_thread AND t.owner <> ''
         ON CONFLICT (owner) DO UPDATE SET stored_bytes = u.stored_bytes + excluded.stored_bytes;
     END IF;
     RETURN NULL;

@@ -293,7 +293,15 @@ async def test_stored_bytes_quota_counts_inputs_and_replies(pod: Pod) -> None:
         assert after_input >= 2000
         await wait_finished(pod, thread, ok.json()["run_id"], alice)
         after_reply = await stored()
-        assert after_reply > after_input  # the reply's bytes (300 chunks, compressed on disk)
+        async with pod.runtime.db.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT octet_length(content) + octet_length(layout) AS n"
+                " FROM threadgate.messages WHERE run_id = %s AND role = 'assistant'",
+                (ok.json()["run_id"],),
+            )
+            reply = await cur.fetchone()
+        # The reply's bytes as stored, uncompressed: its text and its layout (300 parts).
+        assert reply is not None and after_reply - after_input == reply["n"] > 300 * 8
         big = await post(pod, alice, thread, input="i" * (6000 - after_reply + 1))
         assert big.status_code == 429, big.text
         assert big.json()["error"]["code"] == "quota_stored_bytes"
@@ -309,3 +317,18 @@ async def test_stored_bytes_quota_counts_inputs_and_replies(pod: Pod) -> None:
         assert await stored() <= full - 2000
         again = await post(pod, alice, thread, input="i" * 1500)
         assert again.status_code == 202, again.text
+
+
+async def test_threads_of_no_owner_are_not_counted(pod: Pod) -> None:
+    """Auth off: no quota, and no counter either (one row for every such thread would be
+    locked by every accept and every reply stored)."""
+    thread = unique()
+    ok = await pod.http.post(
+        f"/threads/{thread}/runs", json={"input": "x", "model_options": {"chunks": 3}}
+    )
+    assert ok.status_code == 202
+    await wait_finished(pod, thread, ok.json()["run_id"], {})
+    async with pod.runtime.db.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM threadgate.usage WHERE owner = ''")
+        row = await cur.fetchone()
+    assert row is not None and row["n"] == 0
