@@ -35,7 +35,14 @@ from ..streams.position import Position, parse
 from ..streams.relay import relay
 from ..streams.tail import ThreadTail
 from . import runs
-from .attach import LastEventIdHeader, LastEventIdQuery, SseResponse, place, sources
+from .attach import (
+    LastEventIdHeader,
+    LastEventIdQuery,
+    SseResponse,
+    place,
+    sources,
+    stream_slot,
+)
 from .deps import (
     AttachLimiterDep,
     HubDep,
@@ -188,12 +195,7 @@ async def resume(
             return Response(status_code=204)
         if not run.active:
             return Response(status_code=204)
-    slot = _slot(rt, limiter, principal)
-    try:
-        tail = await hub.acquire(thread_id, principal.name)
-    except BaseException:
-        slot.release()
-        raise
+    slot, tail = await stream_slot(rt, hub, limiter, principal, thread_id)
     try:
         if run is None:
             where = await place(rt, tail, thread_id, reader, raw)

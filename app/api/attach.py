@@ -11,9 +11,11 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..auth import Principal
 from ..errors import InvalidRequest, ThreadNotFound
 from ..store.runs import Run
 from ..streams.events import KEEPALIVE, reset, sse_frame
+from ..streams.hub import TailHub
 from ..streams.position import Position, parse
 from ..streams.relay import Sources, frames, legacy_place, relay, stored_fold
 from ..streams.tail import ThreadTail
@@ -26,7 +28,7 @@ from .deps import (
     reader_of,
     require_reader,
 )
-from .limits import AttachSlot
+from .limits import AttachLimiter, AttachSlot
 from .schemas import error_responses
 
 router = APIRouter(tags=["attach"])
@@ -146,16 +148,7 @@ async def attach(
         if await rt.store.get_run(thread_id, parsed.run_id, reader=reader) is None:
             raise InvalidRequest("Last-Event-ID names no run of this thread")
         return Response(status_code=204)
-    slot = limiter.acquire(
-        principal.name,
-        per_principal=rt.settings.max_attach_per_principal,
-        per_pod=rt.settings.max_attach_per_pod,
-    )
-    try:
-        tail = await hub.acquire(thread_id, principal.name)
-    except BaseException:
-        slot.release()
-        raise
+    slot, tail = await stream_slot(rt, hub, limiter, principal, thread_id)
     try:
         where = await place(rt, tail, thread_id, reader, raw)
         if where.run is None:
@@ -186,6 +179,23 @@ async def attach(
 
 class _NoContent(Exception):
     pass
+
+
+async def stream_slot(
+    rt: RuntimeDep, hub: TailHub, limiter: AttachLimiter, principal: Principal, thread_id: str
+) -> tuple[AttachSlot, ThreadTail]:
+    """A stream's attach slot (429 past the limits) and its thread's tail, both held until the
+    stream ends; neither is left held if acquiring the other fails."""
+    slot = limiter.acquire(
+        principal.name,
+        per_principal=rt.settings.max_attach_per_principal,
+        per_pod=rt.settings.max_attach_per_pod,
+    )
+    try:
+        return slot, await hub.acquire(thread_id, principal.name)
+    except BaseException:
+        slot.release()
+        raise
 
 
 class SseResponse(StreamingResponse):

@@ -3,8 +3,12 @@
 Three pods (restarted whenever they die, as a StatefulSet does) and ~60 threads. The schedule
 mixes SIGKILL and SIGTERM of random pods, NATS restarts, PostgreSQL restarts, an application
 version bump of one pod, interrupt and cancel storms, while every thread posts runs (the mock's
-`vary` reply, so any mix of attempts shows) and follows them with a fast, a slow or a
-reconnecting client. When the faults stop, every invariant is checked for every accepted run:
+`vary` reply, so any mix of attempts shows) and follows them with a fast, a slow, a
+reconnecting or a roaming client (one that hangs up at a random event and stays away past a
+tail's linger, so that the pod it comes back to — any pod, a freshly restarted one included —
+holds nothing of the thread); now and then a thread's next run is posted while a slow client
+still reads the previous one. When the faults stop, every invariant is checked for every
+accepted run:
 
 - it reaches a final status within a bound, one the faults explain: `success`, or
   `interrupted` / `cancelled` on a storm's thread when a storm asked for it; never `error`
@@ -14,8 +18,8 @@ reconnecting client. When the faults stop, every invariant is checked for every 
   every index once, in order, attempts never going back (a continued reply is an attempt's
   chunks then a later attempt's), all the requested chunks for a `success`;
 - every client reconstructed exactly the stored reply of the run it followed (after applying
-  `reset`), and its text is that pattern too (a duplicate both share fails): no duplicate, no
-  gap, no mix;
+  `reset`), whatever its status (a stopped run stores what its clients saw), and its text is
+  that pattern too (a duplicate both share fails): no duplicate, no gap, no mix;
 - a thread's runs never overlap and finish in the order they were accepted;
 - the schedule's faults happened: the pods' exits match the kills, SIGTERMs and the version
   bump, the pods saw each NATS and PostgreSQL restart, storms interrupted runs;
@@ -141,15 +145,19 @@ async def follow(
     thread: str,
     rng: random.Random,
     after_event: Callable[[], Awaitable[bool]] | None = None,
+    away: Callable[[], Awaitable[None]] | None = None,
+    reply: Reply | None = None,
 ) -> Reply:
     """Attach to a thread's latest run until its `done`, on a random pod each time, resuming
-    with Last-Event-ID after every break."""
-    reply, last_id, whole = Reply(), None, False
+    with Last-Event-ID after every break (after `away`, when it hung up)."""
+    reply, last_id, whole = reply or Reply(), None, False
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http:
         while not whole:
             last_id, whole = await attach_once(
                 http, rng.choice(urls), thread, reply, last_id, after_event
             )
+            if not whole and away is not None:
+                await away()
     return reply
 
 
@@ -183,10 +191,32 @@ async def reconnecting_client(urls: list[str], thread: str, rng: random.Random) 
     return await follow(urls, thread, rng, hang_up)
 
 
+async def roaming_client(urls: list[str], thread: str, rng: random.Random) -> Reply:
+    """Hangs up at a random event (1-40), stays away past THREADGATE_TAIL_LINGER_S (3 s) now
+    and then, and comes back with Last-Event-ID on a random pod: one with no tail for the
+    thread, or one restarted meanwhile (contract v3: any pod serves its place)."""
+    budget = rng.randint(1, 40)
+
+    async def hang_up() -> bool:
+        nonlocal budget
+        budget -= 1
+        if budget > 0:
+            return False
+        budget = rng.randint(1, 40)
+        return True
+
+    async def away() -> None:
+        if rng.random() < 0.5:
+            await asyncio.sleep(rng.uniform(3.2, 5))  # past the tail's linger: nothing in memory
+
+    return await follow(urls, thread, rng, hang_up, away)
+
+
 CLIENTS: dict[str, Client] = {
     "fast": fast_client,
     "slow": slow_client,
     "reconnecting": reconnecting_client,
+    "roaming": roaming_client,
 }
 
 
@@ -201,10 +231,51 @@ async def thread_worker(
                 return
             tally.accepted[run_id] = thread
             tally.chunks[run_id] = options["chunks"]
-            kind = rng.choice(sorted(CLIENTS))
-            reply = await CLIENTS[kind](cluster.urls, thread, rng)
-            tally.followed.append(Followed(thread, run_id, kind, reply))
+            if rng.random() < 0.2:
+                await next_run_while_reading(cluster, client, thread, run_id, rng, tally, stop)
+            else:
+                kind = rng.choice(sorted(CLIENTS))
+                reply = await CLIENTS[kind](cluster.urls, thread, rng)
+                tally.followed.append(Followed(thread, run_id, kind, reply))
             await asyncio.sleep(rng.uniform(0.5, 3))  # the user reads the reply
+
+
+async def next_run_while_reading(
+    cluster: Cluster,
+    client: AsyncClient,
+    thread: str,
+    run_id: str,
+    rng: random.Random,
+    tally: Tally,
+    stop: asyncio.Event,
+) -> None:
+    """A slow client of `run_id` while the thread's next run is posted (it purges the subject
+    and fills the tails): the slow one ends with its own run's reply, another follows the next."""
+    reply = Reply()
+    reading = asyncio.create_task(
+        follow(cluster.urls, thread, rng, _slowly(rng, 0.02, 0.2), reply=reply)
+    )
+    async with asyncio.timeout(120):
+        while not reply.events and not reading.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # paces looking for its first event: it follows `run_id`
+    options = {"chunks": rng.randint(10, 60), "delay_ms": 20, "vary": True}
+    following = await post(client, thread, options, "enqueue", stop)
+    if following is not None:
+        tally.accepted[following] = thread
+        tally.chunks[following] = options["chunks"]
+    tally.followed.append(Followed(thread, run_id, "slow, next run posted", await reading))
+    if following is not None:
+        after = await fast_client(cluster.urls, thread, rng)
+        tally.followed.append(Followed(thread, following, "after a next run", after))
+    tally.faults["next run while reading"] += 1
+
+
+def _slowly(rng: random.Random, low: float, high: float) -> Callable[[], Awaitable[bool]]:
+    async def read_slowly() -> bool:
+        await asyncio.sleep(rng.uniform(low, high))  # a slow reader
+        return False
+
+    return read_slowly
 
 
 async def storms(
@@ -376,8 +447,8 @@ async def check_invariants(cluster: Cluster, tally: Tally) -> dict[str, dict[str
             assert run is not None, f
             assert f.reply.status == run["status"], (f.kind, f.reply.status, run)
             assert f.reply.duplicates == 0, (f.kind, run["run_id"])
-            if run["status"] in ("success", "interrupted") and run["output"] is not None:
-                assert f.reply.text == run["output"], (f.kind, run["run_id"], run["attempts"])
+            # Whatever ended the run, the stored reply is what its clients hold (contract v3).
+            assert f.reply.text == (run["output"] or ""), (f.kind, run["run_id"], run["attempts"])
             assert_vary_pattern(f.reply.text, run, None)
         for pod in cluster.pods:
             async with httpx.AsyncClient(timeout=5) as http:

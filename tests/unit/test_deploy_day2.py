@@ -357,16 +357,18 @@ def max_pods(objs: tuple[dict[str, Any], ...]) -> int:
 
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_connection_budget(name: str, clone_k8s: Path) -> None:  # noqa: F811
-    """docs/deploy.md: max_connections >= (pods + 1) x (DB_POOL + DBOS_POOL + 2) + reserved,
+    """docs/deploy.md: max_connections >= (pods + 1) x PROCESSES x (DB_POOL + DBOS_POOL + 2)
+    + reserved,
     pods at their most (KEDA's maxReplicaCount), + 1 for a rolling update's overlap."""
     objs = overlay(clone_k8s, name)
     env = container_env(objs)
     fields = Settings.model_fields
-    per_pod = (
+    per_process = (
         int(env.get("THREADGATE_DB_POOL_SIZE", fields["db_pool_size"].default))
         + int(env.get("THREADGATE_DBOS_POOL_SIZE", fields["dbos_pool_size"].default))
         + PER_POD_EXTRA
     )
+    per_pod = per_process * int(env.get("THREADGATE_PROCESSES", fields["processes"].default))
     need = (max_pods(objs) + 1) * per_pod + RESERVED
     cluster = find(objs, "Cluster", "threadgate-pg")
     if cluster is not None:
