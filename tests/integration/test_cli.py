@@ -130,7 +130,7 @@ async def test_a_refused_request_is_one_line_and_exit_4(pod: Pod) -> None:
     r = await tg(pod, "post", unique(), "hi", "-o", "chunks=-1")
     assert r.code == cli.REFUSED
     assert one_line(r.err) == (
-        "threadgate: model_options: chunks must be a non-negative integer"
+        "threadgate: model_options: chunks must be an integer from 0 to 100000"
         " (invalid_request, HTTP 400)"
     )
 
