@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # gets it in pieces as its socket drains, not as one copy of the whole backlog per client.
 MAX_WRITE_BYTES = 64 * 1024
 RECHECK_S = 0.5  # first wait before asking the database again about a run no fold serves
+CATCH_UP_S = 5.0  # a new tail's first read of the subject, waited for this long at most
 
 
 def advance(
@@ -129,8 +130,9 @@ async def relay(
     check_at, check_every = loop.time() + RECHECK_S, RECHECK_S  # the next look at the row
     stream_at, stream_every = 0.0, RECHECK_S  # the next read from JetStream allowed
     stored: Reply | None = None
-    ended_seen = False
+    ended_seen = streamed_ended = False
     stalled_sent = 0
+    began = loop.time()
     while not pos.done:
         seen = tail.last_seq
         view = tail.view(pos.run_id)
@@ -165,8 +167,17 @@ async def relay(
                     yield []
                     last_write = loop.time()
                 continue
-        if not ended and view is not None and view.complete and loop.time() >= stream_at:
-            # The tail dropped the parts this client needs (a long reply): JetStream has them.
+        if not tail.caught_up.is_set() and loop.time() < began + CATCH_UP_S:
+            # A tail just started reads the subject from its first event: what it will hold
+            # is not known yet.
+            await tail.wait(seen, max(min(last_write + keepalive_s, began + CATCH_UP_S)
+                                      - loop.time(), 0.001))  # fmt: skip
+            continue
+        trimmed = view is not None and view.complete and not ended
+        if (trimmed or (ended and not streamed_ended)) and loop.time() >= stream_at:
+            # Not in the tail (dropped from a long reply, or never held here): JetStream, which
+            # holds the run until the next one purges it, before the stored reply.
+            streamed_ended = streamed_ended or ended
             sent = False
             async for batch in _from_stream(pos, src, truncate):
                 yield batch

@@ -165,21 +165,23 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
         try:
             async with asyncio.timeout(remaining) as budget, _polling(d, run, attempt, watch):
                 status = await _stream_attempt(d, run, attempt, may_continue, watch, held)
-            return await end(d, run, attempt, held.parts, status, None)
+            return await end(d, run, attempt, held.reply(), status, None)
         except TimeoutError:
             if not budget.expired():
                 raise
             logger.warning("run timed out", extra=log)
-            return await end(d, run, attempt, held.parts, "error", _timed_out(d, run))
+            return await end(d, run, attempt, held.reply(), "error", _timed_out(d, run))
         except ModelError as exc:
             if not exc.transient:
                 logger.warning("model failed permanently: %s", exc.message, extra=log)
-                return await end(d, run, attempt, held.parts, "error", error(exc.code, exc.message))
+                return await end(
+                    d, run, attempt, held.reply(), "error", error(exc.code, exc.message)
+                )
             model_retries += 1
             if model_retries > s.max_retries:
                 logger.warning("retries exhausted: %s", exc.message, extra=log)
                 return await end(
-                    d, run, attempt, held.parts, "error", error("retries_exhausted", exc.message)
+                    d, run, attempt, held.reply(), "error", error("retries_exhausted", exc.message)
                 )
             delay = _backoff(d, model_retries)
             cause: Exception = exc
@@ -193,7 +195,7 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
             cause = exc
         logger.warning("attempt failed, next in %.1fs: %r", delay, cause, extra=log)
         if await d.stops.wait(run_id, delay):
-            return await end(d, run, attempt, held.parts, watch.reason or "cancelled", None)
+            return await end(d, run, attempt, held.reply(), watch.reason or "cancelled", None)
 
 
 def _backoff(d: RunDeps, n: int) -> float:
@@ -286,6 +288,7 @@ async def _stream_attempt(
         await d.buffer.purge(thread_id)
     pub = d.buffer.publisher(thread_id, run_id, attempt)
     await pub.publish(run_started(run_id, attempt, kept or None, s.pod_name, run.seq), "start")
+    held.announced = True
     if s.fault_point:
         await pub.flush()
         fault(d, "after_start", thread_id)

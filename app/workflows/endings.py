@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import StreamUnavailable
 from ..store.replies import StoredPart
 from ..store.runs import Run
 from ..streams.events import Event, run_started
@@ -28,9 +27,14 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Held:
-    """The parts of an attempt's reply as it streams (prefix included)."""
+    """The parts of an attempt's reply as it streams (prefix included), once it announced
+    itself (its `run_started`); before that, what its clients hold is an earlier attempt's."""
 
     parts: list[Event] = field(default_factory=list)
+    announced: bool = False
+
+    def reply(self) -> list[Event] | None:
+        return self.parts if self.announced else None
 
 
 def stored(parts: list[Event]) -> list[StoredPart]:
@@ -38,17 +42,10 @@ def stored(parts: list[Event]) -> list[StoredPart]:
 
 
 async def read_prefix(d: RunDeps, run: Run) -> list[Event]:
-    """The parts the run's earlier attempts left in its subject (none if it cannot be read:
-    the attempt regenerates)."""
-    try:
-        events = await d.buffer.read_subject(run.thread_id)
-    except StreamUnavailable as exc:
-        logger.warning(
-            "the reply's parts cannot be read, regenerating: %s",
-            exc.message,
-            extra=log_fields(run.run_id, run.thread_id, run.attempt),
-        )
-        return []
+    """The parts the run's earlier attempts left in its subject. A subject that cannot be
+    read now (NATS away, no quorum) is an outage (StreamUnavailable, transient: the attempt
+    waits it out), never taken for "no parts": that would regenerate a reply that is there."""
+    events = await d.buffer.read_subject(run.thread_id)
     reply = fold(run.run_id, events)
     return reply.parts if reply.complete else []
 
@@ -96,7 +93,11 @@ async def end(
 async def _announce(d: RunDeps, run: Run, attempt: int, log: Any) -> list[Event]:
     """An attempt that ends the run without streaming keeps what the subject holds: it says
     so (its record, then its `run_started`), as a continuing attempt would."""
-    prefix = await read_prefix(d, run) if attempt > 1 else []
+    prefix = (
+        await patiently(d, "reading the reply's parts", lambda: read_prefix(d, run), log)
+        if attempt > 1
+        else []
+    )
     kept = len(prefix)
     if attempt > 1:
         await patiently(

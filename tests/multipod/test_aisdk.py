@@ -49,7 +49,7 @@ def node_first() -> None:
 @contextlib.asynccontextmanager
 async def example_server(upstream: str) -> AsyncIterator[str]:
     """`node server.mjs` in front of a pod; its URL once it answers."""
-    node = need_node(EXAMPLE)
+    node = need_node()
     port = free_port()
     env = {**os.environ, "THREADGATE_URL": upstream, "PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(

@@ -349,7 +349,7 @@ async def subject_events(cluster: Cluster, thread: str) -> list[dict[str, Any]]:
         js = nc.jetstream()
         sub = await js.pull_subscribe(subject, stream=env["THREADGATE_STREAM_NAME"])
         out: list[dict[str, Any]] = []
-        with contextlib.suppress(nats.errors.TimeoutError):
+        with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
             while True:
                 for msg in await sub.fetch(500, timeout=1):
                     out.append(json.loads(msg.data))

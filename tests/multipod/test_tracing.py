@@ -81,20 +81,21 @@ async def otlp_receiver() -> AsyncIterator[tuple[str, Received]]:
 async def test_one_trace_across_pods(start_cluster: StartCluster) -> None:
     async with otlp_receiver() as (endpoint, received):
         quick = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # export within 0.1 s (the SDK reads it)
-        # The accepting pod never starts a run itself (no fast start; the queue's poll, which
-        # every pod shares, slowed to a minute): the other pod's next claim takes it.
+        # The accepting pod never starts a run itself (no fast start, its safety-net sweep
+        # and DBOS's poll a minute away): the other pod's sweep (every 0.3 s) takes it.
+        slow = {"THREADGATE_QUEUE_POLLING_S": "60", "THREADGATE_BACKGROUND_POLLING_S": "60"}
         cluster = await start_cluster(
             size=2,
             otel_endpoint=endpoint,
-            queue_polling_s=60,
-            per_pod={0: {"THREADGATE_FAST_START": "false", **quick}, 1: quick},
+            per_pod={
+                0: {"THREADGATE_FAST_START": "false", **slow, **quick},
+                1: {"THREADGATE_QUEUE_POLLING_S": "0.3", **quick},
+            },
         )
         accepting, executing = cluster.pods
         thread = unique("xpod")
-        async with cluster.client([accepting]) as client, cluster.client([executing]) as other:
+        async with cluster.client([accepting]) as client:
             run_id = (await client.post(thread, "across", model_options={"chunks": 4}))["run_id"]
-            # A run accepted by the executing pod: its claim takes every startable run.
-            await other.post(unique("nudge"), "claim", model_options={"chunks": 1})
             run = await wait_run(client, thread, run_id)
         assert (run["status"], run["executor"]) == ("success", executing.name)
 

@@ -229,13 +229,15 @@ async def test_adopt_lists_with_dry_run_refuses_differing_steps_and_forces(
             assert final["output"] == reply.text == mock_reply(100, {0: 1, kept: 2})
             assert reply.resets == 0 and reply.duplicates == 0
         # Forced, the run's recorded step does not match today's: DBOS refuses to replay it
-        # (DBOSUnexpectedStepError), the run ends `error` with no reply stored, and its thread
-        # goes on. That is the risk --force takes.
+        # (DBOSUnexpectedStepError), the run ends `error` keeping what its clients saw (the
+        # parts its first attempt streamed, stored as its reply), and its thread goes on.
+        # That is the risk --force takes.
         forced = await wait_run(client, threads[2], c, timeout=60)
         error = {"code": "internal", "message": "DBOSUnexpectedStepError"}
-        assert (forced["status"], forced["error"], forced["output"]) == ("error", error, None)
+        assert (forced["status"], forced["error"]) == ("error", error)
         assert (replies[2].status, replies[2].error) == ("error", error)
+        assert forced["output"] == replies[2].text
         messages = await client.messages(threads[2])
-        assert [m["role"] for m in messages] == ["user"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
         nxt = await client.post(threads[2], "new", model_options={"chunks": 3})
         assert (await wait_run(client, threads[2], nxt["run_id"]))["status"] == "success"
