@@ -130,7 +130,19 @@ def _jwt_principal(settings: Settings, token: str) -> str | None:
     except jwt.PyJWTError:
         return None
     sub = claims.get("sub")
-    return sub if isinstance(sub, str) and sub else None
+    return sub if isinstance(sub, str) and is_principal_name(sub) else None
+
+
+def is_principal_name(name: str) -> bool:
+    """A principal's name is stored (a thread's owner) and logged: no control characters
+    (NUL above all: PostgreSQL's text cannot hold it) and no lone surrogates (not UTF-8)."""
+    if not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _rsa_key(settings: Settings, kid: object) -> RSAPublicKey | None:

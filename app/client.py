@@ -179,6 +179,11 @@ def render(reply: Reply) -> str:
     return out
 
 
+# Pages smaller than the server's default page size are asked for by size; larger wants are
+# read a default-sized page at a time (THREADGATE_PAGE_LIMIT_DEFAULT, 50 unless changed).
+PAGE = 50
+
+
 class AsyncClient(Transport):
     """Talks to one or several pods; `urls` beyond the first are tried when one fails."""
 
@@ -207,23 +212,56 @@ class AsyncClient(Transport):
         result: dict[str, Any] = await self._call("GET", f"/threads/{thread_id}/runs/{run_id}")
         return result
 
+    async def runs_page(
+        self, thread_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the thread's runs, newest first: `{"runs", "next_cursor"}` (the
+        server's default size when `limit` is None; `cursor`: a page's `next_cursor`)."""
+        params = {k: v for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
+        page: dict[str, Any] = await self._call("GET", f"/threads/{thread_id}/runs", params=params)
+        return page
+
     async def runs(self, thread_id: str, limit: int | None = 50) -> list[dict[str, Any]]:
         """The thread's runs, newest first: the `limit` newest, or all (None: page through)."""
         runs: list[dict[str, Any]] = []
-        before: int | None = None
-        while True:
-            page = min(limit - len(runs), 200) if limit is not None else 200
-            params: dict[str, Any] = {"limit": page}
-            if before is not None:
-                params["before"] = before
-            body = await self._call("GET", f"/threads/{thread_id}/runs", params=params)
-            runs += body["runs"]
-            before = body["next_before"]
-            if before is None or (limit is not None and len(runs) >= limit):
-                return runs
+        async for page in self._pages(self.runs_page, thread_id, limit):
+            runs += page["runs"]
+        return runs[:limit] if limit is not None else runs
 
-    async def messages(self, thread_id: str) -> list[dict[str, Any]]:
-        return list((await self._call("GET", f"/threads/{thread_id}/messages"))["messages"])
+    async def messages_page(
+        self, thread_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the conversation, newest message first: `{"thread_id", "messages",
+        "next_cursor"}` (a chat shows its latest turns, then pages back)."""
+        params = {k: v for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
+        page: dict[str, Any] = await self._call(
+            "GET", f"/threads/{thread_id}/messages", params=params
+        )
+        return page
+
+    async def messages(self, thread_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The conversation in order, oldest first: its `limit` latest messages, or all of
+        it (None: every page)."""
+        newest_first: list[dict[str, Any]] = []
+        async for page in self._pages(self.messages_page, thread_id, limit):
+            newest_first += page["messages"]
+        return list(reversed(newest_first[:limit] if limit is not None else newest_first))
+
+    async def _pages(
+        self, read: Any, thread_id: str, limit: int | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Pages from the newest until `limit` items (None: all), each of the server's
+        default size, or smaller when fewer are wanted."""
+        cursor: str | None = None
+        got = 0
+        while True:
+            want = limit - got if limit is not None and limit - got < PAGE else None
+            page: dict[str, Any] = await read(thread_id, limit=want, cursor=cursor)
+            yield page
+            got += len(page.get("runs", page.get("messages", [])))
+            cursor = page["next_cursor"]
+            if cursor is None or (limit is not None and got >= limit):
+                return
 
     async def cancel(self, thread_id: str, run_id: str, *, wait: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(
@@ -287,11 +325,17 @@ class Client:
     def run(self, thread_id: str, run_id: str) -> dict[str, Any]:
         return dict(self._run(lambda c: c.run(thread_id, run_id)))
 
-    def runs(self, thread_id: str) -> list[dict[str, Any]]:
-        return list(self._run(lambda c: c.runs(thread_id)))
+    def runs(self, thread_id: str, limit: int | None = 50) -> list[dict[str, Any]]:
+        return list(self._run(lambda c: c.runs(thread_id, limit)))
 
-    def messages(self, thread_id: str) -> list[dict[str, Any]]:
-        return list(self._run(lambda c: c.messages(thread_id)))
+    def messages(self, thread_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        return list(self._run(lambda c: c.messages(thread_id, limit)))
+
+    def runs_page(self, thread_id: str, **kw: Any) -> dict[str, Any]:
+        return dict(self._run(lambda c: c.runs_page(thread_id, **kw)))
+
+    def messages_page(self, thread_id: str, **kw: Any) -> dict[str, Any]:
+        return dict(self._run(lambda c: c.messages_page(thread_id, **kw)))
 
     def cancel(self, thread_id: str, run_id: str, wait: bool = False) -> dict[str, Any]:
         return dict(self._run(lambda c: c.cancel(thread_id, run_id, wait=wait)))

@@ -4,6 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+# An echoed string (a message, a detail) is cut at this many characters.
+MAX_ECHO_CHARS = 1000
+
+
+def printable(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` as an answer may echo it: at most `limit` characters, a lone surrogate (which
+    no JSON encoder can write as UTF-8) as its escape `\\udXXX`, NUL as `\\x00`."""
+    text = text[:limit]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00")
+
+
+def echoable(value: Any) -> Any:
+    """A JSON value with every string in it (keys included) made `printable`."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): echoable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [echoable(v) for v in value]
+    return value
+
 
 class ThreadgateError(Exception):
     """Base error. `code` is stable and documented; `status` is the HTTP status it maps to."""
@@ -17,9 +42,11 @@ class ThreadgateError(Exception):
         self.details = details
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        """The JSON error body. Messages and details may echo what a client sent: made
+        `printable`, so that no answer fails to encode (a 500 in place of the 4xx)."""
+        error: dict[str, Any] = {"code": self.code, "message": printable(self.message)}
         if self.details:
-            error["details"] = self.details
+            error["details"] = echoable(self.details)
         return {"error": error}
 
 
@@ -40,6 +67,12 @@ class InvalidThreadId(InvalidRequest):
     """Thread ids match ^[A-Za-z0-9_-]{1,128}$."""
 
     code = "invalid_thread_id"
+
+
+class InvalidCursor(InvalidRequest):
+    """cursor must be a next_cursor this route gave."""
+
+    code = "invalid_cursor"
 
 
 class Unauthorized(ThreadgateError):
@@ -112,6 +145,17 @@ class TooManyRequests(ThreadgateError):
 
     code = "too_many_requests"
     status = 429
+    retry_after = 1  # seconds, the answer's Retry-After
+
+
+class QuotaExceeded(TooManyRequests):
+    """A principal's quota is used up. The code names the quota (`quota_runs_per_day`,
+    `quota_threads`, `quota_stored_bytes`); Retry-After says when it may have room again."""
+
+    def __init__(self, quota: str, message: str, *, retry_after: int, **details: Any) -> None:
+        super().__init__(message, quota=quota, **details)
+        self.code = f"quota_{quota}"
+        self.retry_after = retry_after
 
 
 class Unavailable(ThreadgateError):

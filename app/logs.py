@@ -1,7 +1,9 @@
 """Structured logs: one JSON line per event in production, readable lines in dev.
 
 Every record carries `pod`; run records carry `thread_id`, `run_id` and `attempt` (pass them
-in `extra=`). Secrets never reach a record: settings hold them as SecretStr. DBOS's records go
+in `extra=`). Secrets never reach a record: settings hold them as SecretStr, and what others
+send back (a provider that echoes our request headers) is `redact`ed; as a last line, every
+line the handler writes has the pod's own secrets blanked out (`Redacting`). DBOS's records go
 through the same handler, less its start-up noise (`DbosNoise`).
 """
 
@@ -10,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 FIELDS = ("pod", "thread_id", "run_id", "attempt", "executor", "status", "error")
@@ -62,14 +66,60 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(pod: str, *, json_lines: bool, level: str = "INFO") -> None:
+MASK = "***"
+# Headers that carry a credential, in requests or in answers echoing them.
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"}
+)
+# A credential in text: a bearer token, or the value after a credential header's name (as a
+# provider echoing our headers writes it: JSON, a Python dict's repr, or a header line).
+_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s\"',;}\]]+")
+_HEADER_VALUE = re.compile(
+    r"(?i)([\"']?(?:proxy-)?(?:authorization|api[-_]key|x-api-key|cookie|set-cookie)[\"']?"
+    r"\s*[:=]\s*[\"']?)([^\"'\n,}\]]+)"
+)
+MIN_SECRET_CHARS = 6  # shorter "secrets" would blank out ordinary words
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with `secrets`, bearer tokens and credential headers' values masked. Mask first,
+    then cut: a cut made first could leave a secret's first characters."""
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_CHARS:
+            text = text.replace(secret, MASK)
+    text = _HEADER_VALUE.sub(lambda m: m[1] + MASK, text)
+    return _BEARER.sub(lambda m: m[1] + m[2] + MASK, text)
+
+
+def masked_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Headers as they may be logged: every credential header's value masked."""
+    return {k: MASK if k.lower() in CREDENTIAL_HEADERS else v for k, v in headers}
+
+
+class Redacting(logging.Formatter):
+    """Writes what `inner` formats with the pod's secrets masked: whatever path a secret took
+    into a record (a message, an extra, a traceback), it does not reach the log."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len)[::-1]
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record), self.secrets)
+
+
+def setup_logging(
+    pod: str, *, json_lines: bool, level: str = "INFO", secrets: Iterable[str] = ()
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.setFormatter(Redacting(JsonFormatter() if json_lines else TextFormatter(), secrets))
     handler.addFilter(PodFilter(pod))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "nats", "httpx"):
+    # httpcore's DEBUG trace writes a provider's answer headers as they came.
+    for noisy in ("uvicorn.access", "nats", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     adopt_dbos_logger()
 

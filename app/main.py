@@ -15,10 +15,10 @@ from . import __version__, tracing
 from .identity import ExecutorClaim
 from .logs import adopt_dbos_logger
 from .metrics import Metrics
+from .registry import load_source
 from .retention import Retention
 from .runtime import Runtime
 from .settings import Settings
-from .sources import load_source
 from .store.db import Database, dbos_url, tcp_options
 from .store.runs import PgRunStore
 from .streams.buffer import JetStreamBuffer, connect_nats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import socket
@@ -30,6 +31,10 @@ POD_NAME_HELP = (
 
 SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://")
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+# Quotas in force in production when their setting is not given (docs/security.md).
+PRODUCTION_QUOTAS = {"runs_per_day": 10_000, "threads": 10_000, "stored_bytes": 1024**3}
 
 
 def default_dev_pod_name() -> str:
@@ -323,6 +328,50 @@ class Settings(BaseSettings):
                 )
             digests[digest] = principal
         return digests
+
+    # --- issue 26: pages, quotas, secrets in logs ---
+    # GET /threads/{t}/messages and /runs: a page's size when the client names none, and the
+    # most a client may ask for (400 beyond).
+    page_limit_default: int = Field(default=50, ge=1)
+    page_limit_max: int = Field(default=200, ge=1)
+    # Quotas per principal (docs/security.md): unset takes the environment's default
+    # (production: PRODUCTION_QUOTAS; dev: off); 0 turns one off.
+    quota_runs_per_day: int | None = Field(default=None, ge=0)
+    quota_threads: int | None = Field(default=None, ge=0)
+    quota_stored_bytes: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _pages(self) -> Settings:
+        if self.page_limit_default > self.page_limit_max:
+            raise ConfigError(
+                "THREADGATE_PAGE_LIMIT_DEFAULT must not exceed THREADGATE_PAGE_LIMIT_MAX"
+            )
+        return self
+
+    def quota(self, name: Literal["runs_per_day", "threads", "stored_bytes"]) -> int:
+        """A quota in force: its setting, else the environment's default; 0 is off."""
+        value: int | None = getattr(self, f"quota_{name}")
+        if value is None:
+            return PRODUCTION_QUOTAS[name] if self.env == "production" else 0
+        return value
+
+    def secret_values(self) -> list[str]:
+        """Every secret this pod holds, in plain text: the log masks each (app/logs.py)."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        found = [
+            s.get_secret_value()
+            for s in (self.openai_api_key, self.nats_password, self.nats_token, self.jwt_secret)
+        ]
+        # An unparsable URL fails the start elsewhere, with its own message.
+        with contextlib.suppress(Exception):
+            url = self.database_url.get_secret_value()
+            found.append(str(conninfo_to_dict(url).get("password") or ""))
+        for pair in self.api_keys.get_secret_value().split(","):
+            key = pair.partition(":")[2].strip()
+            if key and not key.startswith("sha256:"):
+                found.append(key)
+        return [s for s in found if s]
 
 
 def load_settings(**overrides: object) -> Settings:

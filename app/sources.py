@@ -14,9 +14,13 @@ lacks them:
   from the parts already streamed (`prompt.prefix_parts`); otherwise the reply is regenerated
   and clients get a `reset`. A source that finds it cannot continue this time raises
   `ContinuationRefused`: the run falls back to regenerating.
-- `check_options(options)`: validate a run's `model_options` at POST time; raise `ValueError`
-  (or `TypeError`, `InvalidRequest`) with a message for the client (HTTP 400). Without it,
-  any options are accepted and passed on in `prompt.options`.
+- `check_options(options)` (or `validate_options`): validate a run's `model_options` at POST
+  time. Raise `ValueError` (or `InvalidRequest`) with a message for the client: HTTP 400
+  `invalid_request` with that message. Any other exception is a 400 too, naming only its class
+  (its message may hold what a client should not read). Without it, any options are accepted
+  and passed on in `prompt.options`. `number_option` checks a number against a range before
+  use: huge integers (`1e400` is refused before it reaches you, but `10**400` is a valid
+  JSON integer), floats where an integer is expected, NaN, booleans.
 
 Data events are part of the reply: each shares the index sequence of the text chunks, streams
 to clients as an SSE `data` event, is replayed to late attachers and is stored, in order, in
@@ -28,11 +32,14 @@ Errors: raise `TransientSourceError` (retried with backoff) or `PermanentSourceE
 ends `error`; its message reaches clients). Anything else is permanent too, and only its class
 name reaches clients: an exception's message may hold secrets.
 
-    from threadgate.sources import Data, Prompt
+    from threadgate.sources import Data, Prompt, number_option
 
     class Echo:
         reads_history = False
         continues = True
+
+        def check_options(self, options):
+            number_option(options, "pause_ms", low=0, high=1000)
 
         async def stream(self, prompt: Prompt):
             if not prompt.prefix_parts:
@@ -50,17 +57,12 @@ a plain-Python agent with data events and continuation.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import os
-import sys
-import traceback
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import (
-    ConfigError,
     InvalidRequest,
     ModelError,
     PermanentModelError,
@@ -126,112 +128,69 @@ def continues(source: ReplySource) -> bool:
     return bool(getattr(source, "continues", False))
 
 
+# The names a source's option check may have (the first one found is called).
+OPTION_CHECKS = ("check_options", "validate_options")
+
+
 def check_options(source: ReplySource, options: dict[str, Any]) -> None:
-    """A run's model_options, checked by its source: InvalidRequest (400) if refused."""
-    check = getattr(source, "check_options", None)
+    """A run's model_options, checked by its source: InvalidRequest (400) if refused.
+
+    Whatever the check raises is a 400, never a 500: a ValueError's (or InvalidRequest's)
+    message is the client's to read; any other exception is named by its class only.
+    """
+    check = next((getattr(source, n) for n in OPTION_CHECKS if hasattr(source, n)), None)
     if check is None:
         return
     try:
         check(options)
     except InvalidRequest:
         raise
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequest(f"model_options: {exc}") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"model_options: {_message(exc)}") from None
+    except (Exception, SystemExit) as exc:  # a plug-in's sys.exit() must not end the pod
+        raise InvalidRequest(f"model_options refused ({type(exc).__name__})") from None
 
 
-def load_source(settings: Settings) -> ReplySource:
-    """The source THREADGATE_MODEL names. One that cannot be loaded fails the pod's start."""
-    if settings.model == "mock":
-        from .models.mock import MockSource
-
-        return MockSource(settings)
-    if settings.model == "openai":
-        from .models.openai import OpenAISource
-
-        return OpenAISource(settings)
-    return _plugin(settings)
-
-
-def _plugin(settings: Settings) -> ReplySource:
-    path = settings.model
-    module_name, sep, attr = path.partition(":")
-    where = f"THREADGATE_MODEL={path}"
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{where}: use mock, openai or package.module:factory")
-    _current_directory_importable()
+def _message(exc: BaseException) -> str:
     try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, SyntaxError, whatever the module's own code raised
-        hint = ""
-        if isinstance(exc, ModuleNotFoundError) and exc.name and module_name.startswith(exc.name):
-            hint = " (is it on PYTHONPATH, installed, or in the current directory?)"
-        raise ConfigError(f"{where}: cannot import {module_name}: {_said(exc)}{hint}") from exc
-    factory: Any = module
-    for name in attr.split("."):
-        if not hasattr(factory, name):
-            raise ConfigError(f"{where}: {module_name} has no attribute {attr}")
-        factory = getattr(factory, name)
-    if not callable(factory):
-        raise ConfigError(
-            f"{where}: {attr} is not callable ({type(factory).__name__}); name a factory that"
-            " takes the settings and returns the source"
-        )
-    try:
-        source: ReplySource = factory(settings)
-    except Exception as exc:
-        raise ConfigError(f"{where}: the factory raised {_said(exc)}") from exc
-    _check_shape(where, source)
-    return source
+        return str(exc) or type(exc).__name__
+    except Exception:  # a broken __str__
+        return type(exc).__name__
 
 
-def _check_shape(where: str, source: Any) -> None:
-    """Mistakes that would otherwise fail every run: caught at start instead."""
-    kind = type(source).__name__
-    stream = getattr(source, "stream", None)
-    if not callable(stream):
-        raise ConfigError(
-            f"{where}: the factory returned {kind}, which has no stream(prompt) method"
-        )
-    if inspect.isgeneratorfunction(stream):
-        raise ConfigError(
-            f"{where}: {kind}.stream is a plain generator; make it `async def stream(self,"
-            " prompt)` yielding str and Data"
-        )
-    if inspect.iscoroutinefunction(stream):
-        raise ConfigError(
-            f"{where}: {kind}.stream is a coroutine function without `yield`; it must be an"
-            " async generator (yielding str and Data)"
-        )
-    check = getattr(source, "check_options", None)
-    if check is not None and (not callable(check) or inspect.iscoroutinefunction(check)):
-        raise ConfigError(f"{where}: {kind}.check_options must be a plain method")
+Number = int | float
 
 
-def _current_directory_importable() -> None:
-    """As uvicorn does for its app: a plug-in module in the current directory loads whether
-    the pod runs as `python -m threadgate.cli` (which puts the directory first on sys.path)
-    or as the `threadgate` console script (which does not). Appended: it never shadows an
-    installed package."""
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.append(cwd)
+def number_option(
+    options: Mapping[str, Any],
+    name: str,
+    *,
+    low: Number,
+    high: Number,
+    integer: bool = False,
+    default: Number | None = None,
+) -> Number | None:
+    """`options[name]` if it is a number from `low` to `high` (an integer when `integer`),
+    else ValueError with a message for the client; `default` when the option is absent or null.
 
-
-def _said(exc: BaseException) -> str:
-    """An exception in one line: its class, its message's first line, where it was raised."""
-    said = exc.msg if isinstance(exc, SyntaxError) else str(exc)
-    message = said.strip().splitlines()[0][:300] if said and said.strip() else ""
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    if isinstance(exc, SyntaxError) and exc.filename:
-        return f"{text} ({exc.filename}:{exc.lineno})"
-    frames = traceback.extract_tb(exc.__traceback__)
-    own = [f for f in frames if "importlib" not in f.filename and f.filename != __file__]
-    if own:
-        return f"{text} ({own[-1].filename}:{own[-1].lineno})"
-    return text
+    Safe with any JSON number: integers of any size are compared exactly (no conversion to
+    float, which overflows past 1e308), NaN and the infinities are refused, `true`/`false` are
+    not numbers, and `2.0` is not an integer.
+    """
+    value = options.get(name)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not integer and isinstance(value, float):
+        ok = math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise ValueError(f"{name} must be {kind} from {low} to {high}")
+    return value
 
 
 __all__ = [
+    "OPTION_CHECKS",
     "ContinuationRefused",
     "Data",
     "InvalidRequest",
@@ -244,6 +203,6 @@ __all__ = [
     "TransientSourceError",
     "check_options",
     "continues",
-    "load_source",
+    "number_option",
     "reads_history",
 ]

@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from threadgate.sources import number_option
+
 
 class PacedSource:
     """Options: `chunks` (400), `rate` (chunks per second, 40)."""
@@ -27,6 +29,8 @@ class PacedSource:
         unknown = set(options) - {"chunks", "rate"}
         if unknown:
             raise ValueError(f"unknown options: {sorted(unknown)}")
+        number_option(options, "chunks", low=0, high=1_000_000, integer=True)
+        number_option(options, "rate", low=0.001, high=100_000)
 
     async def stream(self, prompt: Any) -> AsyncIterator[str]:
         chunks = int(prompt.options.get("chunks", 400))

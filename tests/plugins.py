@@ -60,6 +60,26 @@ def failing_factory(settings: Settings) -> Scripted:
     raise RuntimeError("the plug-in has no credentials")
 
 
+class Picky(Scripted):
+    """A plug-in whose option check trusts its input, as many will: `n` is read as a number,
+    `of` as a list, `x...` keys want a `needed` key. Whatever Python raises on odd values
+    (TypeError, KeyError, OverflowError, ...) must be a 400, never a 500."""
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        if "n" in options:
+            if float(options["n"]) > 10:
+                raise ValueError("n must be at most 10")
+            int(options["n"])
+        if "of" in options:
+            options["of"][0]
+        if any(k.startswith("x") for k in options):
+            options["needed"]
+
+
+def picky(settings: Settings) -> Picky:
+    return Picky(settings)
+
+
 class Unstorable:
     """Text and data PostgreSQL cannot store as they are (NUL, a lone surrogate)."""
 

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ThreadgateError, Unavailable
+from ..errors import ThreadgateError, TooManyRequests, Unavailable, printable
 from .openapi import document_errors
 from .validation import invalid
 
@@ -29,8 +29,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ThreadgateError)
     async def _threadgate_error(request: Request, exc: ThreadgateError) -> JSONResponse:
-        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers.get(exc.status))
+        headers = {}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, TooManyRequests):
+            headers["Retry-After"] = str(exc.retry_after)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -58,7 +62,7 @@ def install(app: FastAPI) -> None:
             route = f"{request.method} {request.url.path}"[:200]
             message = f"{'no route' if exc.status_code == 404 else 'method not allowed'}: {route}"
         return JSONResponse(
-            {"error": {"code": code, "message": message}},
+            {"error": {"code": code, "message": printable(message)}},
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

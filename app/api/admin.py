@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..errors import Unavailable
+from ..ids import is_run_id
 from .deps import RuntimeDep, admin
 from .schemas import error_responses
 
@@ -37,8 +38,18 @@ class StrandedList(BaseModel):
 
 class AdoptRequest(BaseModel):
     run_ids: list[str] | None = Field(
-        default=None, description="Exactly these runs (default: every stranded run)"
+        default=None,
+        max_length=10_000,
+        description="Exactly these runs (default: every stranded run)",
     )
+
+    @field_validator("run_ids")
+    @classmethod
+    def _run_ids(cls, value: list[str] | None) -> list[str] | None:
+        # Refused before any query: a NUL or a lone surrogate cannot even reach PostgreSQL.
+        if value is not None and not all(is_run_id(r) for r in value):
+            raise ValueError("run_ids must be run ids (UUIDs, as /admin/stranded lists them)")
+        return value
 
 
 class AdoptResult(BaseModel):

@@ -58,9 +58,20 @@ class AttachLimiter:
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def _has_body(scope: Scope) -> bool:
+    """A request that says it has a body. A GET that sends one is guarded like a POST: else
+    its answer went out at once and the connection stayed open for a body nobody reads,
+    until the server's body deadline (31 s), unauthenticated."""
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 class RequestGuard:
     """What a request must pass before the app reads its body: its credential (401, when
-    authentication is on: every route that takes a body needs a bearer token), its size (413,
+    authentication is on: every route that takes a body needs a bearer token, and so does any
+    request that sends one, a GET included), its size (413,
     by Content-Length or by counting streamed bytes) and the time it takes to arrive (408
     after THREADGATE_BODY_TIMEOUT_S).
 
@@ -74,7 +85,7 @@ class RequestGuard:
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in _NO_BODY:
+        if scope["type"] != "http" or (scope["method"] in _NO_BODY and not _has_body(scope)):
             await self.app(scope, receive, send)
             return
         settings = self.settings()

@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from .. import tracing
-from ..errors import InvalidRequest, RunNotFound, ThreadNotFound
+from ..errors import InvalidCursor, InvalidRequest, RunNotFound, ThreadNotFound
 from ..ids import check_run_id
 from ..sources import check_options
+from ..store import pages
 from ..workflows.runner import RunRequest, wait_until_stopped
 from .deps import (
     PrincipalDep,
@@ -21,10 +22,18 @@ from .deps import (
     require_reader,
     writer_of,
 )
+from .pages import (
+    decode_cursor,
+    message_cursor,
+    messages_page,
+    page_limit,
+    run_answer,
+    run_cursor,
+    runs_page,
+)
 from .responses import SafeJSONResponse
 from .schemas import (
     MessageList,
-    MessageOut,
     RunAccepted,
     RunCreate,
     RunList,
@@ -95,48 +104,72 @@ async def create_run(
 @router.get(
     "/threads/{thread_id}/runs/{run_id}",
     response_model=RunOut,
-    response_class=SafeJSONResponse,
     responses=error_responses(400, 401, 404),
 )
 async def get_run(
     principal: PrincipalDep, thread_id: ThreadId, run_id: str, rt: RuntimeDep
-) -> RunOut:
+) -> Response:
     """A run's status, attempt, executor and (when finished) its output or error."""
-    run = await rt.store.get_run(thread_id, check_run_id(run_id), reader=reader_of(principal))
-    if run is None:
+    # Read as a page of one: the reply's output streamed, its parts not read at all.
+    head = await pages.run_head(rt.db, thread_id, check_run_id(run_id), reader=reader_of(principal))
+    if head is None:
         raise RunNotFound()
-    return RunOut.of(run)
+    return run_answer(rt.db, head)
+
+
+PageLimit = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        description="Items in the page: THREADGATE_PAGE_LIMIT_DEFAULT (50) when not given, at"
+        " most THREADGATE_PAGE_LIMIT_MAX (200)",
+    ),
+]
+PageCursor = Annotated[
+    str | None,
+    Query(max_length=200, description="The page after this one: a next_cursor it gave"),
+]
 
 
 @router.get(
     "/threads/{thread_id}/runs",
     response_model=RunList,
-    response_class=SafeJSONResponse,
     responses=error_responses(400, 401, 404),
 )
 async def list_runs(
     principal: PrincipalDep,
     thread_id: ThreadId,
     rt: RuntimeDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageLimit = None,
+    cursor: PageCursor = None,
     before: Annotated[
         int | None,
-        Query(ge=1, le=2**63 - 1, description="Page cursor from next_before"),
+        Query(ge=1, le=2**63 - 1, deprecated=True, description="Use cursor (next_before)"),
     ] = None,
-) -> RunList:
-    """The thread's runs, newest first."""
-    runs = await rt.store.list_runs(
-        thread_id, limit=limit, before_seq=before, reader=reader_of(principal)
+) -> Response:
+    """The thread's runs, newest first, a page at a time (`next_cursor`)."""
+    size = page_limit(rt.settings, limit)
+    if cursor is not None:
+        (before,) = decode_cursor("r1", cursor, 1)
+    heads = await pages.run_heads(
+        rt.db, thread_id, limit=size + 1, before=before, reader=reader_of(principal)
     )
-    if not runs:
+    if not heads:
         await require_reader(rt, principal, thread_id, ThreadNotFound)
-    next_before = runs[-1].seq if len(runs) == limit else None
-    return RunList(runs=[RunOut.of(r) for r in runs], next_before=next_before)
+    more = len(heads) > size
+    heads = heads[:size]
+    return runs_page(
+        rt.db,
+        heads,
+        run_cursor(heads[-1]) if more else None,
+        heads[-1].seq if more else None,
+    )
 
 
 @router.post(
     "/threads/{thread_id}/runs/{run_id}/cancel",
     response_model=RunOut,
+    response_class=SafeJSONResponse,
     responses=error_responses(400, 401, 404, 409, 503),
 )
 async def cancel_run(
@@ -158,14 +191,29 @@ async def cancel_run(
 @router.get(
     "/threads/{thread_id}/messages",
     response_model=MessageList,
-    response_class=SafeJSONResponse,
     responses=error_responses(400, 401, 404),
 )
 async def list_messages(
-    principal: PrincipalDep, thread_id: ThreadId, rt: RuntimeDep
-) -> MessageList:
-    """The conversation: each run's user message and (once stored) its assistant reply."""
-    messages = await rt.store.messages(thread_id, reader=reader_of(principal))
-    if not messages:
+    principal: PrincipalDep,
+    thread_id: ThreadId,
+    rt: RuntimeDep,
+    limit: PageLimit = None,
+    cursor: PageCursor = None,
+) -> Response:
+    """The conversation, newest message first, a page at a time (`next_cursor`): each run's
+    reply (once stored) then its user message, and so on back."""
+    size = page_limit(rt.settings, limit)
+    before = None
+    if cursor is not None:
+        seq, order = decode_cursor("m1", cursor, 2)
+        if order > 1:
+            raise InvalidCursor()
+        before = (seq, order)
+    heads = await pages.message_heads(
+        rt.db, thread_id, limit=size + 1, before=before, reader=reader_of(principal)
+    )
+    if not heads:
         await require_reader(rt, principal, thread_id, ThreadNotFound)
-    return MessageList(thread_id=thread_id, messages=[MessageOut.of(m) for m in messages])
+    more = len(heads) > size
+    heads = heads[:size]
+    return messages_page(rt.db, thread_id, heads, message_cursor(heads[-1]) if more else None)

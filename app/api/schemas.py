@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..store.runs import Message, Run
+from ..store.runs import Run
 
 Strategy = Literal["enqueue", "reject", "interrupt"]
 
@@ -62,8 +62,7 @@ class RunCreate(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("input must not be blank")
-        if "\x00" in value:
-            raise ValueError("input must not contain NUL")
+        _check_text(value, "input")
         return value
 
 
@@ -156,38 +155,34 @@ class RunOut(BaseModel):
 
 
 class RunList(BaseModel):
-    runs: list[RunOut]
-    next_before: int | None = Field(description="Pass as ?before= for the next (older) page")
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next (older) page; null on the last page"
+    )
+    next_before: int | None = Field(description="Deprecated: ?before= of the next page")
+    runs: list[RunOut] = Field(description="Newest first")
 
 
 class MessageOut(BaseModel):
     run_id: str
     role: Literal["user", "assistant"]
-    content: str
     status: str
     created_at: datetime
-    parts: list[dict[str, Any]] = Field(
-        description='The message in order: {"type": "text", "text"} and, from a reply source'
-        ' that sends data events, {"type": "data", "name", "payload"}'
+    content: str = Field(description="The message's text")
+    parts: list[dict[str, Any]] | None = Field(
+        description='The reply in order when it has data parts: {"type": "text", "text"} and'
+        ' {"type": "data", "name", "payload"}; null for a text-only message (its content is'
+        " the whole of it)"
     )
-
-    @classmethod
-    def of(cls, m: Message) -> MessageOut:
-        return cls.model_validate(
-            {
-                "run_id": m.run_id,
-                "role": m.role,
-                "content": m.content,
-                "status": m.status,
-                "created_at": m.created_at,
-                "parts": m.parts or [{"type": "text", "text": m.content}],
-            }
-        )
 
 
 class MessageList(BaseModel):
     thread_id: str
-    messages: list[MessageOut]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next (older) page; null on the last page"
+    )
+    messages: list[MessageOut] = Field(
+        description="Newest first: a run's reply, then its user message, then the run before"
+    )
 
 
 class ErrorBody(BaseModel):

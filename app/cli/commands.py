@@ -210,8 +210,17 @@ async def _attach(args: argparse.Namespace, client: Any) -> int:
     return await _follow(args, client, wait=args.wait)
 
 
+async def _page(args: argparse.Namespace, read: Any, items: str) -> list[dict[str, Any]]:
+    """One page (newest first) as --limit and --cursor say; where the next one starts goes
+    to stderr."""
+    page = await read(args.thread, limit=args.limit, cursor=args.cursor)
+    if page.get("next_cursor"):
+        print(f"older {items}: --cursor {page['next_cursor']}", file=sys.stderr)
+    return list(page[items])
+
+
 async def _runs(args: argparse.Namespace, client: Any) -> int:
-    runs = await client.runs(args.thread, limit=args.limit)
+    runs = await _page(args, client.runs_page, "runs")
     if args.json:
         _emit(args, runs, "")
         return OK
@@ -229,7 +238,10 @@ async def _run(args: argparse.Namespace, client: Any) -> int:
 
 
 async def _messages(args: argparse.Namespace, client: Any) -> int:
-    messages = await client.messages(args.thread)
+    if args.limit is None and args.cursor is None:
+        messages = await client.messages(args.thread)  # the whole conversation, in order
+    else:
+        messages = list(reversed(await _page(args, client.messages_page, "messages")))
     if args.json:
         _emit(args, messages, "")
         return OK
@@ -321,8 +333,7 @@ def add_parsers(sub: Sub) -> None:
     attach.add_argument(
         "--wait", action="store_true", help="wait for the thread's first run if it has none"
     )
-    runs = client_cmd(sub, "runs", "list a thread's runs (newest first)", _runs)
-    runs.add_argument("--limit", type=int, default=50)
+    runs = client_cmd(sub, "runs", "list a thread's runs (newest first), a page at a time", _runs)
     run = client_cmd(
         sub,
         "run",
@@ -330,12 +341,23 @@ def add_parsers(sub: Sub) -> None:
         _run,
     )
     run.add_argument("run_id")
-    client_cmd(
+    messages = client_cmd(
         sub,
         "messages",
-        "print a thread's conversation (data parts, and why a run has no reply)",
+        "print a thread's conversation (data parts, and why a run has no reply); with --limit"
+        " or --cursor, one page of its latest messages, in order",
         _messages,
     )
+    for paged in (runs, messages):
+        paged.add_argument(
+            "--limit",
+            type=int,
+            default=None,
+            help="items in the page (default: the server's, 50; at most its maximum, 200)",
+        )
+        paged.add_argument(
+            "--cursor", default=None, help="the page after this one (printed with each page)"
+        )
     cancel = client_cmd(sub, "cancel", "cancel a queued or running run", _cancel)
     cancel.add_argument("run_id")
     cancel.add_argument("--no-wait", action="store_true", help="answer before it has stopped")

@@ -71,7 +71,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"threadgate: {exc.message}", file=sys.stderr)
         return 2
     _set_title(settings.pod_name)
-    setup_logging(settings.pod_name, json_lines=settings.json_logs, level=settings.log_level)
+    setup_logging(
+        settings.pod_name,
+        json_lines=settings.json_logs,
+        level=settings.log_level,
+        secrets=settings.secret_values(),
+    )
     if settings.processes > 1 and settings.listen_fd < 0:
         from ..pod import PodSupervisor
 

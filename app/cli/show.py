@@ -98,6 +98,8 @@ def no_reply(run: dict[str, Any] | None) -> str:
     status = run.get("status")
     if status in ("pending", "running"):
         return "(replying…)" if status == "running" else "(queued)"
+    if run.get("output") is not None:
+        return "(its reply is on the newer page)"  # a page of messages cut between the two
     if status == "error":
         err = run.get("error") or {}
         return f"(no reply) {err.get('code', 'error')}: {err.get('message', '')}".rstrip()

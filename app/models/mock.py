@@ -8,13 +8,12 @@ deterministic). It continues a reply exactly: after a prefix of k chunks it yiel
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ..errors import PermanentModelError, TransientModelError
 from ..settings import Settings
-from ..sources import ContinuationRefused, Data, Part, Prompt
+from ..sources import ContinuationRefused, Data, Part, Prompt, number_option
 
 MOCK_OPTIONS = {
     "chunks",
@@ -28,6 +27,14 @@ MOCK_OPTIONS = {
 }
 # A bound on one run's size: the reply is held whole in memory and stored as one message.
 MAX_MOCK_CHUNKS = 100_000
+# Each numeric option's range (docs/security.md): (low, high, integer).
+NUMERIC_OPTIONS: dict[str, tuple[int, int, bool]] = {
+    "chunks": (0, MAX_MOCK_CHUNKS, True),
+    "delay_ms": (0, 60_000, False),
+    "fail_at": (0, MAX_MOCK_CHUNKS, True),
+    "fail_attempts": (0, 1000, True),
+    "data_every": (0, MAX_MOCK_CHUNKS, True),
+}
 
 
 def mock_reply(chunks: int, attempts: dict[int, int] | None = None) -> str:
@@ -39,12 +46,6 @@ def mock_reply(chunks: int, attempts: dict[int, int] | None = None) -> str:
     return "".join(
         f"chunk-{i}.{attempts[max(s for s in starts if s <= i)]} " for i in range(chunks)
     )
-
-
-def _count(options: dict[str, Any], key: str) -> None:
-    value = options.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise ValueError(f"{key} must be a non-negative integer")
 
 
 def _streamed(prompt: Prompt) -> int:
@@ -73,23 +74,12 @@ class MockSource:
             raise ValueError(
                 f"the mock takes {', '.join(sorted(MOCK_OPTIONS))}; unknown: {', '.join(unknown)}"
             )
-        for key in ("chunks", "fail_at", "fail_attempts", "data_every"):
-            _count(options, key)
-        chunks = options.get("chunks")
-        if isinstance(chunks, int) and chunks > MAX_MOCK_CHUNKS:
-            raise ValueError(f"chunks must be at most {MAX_MOCK_CHUNKS}")
-        delay = options.get("delay_ms")
-        if delay is not None and (
-            not isinstance(delay, int | float)
-            or isinstance(delay, bool)
-            or not math.isfinite(delay)
-            or not 0 <= delay <= 60_000
-        ):
-            raise ValueError("delay_ms must be a number from 0 to 60000")
+        for key, (low, high, integer) in NUMERIC_OPTIONS.items():
+            number_option(options, key, low=low, high=high, integer=integer)
         if options.get("fail") not in (None, "transient", "permanent"):
             raise ValueError('fail must be "transient" or "permanent"')
         for flag in ("vary", "refuse_continue"):
-            if options.get(flag) not in (None, True, False):
+            if not isinstance(options.get(flag, False), bool):
                 raise ValueError(f"{flag} must be true or false")
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[Part]:

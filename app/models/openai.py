@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from ..errors import ModelError, PermanentModelError, TransientModelError
+from ..logs import masked_headers, redact
 from ..settings import Settings
-from ..sources import ContinuationRefused, Part, Prompt
+from ..sources import ContinuationRefused, Part, Prompt, number_option
 
 logger = logging.getLogger(__name__)
 
 TRANSIENT_STATUS = {408, 409, 425, 429}
+LOGGED_CHARS = 300  # of a provider's error body
 # Options a client may set when the operator allows them (THREADGATE_OPENAI_CLIENT_OPTIONS),
 # each with its check; the model, the key and the bounds are the operator's.
 KNOWN_OPTIONS = {
@@ -36,10 +37,9 @@ KNOWN_OPTIONS = {
 
 
 def classify_status(status: int, body: str, secret: str = "") -> ModelError:
-    """A provider error: the body goes to the log only, the operator's key blanked out (a
-    provider may echo headers); clients get the status and a code."""
-    logged = body[:300].replace(secret, "***") if secret else body[:300]
-    logger.warning("model provider answered %d: %s", status, logged)
+    """A provider error: the body goes to the log only, credentials masked (a provider may
+    echo our headers); clients get the status and a code."""
+    logger.warning("model provider answered %d: %s", status, _loggable(body, secret))
     if status in TRANSIENT_STATUS or status >= 500:
         return TransientModelError(f"model provider answered {status}")
     return PermanentModelError(f"model provider answered {status}")
@@ -66,21 +66,9 @@ class OpenAISource:
         if refused:
             allowed = ", ".join(sorted(self.allowed)) or "none"
             raise ValueError(f"not allowed: {', '.join(refused)} (allowed: {allowed})")
-        for key, value in options.items():
-            if key == "max_tokens":
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise ValueError("max_tokens must be an integer")
-                if not 1 <= value <= self.max_tokens:
-                    raise ValueError(f"max_tokens must be from 1 to {self.max_tokens}")
-            elif key in KNOWN_OPTIONS:
-                low, high = KNOWN_OPTIONS[key]
-                if (
-                    not isinstance(value, int | float)
-                    or isinstance(value, bool)
-                    or not math.isfinite(value)
-                    or not low <= value <= high
-                ):
-                    raise ValueError(f"{key} must be a number from {low} to {high}")
+        number_option(options, "max_tokens", low=1, high=self.max_tokens, integer=True)
+        for key, (low, high) in KNOWN_OPTIONS.items():
+            number_option(options, key, low=low, high=high)
 
     def request(self, prompt: Prompt) -> dict[str, Any]:
         """The request body: the operator's model, the client's allowed options, and the
@@ -102,26 +90,31 @@ class OpenAISource:
     async def stream(self, prompt: Prompt) -> AsyncIterator[Part]:
         body = self.request(prompt)
         continuing = bool(prompt.prefix_parts and self.continues)
+        key = self.api_key.get_secret_value()
         headers = {"Content-Type": "application/json"}
-        if self.api_key.get_secret_value():
-            headers["Authorization"] = f"Bearer {self.api_key.get_secret_value()}"
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        url = f"{self.base_url}/chat/completions"
+        logger.debug("model provider request: POST %s %s", url, masked_headers(headers.items()))
         try:
             async with (
                 httpx.AsyncClient(timeout=self.timeout) as client,
-                client.stream(
-                    "POST", f"{self.base_url}/chat/completions", json=body, headers=headers
-                ) as resp,
+                client.stream("POST", url, json=body, headers=headers) as resp,
             ):
+                logger.debug(
+                    "model provider answer: %d %s",
+                    resp.status_code,
+                    {k: redact(v, [key]) for k, v in masked_headers(resp.headers.items()).items()},
+                )
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode(errors="replace")
-                    key = self.api_key.get_secret_value()
                     error = classify_status(resp.status_code, text, key)
                     if continuing and not error.transient:
                         raise ContinuationRefused(
                             f"model provider refused to continue ({resp.status_code})"
                         )
                     raise error
-                async for text in _deltas(resp):
+                async for text in _deltas(resp, key):
                     yield text
         except ModelError:
             raise
@@ -131,7 +124,12 @@ class OpenAISource:
             raise TransientModelError(f"model provider error: {type(exc).__name__}") from exc
 
 
-async def _deltas(resp: httpx.Response) -> AsyncIterator[str]:
+def _loggable(text: str, secret: str) -> str:
+    # Masked before it is cut: a cut first could leave the key's first characters.
+    return redact(text, [secret])[:LOGGED_CHARS]
+
+
+async def _deltas(resp: httpx.Response, secret: str) -> AsyncIterator[str]:
     finished = False
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
@@ -144,12 +142,19 @@ async def _deltas(resp: httpx.Response) -> AsyncIterator[str]:
             event = json.loads(data)
         except json.JSONDecodeError as exc:
             raise TransientModelError("model provider sent a malformed event") from exc
-        if "error" in event:
-            logger.warning("model provider error event: %s", str(event["error"])[:300])
+        if isinstance(event, dict) and "error" in event:
+            said = _loggable(str(event["error"]), secret)
+            logger.warning("model provider error event: %s", said)
             raise PermanentModelError("model provider sent an error event")
-        for choice in event.get("choices", []):
-            content = (choice.get("delta") or {}).get("content")
-            if content:
+        choices = event.get("choices") if isinstance(event, dict) else None
+        if not isinstance(choices, list):
+            continue
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str) and content:
                 yield content
             if choice.get("finish_reason"):
                 finished = True

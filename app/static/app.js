@@ -5,7 +5,8 @@
 // A reply lives in one element keyed by its run id; its parts are drawn as they come (text
 // runs, and a small labelled block per data event); `onReset` clears them, and the client
 // then gives the parts it still holds again. The history from /messages is merged into those
-// elements, never appended beside them.
+// elements, never appended beside them: the latest page when a thread opens (and after each
+// reply), older pages above it when the reader asks for them ("Earlier messages").
 //
 // Demo and testing: `chunks`, `delay_ms`, `fail`, `fail_at`, `fail_attempts`, `vary`,
 // `data_every` and `refuse_continue` in the page's query string are sent as `model_options`
@@ -15,7 +16,7 @@
 import {
   attach,
   cancel as cancelRun,
-  messages as loadMessages,
+  messagesPage as loadMessages,
   post,
   runs as loadRuns,
   THREAD_RE,
@@ -38,6 +39,7 @@ const el = {
   modelOptions: $("model-options"),
   error: $("error"),
   messages: $("messages"),
+  older: $("older"),
   runStatus: $("run-status"),
   compose: $("compose"),
   input: $("input"),
@@ -48,8 +50,11 @@ const el = {
 const params = new URLSearchParams(location.search);
 const modelOptions = readModelOptions(params);
 
+const PAGE = 50; // messages a page of history holds
+
 const state = {
   thread: null,
+  older: null, // the cursor of the history's next (older) page; null: all of it is shown
   follow: null, // AbortController of the current attach
   waiting: false, // that attach waits for the thread's first run (sending stays possible)
   reply: null, // the client's state of the reply being followed
@@ -180,12 +185,23 @@ function scrollToEnd(force) {
   }
 }
 
-// Put the stored conversation into the page: existing bubbles get the stored reply (what a
-// finished stream showed), missing ones are inserted in the server's order.
-function mergeHistory(list) {
+// Put a page of the stored conversation into the page (`page.messages`: newest first):
+// existing bubbles get the stored reply (what a finished stream showed), missing ones are
+// inserted in conversation order, before the page's next shown message (an older page: above
+// everything shown; the latest page: after everything shown).
+function mergeHistory(page, { older = false } = {}) {
+  const list = [...page.messages].reverse();
   let prev = null;
-  for (const m of list) {
-    const li = ensureBubble(m.run_id, m.role, prev);
+  for (const [i, m] of list.entries()) {
+    let li = bubble(m.run_id, m.role);
+    if (!li) {
+      const next = list.slice(i + 1).map((n) => bubble(n.run_id, n.role)).find(Boolean);
+      if (prev) li = ensureBubble(m.run_id, m.role, prev);
+      else if (next) {
+        li = makeBubble(m.run_id, m.role);
+        next.before(li);
+      } else li = ensureBubble(m.run_id, m.role, older ? null : undefined);
+    }
     const live = state.reply && state.reply.runId === m.run_id && !state.reply.done;
     if (!(live && m.role === "assistant")) {
       setParts(li, Array.isArray(m.parts) && m.parts.length ? m.parts : [{ type: "text", text: m.content }]);
@@ -197,7 +213,31 @@ function mergeHistory(list) {
     }
     prev = li;
   }
-  scrollToEnd(true);
+  if (!older) scrollToEnd(true);
+}
+
+function showOlder(cursor) {
+  state.older = cursor;
+  el.older.hidden = !cursor;
+}
+
+async function loadOlder() {
+  const thread = state.thread;
+  if (!state.older) return;
+  el.older.disabled = true;
+  try {
+    const page = await loadMessages(BASE, thread, { token: token() || undefined, limit: PAGE, cursor: state.older });
+    if (state.thread !== thread) return;
+    const box = el.messages;
+    const below = box.scrollHeight - box.scrollTop; // keeps what the reader looks at in place
+    mergeHistory(page, { older: true });
+    box.scrollTop = box.scrollHeight - below;
+    showOlder(page.next_cursor);
+  } catch (err) {
+    showError(err);
+  } finally {
+    el.older.disabled = false;
+  }
 }
 
 // ---- status lines ---------------------------------------------------------------------
@@ -337,8 +377,8 @@ async function finish() {
   setBusy(false);
   const thread = state.thread;
   try {
-    const history = await loadMessages(BASE, thread, { token: token() || undefined });
-    if (state.thread === thread) mergeHistory(history.messages);
+    const latest = await loadMessages(BASE, thread, { token: token() || undefined, limit: PAGE });
+    if (state.thread === thread) mergeHistory(latest);
   } catch (err) {
     showError(err);
   }
@@ -369,16 +409,18 @@ async function openThread(id) {
   url.searchParams.set("thread", id);
   history.replaceState(null, "", url);
   el.messages.replaceChildren();
+  showOlder(null);
   setRunStatus("idle", "");
   setBusy(false);
   const auth = { token: token() || undefined };
   try {
     const [conversation, latest] = await Promise.all([
-      loadMessages(BASE, id, auth),
+      loadMessages(BASE, id, { ...auth, limit: PAGE }),
       loadRuns(BASE, id, { ...auth, limit: 1 }),
     ]);
     if (state.thread !== id) return; // another thread was opened meanwhile
-    mergeHistory(conversation.messages);
+    mergeHistory(conversation);
+    showOlder(conversation.next_cursor);
     const run = latest.runs[0];
     if (run && ACTIVE.has(run.status)) {
       startReply(run.run_id);
@@ -450,6 +492,7 @@ el.input.addEventListener("keydown", (event) => {
   }
 });
 el.cancel.addEventListener("click", cancel);
+el.older.addEventListener("click", loadOlder);
 store("local", TOKEN_KEY, ""); // earlier versions kept the token in localStorage: drop it
 el.token.value = stored("session", TOKEN_KEY);
 el.token.addEventListener("change", () => {

@@ -2,8 +2,8 @@
 //
 // `reduce` is the one place the client rules live (reset, resume_from, duplicates, stalled);
 // `attach` follows a thread's latest run over SSE with it, reconnecting with Last-Event-ID
-// across pod deaths and network drops; `post`, `cancel`, `run`, `runs` and `messages` are the
-// rest of the HTTP API. Several base URLs may be given: a request goes to the next one when a
+// across pod deaths and network drops; `post`, `cancel`, `run`, `runs`, `messagesPage` and
+// `messages` are the rest of the HTTP API (listings come a page at a time, newest first). Several base URLs may be given: a request goes to the next one when a
 // pod is unreachable or answers 503. The chat page served by the pods loads this very file
 // (app/static/threadgate-client.js is a copy, kept identical by a test).
 
@@ -267,18 +267,48 @@ export async function run(url, thread, runId, opts = {}) {
   return request(url, "GET", `/threads/${checkThread(thread)}/runs/${encodeURIComponent(runId)}`, opts);
 }
 
-/** The thread's runs, newest first: `{runs, next_before}`. */
+/**
+ * One page of the thread's runs, newest first: `{runs, next_cursor, next_before}`. `limit`:
+ * the page's size (the server's default, 50, when not given; at most its maximum, 200);
+ * `cursor`: a page's `next_cursor`, for the page after it (null on the last page).
+ */
 export async function runs(url, thread, opts = {}) {
   return request(url, "GET", `/threads/${checkThread(thread)}/runs`, {
     token: opts.token,
     signal: opts.signal,
-    query: { limit: opts.limit, before: opts.before },
+    query: { limit: opts.limit, cursor: opts.cursor, before: opts.before },
   });
 }
 
-/** The conversation: `{thread_id, messages: [{run_id, role, content, status, ...}]}`. */
+/**
+ * One page of the conversation, newest message first (what a chat opens on: its latest turns;
+ * older pages go above them): `{thread_id, messages, next_cursor}`. `limit` and `cursor` as
+ * for `runs`. A message's `parts` is null when it is text only (its `content` is all of it).
+ */
+export async function messagesPage(url, thread, opts = {}) {
+  return request(url, "GET", `/threads/${checkThread(thread)}/messages`, {
+    token: opts.token,
+    signal: opts.signal,
+    query: { limit: opts.limit, cursor: opts.cursor },
+  });
+}
+
+/**
+ * The conversation in order, oldest first: `{thread_id, messages}` with its `limit` latest
+ * messages, or all of it (every page, read newest first) when `limit` is not given.
+ */
 export async function messages(url, thread, opts = {}) {
-  return request(url, "GET", `/threads/${checkThread(thread)}/messages`, opts);
+  const newestFirst = [];
+  let cursor;
+  for (;;) {
+    const left = opts.limit == null ? null : opts.limit - newestFirst.length;
+    const page = await messagesPage(url, thread, { ...opts, limit: left != null && left < 50 ? left : undefined, cursor });
+    newestFirst.push(...page.messages);
+    cursor = page.next_cursor;
+    if (!cursor || (left != null && newestFirst.length >= opts.limit)) break;
+  }
+  const kept = opts.limit == null ? newestFirst : newestFirst.slice(0, opts.limit);
+  return { thread_id: thread, messages: kept.reverse() };
 }
 
 // ---- SSE ------------------------------------------------------------------------------------

@@ -80,3 +80,101 @@ CREATE TABLE IF NOT EXISTS threadgate.run_traces (
     run_id       text PRIMARY KEY REFERENCES threadgate.runs (run_id) ON DELETE CASCADE,
     traceparent  text NOT NULL
 );
+
+-- Quotas per principal (app/store/quotas.py): counters kept up to date as rows are written,
+-- so that a POST reads two rows instead of scanning a principal's runs or messages.
+DO $$
+BEGIN
+    IF to_regclass('threadgate.usage') IS NULL THEN
+        CREATE TABLE threadgate.usage (
+            owner        text PRIMARY KEY,
+            threads      bigint NOT NULL DEFAULT 0,
+            stored_bytes bigint NOT NULL DEFAULT 0  -- its messages' bytes (uncompressed)
+        );
+        -- Once, when the table is new: what the principals already have.
+        INSERT INTO threadgate.usage (owner, threads, stored_bytes)
+        SELECT t.owner, count(*),
+               coalesce(sum((SELECT sum(octet_length(m.content)
+                                        + coalesce(octet_length(m.layout), 0)
+                                        + coalesce(octet_length(m.parts::text), 0))
+                             FROM threadgate.messages m WHERE m.thread_id = t.thread_id)), 0)
+        FROM threadgate.threads t WHERE t.owner <> '' GROUP BY t.owner;
+    END IF;
+END $$;
+CREATE TABLE IF NOT EXISTS threadgate.usage_daily (
+    owner  text NOT NULL,
+    day    date NOT NULL,  -- UTC
+    runs   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, day)
+);
+
+-- A message's bytes (its text, layout and legacy parts, uncompressed: what a client sent and
+-- was sent) count while it is stored, whoever writes or deletes it (a reply stored again,
+-- retention): the difference of each change goes to the thread owner's counter. Threads of
+-- no owner (auth off: no quota) are not counted: one row for all of them would serialize
+-- every accept and every reply stored on its lock.
+CREATE OR REPLACE FUNCTION threadgate.count_message_bytes() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_new bigint := 0;
+    v_old bigint := 0;
+    v_thread text;
+BEGIN
+    IF TG_OP <> 'DELETE' THEN
+        v_new := octet_length(NEW.content) + coalesce(octet_length(NEW.layout), 0)
+                 + coalesce(octet_length(NEW.parts::text), 0);
+        v_thread := NEW.thread_id;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        v_old := octet_length(OLD.content) + coalesce(octet_length(OLD.layout), 0)
+                 + coalesce(octet_length(OLD.parts::text), 0);
+        v_thread := OLD.thread_id;
+    END IF;
+    IF v_new <> v_old THEN
+        INSERT INTO threadgate.usage AS u (owner, stored_bytes)
+        SELECT t.owner, v_new - v_old FROM threadgate.threads t
+        WHERE t.thread_id = v_thread AND t.owner <> ''
+        ON CONFLICT (owner) DO UPDATE SET stored_bytes = u.stored_bytes + excluded.stored_bytes;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER messages_bytes AFTER INSERT OR UPDATE OR DELETE ON threadgate.messages
+    FOR EACH ROW EXECUTE FUNCTION threadgate.count_message_bytes();
+
+-- Charge one accepted run to its principal, or name the quota it would exceed (and charge
+-- nothing). `p_bytes`: what its input will take (its user message counts once inserted).
+-- One call, one transaction: the rows are locked from the check to the update, so
+-- pods accepting at once cannot overshoot. A quota of 0 is off.
+CREATE OR REPLACE FUNCTION threadgate.charge(
+    p_owner text, p_thread text, p_bytes bigint,
+    p_runs_quota bigint, p_threads_quota bigint, p_bytes_quota bigint
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_day date := (now() AT TIME ZONE 'UTC')::date;
+    v_new_thread boolean;
+    v_usage threadgate.usage;
+    v_runs bigint;
+BEGIN
+    INSERT INTO threadgate.usage (owner) VALUES (p_owner) ON CONFLICT DO NOTHING;
+    INSERT INTO threadgate.usage_daily (owner, day) VALUES (p_owner, v_day) ON CONFLICT DO NOTHING;
+    IF FOUND THEN  -- the day's first run: forget the days before last week
+        DELETE FROM threadgate.usage_daily WHERE owner = p_owner AND day < v_day - 7;
+    END IF;
+    SELECT * INTO v_usage FROM threadgate.usage WHERE owner = p_owner FOR UPDATE;
+    SELECT runs INTO v_runs FROM threadgate.usage_daily
+        WHERE owner = p_owner AND day = v_day FOR UPDATE;
+    v_new_thread := NOT EXISTS (SELECT 1 FROM threadgate.threads WHERE thread_id = p_thread);
+    IF p_runs_quota > 0 AND v_runs >= p_runs_quota THEN
+        RETURN 'runs_per_day';
+    END IF;
+    IF v_new_thread AND p_threads_quota > 0 AND v_usage.threads >= p_threads_quota THEN
+        RETURN 'threads';
+    END IF;
+    IF p_bytes_quota > 0 AND v_usage.stored_bytes + p_bytes > p_bytes_quota THEN
+        RETURN 'stored_bytes';
+    END IF;
+    UPDATE threadgate.usage SET threads = threads + v_new_thread::int WHERE owner = p_owner;
+    UPDATE threadgate.usage_daily SET runs = runs + 1 WHERE owner = p_owner AND day = v_day;
+    RETURN NULL;
+END $$;

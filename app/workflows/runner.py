@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..ids import new_run_id
 from ..settings import Settings
+from ..store import quotas
 from ..store.runs import TERMINAL, NewRun, PgRunStore, Run
 from .internals import enqueue_in, workflow_row
 from .starts import Starts
@@ -185,6 +186,7 @@ class Runner:
                 raise TooManyRequests(f"the thread already has {limit} queued or running runs")
             replaced = active if request.multitask_strategy == "interrupt" else []
             async with self._active_limits(conn, owner, replaced):
+                await quotas.charge(conn, self.settings, owner, thread_id, request)
                 run = await self.store.insert_run(
                     conn,
                     NewRun(

@@ -118,7 +118,8 @@ export interface Message {
   role: "user" | "assistant";
   content: string;
   status: string;
-  parts?: Array<{ type: "text"; text: string } | { type: "data"; name: string; payload: unknown }>;
+  /** null for a text-only message: its `content` is all of it. */
+  parts?: Array<{ type: "text"; text: string } | { type: "data"; name: string; payload: unknown }> | null;
   [key: string]: unknown;
 }
 
@@ -140,12 +141,30 @@ export interface PostOptions extends CallOptions {
 export declare function post(url: BaseUrl, thread: string, input: string, opts?: PostOptions): Promise<RunAccepted>;
 export declare function cancel(url: BaseUrl, thread: string, runId: string, opts?: CallOptions & { wait?: boolean }): Promise<RunInfo>;
 export declare function run(url: BaseUrl, thread: string, runId: string, opts?: CallOptions): Promise<RunInfo>;
+export interface PageOptions extends CallOptions {
+  /** Items in the page: the server's default (50) when not given, at most its maximum (200). */
+  limit?: number;
+  /** A page's `next_cursor`: the (older) page after it. */
+  cursor?: string;
+}
+/** One page of runs, newest first. `before` (a run's seq) is the deprecated cursor. */
 export declare function runs(
   url: BaseUrl,
   thread: string,
-  opts?: CallOptions & { limit?: number; before?: number },
-): Promise<{ runs: RunInfo[]; next_before: number | null }>;
-export declare function messages(url: BaseUrl, thread: string, opts?: CallOptions): Promise<{ thread_id: string; messages: Message[] }>;
+  opts?: PageOptions & { before?: number },
+): Promise<{ runs: RunInfo[]; next_cursor: string | null; next_before: number | null }>;
+/** One page of the conversation, newest message first. */
+export declare function messagesPage(
+  url: BaseUrl,
+  thread: string,
+  opts?: PageOptions,
+): Promise<{ thread_id: string; messages: Message[]; next_cursor: string | null }>;
+/** The conversation in order (oldest first): its `limit` latest messages, or all of it. */
+export declare function messages(
+  url: BaseUrl,
+  thread: string,
+  opts?: CallOptions & { limit?: number },
+): Promise<{ thread_id: string; messages: Message[] }>;
 
 export interface AttachStatus {
   connection: "connecting" | "live" | "reconnecting" | "closed";

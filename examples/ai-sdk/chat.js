@@ -153,9 +153,10 @@ $("stop").addEventListener("click", async () => {
   await fetch(`/threads/${chatId}/runs/${last.id}/cancel`, { method: "POST" });
 });
 
-// The stored conversation, then whatever run is still going (useChat({ resume: true })).
+// The stored conversation (its latest page: threadgate lists newest first), then whatever run
+// is still going (useChat({ resume: true })).
 const stored = await fetch(`/threads/${chatId}/messages`).then((r) => (r.ok ? r.json() : { messages: [] }));
-chat.messages = stored.messages.map((m) => ({
+chat.messages = [...stored.messages].reverse().map((m) => ({
   id: m.role === "assistant" ? m.run_id : `user-${m.run_id}`,
   role: m.role,
   metadata: { threadgate: { run_id: m.run_id, status: m.status } },

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from threadgate.settings import Settings
-from threadgate.sources import ContinuationRefused, Data, Part, Prompt
+from threadgate.sources import ContinuationRefused, Data, Part, Prompt, number_option
 
 
 class EchoAgent:
@@ -21,9 +21,9 @@ class EchoAgent:
     continues = True
 
     def check_options(self, options: dict[str, Any]) -> None:
-        delay = options.get("delay_ms", 0)
-        if set(options) - {"delay_ms"} or not isinstance(delay, int) or not 0 <= delay <= 5000:
+        if set(options) - {"delay_ms"}:
             raise ValueError("the echo agent takes one option: delay_ms, from 0 to 5000")
+        number_option(options, "delay_ms", low=0, high=5000, integer=True)
 
     def reply(self, question: str) -> list[Part]:
         words = question.split()

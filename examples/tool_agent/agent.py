@@ -28,6 +28,7 @@ from threadgate.sources import (
     PermanentSourceError,
     Prompt,
     TransientSourceError,
+    number_option,
 )
 
 from .tools import TOOLS, run_tool
@@ -78,9 +79,7 @@ class ToolAgent:
         """At POST time: a 400 with this message instead of a run that fails."""
         if set(options) - {"temperature"}:
             raise ValueError("the tool agent takes one option: temperature")
-        t = options.get("temperature", 1)
-        if not isinstance(t, int | float) or isinstance(t, bool) or not 0 <= t <= 2:
-            raise ValueError("temperature must be a number from 0 to 2")
+        number_option(options, "temperature", low=0, high=2)
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[Part]:
         messages: list[dict[str, Any]] = list(prompt.messages)

@@ -5,6 +5,12 @@ Behaviour is chosen per request by the last user message: `stream` (default) str
 `429`, `500`, `400` answer that status; `flaky:N` fails with 500 on the first N requests
 carrying that text, then streams. Every request body is recorded in `requests`.
 
+A provider (or a gateway before it) that echoes the request's headers, credentials included:
+`echo:STATUS` answers STATUS with the headers in its error body; `echo-event` streams a delta,
+then an error event holding them (as `{"error": {...}}`); `echo-malformed` a delta, then an
+event that is not JSON and holds them; `echo-header` streams a reply whose answer headers echo
+the request's `authorization` (`x-echo-authorization`). `ECHO_MODES` lists them.
+
 Long replies that continue: a last user message `long:N:DELAY_MS[:refuse]` streams N words
 `w{i}.{r} ` (r: the how-manieth stream of that message, as a real model differs between two
 tries), one every DELAY_MS. A request that ends with an assistant message (the reply's prefix:
@@ -40,6 +46,15 @@ from starlette.routing import Route
 from threadgate.devstack import free_port
 
 WORDS = 5
+ECHO_MODES = (
+    "echo:400",
+    "echo:401",
+    "echo:429",
+    "echo:500",
+    "echo-event",
+    "echo-malformed",
+    "echo-header",
+)
 
 
 def reply_text(words: int = WORDS) -> str:
@@ -91,6 +106,8 @@ class FakeOpenAI:
             return self._long(body, user)
         mode = body["messages"][-1]["content"]
         self.seen[mode] += 1
+        if isinstance(mode, str) and mode.startswith("echo"):
+            return self._echo(mode, dict(request.headers))
         if mode in ("429", "500", "400"):
             return JSONResponse({"error": {"message": f"fake {mode}"}}, status_code=int(mode))
         if mode.startswith("flaky:") and self.seen[mode] <= int(mode.split(":")[1]):
@@ -107,6 +124,25 @@ class FakeOpenAI:
             yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
         yield b"data: [DONE]\n\n"
+
+    def _echo(self, mode: str, headers: dict[str, str]) -> Response:
+        said = {"message": "fake echo", "request_headers": headers}
+        if mode.startswith("echo:"):
+            return JSONResponse({"error": said}, status_code=int(mode.split(":")[1]))
+        if mode == "echo-header":
+            echoed = {"x-echo-authorization": headers.get("authorization", "")}
+            return StreamingResponse(
+                _text_events("echoed "), media_type="text/event-stream", headers=echoed
+            )
+
+        async def events() -> AsyncIterator[bytes]:
+            yield _event({"content": "word-0 "})
+            if mode == "echo-event":
+                yield f"data: {json.dumps({'error': said})}\n\n".encode()
+            else:
+                yield f"data: not json {headers}\n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def _long(self, body: dict[str, Any], user: str) -> Response:
         _, words, delay_ms, *flags = user.split(":")

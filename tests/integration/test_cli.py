@@ -94,6 +94,29 @@ async def test_json_output_for_scripts(pod: Pod) -> None:
     assert text.out.splitlines() == ["     user: hi", f"assistant: {mock_reply(2)}"]
 
 
+async def test_messages_and_runs_a_page_at_a_time(pod: Pod) -> None:
+    thread = unique()
+    for i in range(3):
+        posted = await pod.client.post(thread, f"m{i}", model_options={"chunks": 1})
+        await pod.client.reply(thread)
+        assert posted["status"] == "pending"
+    latest = await tg(pod, "messages", thread, "--limit", "2")
+    assert latest.code == cli.OK, latest
+    assert latest.out.splitlines() == ["     user: m2", f"assistant: {mock_reply(1)}"]
+    cursor = latest.err.strip().removeprefix("older messages: --cursor ")
+    older = await tg(pod, "messages", thread, "--limit", "2", "--cursor", cursor)
+    assert older.out.splitlines() == ["     user: m1", f"assistant: {mock_reply(1)}"]
+    everything = await tg(pod, "messages", thread)
+    assert len(everything.out.splitlines()) == 6 and everything.err == ""
+    runs = await tg(pod, "runs", thread, "--limit", "1", "--json")
+    (newest,) = json.loads(runs.out)
+    cursor = runs.err.strip().removeprefix("older runs: --cursor ")
+    rest = json.loads((await tg(pod, "runs", thread, "--cursor", cursor, "--json")).out)
+    assert len(rest) == 2 and newest["run_id"] not in {r["run_id"] for r in rest}
+    bad = await tg(pod, "runs", thread, "--cursor", "nonsense")
+    assert bad.code == cli.REFUSED and "invalid_cursor" in one_line(bad.err)
+
+
 async def test_attach_to_a_thread_without_a_run_says_so(pod: Pod) -> None:
     r = await tg(pod, "attach", unique())
     assert r.code == cli.REFUSED and r.out == ""
@@ -107,7 +130,7 @@ async def test_a_refused_request_is_one_line_and_exit_4(pod: Pod) -> None:
     r = await tg(pod, "post", unique(), "hi", "-o", "chunks=-1")
     assert r.code == cli.REFUSED
     assert one_line(r.err) == (
-        "threadgate: model_options: chunks must be a non-negative integer"
+        "threadgate: model_options: chunks must be an integer from 0 to 100000"
         " (invalid_request, HTTP 400)"
     )
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from threadgate.devstack import free_port
 from threadgate.errors import InvalidRequest
+from threadgate.registry import load_source
 from threadgate.settings import load_settings
 from threadgate.sources import (
     ContinuationRefused,
@@ -20,7 +21,6 @@ from threadgate.sources import (
     TransientSourceError,
     check_options,
     continues,
-    load_source,
     reads_history,
 )
 

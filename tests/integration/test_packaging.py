@@ -45,7 +45,8 @@ CHECK = """
 import asyncio, importlib, json, pkgutil, sys
 import threadgate, threadgate.sources
 from threadgate.settings import load_settings
-from threadgate.sources import Prompt, load_source
+from threadgate.registry import load_source
+from threadgate.sources import Prompt
 # Every module of the package imports (no leftover `app.` import anywhere).
 for m in pkgutil.walk_packages(threadgate.__path__, "threadgate."):
     importlib.import_module(m.name)

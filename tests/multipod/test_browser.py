@@ -506,3 +506,37 @@ async def test_page_keeps_the_token_for_the_tab_only(cluster: Cluster, browser: 
     run_id = await send(browser, "with a token")
     reply = await final_reply(browser, run_id)
     assert reply["text"] == mock_reply(5)
+
+
+@pytest.mark.cluster(size=1)
+async def test_page_shows_the_latest_history_and_earlier_pages_on_demand(
+    cluster: Cluster, browser: Any
+) -> None:
+    """A long thread opens on its latest 50 messages; "Earlier messages" puts the older ones
+    above them, in order, once each, and disappears when there are no more."""
+    from selenium.webdriver.common.by import By
+
+    thread = unique("web")
+    async with cluster.client() as client:
+        for i in range(30):  # 60 messages
+            await client.post(thread, f"question {i}", model_options={"chunks": 1})
+        await client.reply(thread)  # the last run: a thread's runs end in order
+        stored = await client.messages(thread)
+    shown = "return [...document.querySelectorAll('li.msg')].map(li => li.innerText)"
+    await open_page(browser, cluster.pods[0], thread)
+    await until(browser, "return document.querySelectorAll('li.msg').length === 50")
+    older = browser.find_element(By.ID, "older")
+    assert older.is_displayed()
+    latest = browser.execute_script(shown)
+    assert latest[-1].startswith("Assistant") and "question 29" in latest[-2]
+    older.click()
+    await until(browser, "return document.querySelectorAll('li.msg').length === 60")
+    await until(browser, "return document.getElementById('older').hidden")
+    texts = browser.execute_script(shown)
+    users = [t for t in texts if t.startswith("You")]
+    assert [int(re.search(r"question (\d+)", t)[1]) for t in users] == list(range(30))  # type: ignore[index]
+    order = browser.execute_script(
+        "return [...document.querySelectorAll('li.msg')].map(li => [li.dataset.runId, li.dataset.role])"
+    )
+    assert order == [[m["run_id"], m["role"]] for m in stored]
+    assert console_errors(browser) == []

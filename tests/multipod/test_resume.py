@@ -92,9 +92,9 @@ async def stored(client: AsyncClient, thread: str, run_id: str) -> list[Any]:
     """The run's reply as stored, by parts as /messages gives them (text merged)."""
     for m in await client.messages(thread):
         if m["run_id"] == run_id and m["role"] == "assistant":
-            return [
-                p["text"] if p["type"] == "text" else [p["name"], p["payload"]] for p in m["parts"]
-            ]
+            # A text-only reply has no parts (its content is the whole of it).
+            parts = m["parts"] or [{"type": "text", "text": m["content"]}]
+            return [p["text"] if p["type"] == "text" else [p["name"], p["payload"]] for p in parts]
     return []
 
 

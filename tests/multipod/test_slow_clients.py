@@ -134,3 +134,38 @@ async def test_slow_and_silent_connections_are_closed(start_cluster: StartCluste
                 text += chunk
         assert text.count("event: chunk") == 15 and "event: done" in text
         assert (await http.get(f"/threads/{thread}/runs")).status_code == 200  # same socket
+
+
+async def test_a_get_whose_body_never_ends_is_closed_as_fast_as_a_post(
+    start_cluster: StartCluster,
+) -> None:
+    """With the default deadlines (30 s for a body): a request that announces a body and sends
+    none, without a credential, is answered 401 and closed at once, a GET (or HEAD, OPTIONS,
+    on a public route too) as a POST. A GET used to be held until the body deadline, 31 s."""
+    cluster = await start_cluster(size=1, auth="on", api_keys=f"slow:{KEY}")
+    pod = cluster.pods[0]
+    heads = {
+        f"{method} {path}": f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        for method, path in [
+            ("POST", "/threads/t1/runs"),
+            ("GET", "/threads/t1/runs"),
+            ("GET", "/healthz"),
+            ("HEAD", "/threads/t1/messages"),
+            ("OPTIONS", "/threads/t1/runs"),
+        ]
+    }
+
+    async def one(head: str) -> tuple[float, int | None, str | None]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", pod.port)
+        started = asyncio.get_running_loop().time()
+        writer.write(head.encode())
+        await writer.drain()
+        status, code = await until_closed(reader, writer, None)
+        return asyncio.get_running_loop().time() - started, status, code
+
+    results = dict(zip(heads, await asyncio.gather(*(one(h) for h in heads.values())), strict=True))
+    print("\n" + "; ".join(f"{k}: {s} after {t:.2f}s" for k, (t, s, _) in results.items()))
+    for kind, (took, status, code) in results.items():
+        assert status == 401 and code in ("unauthorized", None), (kind, status, code)
+        # Closed by the pod well before the 30 s body deadline (a loose bound: a busy machine).
+        assert took < 5, (kind, took)

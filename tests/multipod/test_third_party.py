@@ -224,7 +224,8 @@ async def stored(
     messages = (await http.get(f"/threads/{thread}/messages")).json()["messages"]
     mine = [m for m in messages if m["role"] == "assistant" and m["run_id"] == run_id]
     assert len(mine) == 1, messages
-    return run, mine[0]["parts"]
+    # A text-only reply has no parts (its content is the whole of it).
+    return run, mine[0]["parts"] or [{"type": "text", "text": mine[0]["content"]}]
 
 
 def assert_regenerated(run: dict[str, Any], parts: list[dict[str, Any]]) -> None:

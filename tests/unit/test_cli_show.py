@@ -71,10 +71,13 @@ def test_the_conversation_shows_data_parts_and_why_a_run_has_no_reply() -> None:
         },
         {"run_id": "b", "role": "user", "content": "fail please", "status": "complete"},
         {"run_id": "c", "role": "user", "content": "still going", "status": "complete"},
+        # The oldest page's last message: its reply is the first of the page after it.
+        {"run_id": "d", "role": "user", "content": "cut", "status": "complete"},
     ]
     runs = {
         "b": {"status": "error", "error": {"code": "model_permanent", "message": "it failed"}},
         "c": {"status": "running"},
+        "d": {"status": "success", "output": "shown on the newer page"},
     }
     assert show.conversation(messages, runs) == [
         "     user: plan it",
@@ -86,6 +89,8 @@ def test_the_conversation_shows_data_parts_and_why_a_run_has_no_reply() -> None:
         "assistant [error]: (no reply) model_permanent: it failed",
         "     user: still going",
         "assistant [running]: (replying…)",
+        "     user: cut",
+        "assistant [success]: (its reply is on the newer page)",
     ]
 
 

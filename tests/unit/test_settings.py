@@ -104,3 +104,24 @@ def test_a_sha256_key_must_be_64_hex_digits(digest: str) -> None:
     nobody."""
     with pytest.raises(ConfigError, match="64 hex digits"):
         load_settings(auth="on", api_keys=f"ops:sha256:{digest}")
+
+
+def test_quotas_are_on_in_production_and_off_in_dev() -> None:
+    dev = load_settings(env="dev")
+    assert [dev.quota(q) for q in ("runs_per_day", "threads", "stored_bytes")] == [0, 0, 0]
+    prod = load_settings(env="production", pod_name="p-0", api_keys="a:k")
+    assert prod.quota("runs_per_day") == 10_000 and prod.quota("threads") == 10_000
+    assert prod.quota("stored_bytes") == 1024**3
+    # Each is settable, and 0 turns it off, in either environment.
+    assert (
+        load_settings(env="production", pod_name="p-0", api_keys="a:k", quota_threads=0).quota(
+            "threads"
+        )
+        == 0
+    )
+    assert load_settings(quota_runs_per_day=5).quota("runs_per_day") == 5
+
+
+def test_page_limits_must_agree() -> None:
+    with pytest.raises(ConfigError):
+        load_settings(page_limit_default=300, page_limit_max=200)

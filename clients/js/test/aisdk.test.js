@@ -81,8 +81,9 @@ test("useChat's transport sends a message and reads the reply: the stored reply,
   assert.deepEqual(
     convo.messages.map((m) => [m.role, m.content]),
     [
-      ["user", "hello ai sdk"],
+      // newest first: the reply, then the message it answers
       ["assistant", stored.output],
+      ["user", "hello ai sdk"],
     ],
   );
 });

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { attach, cancel, messages, post, run, runs, ThreadgateError } from "../index.js";
+import { attach, cancel, messages, messagesPage, post, run, runs, ThreadgateError } from "../index.js";
 import { mockReply, startStack, unique, waitRun } from "./stack.js";
 
 const LIMIT = 180_000; // a hang fails the test instead of the whole run
@@ -84,6 +84,40 @@ test("a plain reply: post, attach, and the stored conversation agree", { timeout
     listed.runs.map((r) => r.run_id),
     [accepted.run_id],
   );
+});
+
+test("listings come a page at a time, newest first, and messages() puts them in order", { timeout: LIMIT }, async () => {
+  const thread = unique();
+  const ids = [];
+  for (let i = 0; i < 3; i++) {
+    ids.push((await post(stack.urls, thread, `q${i}`, { modelOptions: { chunks: 1 } })).run_id);
+  }
+  await attach(stack.urls, thread, { transport: "fetch" }); // the last run: runs end in order
+  const first = await messagesPage(stack.urls, thread, { limit: 4 });
+  assert.deepEqual(
+    first.messages.map((m) => [m.run_id, m.role]),
+    [
+      [ids[2], "assistant"],
+      [ids[2], "user"],
+      [ids[1], "assistant"],
+      [ids[1], "user"],
+    ],
+  );
+  assert.equal(first.messages[0].parts, null); // text only: no copy of its content
+  const rest = await messagesPage(stack.urls, thread, { limit: 4, cursor: first.next_cursor });
+  assert.equal(rest.messages.length, 2);
+  assert.equal(rest.next_cursor, null);
+  const all = await messages(stack.urls, thread);
+  assert.deepEqual(
+    all.messages.map((m) => m.content),
+    ["q0", mockReply(1), "q1", mockReply(1), "q2", mockReply(1)],
+  );
+  assert.deepEqual((await messages(stack.urls, thread, { limit: 2 })).messages.map((m) => m.content), ["q2", mockReply(1)]);
+  const newest = await runs(stack.urls, thread, { limit: 2 });
+  assert.deepEqual(newest.runs.map((r) => r.run_id), [ids[2], ids[1]]);
+  const oldest = await runs(stack.urls, thread, { limit: 2, cursor: newest.next_cursor });
+  assert.deepEqual(oldest.runs.map((r) => r.run_id), [ids[0]]);
+  await assert.rejects(messagesPage(stack.urls, thread, { cursor: "nonsense" }), (err) => err instanceof ThreadgateError && err.code === "invalid_cursor");
 });
 
 test("a retried POST with the same Idempotency-Key makes one run; a dead first URL is skipped", { timeout: LIMIT }, async () => {
