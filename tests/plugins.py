@@ -93,7 +93,8 @@ class Unstorable:
 
 
 def unstorable_reply() -> list[Part]:
-    return ["p1\x00 ", Data("blob", {"s": "a\x00b", "u": "\ud800"}), "p2 \ud83d", "end"]
+    # the last two parts: the halves of a pair, each alone in its part
+    return ["p1\x00 ", Data("blob", {"s": "a\x00b", "u": "\ud800"}), "p2 \ud83d", "\ude00end"]
 
 
 def unstorable(settings: Settings) -> Unstorable:

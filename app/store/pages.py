@@ -35,6 +35,7 @@ from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, Literal
 
 from .db import Database
+from .replies import unescape
 from .runs import TERMINAL
 
 SLICE_BYTES = 256 * 1024  # a value past this is read (and held) one slice at a time
@@ -271,9 +272,8 @@ def _opens_escape(text: str, at: int) -> bool:
 
 
 def escape_cut(text: str) -> int:
-    """Where escaped text (a JSON string's body, as json.dumps writes it) may be cut so that
-    each side reads as it does within the whole: never within an escape, nor after a high
-    surrogate's escape (json.loads joins it with a low surrogate's escape that follows)."""
+    """Where escaped text (replies.escape) may be cut so that each side reads as it does
+    within the whole: never within an escape."""
     n = len(text)
     k = text.rfind("\\", max(0, n - 6))  # an escape is at most 6 characters
     if (
@@ -282,14 +282,6 @@ def escape_cut(text: str) -> int:
         and (k + 1 == n or k + (6 if text[k + 1] == "u" else 2) > n)
     ):
         n = k  # the cut would split it: cut before it
-    if (
-        n >= 6
-        and text[n - 6 : n - 4] == "\\u"
-        and text[n - 4] in "dD"
-        and text[n - 3] in "89abAB"
-        and _opens_escape(text, n - 6)
-    ):
-        n -= 6
     return n
 
 
@@ -300,10 +292,10 @@ async def unescaped(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
         text = carry + piece
         cut = escape_cut(text)
         if cut:
-            yield json.loads(f'"{text[:cut]}"')
+            yield unescape(text[:cut])
         carry = text[cut:]
     if carry:
-        yield json.loads(f'"{carry}"')
+        yield unescape(carry)
 
 
 # ---- values as JSON -------------------------------------------------------------------------
@@ -311,7 +303,7 @@ async def unescaped(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
 
 async def text_json(pieces: AsyncIterator[str], *, escaped: bool) -> AsyncIterator[bytes]:
     """A stored text as one JSON string. Escaped content is a JSON string's body already
-    (ASCII): passed through as stored, whatever it holds (NUL, a lone surrogate)."""
+    (replies.escape): passed through as stored, whatever it holds (NUL, a lone surrogate)."""
     yield b'"'
     async for piece in pieces:
         yield (piece if escaped else json.dumps(piece, ensure_ascii=False)[1:-1]).encode()

@@ -9,31 +9,48 @@ it in slices of whole lines without holding all of it (a reply of 100,000 data p
 
 Text PostgreSQL cannot store as it is (NUL, a lone surrogate a plug-in yielded) is stored in an
 escaped form, marked as such, and given back as it was: every client's reply equals the stored
-one byte for byte.
+one byte for byte. The escaped form is a JSON string's body with every surrogate written as an
+escape of its own (a character beyond the BMP stays one character), read back escape by escape:
+a lone high surrogate and a lone low one that happen to meet stay two code points, as they
+came (json.loads would join them into one character and the layout's lengths would no longer
+fit the text).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 StoredPart = str | tuple[str, Any]  # a text part, or (name, payload) of a data part
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|(.))", re.DOTALL)
+_SIMPLE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}  # else the character itself
+
+
 def storable(text: str) -> tuple[str, bool]:
     """(what to store, whether it is escaped)."""
-    if "\x00" not in text:
-        try:
-            text.encode("utf-8")
-            return text, False
-        except UnicodeEncodeError:
-            pass  # a lone surrogate
-    return json.dumps(text)[1:-1], True
+    if "\x00" not in text and _SURROGATE.search(text) is None:
+        return text, False
+    return escape(text), True
+
+
+def escape(text: str) -> str:
+    """A JSON string's body for `text`, each surrogate an escape of its own."""
+    body = json.dumps(text, ensure_ascii=False)[1:-1]
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", body)
+
+
+def unescape(body: str) -> str:
+    """`escape` undone, escape by escape (a surrogate pair's escapes stay two code points)."""
+    return _ESCAPE.sub(lambda m: chr(int(m[1], 16)) if m[1] else _SIMPLE.get(m[2], m[2]), body)
 
 
 def restore(stored: str, escaped: bool) -> str:
-    return json.loads(f'"{stored}"') if escaped else stored
+    return unescape(stored) if escaped else stored
 
 
 def pack(parts: Sequence[StoredPart]) -> tuple[str, str]:
