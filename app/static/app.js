@@ -124,13 +124,16 @@ function makeBubble(runId, role) {
 }
 
 // The run's bubble for `role`, created if missing: an assistant reply goes after its user
-// message, anything else after `after` (null: first) or at the end.
+// message and a user message before its reply (a stream may show the run before the POST
+// that began it answers), anything else after `after` (null: first) or at the end.
 function ensureBubble(runId, role, after) {
   const found = bubble(runId, role);
   if (found) return found;
   const li = makeBubble(runId, role);
   const user = role === "assistant" ? bubble(runId, "user") : null;
+  const reply = role === "user" ? bubble(runId, "assistant") : null;
   if (user) user.after(li);
+  else if (reply) reply.before(li);
   else if (after === null) el.messages.prepend(li);
   else if (after) after.after(li);
   else el.messages.append(li);

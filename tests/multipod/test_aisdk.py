@@ -241,7 +241,7 @@ async def test_example_page_survives_the_executor_being_killed(
     `executor`: the example's server talks to the dying pod (the stream breaks, threadgateFetch
     resumes it with Last-Event-ID once the pod is back); `survivor`: the stream goes on."""
     thread = unique("ai")
-    page = f"?chat={thread}&chunks=60&delay_ms=50&vary=1"
+    page = f"?chat={thread}&chunks=200&delay_ms=40&vary=1"  # 8 s: a reload fits in it
     async with contextlib.AsyncExitStack() as servers:
         url = await servers.enter_async_context(example_server(cluster.pods[0].url))
         browser.get(f"{url}/{page}")

@@ -22,7 +22,7 @@ import pytest
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
-from tests.multipod.cluster import Cluster, running_on, wait_run
+from tests.multipod.cluster import Cluster, wait_run
 from tests.multipod.test_resume import Contract, read, stored
 
 pytestmark = pytest.mark.multipod
@@ -89,7 +89,11 @@ async def one_case(rng: random.Random, cluster: Cluster) -> str:
             for c in clients
         ]
         if kill:
-            victim = await running_on(api, cluster, thread, run_id, timeout=60)
+            # A short run may end before a poll sees it running: then there is nothing to kill.
+            seen = await wait_run(api, thread, run_id, lambda r: r["status"] != "pending", 60)
+            kill = seen["status"] == "running"
+        if kill:
+            victim = cluster.pod(seen["executor"])
             await asyncio.sleep(rng.random() * chunks * opts["delay_ms"] / 1000)
             if victim.alive:
                 await victim.kill()  # the supervisor starts it again, as a StatefulSet would
