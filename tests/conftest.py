@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -153,10 +153,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 SKIPPED: list[tuple[str, str]] = []
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> Generator[None, None, None]:
+    sendable(report)
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         SKIPPED.append((report.nodeid, reason))
+    return (yield)
+
+
+def sendable(report: pytest.TestReport) -> None:
+    """A failure whose message holds a lone surrogate (a test of replies that carry them) is
+    reported with it escaped: xdist sends reports as UTF-8, and one it cannot encode crashes
+    the worker and hides the failure behind an INTERNALERROR."""
+
+    def escaped(text: str) -> str:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    if report.longrepr is not None and not isinstance(report.longrepr, tuple):
+        text = str(report.longrepr)
+        if escaped(text) != text:
+            report.longrepr = escaped(text)
+    report.sections = [(title, escaped(body)) for title, body in report.sections]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

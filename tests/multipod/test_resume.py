@@ -376,8 +376,11 @@ async def test_6_a_reply_postgresql_cannot_store_as_it_is_is_stored_as_clients_s
         assert final["status"] == "success" and live.status == "success"
         want = [p if isinstance(p, str) else [p.name, p.payload] for p in unstorable_reply()]
         assert live.parts == want
-        assert final["output"] == "".join(p for p in want if isinstance(p, str))
-        assert merged(live.parts) == await stored(api, thread, run_id)
+        # Text read from one JSON string joins a high and a low surrogate that met across parts
+        # into one character, as every JSON reader does: compare as such a reader would.
+        text = "".join(p for p in want if isinstance(p, str))
+        assert final["output"] == json.loads(json.dumps(text))
+        assert json.loads(json.dumps(merged(live.parts))) == await stored(api, thread, run_id)
         # The thread goes on: its next run is not blocked by a row left `running`.
         nxt = (await api.post(thread, "y"))["run_id"]
         assert (await wait_run(api, thread, nxt))["status"] == "success"
