@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 
 import httpx
 import psycopg
@@ -207,8 +208,9 @@ async def test_adopt_lists_with_dry_run_refuses_differing_steps_and_forces(
             for t, run_id in zip(threads, (a, b, c), strict=True):
                 assert (await client.run(t, run_id))["attempt"] == 1
 
-            asked = await http.post("/admin/stranded/adopt", json={"run_ids": [a, "no-such-run"]})
-            assert asked.json() == {"adopted": [a], "refused": ["no-such-run"]}
+            nobody = str(uuid.uuid4())  # a run id no run has
+            asked = await http.post("/admin/stranded/adopt", json={"run_ids": [a, nobody]})
+            assert asked.json() == {"adopted": [a], "refused": [nobody]}
             assert set(await stranded()) == {b, c}
 
             plain = await adopt_cli(pod.url)

@@ -16,6 +16,8 @@ from threadgate.workflows.starts import Starts
 
 pytestmark = pytest.mark.unit
 
+QUEUE = "fake-queue"  # the Starts under test claim from it; the session's pods, from theirs
+
 
 class FakeDb:
     class pool:  # stands in for the psycopg pool attribute
@@ -36,8 +38,13 @@ class Queue:
         self.dispatched: list[str] = []
         self.failing: set[str] = set()
         self.back: list[str] = []
+        self.planned: set[str] = set()  # every run added
 
-        async def claim(conn: object, **kw: Any) -> list[Claimed]:
+        real_claim = internals.claim
+
+        async def claim(conn: Any, **kw: Any) -> list[Claimed]:
+            if kw["queue"] != QUEUE:  # a pod of the session (one event loop) claiming its own
+                return await real_claim(conn, **kw)
             self.claims.append(kw["partition"])
             self.entered.set()
             if self.hold is not None:
@@ -45,7 +52,12 @@ class Queue:
             threads = [kw["partition"]] if kw["partition"] else list(self.startable)
             return [c for t in threads for c in self.startable.pop(t, [])]
 
+        real_dispatch = internals.dispatch
+
         async def dispatch(c: Claimed, owner: str) -> None:
+            if c.run_id not in self.planned:  # a run a session pod claimed: it starts for real
+                await real_dispatch(c, owner)
+                return
             if c.run_id in self.failing:
                 raise RuntimeError("it failed to start")
             self.dispatched.append(c.run_id)
@@ -56,6 +68,7 @@ class Queue:
         monkeypatch.setattr(internals, "reenqueue", lambda run_id, ex: self.back.append(run_id))
 
     def add(self, thread: str, run: str, *, behind: bool = False) -> None:
+        self.planned.add(run)
         self.startable.setdefault(thread, []).append(
             Claimed(run, thread, {}, steps_recorded=False, behind=behind, attempt=0, replays=0)
         )
@@ -66,7 +79,7 @@ def make(kicks: list[int] | None = None) -> Starts:
         if kicks is not None:
             kicks.append(1)
 
-    return Starts(load_settings(fast_start=True), FakeDb(), queue="q", kick=kick)  # type: ignore[arg-type]
+    return Starts(load_settings(fast_start=True), FakeDb(), queue=QUEUE, kick=kick)  # type: ignore[arg-type]
 
 
 async def test_sweeps_during_a_sweep_cause_exactly_one_more(
