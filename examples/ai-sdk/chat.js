@@ -71,6 +71,9 @@ if (params.get("vary")) modelOptions.vary = true;
 const $ = (id) => document.getElementById(id);
 $("chat-id").textContent = chatId;
 let notice = "";
+// Nothing is sent before the stored conversation is shown: a message sent meanwhile would be
+// replaced by the stored list (holding its run's reply as it was when read).
+let loaded = false;
 
 const chat = new Chat({
   id: chatId,
@@ -132,7 +135,7 @@ function render() {
   );
   $("status").textContent = [chat.status, notice].filter(Boolean).join(" · ");
   $("status").dataset.status = chat.status;
-  $("send").disabled = chat.status === "submitted" || chat.status === "streaming";
+  $("send").disabled = !loaded || chat.status === "submitted" || chat.status === "streaming";
 }
 
 $("form").addEventListener("submit", (event) => {
@@ -165,5 +168,8 @@ chat.messages = [...stored.messages].reverse().map((m) => ({
       ? m.parts.map((p) => (p.type === "data" ? { type: `data-${p.name}`, data: p.payload } : { type: "text", text: p.text }))
       : [{ type: "text", text: m.content }],
 }));
+const resumed = chat.resumeStream();
+loaded = true;
+document.body.dataset.loaded = "true";
 render();
-await chat.resumeStream();
+await resumed;

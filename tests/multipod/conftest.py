@@ -16,6 +16,7 @@ from tests.multipod.cluster import Cluster, pod_env, unique_names
 
 StartCluster = Callable[..., Awaitable[Cluster]]
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+CLUSTERS = pytest.StashKey[list[Cluster]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,9 +29,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[Any]:
-    """Keep each phase's report on the item: fixtures read it at teardown."""
+    """Keep each phase's report on the item (fixtures read it at teardown); a failed phase
+    carries the tails of its clusters' pod logs, shown under the failure in pytest's summary
+    (added here, before xdist sends the report to the controller)."""
     report = yield
     item.stash.setdefault(REPORTS, {})[report.when] = report
+    clusters = item.stash.get(CLUSTERS, [])
+    if report.failed and clusters:
+        report.sections.append(("pod logs (tails)", "\n".join(c.logs() for c in clusters)))
     return report
 
 
@@ -59,16 +65,12 @@ async def start_cluster(
         await cluster.start()
         return cluster
 
+    request.node.stash[CLUSTERS] = clusters
     try:
         yield start
     finally:
         for cluster in clusters:
             await cluster.stop()
-        failed = [r for r in request.node.stash.get(REPORTS, {}).values() if r.failed]
-        if failed and clusters:
-            # Shown under the failure in pytest's summary, beside the traceback.
-            logs = "\n".join(c.logs() for c in clusters)
-            failed[0].sections.append(("pod logs (tails)", logs))
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ async def test_example_page_sends_resumes_and_stops(cluster: Cluster, browser: A
     async with example_server(cluster.pods[0].url) as url:
         thread = unique("ai")
         browser.get(f"{url}/?chat={thread}&chunks=30&delay_ms=80")
-        await until(browser, "return document.getElementById('chat-id').textContent")
+        await until(browser, "return document.body.dataset.loaded")
         await send(browser, "hello from the AI SDK page")
         run_id = await latest_run(cluster, thread)
         reply = await page_reply(browser, run_id)
@@ -245,7 +245,7 @@ async def test_example_page_survives_the_executor_being_killed(
     async with contextlib.AsyncExitStack() as servers:
         url = await servers.enter_async_context(example_server(cluster.pods[0].url))
         browser.get(f"{url}/{page}")
-        await until(browser, "return document.getElementById('chat-id').textContent")
+        await until(browser, "return document.body.dataset.loaded")
         await send(browser, "survive this")
         run_id = await latest_run(cluster, thread)
         async with cluster.client() as client:

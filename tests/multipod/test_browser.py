@@ -48,7 +48,7 @@ def need_browser() -> None:
 # all count as index 3), how often a reply got shorter (a `reset` applied), and every notice
 # the run status showed. Installed after load; the conversation list is never replaced.
 OBSERVER = """
-window.__seen = {maxRepeat: 0, shrinks: 0, lengths: {}, notices: []};
+window.__seen = {maxRepeat: 0, shrinks: 0, shrunk: [], lengths: {}, notices: []};
 const check = () => {
   for (const li of document.querySelectorAll('li.msg.assistant')) {
     const text = [...li.querySelectorAll('.text > span')].map(s => s.textContent).join('');
@@ -57,7 +57,12 @@ const check = () => {
     const top = Math.max(0, ...Object.values(counts));
     window.__seen.maxRepeat = Math.max(window.__seen.maxRepeat, top);
     const before = window.__seen.lengths[li.dataset.runId] || 0;
-    if (text.length < before) window.__seen.shrinks += 1;
+    if (text.length < before) {
+      window.__seen.shrinks += 1;  // and what the bubble said then (for a failure's message)
+      window.__seen.shrunk.push({from: before, to: text.slice(0, 80), at: performance.now(),
+        attempt: li.dataset.attempt, meta: li.querySelector('.meta')?.textContent,
+        conn: document.getElementById('conn')?.dataset.state});
+    }
     window.__seen.lengths[li.dataset.runId] = text.length;
   }
   const status = document.getElementById('run-status').textContent;
@@ -300,11 +305,13 @@ async def test_page_shows_exactly_the_stored_reply_with_vary_text(
         assert run["attempt"] == 2
         assert re.fullmatch(r"(chunk-\d+\.1 )+(chunk-\d+\.2 )+", run["output"]), run["output"]
         assert run["output"].startswith("chunk-0.1 chunk-1.1 chunk-2.1 ")
-        assert seen["shrinks"] == 0, "a continuation took back text the page showed"
+        assert seen["shrinks"] == 0, f"a continuation took back text the page showed: {seen}"
     else:
         assert run["attempt"] == 2  # a refused continuation regenerates in the same attempt
         assert re.fullmatch(r"(chunk-\d+\.2 ){60}", run["output"]), run["output"]
-        assert seen["shrinks"] == 1, "the page applied the regenerating attempt's reset once"
+        assert seen["shrinks"] == 1, (
+            f"the page applied the regenerating attempt's reset once: {seen}"
+        )
     assert reply["attempt"] == str(run["attempt"])
 
 
