@@ -74,6 +74,7 @@ class Pod:
     spawned_at: float = 0.0  # time.monotonic() of the current process's start
     spawned_wall: float = 0.0  # the same moment by the wall clock (log lines carry that)
     starts: int = 0
+    own: dict[str, str] = field(default_factory=dict)  # this member's settings (every start)
 
     @property
     def url(self) -> str:
@@ -92,17 +93,20 @@ class Pod:
         return self.proc.poll() if self.proc is not None else None
 
     def spawn(self, env_overrides: Mapping[str, str] | None = None) -> None:
-        """Start a process under this name; the previous one must be dead (StatefulSet rule)."""
+        """Start a process under this name; the previous one must be dead (StatefulSet rule).
+        The member's own settings apply to every start; `env_overrides` to this one."""
         assert not self.alive, f"{self.name} still runs as pid {self.pid}: one process per name"
         env = {
             **self.env,
+            **self.own,
             **(env_overrides or {}),
             "POD_NAME": self.name,
             "THREADGATE_PORT": str(self.port),
         }
         self.starts += 1
         with open(self.log_path, "ab") as log:
-            extra = f" overrides={dict(env_overrides)}" if env_overrides else ""
+            shown = {**self.own, **(env_overrides or {})}
+            extra = f" overrides={shown}" if shown else ""
             log.write(f"=== {self.name} start #{self.starts} port={self.port}{extra}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
@@ -232,7 +236,8 @@ class Cluster:
     async def start(self) -> None:
         """Every member at once (their start-up is mostly imports and DBOS launch)."""
         for i, pod in enumerate(self.pods):
-            pod.spawn(self.per_pod.get(i))
+            pod.own = dict(self.per_pod.get(i, {}))
+            pod.spawn()
         await asyncio.gather(*(p.wait_ready() for p in self.pods))
 
     def rogue(self, name: str) -> Pod:

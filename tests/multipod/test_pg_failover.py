@@ -22,6 +22,7 @@ from threadgate.client import AsyncClient
 
 from tests.conftest import Stack, unique
 from tests.multipod.cluster import Attacher, Cluster, pod_env, unique_names, wait_run
+from tests.multipod.conftest import CLUSTERS
 from tests.multipod.ha import PgPair
 from tests.multipod.test_nats_cluster import vary_attempts
 
@@ -67,9 +68,15 @@ async def post_until_accepted(urls: list[str], thread: str, opts: dict[str, Any]
     raise AssertionError(f"{thread}: never accepted")
 
 
-# One of the slowest multipod tests (about a minute, like test_nats_cluster).
+# One of the slowest multipod tests (about a minute, like test_nats_cluster; two beside a CPU
+# hog): started first, and its own waits (30 s for the promotion, 120 s per run) fit its budget.
+@pytest.mark.long
+@pytest.mark.timeout(300)
 async def test_primary_killed_mid_reply_standby_promoted(
-    stack: Stack, pg_pair: PgPair, tmp_path_factory: pytest.TempPathFactory
+    stack: Stack,
+    pg_pair: PgPair,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> None:
     stream, prefix = unique_names()
     env = pod_env(
@@ -81,6 +88,7 @@ async def test_primary_killed_mid_reply_standby_promoted(
         coalesce_ms=50,  # the product's default (the suite pins it off): replies are checked whole
     )
     pods = Cluster(env, tmp_path_factory.mktemp("pods"), 3)
+    request.node.stash.setdefault(CLUSTERS, []).append(pods)  # its logs under a failure
     await pods.start()
     pids = [p.pid for p in pods.pods]
     urls = pods.urls
