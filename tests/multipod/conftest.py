@@ -15,7 +15,6 @@ from tests.conftest import Stack
 from tests.multipod.cluster import Cluster, pod_env, unique_names
 
 StartCluster = Callable[..., Awaitable[Cluster]]
-REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 CLUSTERS = pytest.StashKey[list[Cluster]]()
 
 
@@ -29,15 +28,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[Any]:
-    """Keep each phase's report on the item (fixtures read it at teardown); a failed phase
-    carries the tails of its clusters' pod logs, shown under the failure in pytest's summary
-    (added here, before xdist sends the report to the controller)."""
+    """A failed phase carries the tails of its clusters' pod logs, shown under the failure in
+    pytest's summary (added here, before xdist sends the report to the controller)."""
     report = yield
-    item.stash.setdefault(REPORTS, {})[report.when] = report
     clusters = item.stash.get(CLUSTERS, [])
     if report.failed and clusters:
         report.sections.append(("pod logs (tails)", "\n".join(c.logs() for c in clusters)))
     return report
+
+
+def logs_on_failure(request: pytest.FixtureRequest, cluster: Cluster) -> None:
+    """A failure of the requesting test shows the tails of `cluster`'s pod logs."""
+    request.node.stash.setdefault(CLUSTERS, []).append(cluster)
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ async def start_cluster(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> AsyncIterator[StartCluster]:
     """Start a cluster (any number per test); all are killed at teardown, logs kept on failure."""
-    clusters: list[Cluster] = []
+    clusters = request.node.stash.setdefault(CLUSTERS, [])  # their logs under a failure
 
     async def start(
         size: int = 3,
@@ -65,7 +67,6 @@ async def start_cluster(
         await cluster.start()
         return cluster
 
-    request.node.stash[CLUSTERS] = clusters
     try:
         yield start
     finally:

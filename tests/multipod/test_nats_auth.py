@@ -29,7 +29,7 @@ from threadgate.models.mock import mock_reply
 
 from tests.conftest import Stack, unique
 from tests.multipod.cluster import Attacher, Cluster, Pod, pod_env, unique_names, wait_run
-from tests.multipod.conftest import REPORTS
+from tests.multipod.conftest import logs_on_failure
 
 pytestmark = pytest.mark.multipod
 
@@ -244,14 +244,12 @@ async def secure_cluster(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Cluster]:
     cluster = Cluster(secure_env(stack, secure_nats), tmp_path_factory.mktemp("pods"), 2)
+    logs_on_failure(request, cluster)
     try:
         await cluster.start()
         yield cluster
     finally:
         await cluster.stop()
-        failed = [r for r in request.node.stash.get(REPORTS, {}).values() if r.failed]
-        if failed:
-            failed[0].sections.append(("pod logs (tails)", cluster.logs()))
 
 
 async def test_pods_stream_through_a_nats_that_requires_credentials_and_tls(

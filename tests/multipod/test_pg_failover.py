@@ -22,7 +22,7 @@ from threadgate.client import AsyncClient
 
 from tests.conftest import Stack, unique
 from tests.multipod.cluster import Attacher, Cluster, pod_env, unique_names, wait_run
-from tests.multipod.conftest import CLUSTERS
+from tests.multipod.conftest import logs_on_failure
 from tests.multipod.ha import PgPair
 from tests.multipod.test_nats_cluster import vary_attempts
 
@@ -88,7 +88,7 @@ async def test_primary_killed_mid_reply_standby_promoted(
         coalesce_ms=50,  # the product's default (the suite pins it off): replies are checked whole
     )
     pods = Cluster(env, tmp_path_factory.mktemp("pods"), 3)
-    request.node.stash.setdefault(CLUSTERS, []).append(pods)  # its logs under a failure
+    logs_on_failure(request, pods)
     await pods.start()
     pids = [p.pid for p in pods.pods]
     urls = pods.urls

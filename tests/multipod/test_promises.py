@@ -37,7 +37,7 @@ from tests.multipod.cluster import (
     unique_names,
     wait_run,
 )
-from tests.multipod.conftest import REPORTS, StartCluster
+from tests.multipod.conftest import StartCluster, logs_on_failure
 from tests.multipod.test_faults import wait_logged
 
 pytestmark = pytest.mark.multipod
@@ -152,10 +152,8 @@ async def trio(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
 @pytest.fixture
 def trio_logs(trio: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The trio, with its pods' logs under a failure's traceback."""
+    logs_on_failure(request, trio)
     yield trio
-    failed = [r for r in request.node.stash.get(REPORTS, {}).values() if r.failed]
-    if failed:
-        failed[0].sections.append(("pod logs (tails)", trio.logs()))
 
 
 async def cancel_elsewhere(
@@ -341,10 +339,8 @@ async def solo(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
 
 @pytest.fixture
 def solo_logs(solo: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    logs_on_failure(request, solo)
     yield solo
-    failed = [r for r in request.node.stash.get(REPORTS, {}).values() if r.failed]
-    if failed:
-        failed[0].sections.append(("pod logs (tails)", solo.logs()))
 
 
 async def assert_stored_as_seen(
