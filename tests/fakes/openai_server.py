@@ -239,9 +239,10 @@ async def _tool_call_events(
 
 
 @contextlib.asynccontextmanager
-async def serve_fake() -> AsyncIterator[tuple[FakeOpenAI, str]]:
-    """The fake on a free port of this event loop; yields it and its base URL."""
-    fake = FakeOpenAI()
+async def serve_fake(fake: FakeOpenAI | None = None) -> AsyncIterator[tuple[FakeOpenAI, str]]:
+    """The fake (a FakeOpenAI, or the subclass given) on a free port of this event loop; yields
+    it and its base URL."""
+    fake = fake if fake is not None else FakeOpenAI()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_config=None))
     task = asyncio.create_task(server.serve())

@@ -4,20 +4,17 @@ body may reach (issue 20, items 4 and 5). A real pod against a local fake provid
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from threadgate.devstack import free_port
 
 from tests.conftest import unique
-from tests.fakes.openai_server import FakeOpenAI, reply_text
+from tests.fakes.openai_server import FakeOpenAI, reply_text, serve_fake
 from tests.multipod.cluster import Cluster, wait_run
 from tests.multipod.conftest import StartCluster
 
@@ -54,18 +51,8 @@ class EchoingProvider(FakeOpenAI):
 async def provider() -> AsyncIterator[tuple[EchoingProvider, str]]:
     """serve_fake's server, with this provider's app."""
     fake = EchoingProvider()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
-    try:
-        yield fake, f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_fake(fake) as (_, url):
+        yield fake, url
 
 
 async def openai_cluster(start_cluster: StartCluster, url: str, **knobs: Any) -> Cluster:
