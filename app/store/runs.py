@@ -81,7 +81,7 @@ class RunStore(Protocol):
     async def get_run(self, thread_id: str, run_id: str) -> Run | None: ...
     async def latest_run(self, thread_id: str) -> Run | None: ...
     async def begin_attempt(
-        self, run_id: str, executor: str, *, kind: str, timeout_s: float
+        self, run_id: str, executor: str, *, kind: str, timeout_s: float, begin: str
     ) -> Run | None: ...
 
 
@@ -340,7 +340,7 @@ class PgRunStore:
             return [_message(row) for row in await cur.fetchall()]
 
     async def begin_attempt(
-        self, run_id: str, executor: str, *, kind: str, timeout_s: float
+        self, run_id: str, executor: str, *, kind: str, timeout_s: float, begin: str
     ) -> Run | None:
         """Count an execution of the reply step. Survives crashes: never repeats a number.
 
@@ -348,10 +348,18 @@ class PgRunStore:
         begin of a run that already had attempts is a replay; unless the previous pod handed
         it off (a drain that ran out of time), it counts towards `replays`. `remaining_s` of
         the run's time budget (from its first start, crashes included) is the database's.
+
+        `begin` names this begin (a fresh one per attempt the caller means to begin), recorded
+        with the attempt: the same begin sent again — its answer lost to a failover or a broken
+        connection after the commit — gets the attempt it made instead of another one (which
+        would be counted as a replay of a run nothing replayed).
         """
         async with self.db.pool.connection() as conn:
             cur = await conn.execute(
-                f"""WITH r AS (
+                f"""WITH made AS (
+                        SELECT * FROM threadgate.runs
+                        WHERE run_id = %(run_id)s AND attempts -> -1 ->> 'begin' = %(begin)s
+                    ), counted AS (
                         UPDATE threadgate.runs
                         SET attempt = attempt + 1, executor = %(executor)s,
                             status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
@@ -363,12 +371,15 @@ class PgRunStore:
                                 'attempt', attempt + 1, 'executor', %(executor)s::text,
                                 'kind', CASE WHEN NOT %(first)s::boolean THEN 'retry'
                                              WHEN attempt = 0 THEN 'first'
-                                             ELSE 'replay' END)
+                                             ELSE 'replay' END,
+                                'begin', %(begin)s::text)
                                 -- a run's first attempt has nothing to keep: it begins the
                                 -- reply (later attempts record it: record_kept)
                                 || CASE WHEN attempt = 0 THEN jsonb_build_object('kept', 0)
                                         ELSE jsonb_build_object() END)
-                        WHERE run_id = %(run_id)s RETURNING *)
+                        WHERE run_id = %(run_id)s AND NOT EXISTS (SELECT 1 FROM made)
+                        RETURNING *
+                    ), r AS (SELECT * FROM counted UNION ALL SELECT * FROM made)
                     SELECT {_RUN_COLUMNS},
                            extract(epoch FROM r.started_at
                                + make_interval(secs => least(coalesce(r.timeout_s, %(timeout)s),
@@ -380,6 +391,7 @@ class PgRunStore:
                     "first": kind == "first",
                     "run_id": run_id,
                     "timeout": timeout_s,
+                    "begin": begin,
                 },
             )
             row = await cur.fetchone()

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -109,10 +110,11 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
     kind = "first"  # of this execution of the step
     model_retries = outage_retries = 0
     may_continue = continues(d.model)
+    begin = uuid.uuid4().hex  # this begin: sent again as is if its answer was lost
     while True:
         try:
             run = await d.store.begin_attempt(
-                run_id, s.pod_name, kind=kind, timeout_s=s.run_timeout_s
+                run_id, s.pod_name, kind=kind, timeout_s=s.run_timeout_s, begin=begin
             )
         except Exception as exc:
             if not is_transient(exc):
@@ -129,7 +131,7 @@ async def _attempts(d: RunDeps, thread_id: str, run_id: str, watch: Watch) -> Ou
                 return Outcome(status=watch.reason or "cancelled", attempt=0, error=None)
             continue
         replayed = kind == "first" and run is not None and run.attempt > 1
-        kind = "retry"
+        kind, begin = "retry", uuid.uuid4().hex
         if run is None:
             logger.error("run row missing", extra=log_fields(run_id, thread_id, 0))
             return Outcome(status="error", attempt=0, error=error("orphan", "no run row"))

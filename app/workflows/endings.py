@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -117,11 +118,16 @@ async def _announce(d: RunDeps, run: Run, attempt: int, log: Any) -> list[Event]
 async def end_failed(d: RunDeps, thread_id: str, run_id: str, exc: BaseException) -> Outcome:
     """End a run whose attempts failed unexpectedly (a bug): a fresh attempt keeps what its
     clients hold, stored, with an `internal` error."""
+    begin = uuid.uuid4().hex  # one begin, however many times it is sent
     run = await patiently(
         d,
         "beginning the ending attempt",
         lambda: d.store.begin_attempt(
-            run_id, d.settings.pod_name, kind="retry", timeout_s=d.settings.run_timeout_s
+            run_id,
+            d.settings.pod_name,
+            kind="retry",
+            timeout_s=d.settings.run_timeout_s,
+            begin=begin,
         ),
         log_fields(run_id, thread_id, 0),
     )

@@ -154,3 +154,23 @@ async def test_the_client_pages_through_a_threads_runs(pod: Pod) -> None:
     page = await pod.http.get(f"/threads/{thread}/runs", params={"limit": 2})
     assert page.json()["next_before"] is not None
     assert [r["run_id"] for r in await pod.client.runs(thread, limit=None)] == newest_first
+
+
+async def test_a_begin_sent_again_gets_the_attempt_it_made(pod: Pod) -> None:
+    """A begin whose answer was lost (a failover, a connection broken after the commit) and
+    is sent again gets the attempt it made: not another one, and no replay counted."""
+    thread = unique()
+    run_id = (await pod.client.post(thread, "x", model_options={"chunks": 2}))["run_id"]
+    assert (await wait_run(pod.client, thread, run_id))["status"] == "success"
+    store, name = pod.runtime.store, pod.settings.pod_name
+
+    async def begin(token: str, kind: str) -> tuple[int, int, int]:
+        run = await store.begin_attempt(run_id, name, kind=kind, timeout_s=60, begin=token)
+        assert run is not None
+        return run.attempt, run.replays, len(run.attempts)
+
+    assert await begin("b1", "first") == (2, 1, 2)  # a replay: counted
+    assert await begin("b1", "first") == (2, 1, 2)  # the same begin again: the same attempt
+    assert await begin("b2", "retry") == (3, 1, 3)
+    assert await begin("b2", "retry") == (3, 1, 3)
+    assert await begin("b1", "first") == (4, 2, 4)  # not the latest begin: a new attempt
