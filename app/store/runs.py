@@ -349,8 +349,8 @@ class PgRunStore:
         it off (a drain that ran out of time), it counts towards `replays`. `remaining_s` of
         the run's time budget (from its first start, crashes included) is the database's.
 
-        `begin` names this begin (a fresh one per attempt the caller means to begin), recorded
-        with the attempt: the same begin sent again — its answer lost to a failover or a broken
+        `begin` names this begin (a fresh one per attempt the caller means to begin), kept on
+        the run (`begun`) with the attempt it made: the same begin sent again — its answer lost to a failover or a broken
         connection after the commit — gets the attempt it made instead of another one (which
         would be counted as a replay of a run nothing replayed).
         """
@@ -358,7 +358,7 @@ class PgRunStore:
             cur = await conn.execute(
                 f"""WITH made AS (
                         SELECT * FROM threadgate.runs
-                        WHERE run_id = %(run_id)s AND attempts -> -1 ->> 'begin' = %(begin)s
+                        WHERE run_id = %(run_id)s AND begun = %(begin)s
                     ), counted AS (
                         UPDATE threadgate.runs
                         SET attempt = attempt + 1, executor = %(executor)s,
@@ -367,12 +367,12 @@ class PgRunStore:
                             replays = replays + CASE WHEN %(first)s::boolean AND attempt > 0
                                                      AND NOT handoff THEN 1 ELSE 0 END,
                             handoff = false,
+                            begun = %(begin)s,
                             attempts = attempts || (jsonb_build_object(
                                 'attempt', attempt + 1, 'executor', %(executor)s::text,
                                 'kind', CASE WHEN NOT %(first)s::boolean THEN 'retry'
                                              WHEN attempt = 0 THEN 'first'
-                                             ELSE 'replay' END,
-                                'begin', %(begin)s::text)
+                                             ELSE 'replay' END)
                                 -- a run's first attempt has nothing to keep: it begins the
                                 -- reply (later attempts record it: record_kept)
                                 || CASE WHEN attempt = 0 THEN jsonb_build_object('kept', 0)

@@ -36,6 +36,9 @@ ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS replays integer NOT NULL DE
 ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS handoff boolean NOT NULL DEFAULT false;
 -- One object per attempt: {attempt, executor, kind: first|replay|retry, resume_from}.
 ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS attempts jsonb NOT NULL DEFAULT '[]'::jsonb;
+-- The id of the begin that made the current attempt (store/runs.py begin_attempt: a begin sent
+-- again after its answer was lost gets that attempt instead of another).
+ALTER TABLE threadgate.runs ADD COLUMN IF NOT EXISTS begun text;
 
 CREATE INDEX IF NOT EXISTS runs_thread_seq ON threadgate.runs (thread_id, seq DESC);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency
