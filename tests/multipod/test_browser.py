@@ -402,14 +402,18 @@ async def test_page_says_the_executor_went_away_until_the_replay_starts(
     """While the executor is dead the page says so; the next run_started clears it."""
     thread = unique("web")
     page_pod = cluster.pods[0]
-    await open_page(browser, page_pod, thread, **SLOW)
+    # 10 s of reply: the page may have to move to the other pod before the kill (a reload).
+    longer = {**SLOW, "chunks": 200}
+    await open_page(browser, page_pod, thread, **longer)
     run_id = await send(browser, "stall")
     async with cluster.client() as client:
         victim = await running_on(client, cluster, thread, run_id)
-    if victim is page_pod:
-        page_pod = cluster.others(victim.name)[0]
-        await open_page(browser, page_pod, thread, **SLOW)
-    await reply_at_least(browser, run_id, 5)
+        if victim is page_pod:
+            page_pod = cluster.others(victim.name)[0]
+            await open_page(browser, page_pod, thread, **longer)
+        await reply_at_least(browser, run_id, 5)
+        status = (await client.run(thread, run_id))["status"]
+        assert status == "running", f"the reply ended ({status}) before its pod could be killed"
     await victim.kill()
     notice = f"{victim.name} went away, resuming…"
     await until(
