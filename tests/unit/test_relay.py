@@ -17,7 +17,7 @@ from threadgate.streams.relay import advance
 from threadgate.streams.reply import Reply, fold
 from threadgate.streams.tail import ThreadTail
 
-from tests.unit.world import StrictClient, World, follow, new_run
+from tests.unit.world import StrictClient, World, follow, holding, new_run
 
 pytestmark = pytest.mark.unit
 
@@ -254,7 +254,7 @@ async def test_sequence_4_a_slow_client_of_the_previous_run_when_the_next_fills_
     publish_run(world, R, [run_started(R, 1, run_seq=1), *parts(1900)])
     client = StrictClient()
     reading = asyncio.create_task(follow(world, home, R, client, Position(R), slow=0.001))
-    await asyncio.sleep(0.003)
+    await holding(client, 1)  # it is reading run R
     world.purge()
     publish_run(world, NEXT, [run_started(NEXT, 1, run_seq=2), *parts(600, run=NEXT)])
     assert await asyncio.wait_for(reading, 20)

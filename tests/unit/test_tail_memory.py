@@ -21,7 +21,7 @@ from threadgate.streams.relay import advance
 from threadgate.streams.reply import fold
 from threadgate.streams.tail import ThreadTail
 
-from tests.unit.world import StrictClient, World, follow, new_run
+from tests.unit.world import StrictClient, World, follow, holding, new_run
 
 pytestmark = pytest.mark.unit
 
@@ -96,7 +96,7 @@ async def test_a_slow_client_that_falls_behind_the_bound_misses_nothing() -> Non
         world.publish(ev)
     client = StrictClient()
     reading = asyncio.create_task(follow(world, tail, R, client, Position(R), slow=0.01))
-    await asyncio.sleep(0.005)  # it read the start, then stopped reading
+    await holding(client, 1)  # it read the start; slowly from here on
     for i in range(200, 6000):
         world.publish(chunk(R, 1, i, f"chunk-{i} "))
     world.replies[R] = expected(6000)  # type: ignore[assignment]

@@ -183,9 +183,11 @@ class StrictClient:
         self.status: str | None = None
         self.last_id: str | None = None
         self.events = 0
+        self.applied = asyncio.Event()  # set by every event (tests wait on it: `holding`)
 
     def apply(self, ev: Event, event_id: str | None) -> None:
         self.events += 1
+        self.applied.set()
         if event_id is not None:
             self.last_id = event_id
         assert self.status is None, f"an event after done: {ev}"
@@ -236,3 +238,11 @@ async def follow(
         if slow:
             await asyncio.sleep(slow)  # a client slowed down by its socket
     return client.status is not None
+
+
+async def holding(client: StrictClient, n: int) -> None:
+    """Wait until the client holds `n` parts (woken by each event it applies)."""
+    async with asyncio.timeout(20):
+        while len(client.parts) < n:
+            client.applied.clear()
+            await client.applied.wait()
