@@ -43,7 +43,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from threadgate.devstack import free_port
+from threadgate.devstack import free_port, release_port
 
 WORDS = 5
 ECHO_MODES = (
@@ -239,19 +239,27 @@ async def _tool_call_events(
 
 
 @contextlib.asynccontextmanager
-async def serve_fake(fake: FakeOpenAI | None = None) -> AsyncIterator[tuple[FakeOpenAI, str]]:
-    """The fake (a FakeOpenAI, or the subclass given) on a free port of this event loop; yields
-    it and its base URL."""
-    fake = fake if fake is not None else FakeOpenAI()
+async def serve_app(app: Any) -> AsyncIterator[str]:
+    """An ASGI app (a fake server) on a free port of this event loop; its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_config=None))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
             task.result()
         await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
     try:
-        yield fake, f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
+        release_port(port)
+
+
+@contextlib.asynccontextmanager
+async def serve_fake(fake: FakeOpenAI | None = None) -> AsyncIterator[tuple[FakeOpenAI, str]]:
+    """The fake (a FakeOpenAI, or the subclass given) on a free port of this event loop; yields
+    it and its base URL."""
+    fake = fake if fake is not None else FakeOpenAI()
+    async with serve_app(fake.app) as url:
+        yield fake, f"{url}/v1"

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from threadgate import cli
 from threadgate.client import RESTARTED
-from threadgate.devstack import free_port, release_port
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import unique
+from tests.fakes.openai_server import serve_app as serve
 from tests.integration.conftest import Pod
 from tests.integration.knobs import AUTH_ON, KEYS, pod_settings
 from tests.multipod.cluster import wait_run
@@ -344,24 +341,6 @@ async def test_runs_limit(pod: Pod) -> None:
     r = await tg(pod, "runs", thread, "--limit", "2", "--json")
     assert r.code == cli.OK, r
     assert [x["run_id"] for x in json.loads(r.out)] == ids[:0:-1]  # the newest two, newest first
-
-
-@contextlib.asynccontextmanager
-async def serve(app: Starlette) -> AsyncIterator[str]:
-    """`app` on a free port of this event loop; its URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        release_port(port)
 
 
 async def attachers(pod: Pod) -> float:

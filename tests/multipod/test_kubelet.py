@@ -46,7 +46,6 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import psycopg
 import pytest
-import uvicorn
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -57,6 +56,7 @@ from threadgate.devstack import free_port
 from threadgate.models.mock import mock_reply
 
 from tests.conftest import Stack, unavailable, unique
+from tests.fakes.openai_server import serve_app
 from tests.multipod.cluster import wait_run
 from tests.unit.test_deploy import (
     BUILDS,
@@ -194,20 +194,8 @@ class SlowOpenAI:
 
 @pytest.fixture
 async def model_url() -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(SlowOpenAI().app, host="127.0.0.1", port=port, log_config=None)
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)  # uvicorn sets `started` once it listens
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(SlowOpenAI().app) as url:
+        yield f"{url}/v1"
 
 
 # ---------------------------------------------------------------------------- manifests
