@@ -24,10 +24,12 @@ class DependencyCheck:
         self._task: asyncio.Task[bool] | None = None
 
     async def __call__(self, timeout_s: float) -> bool:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=f"readiness-{self.name}")
-        done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
-        return bool(done) and self._task.result()
+        task = self._task
+        if task is None or task.done():
+            task = self._task = asyncio.create_task(self._run(), name=f"readiness-{self.name}")
+        # This probe's check: another probe may begin the next one while this one wakes up.
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        return bool(done) and task.result()
 
     async def _run(self) -> bool:
         try:

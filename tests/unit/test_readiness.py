@@ -65,3 +65,21 @@ def test_tcp_options_reach_the_pool_and_dbos() -> None:
     }
     off = tcp_options(load_settings(pod_name="p", pg_tcp_user_timeout_s=0))
     assert "tcp_user_timeout" not in off
+
+
+async def test_probes_that_overlap_each_get_their_own_checks_answer() -> None:
+    """A probe whose check finished while another probe began the next check answers with its
+    own check's result (it read the newer, unfinished one: InvalidStateError, a 500)."""
+
+    async def quick() -> bool:
+        await asyncio.sleep(0)
+        return True
+
+    check = DependencyCheck("quick", quick)
+    for stagger in range(6):
+        for _ in range(50):
+            first = asyncio.create_task(check(1.0))
+            for _ in range(stagger):
+                await asyncio.sleep(0)  # event-loop turns between the two probes, no clock
+            second = asyncio.create_task(check(1.0))
+            assert await asyncio.gather(first, second) == [True, True]
